@@ -1,0 +1,1 @@
+"""Data: records, images, chat templates and the torch datasets built from them."""

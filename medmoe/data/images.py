@@ -1,0 +1,70 @@
+"""Image loading and the one preprocessing used by training and evaluation alike:
+pad to square with the tower's mean colour, resize, normalise."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageError
+
+Image.MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs
+
+
+def load_image(source, name: str | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image as RGB. Errors name the file and say what to do."""
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+            image = Image.open(fp)
+            image.load()
+        except FileNotFoundError:
+            raise ImageError(f"{label}: file not found; check the path") from None
+        except Image.DecompressionBombError as err:
+            raise ImageError(f"{label}: refused as a possible decompression bomb ({err}); resize it below 100 megapixels") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{label}: not a readable image ({err}); use PNG, JPEG, TIFF or BMP") from None
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey, palette, 16-bit and alpha images become 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, fill: Sequence[float]) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    colour = tuple(int(round(c * 255)) for c in fill)
+    canvas = Image.new("RGB", (side, side), colour)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess(image: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL RGB image -> normalised float tensor [3, image_size, image_size]."""
+    image = pad_to_square(to_rgb(image), mean).resize((image_size, image_size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (arr - mean_t) / std_t

@@ -1,0 +1,178 @@
+"""The Med-MoE model: vision tower -> projector -> image tokens spliced into the prompt -> causal LM
+whose chosen FFN blocks are Med-MoE blocks. The whole forward pass is in `forward` below."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..config import MedMoEConfig, MoEConfig
+from ..data.templates import IGNORE_INDEX
+from ..errors import CheckpointError, ConfigError
+from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, upcycle_llm
+from ..projector import build_projector
+from ..vision import build_vision_tower
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MedMoEOutput(ModelOutput):
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss, what training minimises
+    lm_loss: torch.Tensor | None = None  # cross-entropy on answer tokens
+    aux_loss: torch.Tensor | None = None  # weighted load-balancing + z-loss of all MoE layers
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    routing: list[LayerRouting] | None = None  # per MoE layer, when output_routing=True
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled (answer) positions only."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+
+
+class MedMoEForCausalLM(PreTrainedModel):
+    config_class = MedMoEConfig
+    base_model_prefix = "medmoe"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MedMoEBlock"]
+
+    def __init__(self, config: MedMoEConfig, language_model: PreTrainedModel | None = None,
+                 vision_tower: torch.nn.Module | None = None, load_vision_weights: bool = False):
+        super().__init__(config)
+        self.vision_tower = vision_tower or build_vision_tower(config.vision_config, load_weights=load_vision_weights)
+        config.vision["hidden_size"] = self.vision_tower.hidden_size
+        config.vision["num_tokens"] = self.vision_tower.num_tokens
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.llm_config())
+        self.projector = build_projector(config.projector, self.vision_tower.hidden_size, config.hidden_size)
+        self.moe_state = MoEState()
+        self.router: Router | None = None
+        self.moe_blocks: list[MedMoEBlock] = []
+        if config.moe_config.enabled:
+            self._install_moe(config.moe_config)
+
+    # ----- Med-MoE -------------------------------------------------------------------------
+    def _install_moe(self, moe: MoEConfig) -> None:
+        device = self.language_model.get_input_embeddings().weight.device
+        if moe.router == "shared":
+            self.router = Router(self.config.hidden_size, moe.num_experts).to(device)
+        self.moe_blocks = upcycle_llm(self.language_model, moe, self.moe_state, self.router)
+
+    def upcycle(self, moe: MoEConfig | dict | None = None) -> "MedMoEForCausalLM":
+        """Turn this dense model into Med-MoE in place: FFNs copied into experts, kept as meta expert."""
+        if self.moe_blocks:
+            raise ConfigError("this model is already a Med-MoE model; upcycle the dense (phase-2) model")
+        moe = moe if isinstance(moe, MoEConfig) else MoEConfig(**(moe or {}))
+        moe = dataclasses.replace(moe, enabled=True)
+        self.config.moe = dataclasses.asdict(moe)
+        self._install_moe(moe)
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_blocks)
+
+    # ----- inputs ----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, H, W] -> image tokens [n, num_tokens, d]."""
+        features = self.vision_tower(pixel_values)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(proj_dtype))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every `<image>` position filled by image tokens, in order."""
+        embed = self.language_model.get_input_embeddings()
+        image_id = self.config.image_token_id
+        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        embeds = embed(input_ids.masked_fill(is_image, 0))
+        if pixel_values is None:
+            return embeds
+        tokens = self.encode_images(pixel_values.to(self.device))
+        found, expected = int(is_image.sum()), tokens.shape[0] * tokens.shape[1]
+        if found != expected:
+            raise ValueError(f"{found} image-token positions in input_ids but {tokens.shape[0]} images x "
+                             f"{tokens.shape[1]} tokens = {expected}; build inputs with MedMoEProcessor")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    # ----- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                past_key_values=None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_routing: bool = False, **kwargs) -> MedMoEOutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        new_sequence = past_key_values is None or past_key_values.get_seq_length() == 0
+        self.moe_state.start(attention_mask, output_routing, new_sequence)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  use_cache=use_cache, **kwargs)
+        lm_loss = aux_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(out.logits, labels)
+            aux_losses = self.moe_state.aux_losses
+            aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
+            loss = lm_loss + aux_loss
+        return MedMoEOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=out.logits,
+                            past_key_values=out.past_key_values,
+                            routing=list(self.moe_state.routing) if output_routing else None)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        if enable:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.language_model.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self._set_gradient_checkpointing(True)
+
+    # ----- save / load (safetensors + config.json) ---------------------------------------------
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        final = os.path.join(save_directory, WEIGHTS_NAME)
+        tmp = final + ".tmp"
+        save_model(self, tmp, metadata={"format": "pt"})
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written weights file
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *args, config: MedMoEConfig | None = None,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                        **kwargs) -> "MedMoEForCausalLM":
+        path = str(pretrained_model_name_or_path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
+                                  "(made by save_pretrained or `medmoe train`)")
+        config = config or MedMoEConfig.from_pretrained(path)
+        model = cls(config)
+        missing, unexpected = load_model(model, weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights} does not match its config.json: missing {sorted(missing)[:10]}, "
+                                  f"unexpected {sorted(unexpected)[:10]}")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+
+AutoConfig.register("medmoe", MedMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(MedMoEConfig, MedMoEForCausalLM, exist_ok=True)

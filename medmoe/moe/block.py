@@ -1,0 +1,113 @@
+"""The Med-MoE block that replaces a layer's FFN:
+
+    p = softmax(router(x));  y = sum_k p_k E_{i_k}(x)  [+ E_meta(x)]
+
+With top_k=1, the meta expert on and no renormalisation this is the paper's
+y = p_top1 * E_top1(x) + E_meta(x). The block returns a plain tensor, as the FFN it replaces
+did; routing records and auxiliary losses go to a `MoEState` shared by all blocks of a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from .router import Router, load_balancing_loss, route, z_loss
+
+
+@dataclass
+class LayerRouting:
+    layer: int
+    expert_index: torch.Tensor  # [B, S, k]
+    probs: torch.Tensor  # [B, S, E]
+
+
+@dataclass
+class MoEState:
+    """Per-forward side channel between the model and its MoE blocks."""
+
+    attention_mask: torch.Tensor | None = None  # [B, S] of the current step (for per-sample pooling)
+    record_routing: bool = False
+    routing: list[LayerRouting] = field(default_factory=list)
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    sample_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, E], kept for decode
+
+    def start(self, attention_mask: torch.Tensor | None, record_routing: bool, new_sequence: bool) -> None:
+        self.attention_mask = attention_mask
+        self.record_routing = record_routing
+        self.routing, self.aux_losses = [], []
+        if new_sequence:
+            self.sample_probs = {}
+
+
+class MedMoEBlock(nn.Module):
+    def __init__(self, layer_idx: int, experts: nn.Module, meta: nn.Module | None, cfg: MoEConfig,
+                 state: MoEState, router: Router | None = None, shared_router: Router | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cfg = cfg
+        self.experts = experts
+        self.meta = meta
+        self.router = router  # per-layer router (registered here), or None
+        # The shared router belongs to the model; a plain reference keeps one copy in the state dict.
+        object.__setattr__(self, "_shared_router", shared_router)
+        object.__setattr__(self, "_state", state)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        router = self.router if self.router is not None else self._shared_router
+        return router(x)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.cfg.routing == "sample" and hidden_states.dim() == 3:
+            logits, decision = self._route_per_sample(hidden_states)
+        else:
+            logits = self.router_logits(x)
+            decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
+        y = self.experts(x, decision.expert_index, decision.expert_weight)
+        if self.meta is not None:
+            y = y + self.meta(x)
+        self._record(shape, logits, decision)
+        return y.reshape(shape)
+
+    def _route_per_sample(self, h: torch.Tensor):
+        """Every token of a sample goes to the expert(s) picked from the sample's mean FFN input.
+
+        The choice is made on the prompt (prefill) and kept for the tokens decoded after it.
+        """
+        b, s, _ = h.shape
+        state = self._state
+        if s == 1 and self.layer_idx in state.sample_probs:
+            probs = state.sample_probs[self.layer_idx]
+        else:
+            mask = state.attention_mask
+            if mask is None or mask.shape[1] < s:
+                weights = torch.ones(b, s, device=h.device)
+            else:
+                weights = mask[:, -s:].to(h.device).float()
+            pooled = (h.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+            probs = self.router_logits(pooled).softmax(-1)
+            state.sample_probs[self.layer_idx] = probs
+        logits = probs.log()[:, None, :].expand(b, s, -1).reshape(b * s, -1)
+        return logits, route(logits, self.cfg.top_k, self.cfg.renormalize)
+
+    def _record(self, shape, logits: torch.Tensor, decision) -> None:
+        state = self._state
+        if self.training and (self.cfg.aux_loss_coef > 0 or self.cfg.z_loss_coef > 0):
+            aux = logits.new_zeros(())
+            if self.cfg.aux_loss_coef > 0:
+                aux = aux + self.cfg.aux_loss_coef * load_balancing_loss(decision.probs, decision.expert_index, self.cfg.num_experts)
+            if self.cfg.z_loss_coef > 0:
+                aux = aux + self.cfg.z_loss_coef * z_loss(logits)
+            state.aux_losses.append(aux)
+        if state.record_routing:
+            lead = tuple(shape[:-1]) if len(shape) == 3 else (1, shape[0])
+            state.routing.append(LayerRouting(
+                layer=self.layer_idx,
+                expert_index=decision.expert_index.detach().reshape(*lead, -1),
+                probs=decision.probs.detach().reshape(*lead, -1),
+            ))

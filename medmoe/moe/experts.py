@@ -1,0 +1,159 @@
+"""What an expert is.
+
+- `StackedExperts`: E copies of a known FFN type with their weights stacked as [E, ...] tensors,
+  so all experts run as one grouped matmul. Two known types cover the common LLMs:
+  "gated"  y = (act(x Wg) * (x Wu)) Wd        (Llama, Qwen2, StableLM, Mistral: SwiGLU)
+  "mlp"    y = act(x W1 + b1) W2 + b2          (Phi: GELU fc1/fc2 with bias)
+  For "gated", w_in holds [Wg | Wu] side by side: [E, d, 2f].
+- `ModuleExperts`: E deep copies of any FFN module (the generic path).
+- `LoRAExperts`: expert e = the shared FFN with low-rank deltas B_e A_e on each projection
+  (Med-LoRAMoE); the shared FFN is the layer's meta expert and is not copied.
+
+Every class maps (x [N, d], expert_index [N, k], expert_weight [N, k]) -> sum_k w_k E_{i_k}(x).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from . import dispatch
+
+
+def ffn_kind(mlp: nn.Module) -> str | None:
+    """'gated', 'mlp', or None when the FFN type is not one we can stack."""
+    names = dict(mlp.named_children())
+    linear = lambda n: isinstance(names.get(n), nn.Linear)  # noqa: E731
+    if linear("gate_proj") and linear("up_proj") and linear("down_proj") and hasattr(mlp, "act_fn"):
+        return "gated"
+    if linear("fc1") and linear("fc2") and hasattr(mlp, "activation_fn"):
+        return "mlp"
+    return None
+
+
+def ffn_activation(mlp: nn.Module):
+    return mlp.act_fn if ffn_kind(mlp) == "gated" else mlp.activation_fn
+
+
+def ffn_weights(mlp: nn.Module) -> dict[str, torch.Tensor | None]:
+    """A known FFN's weights in the stacked layout (input-major: x @ w)."""
+    kind = ffn_kind(mlp)
+    if kind == "gated":
+        w_in = torch.cat([mlp.gate_proj.weight.T, mlp.up_proj.weight.T], dim=1)
+        b_in = None
+        if mlp.gate_proj.bias is not None:
+            b_in = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+        return {"w_in": w_in, "b_in": b_in, "w_out": mlp.down_proj.weight.T, "b_out": mlp.down_proj.bias}
+    if kind == "mlp":
+        return {"w_in": mlp.fc1.weight.T, "b_in": mlp.fc1.bias, "w_out": mlp.fc2.weight.T, "b_out": mlp.fc2.bias}
+    raise TypeError(f"{type(mlp).__name__} is not a known FFN type; use the generic ModuleExperts")
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, kind: str, num_experts: int, hidden_size: int, ffn_size: int, bias_in: bool, bias_out: bool, act, dispatch_mode: str = "auto"):
+        super().__init__()
+        self.kind, self.num_experts, self.act, self.dispatch_mode = kind, num_experts, act, dispatch_mode
+        f_in = 2 * ffn_size if kind == "gated" else ffn_size
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, f_in))
+        self.w_out = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, f_in)) if bias_in else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias_out else None
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+
+    @classmethod
+    def from_ffn(cls, mlp: nn.Module, num_experts: int, dispatch_mode: str = "auto") -> "StackedExperts":
+        """Upcycling: every expert starts as an exact copy of `mlp`."""
+        w = ffn_weights(mlp)
+        hidden, f_in = w["w_in"].shape
+        ffn = f_in // 2 if ffn_kind(mlp) == "gated" else f_in
+        experts = cls(ffn_kind(mlp), num_experts, hidden, ffn, w["b_in"] is not None, w["b_out"] is not None, ffn_activation(mlp), dispatch_mode)
+        experts.to(device=w["w_in"].device, dtype=w["w_in"].dtype)
+        with torch.no_grad():
+            for name, value in w.items():
+                if value is not None:
+                    getattr(experts, name).copy_(value.detach().unsqueeze(0).expand_as(getattr(experts, name)))
+        return experts
+
+    def hidden_act(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN's nonlinearity applied to the first projection's output."""
+        if self.kind == "gated":
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens: the plain reference every fast path is tested against."""
+        h = x @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = self.hidden_act(h) @ self.w_out[e]
+        return y + self.b_out[e] if self.b_out is not None else y
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        mode = self.dispatch_mode
+        if mode == "auto":
+            mode = dispatch.auto_mode(x, self)
+        if mode == "grouped":
+            return dispatch.grouped_ffn(x, expert_index, expert_weight, self)
+        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)
+
+
+class ModuleExperts(nn.Module):
+    """The generic path: E deep copies of an arbitrary FFN module."""
+
+    def __init__(self, mlp: nn.Module, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(num_experts))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](x)
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)
+
+
+class LoRAExperts(nn.Module):
+    """Med-LoRAMoE: expert e = shared FFN with W + (alpha / r) B_e A_e on its input and output projections.
+
+    B starts at zero, so right after upcycling every expert equals the shared FFN, as with full copies.
+    The shared FFN (the meta expert) is referenced, not copied or registered here.
+    """
+
+    def __init__(self, mlp: nn.Module, num_experts: int, rank: int, alpha: float):
+        super().__init__()
+        kind = ffn_kind(mlp)
+        if kind is None:
+            raise TypeError(f"LoRA experts need a known FFN type (gated or fc1/fc2), not {type(mlp).__name__}")
+        w = ffn_weights(mlp)
+        hidden, f_in = w["w_in"].shape
+        ffn = w["w_out"].shape[0]
+        self.kind, self.num_experts, self.scale = kind, num_experts, alpha / rank
+        object.__setattr__(self, "shared", mlp)  # a reference: the meta expert owns these weights
+        dev, dt = w["w_in"].device, w["w_in"].dtype
+        self.a_in = nn.Parameter(torch.empty(num_experts, hidden, rank, device=dev, dtype=dt))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, rank, f_in, device=dev, dtype=dt))
+        self.a_out = nn.Parameter(torch.empty(num_experts, ffn, rank, device=dev, dtype=dt))
+        self.b_out = nn.Parameter(torch.zeros(num_experts, rank, hidden, device=dev, dtype=dt))
+        for a in (self.a_in, self.a_out):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        w = ffn_weights(self.shared)
+        h = x @ w["w_in"] + (x @ self.a_in[e]) @ self.b_in[e] * self.scale
+        if w["b_in"] is not None:
+            h = h + w["b_in"]
+        if self.kind == "gated":
+            gate, up = h.chunk(2, dim=-1)
+            h = ffn_activation(self.shared)(gate) * up
+        else:
+            h = ffn_activation(self.shared)(h)
+        y = h @ w["w_out"] + (h @ self.a_out[e]) @ self.b_out[e] * self.scale
+        return y + w["b_out"] if w["b_out"] is not None else y
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)

@@ -1,0 +1,53 @@
+"""Where experts are chosen: the modality router and the top-k rule.
+
+The router is Linear(d, num_experts) with bias, evaluated in fp32 whatever the model dtype.
+In the paper it is trained as a modality classifier (CT, MRI, X-Ray, Pathology) and then
+scores every token in every MoE layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [..., num_experts] in fp32."""
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
+@dataclass
+class RoutingDecision:
+    probs: torch.Tensor  # [N, E] fp32 softmax over domain experts
+    expert_index: torch.Tensor  # [N, k] chosen experts, best first
+    expert_weight: torch.Tensor  # [N, k] fp32 gate values (renormalised or not)
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> RoutingDecision:
+    """Deterministic top-k: no noise at inference or training (the official top-2 path adds noise)."""
+    probs = logits.softmax(dim=-1)
+    weight, index = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    return RoutingDecision(probs=probs, expert_index=index, expert_weight=weight)
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-style: num_experts * sum_e (fraction of tokens whose first choice is e) * (mean prob of e)."""
+    fraction = F.one_hot(expert_index[:, 0], num_experts).float().mean(dim=0)
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
