@@ -14,6 +14,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..adapters import DEFAULT_TARGETS, add_lora
 from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
@@ -57,6 +58,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         config.vision["num_tokens"] = self.vision_tower.num_tokens
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.llm_config())
         self.projector = build_projector(config.projector, self.vision_tower.hidden_size, config.hidden_size)
+        if config.llm_lora:
+            add_lora(self.language_model, **config.llm_lora)
         self.moe_state = MoEState()
         self.router: Router | None = None
         self.moe_blocks: list[MedMoEBlock] = []
@@ -79,6 +82,13 @@ class MedMoEForCausalLM(PreTrainedModel):
         self.config.moe = dataclasses.asdict(moe)
         self._install_moe(moe)
         return self
+
+    def add_llm_lora(self, rank: int, alpha: float, targets=DEFAULT_TARGETS) -> list[str]:
+        """LoRA adapters on the LLM's linear layers (compact fine-tuning); recorded in the config."""
+        if self.config.llm_lora:
+            raise ConfigError("the LLM already has LoRA adapters")
+        self.config.llm_lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+        return add_lora(self.language_model, rank, alpha, targets)
 
     @property
     def is_moe(self) -> bool:
@@ -155,11 +165,15 @@ class MedMoEForCausalLM(PreTrainedModel):
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
+        config = config or (MedMoEConfig.from_pretrained(path) if os.path.isfile(os.path.join(path, "config.json")) else None)
+        if config is not None and config.base_model:
+            from .pretrained import load_delta  # a delta checkpoint needs its base's pretrained weights
+
+            return load_delta(path, dtype=dtype, device=device)[0]
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
                                   "(made by save_pretrained or `medmoe train`)")
-        config = config or MedMoEConfig.from_pretrained(path)
         model = cls(config)
         missing, unexpected = load_model(model, weights, strict=False)
         if missing or unexpected:
