@@ -140,7 +140,8 @@ def load_efficientnet_lite0(path: str | None = None) -> EfficientNetLite0:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not match EfficientNet-Lite0 ({err}); reinstall with {INSTALL_HINT}") from None
+        raise CheckpointError(f"{path}: does not match EfficientNet-Lite0 ({err}); "
+                              f"reinstall with {INSTALL_HINT}") from None
     return net.eval()
 
 
