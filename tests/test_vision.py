@@ -175,6 +175,8 @@ def test_hf_tower_errors():
     with pytest.raises(ConfigError, match="image_size=32"):
         build_vision_tower(VisionConfig(kind="hf", image_size=224, model_config=dict(
             model_type="clip_vision_model", **TINY_VIT)), load_weights=False)
+    with pytest.warns(UserWarning, match="random weights"):
+        build_vision_tower(hf_cfg("siglip_vision_model"), load_weights=True)
     with pytest.raises(ConfigError, match="model_type"):
         build_vision_tower(VisionConfig(kind="hf", image_size=32, model_config=TINY_VIT), load_weights=False)
 

@@ -12,6 +12,8 @@ Two ways to build it:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -86,6 +88,8 @@ class HFVisionTower(VisionTower):
             self.model = load_pretrained_vision_model(cfg.name_or_path)
             cfg.model_config = architecture_dict(self.model.config)
         elif cfg.model_config:
+            if load_weights:
+                warnings.warn("vision.name_or_path is not set: the hf vision tower gets random weights", stacklevel=2)
             vision_config = vision_config_from_dict(cfg.model_config)
             self.model = model_class(vision_config)(vision_config)
         else:
