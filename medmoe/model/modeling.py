@@ -56,6 +56,9 @@ class MedMoEForCausalLM(PreTrainedModel):
         self.vision_tower = vision_tower or build_vision_tower(config.vision_config, load_weights=load_vision_weights)
         config.vision["hidden_size"] = self.vision_tower.hidden_size
         config.vision["num_tokens"] = self.vision_tower.num_tokens
+        # An hf tower loaded from a folder records its architecture, so from_pretrained can rebuild it.
+        tower_cfg = getattr(self.vision_tower, "cfg", None)
+        config.vision["model_config"] = getattr(tower_cfg, "model_config", config.vision.get("model_config"))
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.llm_config())
         self.projector = build_projector(config.projector, self.vision_tower.hidden_size, config.hidden_size)
         if config.llm_lora:
