@@ -157,6 +157,9 @@ class MedMoEForCausalLM(PreTrainedModel):
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         os.makedirs(save_directory, exist_ok=True)
+        source = self.config.vision.get("name_or_path")
+        if source and os.path.isabs(source):  # a saved model must not point into one machine's folders
+            self.config.vision["name_or_path"] = os.path.basename(source.rstrip("/"))
         self.config.save_pretrained(save_directory)
         final = os.path.join(save_directory, WEIGHTS_NAME)
         tmp = final + ".tmp"
