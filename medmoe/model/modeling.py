@@ -43,6 +43,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
 
 
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (config.json with a `moe` dict or `mm_image_tower`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    moe = cfg.get("moe")
+    return isinstance(cfg, dict) and ((isinstance(moe, dict) and "moe_enable" in moe) or "mm_image_tower" in cfg)
+
+
 class MedMoEForCausalLM(PreTrainedModel):
     config_class = MedMoEConfig
     base_model_prefix = "medmoe"
@@ -156,6 +167,10 @@ class MedMoEForCausalLM(PreTrainedModel):
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(weights) and is_official_folder(path):
+            from ..conversion import load_official  # lazy: conversion is a layer above the model
+
+            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
                                   "(made by save_pretrained or `medmoe train`)")
