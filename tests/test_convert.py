@@ -98,13 +98,13 @@ def official_state(family: str, layout: str, vision: bool = True, seed: int = 0)
         if i not in moe_layers:
             ffn(p + "mlp.")
             continue
-        if layout == "medmoe":
+        if layout.startswith("medmoe"):
             sd[p + "mlp.deepspeed_moe.gate.wg.weight"], sd[p + "mlp.deepspeed_moe.gate.wg.bias"] = (t.clone() for t in shared_gate)
         else:  # DeepSpeed's own TopKGate: Linear(d, E, bias=False), one per layer
             sd[p + "mlp.deepspeed_moe.gate.wg.weight"] = rand(E, D, s=1.0)
         for j in range(E):
             ffn(p + f"mlp.deepspeed_moe.experts.deepspeed_experts.{j}.")
-        if layout == "medmoe":
+        if layout.startswith("medmoe"):
             ffn(p + "mlp.meta_moe.")
     norm("model.final_layernorm" if family == "phi" else "model.norm")
     sd["lm_head.weight"] = rand(VOCAB, D, s=0.5)  # the LLaVA wrappers build lm_head with bias=False
@@ -178,7 +178,8 @@ def reference_lm(family, layout, state):
     if layout != "dense":
         for i in (0, 2):
             layer = lm.model.layers[i]
-            layer.mlp = OfficialMoE(layer.mlp, 1 if layout == "medmoe" else 2, layout == "medmoe", layout == "medmoe")
+            medmoe = layout.startswith("medmoe")
+            layer.mlp = OfficialMoE(layer.mlp, 1 if layout == "medmoe" else 2, medmoe, medmoe)
     llm_state = {k: v for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.image_tower."))}
     lm.load_state_dict(llm_state, strict=True)
     return lm.eval()
@@ -247,7 +248,9 @@ def our_logits(model, input_ids, pixel_values):
         return model(input_ids=input_ids, pixel_values=pixel_values).logits
 
 
-CASES = [("phi", "medmoe"), ("stablelm", "medmoe"), ("phi", "moe-llava"), ("stablelm", "moe-llava")]
+# medmoe: top-1 + meta (the paper); medmoe-top2: the older top-2 + meta; moe-llava: top-2, no meta, per-layer routers
+CASES = [("phi", "medmoe"), ("stablelm", "medmoe"), ("phi", "moe-llava"), ("stablelm", "moe-llava"),
+         ("phi", "medmoe-top2")]
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -266,8 +269,9 @@ def test_moe_layer_equals_official(tmp_path, clip_tower, family, layout):
         assert torch.allclose(ours, theirs, atol=1e-5), (i, (ours - theirs).abs().max())
     block = model.language_model.model.layers[0].mlp
     assert block.cfg.top_k == (1 if layout == "medmoe" else 2)
-    assert (block.meta is not None) == (layout == "medmoe")
-    assert model.router is not None if layout == "medmoe" else model.router is None  # shared vs per-layer
+    assert (block.meta is not None) == layout.startswith("medmoe")
+    assert block.cfg.renormalize == (block.cfg.top_k == 2)
+    assert (model.router is not None) == layout.startswith("medmoe")  # one shared router vs one per layer
 
 
 @pytest.mark.parametrize("family,layout", CASES + [("phi", "dense"), ("stablelm", "dense")])
@@ -281,7 +285,7 @@ def test_full_model_logits_equal_official(tmp_path, clip_tower, family, layout):
     theirs = reference_logits(family, layout, official_state(family, layout), ids, pixels)
     assert ours.shape == theirs.shape == (2, ids.shape[1], VOCAB)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
-    assert report.layout == layout
+    assert report.layout == layout.removesuffix("-top2")
     if family == "phi":
         assert any("lm_head.bias" in f for f in report.filled)
     # the logits depend on the routing: a perturbed router changes them (the test can fail)

@@ -55,6 +55,7 @@ CONV_MODES = {"phi": "medmoe", "stablelm": "medmoe", "qwen": "medmoe", "v1": "me
 
 VISION_PREFIXES = ("model.image_tower.image_tower.", "model.vision_tower.vision_tower.")
 PROJECTOR_PREFIXES = ("model.mm_projector.image_spatial_proj.", "model.mm_projector.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 HF_BOOKKEEPING = {"architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "use_cache",
                   "auto_map"}
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq", "position_ids")  # old checkpoints saved these; they are recomputed
@@ -419,8 +420,7 @@ def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, 
                                         "mm_hidden_size", "image_aspect_ratio", "rope_scaling"}
     report.ignored_config += sorted(k for k in cfg if k not in known and k not in HF_BOOKKEEPING)
     config = MedMoEConfig(vision=vision, text_config=text, projector=projector_kind(cfg), moe=moe,
-                          chat_template=chat_template(cfg, report),
-                          llm_source=cfg.get("_name_or_path") and os.path.basename(os.path.normpath(cfg["_name_or_path"])))
+                          chat_template=chat_template(cfg, report), llm_source=None)
     return Converted(config, ours, vision_state, state, report)
 
 
@@ -456,7 +456,8 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None):
     if bad:
         raise CheckpointError(f"shape mismatch between checkpoint and config.json: {bad[:10]}")
     target = dtype or next(iter(conv.state.values())).dtype
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True)
+    # assign=True: the model takes the converted tensors as they are, no second copy of a multi-GB model
+    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
     model.to(target)
     for module in model.modules():
         if isinstance(module, Router):
@@ -470,11 +471,15 @@ def attach_tokenizer(model, folder: str, report: Report):
 
     from ..data.processor import MedMoEProcessor
 
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
+        report.notes.append(f"no tokenizer files in {folder}; copy the base LLM's tokenizer into the output folder")
+        return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any failure means "no usable tokenizer here", reported
-        report.notes.append(f"no tokenizer loaded from {folder} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                            "copy a transformers-native tokenizer of the base LLM into the output folder")
+        report.notes.append(f"the tokenizer in {folder} did not load without running its own code "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); copy a transformers-native "
+                            "tokenizer of the base LLM into the output folder")
         return None
     processor = MedMoEProcessor(tokenizer, model.config.vision_config, template=model.config.chat_template)
     model.config.image_token_id = processor.image_token_id

@@ -167,7 +167,7 @@ class MedMoEForCausalLM(PreTrainedModel):
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(weights) and is_official_folder(path):
+        if is_official_folder(path):
             from ..conversion import load_official  # lazy: conversion is a layer above the model
 
             return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
