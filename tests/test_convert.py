@@ -310,6 +310,10 @@ def test_config_mapping(tmp_path, clip_tower):
     assert cfg.vision["name_or_path"] == "tiny-clip" and cfg.vision["feature_layer"] == -2
     assert cfg.vision["select"] == "patch" and cfg.projector == "mlp2x_gelu" and cfg.chat_template == "medmoe"
     assert "moe.capacity_factor" in report.ignored_config
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert not any(t.is_meta for t in tensors)  # built on the meta device, every tensor filled
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())  # frozen, as in the official code
+    assert model.router.weight.dtype == torch.float32
     assert tower_name("/mnt/user/ckpt/openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
     llava = load_official(write_official(tmp_path / "llava", "phi", "moe-llava"))
     assert llava.config.moe_config.renormalize and llava.config.moe_config.router == "per_layer"

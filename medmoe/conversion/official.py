@@ -424,28 +424,44 @@ def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, 
     return Converted(config, ours, vision_state, state, report)
 
 
+def _materialise_buffers(model) -> bool:
+    """Recompute the non-persistent buffers a meta-device build left empty; False if one is not known."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config))
+        elif [n for n, b in module.named_buffers(recurse=False) if b.is_meta] == ["position_ids"]:
+            n = module.position_ids.shape[-1]
+            module.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+        else:
+            return False
+    return not any(b.is_meta for b in model.buffers())
+
+
 def build_model(conv: Converted, dtype: torch.dtype | None = None):
-    """Our model with the converted tensors; every tensor is accounted for, by name."""
+    """Our model with the converted tensors; every tensor is accounted for, by name.
+
+    The model is built on the meta device and takes the converted tensors as they are (assign), so
+    converting a 6B-parameter checkpoint needs about one copy of it in memory, not two.
+    """
     from ..model.modeling import MedMoEForCausalLM
 
     if conv.official:
         raise CheckpointError(f"{len(conv.official)} checkpoint tensors have no place in the converted model: "
                               f"{sorted(conv.official)[:20]}")
-    old = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
+    with torch.device("meta"):
         model = MedMoEForCausalLM(conv.config)
-    finally:
-        torch.set_default_dtype(old)
     expected = model.state_dict()
+    target = dtype or next(iter(conv.state.values())).dtype
     state = dict(conv.state)
     vision_keys = [k for k in expected if k.startswith("vision_tower.")]
     state.update(match_vision(vision_keys, conv.vision, conv.report))
     lm_bias = "language_model.lm_head.bias"
     if lm_bias in expected and lm_bias not in state:
         # The official Phi wrappers build lm_head with bias=False, so their logits have no bias: zeros are exact.
-        state[lm_bias] = torch.zeros_like(expected[lm_bias])
+        state[lm_bias] = torch.zeros(expected[lm_bias].shape, dtype=target)
         conv.report.filled.append("lm_head.bias (the official Phi wrapper has none: zeros)")
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
@@ -455,9 +471,13 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None):
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"shape mismatch between checkpoint and config.json: {bad[:10]}")
-    target = dtype or next(iter(conv.state.values())).dtype
-    # assign=True: the model takes the converted tensors as they are, no second copy of a multi-GB model
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+    state = {k: v.to(target) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if not _materialise_buffers(model):  # a module we do not know how to rebuild: build on CPU instead
+        model = MedMoEForCausalLM(conv.config)
+        model.load_state_dict(state, strict=True, assign=True)
+    if getattr(model.language_model.config, "tie_word_embeddings", False):
+        model.language_model.tie_weights()
     model.to(target)
     for module in model.modules():
         if isinstance(module, Router):
