@@ -444,3 +444,27 @@ def test_cli_convert_writes_our_format(tmp_path, clip_tower, capsys):
     theirs = reference_logits("phi", "medmoe", official_state("phi", "medmoe"), ids, pixels)
     assert torch.allclose(our_logits(model, ids, pixels), theirs, atol=1e-4)
     assert main(["convert", "--from", "official-medmoe", folder, str(out)]) == 2  # exists: refuses without --overwrite
+
+
+def test_unsupported_layouts_are_refused_with_a_reason(tmp_path, clip_tower):
+    from medmoe.conversion import load_official
+    from medmoe.errors import ConfigError
+
+    folder = write_official(tmp_path / "residual", "phi", "medmoe")
+    cfg = official_config("phi", "medmoe")
+    cfg["moe"]["use_residual"] = True
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ConfigError, match="use_residual"):
+        load_official(folder)
+    state = official_state("phi", "dense")
+    state["transformer.h.0.mixer.Wqkv.weight"] = torch.zeros(3 * D, D)
+    with pytest.raises(CheckpointError, match="phi-msft"):
+        load_official(write_official(tmp_path / "msft", "phi", "dense", state=state))
+    cfg = official_config("phi", "medmoe")
+    cfg["moe"]["num_experts"] = [4, 2]
+    folder = write_official(tmp_path / "uneven", "phi", "medmoe")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ConfigError, match="same number of experts"):
+        load_official(folder)

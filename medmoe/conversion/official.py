@@ -118,6 +118,8 @@ TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 PHI_KEYS = ("layer_norm_eps", "partial_rotary_factor", "qk_layernorm", "resid_pdrop", "embd_pdrop")
 STABLELM_KEYS = ("layer_norm_eps", "partial_rotary_factor", "use_qkv_bias", "qk_layernorm", "use_parallel_residual",
                  "hidden_dropout")
+PHI_MSFT = ("this is the old Phi-2 remote-code layout (phi-msft: `transformer.h.*.mixer.Wqkv`); convert it to the "
+            "transformers Phi layout first (transformers' models/phi/convert_phi_weights_to_hf.py), then convert that")
 RENAMED = {"rope_pct": "partial_rotary_factor", "norm_eps": "layer_norm_eps"}  # StableLM-epoch remote code names
 
 
@@ -125,9 +127,8 @@ def text_config(cfg: dict, family: str) -> dict:
     """Their LLM config keys -> a transformers PhiConfig / StableLmConfig dict."""
     if cfg.get("rope_scaling"):
         raise ConfigError(f"config.json rope_scaling={cfg['rope_scaling']!r} is not supported by the converter")
-    if "Wqkv" in json.dumps(cfg) or cfg.get("model_type") == "phi-msft":
-        raise ConfigError("this is the old Phi-2 remote-code layout (phi-msft, `mixer.Wqkv`); convert it to the "
-                          "transformers Phi layout first (transformers' convert_phi_weights_to_hf.py)")
+    if cfg.get("model_type") == "phi-msft" or "n_embd" in cfg:
+        raise ConfigError(PHI_MSFT)
     keys = TEXT_KEYS + (PHI_KEYS if family == "phi" else STABLELM_KEYS)
     out = {"model_type": family}
     for key, value in cfg.items():
@@ -312,6 +313,8 @@ def _stack_experts(tensors: dict, family: str, layer: int, num: int) -> dict[str
 
 def map_state(official: dict, family: str, moe: dict, report: Report) -> dict[str, torch.Tensor]:
     """Official LLM + projector tensors -> our names. Consumes `official`; leftovers are reported by the caller."""
+    if any(".mixer.Wqkv." in k or k.startswith("transformer.h.") for k in official):
+        raise CheckpointError(PHI_MSFT)
     ours: dict[str, torch.Tensor] = {}
     layers = moe.get("layers", []) if moe.get("enabled") else []
     gates = {}
