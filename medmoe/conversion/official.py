@@ -427,6 +427,14 @@ def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, 
     return Converted(config, ours, vision_state, state, report)
 
 
+def dominant_dtype(state: dict) -> torch.dtype:
+    """The dtype holding most parameters (checkpoints mix fp16 weights with an fp32 gate)."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in state.values():
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    return max(sizes, key=sizes.get)
+
+
 def _materialise_buffers(model) -> bool:
     """Recompute the non-persistent buffers a meta-device build left empty; False if one is not known."""
     for name, module in list(model.named_modules()):
@@ -457,7 +465,7 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None):
     with torch.device("meta"):
         model = MedMoEForCausalLM(conv.config)
     expected = model.state_dict()
-    target = dtype or next(iter(conv.state.values())).dtype
+    target = dtype or dominant_dtype(conv.state)
     state = dict(conv.state)
     vision_keys = [k for k in expected if k.startswith("vision_tower.")]
     state.update(match_vision(vision_keys, conv.vision, conv.report))
