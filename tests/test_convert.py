@@ -468,3 +468,19 @@ def test_unsupported_layouts_are_refused_with_a_reason(tmp_path, clip_tower):
         json.dump(cfg, f)
     with pytest.raises(ConfigError, match="same number of experts"):
         load_official(folder)
+
+
+def test_fp16_checkpoint_with_fp32_gate(tmp_path, clip_tower):
+    """As saved by the official training: fp16 weights, the gate kept in fp32 (TopKGate calls wg.float())."""
+    from medmoe.conversion import load_official
+
+    state = official_state("phi", "medmoe")
+    half = {k: (v if ".gate.wg." in k else v.half()) for k, v in state.items()}
+    model = load_official(write_official(tmp_path / "ckpt", "phi", "medmoe", state=half))
+    assert model.language_model.lm_head.weight.dtype == torch.float16
+    assert model.router.weight.dtype == torch.float32
+    assert torch.equal(model.router.weight, state["model.layers.0.mlp.deepspeed_moe.gate.wg.weight"])
+    ids, pixels = random_inputs()
+    theirs = reference_logits("phi", "medmoe", {k: v.float() for k, v in half.items()}, ids, pixels)
+    ours = our_logits(model, ids, pixels.half()).float()
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()

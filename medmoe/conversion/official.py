@@ -36,7 +36,6 @@ import torch
 from ..config import MedMoEConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.presets import CLIP_L14_336
-from ..moe.router import Router
 from .files import load_folder
 
 PHI_TYPES = ("phi", "llava_phi", "moe_llava_phi")
@@ -482,17 +481,14 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None):
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"shape mismatch between checkpoint and config.json: {bad[:10]}")
-    state = {k: v.to(target) for k, v in state.items()}
+    # Routers stay fp32 (DeepSpeed's gate ran in fp32 and was often saved so): no round trip through fp16.
+    state = {k: v.to(torch.float32 if k.endswith(("router.weight", "router.bias")) else target) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if not _materialise_buffers(model):  # a module we do not know how to rebuild: build on CPU instead
         model = MedMoEForCausalLM(conv.config)
         model.load_state_dict(state, strict=True, assign=True)
     if getattr(model.language_model.config, "tie_word_embeddings", False):
         model.language_model.tie_weights()
-    model.to(target)
-    for module in model.modules():
-        if isinstance(module, Router):
-            module.float()  # routers run in fp32, as DeepSpeed's gate did
     return model.eval()
 
 
