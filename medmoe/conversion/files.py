@@ -66,6 +66,9 @@ def weight_files(folder: str) -> list[str]:
     if any(n.startswith("global_step") for n in names):
         hint = (" It holds DeepSpeed `global_step*` states only: run the `zero_to_fp32.py` script DeepSpeed wrote "
                 "beside them to get pytorch_model.bin, then convert that folder.")
+    if "adapter_config.json" in names or "non_lora_trainables.bin" in names:
+        hint = (" It is a LoRA adapter folder (adapter_config.json / non_lora_trainables.bin): merge it into its base "
+                "model first (peft's merge_and_unload, then save_pretrained) and convert the merged folder.")
     raise CheckpointError(f"{folder}: no model weights (model*.safetensors, pytorch_model*.bin or an index file).{hint}")
 
 
