@@ -44,6 +44,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
 
 
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (config.json with a `moe` dict or `mm_image_tower`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    moe = cfg.get("moe")
+    return isinstance(cfg, dict) and ((isinstance(moe, dict) and "moe_enable" in moe) or "mm_image_tower" in cfg)
+
+
 class MedMoEForCausalLM(PreTrainedModel):
     config_class = MedMoEConfig
     base_model_prefix = "medmoe"
@@ -177,6 +188,10 @@ class MedMoEForCausalLM(PreTrainedModel):
 
             return load_delta(path, dtype=dtype, device=device)[0]
         weights = os.path.join(path, WEIGHTS_NAME)
+        if is_official_folder(path):
+            from ..conversion import load_official  # lazy: conversion is a layer above the model
+
+            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
                                   "(made by save_pretrained or `medmoe train`)")
