@@ -182,16 +182,16 @@ class MedMoEForCausalLM(PreTrainedModel):
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
+        if is_official_folder(path):
+            from ..conversion import load_official  # lazy: conversion is a layer above the model
+
+            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
         config = config or (MedMoEConfig.from_pretrained(path) if os.path.isfile(os.path.join(path, "config.json")) else None)
         if config is not None and config.base_model:
             from .pretrained import load_delta  # a delta checkpoint needs its base's pretrained weights
 
             return load_delta(path, dtype=dtype, device=device)[0]
         weights = os.path.join(path, WEIGHTS_NAME)
-        if is_official_folder(path):
-            from ..conversion import load_official  # lazy: conversion is a layer above the model
-
-            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
                                   "(made by save_pretrained or `medmoe train`)")
