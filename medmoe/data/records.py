@@ -163,6 +163,10 @@ def to_llava(record: Record) -> dict:
     # Extra keys are ignored by LLaVA's loader and keep the round trip lossless.
     out.update(answer_type=record.answer_type, modality=record.modality, dataset=record.dataset,
                split=record.split, language=record.language)
+    if record.choices:
+        out["choices"] = record.choices
+    if record.meta:
+        out["meta"] = record.meta
     return out
 
 
@@ -186,7 +190,7 @@ def from_llava(d: dict, where: str = "", split: str = "train", dataset: str = "l
     return Record(id=str(d.get("id", where)), image=image, question=pairs[0][0], answer=pairs[0][1],
                   answer_type=d.get("answer_type", ""), modality=d.get("modality", UNKNOWN),
                   dataset=d.get("dataset", dataset), split=d.get("split", split), language=d.get("language", "en"),
-                  turns=pairs[1:])
+                  choices=d.get("choices"), turns=pairs[1:], meta=d.get("meta") or {})
 
 
 def read_llava(path, split: str | None = None) -> list[Record]:
