@@ -1,12 +1,13 @@
 """`medmoe data` end to end on generated files and (when present) the real datasets."""
 
 import json
+import os
 
 import numpy as np
 
 from conftest import shared_data
 from medmoe.cli import main
-from medmoe.data.records import read_records, sample_dataset_dir
+from medmoe.data.records import load_split, read_records, sample_dataset_dir
 
 
 def test_prepare_medmnist_and_captions_and_convert(tmp_path, capsys):
@@ -33,9 +34,12 @@ def test_errors_are_one_line(tmp_path, capsys):
 def test_prepare_sample_as_llava(tmp_path, capsys):
     llava = tmp_path / "sample.json"
     assert main(["data", "convert", str(sample_dataset_dir() / "train.jsonl"), str(llava)]) == 0
-    assert main(["data", "prepare", "llava", "--src", str(llava), "--out", str(tmp_path / "o"), "--split", "train"]) == 0
-    assert "train" in capsys.readouterr().out
-    assert len(read_records(tmp_path / "o" / "train.jsonl")) == len(read_records(sample_dataset_dir() / "train.jsonl"))
+    assert main(["data", "prepare", "llava", "--src", str(llava), "--out", str(tmp_path / "o"), "--split", "dev",
+                 "--image-root", str(sample_dataset_dir()), "--check-images"]) == 0
+    assert "dev" in capsys.readouterr().out
+    records = load_split(tmp_path / "o", "dev")
+    assert len(records) == len(read_records(sample_dataset_dir() / "train.jsonl"))
+    assert all(os.path.exists(r.image) for r in records)
 
 
 def test_prepare_real_vqa_rad_prints_counts(tmp_path, capsys):

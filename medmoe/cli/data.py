@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--src", required=True, help="the dataset as its authors ship it (folder or file)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--lang", default="en", choices=("en", "zh", "all"), help="SLAKE question language (default en)")
-    p.add_argument("--split", help="llava: split name (default: the file name)")
+    p.add_argument("--split", help="llava: split name (default: each sample's 'split' key, else the file name)")
+    p.add_argument("--image-root", help="folder the image paths are relative to (llava default: the JSON's folder)")
     p.add_argument("--labels", help="medmnist: comma-separated label names for an unknown npz")
     p.add_argument("--check-images", action="store_true", help="open every image once (slow on large sets)")
     p.add_argument("--no-size-check", action="store_true", help="skip the published split-size checks")
@@ -45,7 +46,8 @@ def run_prepare(args) -> int:
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     info = prepare(args.name, args.src, args.out, lang=args.lang, split=args.split, labels=labels,
-                   check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json)
+                   check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json,
+                   images=args.image_root)
     if args.json:
         print(json.dumps({k: info[k] for k in ("name", "image_root", "language", "splits", "checks")}))
         return 0

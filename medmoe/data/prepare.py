@@ -255,10 +255,12 @@ def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict
 # ---- LLaVA ------------------------------------------------------------------------------------
 
 def prepare_llava(json_path, split: str | None = None) -> dict[str, list[Record]]:
-    """A LLaVA conversation JSON, as is (one split, named after the file unless given)."""
+    """A LLaVA conversation JSON, as is. Split: `split` when given, else each sample's own
+    "split" key, else the file name."""
     records = read_llava(json_path, split=split)
     splits: dict[str, list[Record]] = defaultdict(list)
     for r in records:
+        r.split = split or r.split
         splits[r.split].append(r)
     return dict(splits)
 
@@ -311,8 +313,11 @@ def check_images(splits: dict[str, list[Record]], root: Path, progress: bool = T
 
 
 def prepare(name: str, src, out, lang: str = "en", split: str | None = None, labels: list[str] | None = None,
-            check_sizes: bool = True, verify_images: bool = False, progress: bool = True) -> dict:
-    """Prepare one source into `out`: {split}.jsonl + dataset.json. Returns the summary."""
+            check_sizes: bool = True, verify_images: bool = False, progress: bool = True, images=None) -> dict:
+    """Prepare one source into `out`: {split}.jsonl + dataset.json. Returns the summary.
+
+    images: the folder the image paths are relative to, when not the default (LLaVA's
+    --image_folder; default: the JSON file's folder)."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not src.exists():
         raise DataError(f"{src}: not found; pass --src the folder (or file) the dataset was shipped as")
@@ -329,6 +334,10 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
         splits, root = prepare_llava(src, split), src.parent
     else:
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(SOURCES)}")
+    if images is not None:
+        root = Path(images).expanduser().resolve()
+        if not root.is_dir():
+            raise DataError(f"{root}: image folder not found")
     if verify_images:
         check_images(splits, root, progress)
     summary = summarise(splits)
