@@ -44,6 +44,7 @@ def test_prepare_sample_as_llava(tmp_path, capsys):
 
 def test_prepare_real_vqa_rad_prints_counts(tmp_path, capsys):
     src = shared_data("vqa-rad")
-    assert main(["data", "prepare", "vqa-rad", "--src", str(src), "--out", str(tmp_path)]) == 0
+    assert main(["data", "prepare", "vqa-rad", "--src", str(src), "--out", str(tmp_path), "--plot"]) == 0
     out = capsys.readouterr().out
     assert "451 QA" in out and "CLOSED 272, OPEN 179" in out and "(ok)" in out
+    assert (tmp_path / "counts.png").stat().st_size > 1000

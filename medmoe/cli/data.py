@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--labels", help="medmnist: comma-separated label names for an unknown npz")
     p.add_argument("--check-images", action="store_true", help="open every image once (slow on large sets)")
     p.add_argument("--no-size-check", action="store_true", help="skip the published split-size checks")
+    p.add_argument("--plot", action="store_true", help="also draw DIR/counts.png (QA per split, answer type, modality)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run_prepare)
 
@@ -42,12 +43,16 @@ def register(subparsers) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..data.prepare import prepare
+    from pathlib import Path
+
+    from ..data.prepare import plot_summary, prepare
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     info = prepare(args.name, args.src, args.out, lang=args.lang, split=args.split, labels=labels,
                    check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json,
                    images=args.image_root)
+    if args.plot:
+        plot_summary(info, Path(args.out) / "counts.png")
     if args.json:
         print(json.dumps({k: info[k] for k in ("name", "image_root", "language", "splits", "checks")}))
         return 0

@@ -359,3 +359,26 @@ def _load_json(path: Path):
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def plot_summary(info: dict, path) -> None:
+    """Bar charts of QA per split by answer type and by modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = info["splits"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, kinds in ((axes[0], "answer_type", ("CLOSED", "OPEN")), (axes[1], "modality", (*MODALITIES, UNKNOWN))):
+        bottom = [0] * len(splits)
+        for kind in kinds:
+            values = [s[key].get(kind, 0) for s in splits.values()]
+            if any(values):
+                ax.bar(list(splits), values, bottom=bottom, label=kind, color="0.75" if kind == UNKNOWN else None)
+                bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(f"{info['name']}: QA by {key.replace('_', ' ')}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
