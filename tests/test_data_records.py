@@ -21,6 +21,7 @@ def test_answer_type_is_normalised_or_inferred():
     assert make(answer_type="", answer="No").answer_type == "CLOSED"
     assert make(answer_type=None, answer="left lung").answer_type == "OPEN"
     assert make(modality="Ultrasound").modality == "unknown"
+    assert [make(modality=m).modality for m in ("x-ray", "XRAY", "ct", "pathology")] == ["X-Ray", "X-Ray", "CT", "Pathology"]
 
 
 def test_jsonl_round_trip_is_lossless(tmp_path):

@@ -54,8 +54,7 @@ class Record:
         self.question = str(self.question)
         self.answer = str(self.answer)
         self.answer_type = normalise_answer_type(self.answer_type, self.answer)
-        if self.modality not in MODALITIES:
-            self.modality = UNKNOWN
+        self.modality = normalise_modality(self.modality)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -72,6 +71,15 @@ class Record:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known.setdefault("image", None)
         return cls(**known)
+
+
+def normalise_modality(value) -> str:
+    """"x-ray", "XRAY", "ct" -> the router's spelling; anything else -> unknown."""
+    key = str(value or "").strip().lower().replace("-", "").replace(" ", "")
+    return _MODALITY_KEYS.get(key, UNKNOWN)
+
+
+_MODALITY_KEYS = {m.lower().replace("-", ""): m for m in MODALITIES}
 
 
 def normalise_answer_type(value, answer: str = "") -> str:
