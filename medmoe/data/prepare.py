@@ -197,12 +197,13 @@ def medmnist_question(kind: str, labels: list[str], multi_label: bool) -> str:
     return f"Which class does this {kind} belong to? Options: {options}."
 
 
-def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict[str, list[Record]]:
+def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None, progress: bool = False) -> dict[str, list[Record]]:
     """A MedMNIST v2 2D npz file -> classification records whose question offers the label names.
 
     Images are written as PNGs under out_dir/images/{split}/ when out_dir is given (the image
     path in each record is relative to out_dir)."""
     from PIL import Image
+    from tqdm import tqdm
 
     npz = Path(npz)
     if npz.is_dir():
@@ -229,7 +230,7 @@ def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
             raise DataError(f"{npz}: {key}_images has shape {images.shape}; only 2D MedMNIST (N,H,W[,C]) is supported")
         records = []
-        for i in range(len(images)):
+        for i in tqdm(range(len(images)), desc=f"{name} {split}", disable=not (progress and out_dir is not None)):
             target = np.asarray(targets[i]).reshape(-1)
             if multi_label:
                 found = [labels[j] for j in np.flatnonzero(target)]
@@ -329,7 +330,7 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
     elif name == "pathvqa":
         splits, root = prepare_pathvqa(src), src if src.is_dir() else src.parent
     elif name == "medmnist":
-        splits, root = prepare_medmnist(src, out_dir=out, labels=labels), out
+        splits, root = prepare_medmnist(src, out_dir=out, labels=labels, progress=progress), out
     elif name == "llava":
         splits, root = prepare_llava(src, split), src.parent
     else:
