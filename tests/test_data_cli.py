@@ -48,3 +48,14 @@ def test_prepare_real_vqa_rad_prints_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "451 QA" in out and "CLOSED 272, OPEN 179" in out and "(ok)" in out
     assert (tmp_path / "counts.png").stat().st_size > 1000
+
+
+def test_check_images_names_the_bad_file(tmp_path, capsys):
+    (tmp_path / "fake.png").write_text("not an image")
+    llava = tmp_path / "train.json"
+    llava.write_text(json.dumps([{"id": "s1", "image": "fake.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "a CT"}]}]))
+    args = ["data", "prepare", "llava", "--src", str(llava), "--out", str(tmp_path / "o")]
+    assert main(args) == 0  # images are not opened unless asked
+    assert main(args + ["--check-images"]) == 2
+    assert "fake.png: not a readable image" in capsys.readouterr().err
