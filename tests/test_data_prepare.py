@@ -116,3 +116,18 @@ def test_medmnist_generated_and_unknown(tmp_path):
     assert prepare_medmnist(odd, labels=["cat", "dog"])["train"][1].answer == "dog"
     with pytest.raises(DataError, match="label names"):
         prepare_medmnist(odd, labels=["cat"])
+
+
+def test_holdout_splits_by_image_and_is_stable(tmp_path):
+    from medmoe.data.prepare import hold_out
+    from medmoe.data.records import Record
+
+    records = [Record(id=f"q{i}", image=f"img{i % 50}.jpg", question="q", answer="yes", answer_type="CLOSED",
+                      modality="Pathology", dataset="pathvqa", split="train", language="en") for i in range(500)]
+    splits = hold_out({"train": list(records)}, 0.2, seed=0)
+    train_images = {r.image for r in splits["train"]}
+    held_images = {r.image for r in splits["heldout"]}
+    assert not train_images & held_images  # no image on both sides
+    assert 0 < len(held_images) < 50 and len(splits["train"]) + len(splits["heldout"]) == 500
+    again = hold_out({"train": list(reversed(records))}, 0.2, seed=0)
+    assert {r.image for r in again["heldout"]} == held_images  # order does not matter

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--check-images", action="store_true", help="open every image once (slow on large sets)")
     p.add_argument("--no-size-check", action="store_true", help="skip the published split-size checks")
     p.add_argument("--plot", action="store_true", help="also draw DIR/counts.png (QA per split, answer type, modality)")
+    p.add_argument("--holdout", type=float, help="move this fraction of the train images (with their questions) "
+                   "to a 'heldout' split, e.g. 0.1 for PathVQA, whose test split is not public here")
+    p.add_argument("--seed", type=int, default=0, help="seed of --holdout")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run_prepare)
 
@@ -50,7 +53,7 @@ def run_prepare(args) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     info = prepare(args.name, args.src, args.out, lang=args.lang, split=args.split, labels=labels,
                    check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json,
-                   images=args.image_root)
+                   images=args.image_root, holdout=args.holdout, seed=args.seed)
     if args.plot:
         plot_summary(info, Path(args.out) / "counts.png")
     if args.json:

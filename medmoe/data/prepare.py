@@ -313,9 +313,37 @@ def check_images(splits: dict[str, list[Record]], root: Path, progress: bool = T
         load_image(root / image)
 
 
+def hold_out(splits: dict[str, list[Record]], fraction: float, seed: int = 0, source: str = "train",
+             name: str = "heldout") -> dict[str, list[Record]]:
+    """Move a seeded `fraction` of the `source` split's images (with all their questions) to `name`.
+
+    Split by image, never by question, so no held-out image is seen in training. Stable: an image's
+    side depends only on its path and the seed, not on the order or size of the file."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--holdout {fraction}: use a fraction between 0 and 1, e.g. 0.1")
+    if source not in splits:
+        raise DataError(f"no '{source}' split to hold out from; splits are {sorted(splits)}")
+    import hashlib
+
+    def held(image: str) -> bool:
+        digest = hashlib.sha256(f"{seed}:{image}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+    kept, moved = [], []
+    for record in splits[source]:
+        (moved if held(record.image) else kept).append(record)
+    for record in moved:
+        record.split = name
+    return {**splits, source: kept, name: moved}
+
+
 def prepare(name: str, src, out, lang: str = "en", split: str | None = None, labels: list[str] | None = None,
-            check_sizes: bool = True, verify_images: bool = False, progress: bool = True, images=None) -> dict:
+            check_sizes: bool = True, verify_images: bool = False, progress: bool = True, images=None,
+            holdout: float | None = None, seed: int = 0) -> dict:
     """Prepare one source into `out`: {split}.jsonl + dataset.json. Returns the summary.
+
+    holdout: move that fraction of the training images (and their questions) into a `heldout`
+    split, for datasets without a public test split here (PathVQA).
 
     images: the folder the image paths are relative to, when not the default (LLaVA's
     --image_folder; default: the JSON file's folder)."""
@@ -339,6 +367,8 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
         root = Path(images).expanduser().resolve()
         if not root.is_dir():
             raise DataError(f"{root}: image folder not found")
+    if holdout:
+        splits = hold_out(splits, holdout, seed)
     if verify_images:
         check_images(splits, root, progress)
     summary = summarise(splits)
@@ -347,7 +377,7 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
         write_records(out / f"{split_name}.jsonl", records)
     info = {"name": name, "source": str(src), "image_root": "." if root == out else str(root),
             "language": lang if name == "slake" else "en", "modalities": list(MODALITIES),
-            "splits": summary, "checks": checks}
+            "splits": summary, "checks": checks, "holdout": {"fraction": holdout, "seed": seed} if holdout else None}
     atomic_write_text(out / DATASET_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
 
