@@ -15,6 +15,8 @@ On the CPU (or with cuda_graph=False) the same static-cache step runs eagerly.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import StaticCache
 
@@ -56,8 +58,14 @@ def _prefill_bias(prompt_mask: torch.Tensor, max_len: int, dtype: torch.dtype) -
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64, eos_token_id: int | None = None,
-           temperature: float = 0.0, cuda_graph: bool | None = None, check_every: int = 16) -> torch.Tensor:
-    """New tokens [B, max_new_tokens] for a left-padded batch; after a sequence's EOS, EOS repeats."""
+           temperature: float = 0.0, cuda_graph: bool | None = None, check_every: int = 16,
+           stats: dict | None = None) -> torch.Tensor:
+    """New tokens [B, max_new_tokens] for a left-padded batch; after a sequence's EOS, EOS repeats.
+
+    `stats`, when given, receives prefill_ms, capture_ms and step_ms (the mean time of the steps
+    after capture); timing it adds host syncs, so leave it None outside benchmarks.
+    """
+    clock = _Clock(stats)
     lm = model.language_model
     device = lm.get_input_embeddings().weight.device
     dtype = lm.get_input_embeddings().weight.dtype
@@ -78,6 +86,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
              past_key_values=cache, use_cache=True, logits_to_keep=1)
     state.token.copy_(_pick(out.logits[:, -1].float(), temperature).unsqueeze(-1))
     model.moe_state.start(None, False, False)
+    clock.mark(device, "prefill_ms")
 
     embed = lm.get_input_embeddings()
 
@@ -93,6 +102,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     tokens[:, 0] = state.token[:, 0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     graph = None
+    steps_timed = 0
     for i in range(1, max_new_tokens):
         if eos_token_id is not None:
             finished |= tokens[:, i - 1] == eos_token_id
@@ -101,16 +111,42 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                 break
         if graph is not None:
             graph.replay()
+            steps_timed += 1
         elif cuda_graph and i >= 3:  # two eager steps warm up kernels and allocator first
+            clock.mark(device, "warmup_ms")
             graph = _capture(step)
+            clock.mark(device, "capture_ms")
             graph.replay()
+            steps_timed = 1
         else:
             step()
+            steps_timed += 1
         tokens[:, i] = state.token[:, 0]
+    clock.mark(device, "steps_ms")
+    if stats is not None:
+        stats["step_ms"] = stats["steps_ms"] / max(steps_timed, 1)
+        stats["steps"] = steps_timed
+        stats["cuda_graph"] = graph is not None
     if eos_token_id is not None:
         ended = (tokens == eos_token_id).long().cumsum(-1) > 0
         tokens = tokens.masked_fill(ended, eos_token_id)
     return tokens
+
+
+class _Clock:
+    """Wall-clock marks (after a device sync) into `stats`; does nothing when stats is None."""
+
+    def __init__(self, stats: dict | None):
+        self.stats, self.last = stats, time.perf_counter()
+
+    def mark(self, device: torch.device, name: str) -> None:
+        if self.stats is None:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.stats[name] = (now - self.last) * 1e3
+        self.last = now
 
 
 def graph_safe(model, dtype: torch.dtype, device: torch.device) -> bool:
