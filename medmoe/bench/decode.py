@@ -52,7 +52,7 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
-        plain_steps: int = 16, log=print) -> dict:
+        plain_steps: int = 16, compile: bool = False, baselines: bool = True, log=print) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -60,14 +60,20 @@ def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens
         ids, mask, pixels = image_prompt(model, batch, text_tokens, device)
         prompt = ids.shape[1]
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
-        decode(model, ids, mask, pixels, max_new_tokens=8)  # warm-up: kernels, allocator
+        warm = {}
+        short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
-        tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, stats=graph)
-        eager_tokens = decode(model, ids, mask, pixels, max_new_tokens=16, stats=eager, cuda_graph=False)
-        row["graph_equals_eager"] = bool(torch.equal(tokens[:, :16], eager_tokens))
+        tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
+        row["compile"] = compile
+        row["warmup"] = warm
         row["graph"] = graph
+        if baselines:
+            eager_tokens = decode(model, ids, mask, pixels, max_new_tokens=16, stats=eager, cuda_graph=False)
+            row["graph_equals_eager"] = bool(torch.equal(short, eager_tokens))
+            row["plain_ms_per_step"] = plain_step_ms(model, ids, mask, pixels, plain_steps)
+        else:
+            eager["step_ms"] = row["plain_ms_per_step"] = float("nan")
         row["eager_static"] = eager
-        row["plain_ms_per_step"] = plain_step_ms(model, ids, mask, pixels, plain_steps)
         nbytes = step_bytes(model, batch, prompt + new_tokens // 2)
         floor_ms = sum(nbytes.values()) / (bandwidth * 1e9) * 1e3
         row.update(step_bytes=nbytes, floor_ms_per_step=floor_ms, floor_tokens_per_s=batch / floor_ms * 1e3,

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tokens", default="1,8,256,4096,16384", help="MoE layer token counts")
     p.add_argument("--new-tokens", type=int, default=128, help="decode: new tokens per sequence")
+    p.add_argument("--decode-batches", default="1,8", help="decode: batch sizes")
+    p.add_argument("--compile", action="store_true", help="decode: also fuse the step with torch.compile")
+    p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, help="cpu: an image file for the prompt (default: a grey square)")
@@ -61,7 +64,10 @@ def run(args) -> int:
 
                 model = model or models.phi2_medmoe(device)
                 if section == "decode":
-                    report["decode"] = decode.run(device, new_tokens=args.new_tokens, model=model)
+                    batches = tuple(int(b) for b in args.decode_batches.split(","))
+                    report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
+                                                  compile=args.compile,
+                                                  baselines=not args.no_baselines)
                 else:
                     report["train"] = train.run(device, batch=args.train_batch, model=model)
             else:

@@ -29,6 +29,28 @@ def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits / temperature + gumbel).argmax(-1)
 
 
+CACHE_BUCKET = 256
+
+
+def _step(lm, cache, token, bias, position, write_index, temperature: float) -> None:
+    """One decode step on fixed buffers: unmask the new slot, run the model, advance token and position."""
+    bias.index_fill_(-1, write_index, 0.0)
+    logits = lm(inputs_embeds=lm.get_input_embeddings()(token), attention_mask=bias, position_ids=position,
+                past_key_values=cache, use_cache=True).logits
+    token.copy_(_pick(logits[:, -1].float(), temperature).unsqueeze(-1))
+    position.add_(1)
+    write_index.add_(1)
+
+
+_COMPILED = {}
+
+
+def _compiled_step():
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_step, dynamic=False)
+    return _COMPILED["step"]
+
+
 class _DecodeState:
     """The fixed-address buffers one decode step reads and advances."""
 
@@ -59,11 +81,13 @@ def _prefill_bias(prompt_mask: torch.Tensor, max_len: int, dtype: torch.dtype) -
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64, eos_token_id: int | None = None,
            temperature: float = 0.0, cuda_graph: bool | None = None, check_every: int = 16,
-           stats: dict | None = None) -> torch.Tensor:
+           compile: bool = False, stats: dict | None = None) -> torch.Tensor:
     """New tokens [B, max_new_tokens] for a left-padded batch; after a sequence's EOS, EOS repeats.
 
     `stats`, when given, receives prefill_ms, capture_ms and step_ms (the mean time of the steps
     after capture); timing it adds host syncs, so leave it None outside benchmarks.
+    `compile=True` also fuses the step's small kernels with torch.compile (compiled once per batch
+    size and cache bucket; the first call takes a minute or more).
     """
     clock = _Clock(stats)
     lm = model.language_model
@@ -72,7 +96,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     input_ids = input_ids.to(device)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device)
     batch, prompt_len = input_ids.shape
-    max_len = prompt_len + max_new_tokens
+    # Cache lengths in buckets, so that a compiled step is reused across prompts of similar length.
+    max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and graph_safe(model, dtype, device)
     cache = StaticCache(config=lm.config, max_cache_len=max_len)
@@ -88,15 +113,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     model.moe_state.start(None, False, False)
     clock.mark(device, "prefill_ms")
 
-    embed = lm.get_input_embeddings()
+    step_fn = _compiled_step() if compile else _step
 
     def step() -> None:
-        state.bias.index_fill_(-1, state.write_index, 0.0)
-        logits = lm(inputs_embeds=embed(state.token), attention_mask=state.bias, position_ids=state.position,
-                    past_key_values=cache, use_cache=True).logits
-        state.token.copy_(_pick(logits[:, -1].float(), temperature).unsqueeze(-1))
-        state.position.add_(1)
-        state.write_index.add_(1)
+        step_fn(lm, cache, state.token, state.bias, state.position, state.write_index, temperature)
 
     tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     tokens[:, 0] = state.token[:, 0]
