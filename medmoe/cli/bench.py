@@ -80,5 +80,10 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
+    from ..bench.plot import plot_report
+
+    picture = os.path.splitext(args.out)[0] + ".png"
+    if plot_report(report, picture):
+        print(f"wrote {picture}")
     print(f"wrote {args.out}")
     return 0
