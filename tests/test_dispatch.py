@@ -97,6 +97,22 @@ def test_fused_meta_ffn_equals_module():
     assert rel_err(ffn_forward(mlp, x), mlp(x)) < 1e-5
 
 
+def test_fused_meta_ffn_keeps_adapters_on_its_linears():
+    from transformers import PhiConfig
+    from transformers.models.phi.modeling_phi import PhiMLP
+
+    class Shifted(nn.Linear):  # stands for an adapter that is still an nn.Linear (e.g. LoRA)
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    mlp = PhiMLP(PhiConfig(hidden_size=D, intermediate_size=F_SIZE, hidden_act="gelu_new"))
+    shifted = Shifted(F_SIZE, D)
+    shifted.load_state_dict(mlp.fc2.state_dict())
+    mlp.fc2 = shifted
+    x = torch.randn(4, D)
+    assert rel_err(ffn_forward(mlp, x), mlp(x)) < 1e-5
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_block_grouped_equals_loop(top_k):
     cfg = MoEConfig(enabled=True, top_k=top_k)

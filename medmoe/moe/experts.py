@@ -50,11 +50,12 @@ def fast_activation(act):
 
 
 def ffn_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mlp(x), computed with the fused activation when the FFN is fc1 -> act -> fc2 and its act has one
-    (the meta expert's fast path; Phi's GELU is 8 kernels in transformers, 1 here)."""
-    if ffn_kind(mlp) == "mlp" and type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS:
-        h = fast_activation(mlp.activation_fn)(F.linear(x, mlp.fc1.weight, mlp.fc1.bias))
-        return F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
+    """mlp(x), with the fused activation when the FFN is exactly fc1 -> act -> fc2 (Phi's MLP) and its
+    act has one: the meta expert's fast path (Phi's GELU is 8 kernels in transformers, 1 here).
+    fc1 and fc2 are called as modules, so adapters on them (LoRA) still apply."""
+    if (ffn_kind(mlp) == "mlp" and set(dict(mlp.named_children())) <= {"fc1", "fc2", "activation_fn"}
+            and type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS):
+        return mlp.fc2(fast_activation(mlp.activation_fn)(mlp.fc1(x)))
     return mlp(x)
 
 
