@@ -45,8 +45,10 @@ class MedMoEProcessor:
     def image_tensor(self, image) -> torch.Tensor:
         return preprocess(load_image(image), self.vision.image_size, self.vision.image_mean, self.vision.image_std)
 
-    def encode(self, turns: list[Turn], template: str | None = None) -> Encoded:
-        return encode(self.tokenizer, turns, template or self.template, self.image_token_id, self.num_image_tokens, self.system)
+    def encode(self, turns: list[Turn], template: str | None = None, check: bool = False) -> Encoded:
+        """check: also tokenise the full text at once and set `Encoded.aligned` (see templates.py)."""
+        return encode(self.tokenizer, turns, template or self.template, self.image_token_id, self.num_image_tokens,
+                      self.system, check=check)
 
     def prompt(self, question: str, has_image: bool) -> str:
         """The paper's evaluation prompt: `<image>\\n{question}` when there is an image."""
