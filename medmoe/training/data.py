@@ -1,83 +1,67 @@
-"""What a training phase reads: records (question, answer, image, modality) -> encoded samples.
-
-Records come from the data layer (`medmoe.data.records`); this module only turns them into the
-loop's samples with the phase's template: phase 1 "plain" (`<image>` + caption), phases 2-3
-"medmoe" (`USER: <image>\\n{q} ASSISTANT: {a}<eos>`). Samples longer than max_length are cut on
-the answer side; a sample whose image tokens would not fit is an error, not a silent skip.
+"""Where a phase's records come from. A recipe lists data sources; each is one of
+- "sample": the bundled VQA-RAD sample (`medmoe/assets/sample`, a few CC0 images),
+- a prepared dataset folder (`medmoe data prepare ...` output: {split}.jsonl + dataset.json),
+- a records file (.jsonl canonical records, or .json in the LLaVA format),
+- "captions:<source>": one caption per image of <source>, built from its metadata (phase 1).
+The encoding itself (templates, image tokens, truncation) is the data layer's `VQADataset`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
-import torch
-from torch.utils.data import Dataset
-
 from ..config import IMAGE_TOKEN
-from ..data.templates import Turn
+from ..data.dataset import Collate, VQADataset
 from ..errors import DataError
+
+__all__ = ["Collate", "VQADataset", "field", "question_text", "load_records", "build_dataset"]
 
 
 def field(record: Any, name: str, default=None):
-    """Records may be objects (data layer's Record) or plain dicts (tests, JSONL)."""
+    """Records are the data layer's Record objects; plain dicts are accepted too (tests)."""
     if isinstance(record, dict):
         return record.get(name, default)
     return getattr(record, name, default)
 
 
 def question_text(record) -> str:
+    """The question turn as the paper prompts it: `<image>\\n{question}`."""
     q = field(record, "question") or ""
-    if field(record, "image") is not None and IMAGE_TOKEN not in q:
+    if field(record, "image") and IMAGE_TOKEN not in q:
         return f"{IMAGE_TOKEN}\n{q}"
     return q
 
 
-class EncodedDataset(Dataset):
-    """records -> {"input_ids", "labels", "pixel_values" [1,3,H,W] or None, "id"}, encoded lazily."""
+def _source_records(source: str, split: str) -> list:
+    from ..data import records as rec
 
-    def __init__(self, records: Sequence, processor, template: str = "medmoe", max_length: int = 2048):
-        self.records = list(records)
-        self.processor = processor
-        self.template = template
-        self.max_length = max_length
-        self.pad_id = processor.tokenizer.pad_token_id
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        r = self.records[i]
-        image = field(r, "image")
-        question = question_text(r) if self.template != "plain" else (IMAGE_TOKEN if image is not None else "")
-        answer = field(r, "caption") if self.template == "plain" and field(r, "caption") else field(r, "answer", "")
-        enc = self.processor.encode([Turn(question, str(answer))], template=self.template)
-        ids, labels = enc.input_ids[: self.max_length], enc.labels[: self.max_length]
-        n_image = ids.count(self.processor.image_token_id)
-        if image is not None and n_image != self.processor.num_image_tokens:
-            raise DataError(f"sample {field(r, 'id', i)}: max_length={self.max_length} cuts its image tokens; raise max_length")
-        pixels = self.processor.image_tensor(image).unsqueeze(0) if image is not None else None
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
-                "id": field(r, "id", str(i))}
+    if source == "sample":
+        return rec.load_split(rec.sample_dataset_dir(), split)
+    if os.path.isdir(source):
+        return rec.load_split(source, split)
+    if os.path.isfile(source):
+        return [r for r in rec.read_records(source, resolve_images=True) if r.split == split or split == "any"]
+    raise DataError(f"data source {source!r} not found: use 'sample', a prepared dataset folder "
+                    "(medmoe data prepare ...), a records .jsonl file, or captions:<one of those>")
 
 
 def load_records(sources: Sequence[str], split: str = "train") -> list:
-    """Records from each source: "sample" (the bundled VQA-RAD sample), a JSONL records file,
-    or a dataset name the data layer knows (vqa-rad, slake, pathvqa)."""
-    from ..data import records as rec
-
     out = []
     for source in sources:
-        if source == "sample":
-            import os
+        if source.startswith("captions:"):
+            from ..data.captions import build_captions
 
-            out.extend(rec.read_records(os.path.join(rec.sample_dataset_dir(), f"{split}.jsonl")))
-        elif source.endswith(".jsonl"):
-            out.extend(rec.read_records(source))
+            out.extend(build_captions(_source_records(source.split(":", 1)[1], split), image_root="/"))
         else:
-            loader = getattr(rec, "load_dataset", None)
-            if loader is None:
-                raise DataError(f"data source {source!r}: use 'sample' or a records .jsonl file")
-            out.extend(loader(source, split))
+            out.extend(_source_records(source, split))
     if not out:
-        raise DataError(f"data sources {list(sources)} ({split}) hold no records")
+        raise DataError(f"data sources {list(sources)} hold no {split} records")
     return out
+
+
+def build_dataset(sources: Sequence[str], processor, template: str, max_length: int, split: str = "train") -> VQADataset:
+    # A tokenisation mismatch only means the answer's first token merges differently with the
+    # prompt; the labels still cover the answer, so training keeps such samples.
+    return VQADataset(load_records(sources, split), processor, template=template, max_length=max_length,
+                      allow_mismatch=True)

@@ -21,7 +21,7 @@ from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
 from . import distributed, params
 from .checkpoint import list_checkpoints
-from .data import EncodedDataset, load_records
+from .data import Collate, build_dataset, load_records
 from .recipe import PHASES, Recipe
 from .router import ROUTER_FILE, load_router_weights, run_router_phase
 from .trainer import train
@@ -131,10 +131,10 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     groups = params.select(model, _groups(model, recipe, phase))
-    dataset = EncodedDataset(load_records(cfg.data, "train"), processor, cfg.template, cfg.max_length)
+    dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
-                    wrapped=wrapped, recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)
+                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:

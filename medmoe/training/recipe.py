@@ -93,6 +93,13 @@ class Recipe:
                 raise ConfigError(f"{name}.template={p.template!r}: use 'medmoe', 'plain' or 'chat'")
         if self.phase3.trainable not in ("experts", "official"):
             raise ConfigError(f"phase3.trainable={self.phase3.trainable!r}: use 'experts' or 'official'")
+        from ..config import MoEConfig
+
+        valid = [f.name for f in dataclasses.fields(MoEConfig)]
+        unknown = sorted(set(self.phase3.moe) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown key phase3.moe.{unknown[0]}; valid keys: {', '.join('phase3.moe.' + v for v in valid)}")
+        MoEConfig(**self.phase3.moe)  # value checks (raise ConfigError naming the field)
         if not 0 < self.router.heldout_fraction < 1:
             raise ConfigError(f"router.heldout_fraction={self.router.heldout_fraction}: must be between 0 and 1")
 
