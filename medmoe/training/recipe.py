@@ -146,7 +146,7 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"unknown recipe key {prefix}{key!r}; valid keys: {', '.join(prefix + n for n in names)}")
+            raise ConfigError(f"unknown recipe key '{prefix}{key}'; valid keys: {', '.join(prefix + n for n in names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             # A phase section starts from that phase's defaults (phase 1 differs from phase 2).
