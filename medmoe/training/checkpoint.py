@@ -72,6 +72,12 @@ def _options(**kw) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
+def trainable_parameter_names(model) -> set[str]:
+    """Names as the full state dict spells them (without DDP's `module.` prefix)."""
+    inner = getattr(model, "module", model)
+    return {n for n, p in inner.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, position: dict, recipe: dict,
                     keep_last: int = 2, is_main: bool = True) -> str | None:
     """Write a checkpoint atomically. Every rank must call it (FSDP gathers); only the main rank writes."""
@@ -123,7 +129,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     weights = load_file(os.path.join(path, "model.safetensors"))
-    expected = set(get_model_state_dict(model, options=_options(ignore_frozen_params=True)))
+    expected = trainable_parameter_names(model)
     if set(weights) != expected:
         raise CheckpointError(f"{path}: trainable parameters differ from this run's (missing "
                               f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}); "

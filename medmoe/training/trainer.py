@@ -84,6 +84,13 @@ def collate(items: Sequence[dict], pad_id: int) -> dict:
 
 # ----- optimizer and schedule ----------------------------------------------------------------------
 
+def rebind(groups: Groups, wrapped) -> Groups:
+    """The same groups, with the parameter objects of the wrapped model (FSDP2 replaces them by
+    sharded DTensor parameters of the same names)."""
+    current = dict(getattr(wrapped, "module", wrapped).named_parameters())
+    return {g: {n: current[n] for n in params} for g, params in groups.items()}
+
+
 def make_optimizer(groups: Groups, phase: PhaseRecipe) -> torch.optim.AdamW:
     unknown = set(phase.lr_groups) - set(groups)
     if unknown:
@@ -198,7 +205,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     total_steps = phase.max_steps or max(1, math.floor(per_epoch * phase.epochs / phase.grad_accum))
     total_micro = total_steps * phase.grad_accum
 
-    optimizer = make_optimizer(groups, phase)
+    optimizer = make_optimizer(rebind(groups, wrapped), phase)
     scheduler = cosine_with_warmup(optimizer, total_steps, phase.warmup_ratio, phase.min_lr_ratio)
     step = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
