@@ -1,0 +1,177 @@
+"""Text generation: greedy or sampled, with a KV cache, EOS and stop strings, batches of
+prompts of different lengths (left padding), and streaming.
+
+`generate_tokens` is the one loop; `generate` and `stream` are thin views of it.
+Greedy decoding is deterministic; sampling is reproducible from `seed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..moe import LayerRouting
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    use_cache: bool = True
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    token_ids: list[list[int]]
+    input_ids: torch.Tensor  # the padded prompts, [B, S]
+    prompt_routing: list[LayerRouting] | None = None  # routing of the prompt tokens, when asked for
+    finish_reasons: list[str] = field(default_factory=list)  # "eos", "stop" or "length"
+
+
+def eos_ids(model, processor) -> set[int]:
+    ids = set()
+    for source in (processor.tokenizer.eos_token_id, getattr(model.config.llm_config(), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(source)
+    return ids
+
+
+def pick_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], output_routing: bool = False
+                    ) -> Iterator[tuple[torch.Tensor, list[LayerRouting] | None]]:
+    """Yield the next token of every row ([B] tensor) step by step; the caller decides when to stop."""
+    device = model.device
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    pixels = batch.get("pixel_values")
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache() if cfg.use_cache else None
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=position_ids,
+                past_key_values=cache, use_cache=cfg.use_cache, output_routing=output_routing)
+    routing = out.routing
+    while True:
+        next_token = pick_next(out.logits[:, -1, :].float(), cfg, generator)
+        yield next_token, routing
+        routing = None
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        if cfg.use_cache:
+            out = model(input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
+                        past_key_values=out.past_key_values, use_cache=True)
+        else:  # recompute everything: the reference the cached path is tested against
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+            full_positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=full_positions,
+                        use_cache=False)
+
+
+def _normalise_images(questions: Sequence[str], images) -> list:
+    if images is None:
+        return [None] * len(questions)
+    return list(images)
+
+
+def run_generation(model, processor, questions: Sequence[str], images=None, cfg: SamplingConfig | None = None,
+                   output_routing: bool = False,
+                   on_text: Callable[[int, str], None] | None = None) -> GenerationOutput:
+    """Generate answers for a batch. `on_text(row, delta)` receives text as it is produced."""
+    cfg = cfg or SamplingConfig()
+    batch = processor(list(questions), _normalise_images(questions, images), padding_side="left")
+    eos = eos_ids(model, processor)
+    n = len(questions)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    texts = [""] * n
+    sent = [""] * n  # what on_text has been given so far
+    reasons = ["length"] * n
+    done = [False] * n
+    prompt_routing = None
+    if cfg.max_new_tokens <= 0:
+        return GenerationOutput(texts, tokens, batch["input_ids"], None, reasons)
+    for step, (next_token, routing) in enumerate(generate_tokens(model, batch, cfg, eos, output_routing)):
+        if routing is not None:
+            prompt_routing = routing
+        for row, token in enumerate(next_token.tolist()):
+            if done[row]:
+                continue
+            if token in eos:
+                done[row], reasons[row] = True, "eos"
+                continue
+            tokens[row].append(token)
+            text = processor.decode(tokens[row])
+            for stop in cfg.stop:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+                    done[row], reasons[row] = True, "stop"
+            texts[row] = text
+            if on_text is not None and not text.endswith("\ufffd") and len(text) > len(sent[row]):
+                on_text(row, text[len(sent[row]):])
+                sent[row] = text
+        if all(done) or step + 1 >= cfg.max_new_tokens:
+            break
+    for row in range(n):  # flush what was held back (a half-decoded character at the very end)
+        if on_text is not None and len(texts[row]) > len(sent[row]) and texts[row].startswith(sent[row]):
+            on_text(row, texts[row][len(sent[row]):])
+    return GenerationOutput([t.strip() for t in texts], tokens, batch["input_ids"], prompt_routing, reasons)
+
+
+def generate(model, processor, questions: Sequence[str], images=None, max_new_tokens: int = 64,
+             do_sample: bool = False, **kwargs) -> list[str]:
+    """Answers for a batch of questions (each with zero, one or several images)."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+    return run_generation(model, processor, questions, images, cfg).texts
+
+
+def stream(model, processor, question: str, image=None, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
+    """Yield the answer to one question piece by piece as it is produced."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, **kwargs)
+    batch = processor([question], [image], padding_side="left")
+    eos = eos_ids(model, processor)
+    tokens: list[int] = []
+    shown = ""
+    for step, (next_token, _) in enumerate(generate_tokens(model, batch, cfg, eos)):
+        token = int(next_token[0])
+        last = token in eos or step + 1 >= cfg.max_new_tokens
+        if token not in eos:
+            tokens.append(token)
+        text = processor.decode(tokens)
+        stop_at = min((text.index(s) for s in cfg.stop if s and s in text), default=None)
+        if stop_at is not None:
+            text, last = text[:stop_at], True
+        text = text.strip() if last else text.lstrip()
+        # Hold back a half-decoded multi-byte character until it is complete (or the answer ends).
+        if (last or not text.endswith("\ufffd")) and len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+        if last:
+            return
