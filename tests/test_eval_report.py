@@ -24,8 +24,8 @@ def test_reports(tmp_path):
     routing = stats.summary()
     plot_routing(routing, tmp_path / "routing.png")
     metrics = {"run": {"model": "m", "data": "d.jsonl", "split": "test", "command": "medmoe eval --model m"},
-               "vqa": vqa, "classification": {"loglik": cls}, "routing": routing,
-               "figures": {"routing": "routing.png", "confusion_loglik": "confusion_loglik.png"}}
+               "vqa": vqa, "classification": {"pneumonia": {"loglik": cls}}, "routing": routing,
+               "figures": {"routing": "routing.png", "confusion_pneumonia_loglik": "confusion_loglik.png"}}
     md, page = write_reports(metrics, tmp_path, rows)
     text = md.read_text()
     assert "medmoe eval --model m" in text and "| total | 2 | 1 |" in text

@@ -14,6 +14,9 @@ COLUMNS = ("group", "n", "open n", "open recall", "closed n", "closed acc", "clo
            "EMS", "F1 (open)", "BLEU-1", "BLEU-2", "BLEU-3")
 
 
+METHODS = {"loglik": "label log-likelihood", "generate": "free generation"}
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -103,8 +106,10 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
     cls = metrics.get("classification")
     if cls:
         blocks.append(("h", 2, "Classification"))
-        for method, m in cls.items():
-            blocks += _classification_blocks(method, m, fig(f"confusion_{method}"))
+        for dataset, methods in cls.items():
+            for method, m in methods.items():
+                blocks += _classification_blocks(f"{dataset}: {METHODS.get(method, method)}", m,
+                                                 fig(f"confusion_{dataset}_{method}"))
     routing = metrics.get("routing")
     blocks.append(("h", 2, "Routing"))
     if routing and routing.get("layers"):

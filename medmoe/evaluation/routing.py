@@ -19,6 +19,25 @@ from ..config import MODALITIES
 KINDS = ("image", "text")
 
 
+def sample_counts(routing, input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int | None) -> list[dict]:
+    """Per sample: {"image": [layers][experts] token counts, "text": same, "image_top1": [experts]
+    top-1 choices on image tokens summed over layers}. Plain lists, so they can be stored as JSON."""
+    num_experts = routing[0].probs.shape[-1]
+    valid = valid.bool().cpu()
+    is_image = (input_ids.cpu() == image_token_id) if image_token_id is not None else torch.zeros_like(valid)
+    choice = torch.stack([r.expert_index.cpu() for r in routing], dim=2)  # [B, S, layers, k]
+    out = []
+    for b in range(choice.shape[0]):
+        counts = {}
+        for kind, mask in (("image", valid[b] & is_image[b]), ("text", valid[b] & ~is_image[b])):
+            picked = choice[b][mask]  # [tokens, layers, k]
+            counts[kind] = torch.nn.functional.one_hot(picked, num_experts).sum(dim=(0, 2)).tolist()
+            if kind == "image":
+                counts["image_top1"] = torch.bincount(picked[..., 0].flatten(), minlength=num_experts).tolist()
+        out.append(counts)
+    return out
+
+
 class RoutingStats:
     def __init__(self, modalities: Sequence[str] = MODALITIES):
         self.modalities = tuple(modalities)
@@ -30,28 +49,21 @@ class RoutingStats:
     def add(self, routing, input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int | None,
             modalities: Sequence[str]) -> None:
         """routing: list of LayerRouting (expert_index [B,S,k]); valid [B,S] True on real tokens."""
-        if not routing:
-            return
-        if not self.layers:
-            self.layers = [r.layer for r in routing]
-            self.num_experts = routing[0].probs.shape[-1]
-        valid = valid.bool().cpu()
-        is_image = (input_ids.cpu() == image_token_id) if image_token_id is not None else torch.zeros_like(valid)
-        masks = {"image": valid & is_image, "text": valid & ~is_image}
-        # [B, S, layers, k] expert choices
-        choice = torch.stack([r.expert_index.cpu() for r in routing], dim=2)
-        for b, modality in enumerate(modalities):
-            votes: Counter = Counter()
-            for kind, mask in masks.items():
-                picked = choice[b][mask[b]]  # [tokens, layers, k]
-                if picked.numel() == 0:
-                    continue
-                one_hot = torch.nn.functional.one_hot(picked, self.num_experts).sum(dim=(0, 2))  # [layers, E]
+        if routing:
+            self.layers = self.layers or [r.layer for r in routing]
+            for modality, counts in zip(modalities, sample_counts(routing, input_ids, valid, image_token_id)):
+                self.add_sample(modality, counts)
+
+    def add_sample(self, modality: str, counts: dict) -> None:
+        """counts: one entry of `sample_counts` (also how evaluation stores routing per item)."""
+        self.num_experts = self.num_experts or len(counts["image_top1"])
+        for kind in KINDS:
+            c = torch.tensor(counts[kind], dtype=torch.long)
+            if c.sum() > 0:
                 key = (kind, modality)
-                self.counts[key] = self.counts.get(key, 0) + one_hot
-                if kind == "image":
-                    votes.update(picked[..., 0].flatten().tolist())  # top-1 choice, every layer
-            self.samples.append((modality, int(masks["image"][b].sum()), votes))
+                self.counts[key] = self.counts.get(key, 0) + c
+        votes = Counter({j: v for j, v in enumerate(counts["image_top1"]) if v})
+        self.samples.append((modality, sum(counts["image_top1"]), votes))
 
     def router_accuracy(self) -> dict:
         """Top-1 expert on image tokens vs the true modality, per token and per sample (majority
@@ -103,8 +115,9 @@ def plot_routing(summary: dict, path) -> bool:
         return False
     kinds = [k for k in KINDS if k in shares]
     layers, names = summary["layers"], summary["expert_names"]
-    fig, axes = plt.subplots(len(kinds), len(modalities), squeeze=False,
-                             figsize=(1.2 + 2.4 * len(modalities), 0.9 + 0.28 * len(layers) * len(kinds) + 1.2))
+    row_height = 0.7 + max(1.2, 0.22 * len(layers))
+    fig, axes = plt.subplots(len(kinds), len(modalities), squeeze=False, layout="constrained",
+                             figsize=(1.5 + 2.4 * len(modalities), 1.4 + row_height * len(kinds)))
     image = None
     for r, kind in enumerate(kinds):
         for c, modality in enumerate(modalities):
@@ -115,13 +128,14 @@ def plot_routing(summary: dict, path) -> bool:
                 continue
             image = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
             ax.set_title(f"{modality}: {kind} tokens", fontsize=9)
-            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(range(len(names)), names if r == len(kinds) - 1 else [], rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
             if c == 0:
                 ax.set_ylabel("MoE layer")
     if image is not None:
         fig.colorbar(image, ax=axes, fraction=0.025, label="% of tokens routed to expert")
-    fig.suptitle("Top-k expert choice per MoE layer (expert j is trained for modality j)", fontsize=10)
+    fig.supxlabel("domain expert (j: the modality it is trained for)", fontsize=9)
+    fig.suptitle("Domain expert chosen per MoE layer, by image modality and token kind", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
