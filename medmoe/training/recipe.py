@@ -42,7 +42,7 @@ class PhaseRecipe:
     grad_checkpointing: bool = False
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     log_every: int = 10
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)
     keep_last: int = 2
     num_workers: int = 0
 

@@ -260,7 +260,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
-        if (phase.save_every and step % phase.save_every == 0) or step == total_steps:
+        if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
             position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch}
             save_checkpoint(run_dir, step, wrapped, optimizer, scheduler, position, recipe or {},
                             keep_last=phase.keep_last, is_main=dist.is_main)
