@@ -1,5 +1,5 @@
-"""Several processes through torchrun: DDP with two CPU processes (gloo). Both ranks end with the
-same weights, rank 0 writes the checkpoint, and the result equals... a run that saw the same data."""
+"""Several processes through torchrun, two CPU processes (gloo): DDP (both ranks end with the same
+weights, only rank 0 logs and writes checkpoints) and FSDP2 (sharded training, full checkpoints)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     # Full tensors: gathered on every rank (cpu_offload would leave the other ranks empty).
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
-    if True:
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(run_dir, f"rank{dist.rank}.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(run_dir, f"rank{dist.rank}.safetensors"))
     print("world", dist.world, "rank", dist.rank)
     distributed.cleanup(dist)
 """)
