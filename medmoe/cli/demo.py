@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="medmoe-demo", help="output folder (a previous demo there is replaced)")
     p.add_argument("--tiny", action="store_true", help="use the tiny random model even when real weights are installed")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps per phase (default: 12 nano, 30 tiny)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per phase (default: 6 nano, 30 tiny)")
     p.add_argument("--question", default="What imaging modality is this?", help="the question asked at the end")
     p.set_defaults(func=run)
 
@@ -42,9 +42,9 @@ def choose_model(force_tiny: bool) -> tuple[str, str]:
 def demo_overrides(model: str, out: str, steps: int) -> list[str]:
     """The bundled recipe, cut down: sample data, a few steps per phase, no checkpoints."""
     tiny = model == "tiny"
-    steps = steps or (30 if tiny else 12)
+    steps = steps or (30 if tiny else 6)
     lr_qa = 1e-3 if tiny else 1e-4  # higher than the paper's 2e-5 so a few steps show the loss falling
-    common = ["max_steps=%d" % steps, "batch_size=4", "save_every=-1", "log_every=1", "warmup_ratio=0.1",
+    common = ["max_steps=%d" % steps, f"batch_size={4 if tiny else 2}", "save_every=-1", "log_every=1", "warmup_ratio=0.1",
               f"max_length={512 if tiny else 256}"]
     over = [f"output_dir={out}", f"model={model}", "router.data=[\"sample\"]", "router.epochs=100",
             "router.max_length=256", "phase1.data=[\"captions:sample\"]", "phase2.data=[\"sample\"]",
