@@ -156,3 +156,26 @@ def test_gradient_accumulation_matches_a_big_batch(tiny, tmp_path):
                                                    warmup_ratio=0, grad_clip=0), str(tmp_path / f"{bs}"), seed=0)
         results.append(model.projector[0].weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    from medmoe.model.pretrained import build_model
+
+    def active(model):
+        llm = model.language_model
+        return getattr(llm, "is_activation_checkpointing", None) or llm.is_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        model, processor = build_model("tiny", seed=0)
+        groups = params.select(model, params.phase2_groups(model))
+        seen = []
+        with one_thread():
+            train(model, samples(processor, 4), groups, PhaseRecipe(lr=1e-2, max_steps=2, batch_size=4, warmup_ratio=0,
+                                                                    grad_checkpointing=checkpointing),
+                  str(tmp_path / str(checkpointing)), seed=0, on_step=lambda step: seen.append(active(model)))
+        assert seen == [checkpointing] * 2
+        assert not active(model)  # switched off again after the phase
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
