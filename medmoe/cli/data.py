@@ -21,10 +21,15 @@ def register(subparsers) -> None:
     p.add_argument("--src", required=True, help="the dataset as its authors ship it (folder or file)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--lang", default="en", choices=("en", "zh", "all"), help="SLAKE question language (default en)")
-    p.add_argument("--split", help="llava: split name (default: the file name)")
+    p.add_argument("--split", help="llava: split name (default: each sample's 'split' key, else the file name)")
+    p.add_argument("--image-root", help="folder the image paths are relative to (llava default: the JSON's folder)")
     p.add_argument("--labels", help="medmnist: comma-separated label names for an unknown npz")
     p.add_argument("--check-images", action="store_true", help="open every image once (slow on large sets)")
     p.add_argument("--no-size-check", action="store_true", help="skip the published split-size checks")
+    p.add_argument("--plot", action="store_true", help="also draw DIR/counts.png (QA per split, answer type, modality)")
+    p.add_argument("--holdout", type=float, help="move this fraction of the train images (with their questions) "
+                   "to a 'heldout' split, e.g. 0.1 for PathVQA, whose test split is not public here")
+    p.add_argument("--seed", type=int, default=0, help="seed of --holdout")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run_prepare)
 
@@ -41,11 +46,16 @@ def register(subparsers) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..data.prepare import prepare
+    from pathlib import Path
+
+    from ..data.prepare import plot_summary, prepare
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     info = prepare(args.name, args.src, args.out, lang=args.lang, split=args.split, labels=labels,
-                   check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json)
+                   check_sizes=not args.no_size_check, verify_images=args.check_images, progress=not args.json,
+                   images=args.image_root, holdout=args.holdout, seed=args.seed)
+    if args.plot:
+        plot_summary(info, Path(args.out) / "counts.png")
     if args.json:
         print(json.dumps({k: info[k] for k in ("name", "image_root", "language", "splits", "checks")}))
         return 0

@@ -1,13 +1,14 @@
 """Phase-1 (alignment) captions built from what the datasets know.
 
 The paper aligns the projector on LLaVA-Med's 500K PubMed image-caption pairs, which are not
-available here. Instead each training image gets one short caption from its metadata: modality,
-organ or body region (VQA-RAD `image_organ`, SLAKE `location`), the labelled structures of SLAKE's
-`detection.json`, and MedMNIST class names. These captions are far
+available here. Instead each training image gets one short caption from what its dataset knows:
+modality, organ or body region (VQA-RAD `image_organ`, SLAKE `location`, PathVQA's answers to
+"where is this?"), the labelled structures of SLAKE's `detection.json`, PathVQA's answers to
+"what does this image show?", and MedMNIST class names. These captions are far
 fewer, shorter and more repetitive than the paper's; results must say so.
 
     {"id": "caption-slake-xmlab0", "image": "imgs/xmlab0/source.jpg", "question": "",
-     "answer": "CT scan of the abdomen showing the liver (left), the spleen (right) ...", ...}
+     "answer": "This is a CT scan of the abdomen showing liver, spleen and left kidney.", ...}
 
 With the plain template a caption record trains `<image>{caption}\\n`, loss on the caption.
 """
@@ -16,12 +17,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Sequence
 
 from .records import UNKNOWN, Record
 
 MODALITY_NAMES = {"CT": "CT scan", "MRI": "MRI scan", "X-Ray": "X-ray", "Pathology": "pathology image", UNKNOWN: "medical image"}
+VOWEL_SOUND = re.compile(r"^(?:[aeiou]|mri?\b|x-ray)", re.I)  # "an MRI", "an X-ray", "a CT"
+# Question forms whose answers describe the image (PathVQA) or where it is from.
+SHOWS_QUESTIONS = re.compile(r"^what does this image show\??$", re.I)
+WHERE_QUESTIONS = re.compile(r"^(where is this|where is this from|where does this belong to|where is this area in the body)\??$", re.I)
 ORGAN_NAMES = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen", "Brain_Tissue": "brain", "Brain_Face": "head and face",
                "Chest_lung": "chest", "Chest_mediastinal": "mediastinum", "Pelvic Cavity": "pelvic cavity"}
 PATTERNS = (
@@ -46,7 +52,7 @@ def detected_structures(detection_json: Path) -> list[str]:
     out = []
     for entry in boxes:
         for name in entry:
-            phrase = f"the {name.strip().lower()}"
+            phrase = name.strip().lower()
             if phrase not in out:
                 out.append(phrase)
     return out
@@ -56,38 +62,63 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def caption(record: Record, structures: Sequence[str] = (), rng: random.Random | None = None) -> str:
+def article(noun: str) -> str:
+    return "an" if VOWEL_SOUND.match(noun) else "a"
+
+
+def caption(record: Record, structures: Sequence[str] = (), rng: random.Random | None = None,
+            findings: Sequence[str] = (), organ: str | None = None) -> str:
+    """One sentence from the facts of an image (its first record's modality and meta)."""
     rng = rng or random.Random(0)
     what = MODALITY_NAMES.get(record.modality, "medical image")
     kind = record.meta.get("kind")
-    if record.modality == UNKNOWN and kind:
+    if kind:  # MedMNIST: "chest X-ray", "abdominal CT slice (coronal)"
         what = kind
     shows = ""
     if structures:
         shows = " showing " + _join(list(structures))
+    elif findings:
+        shows = " showing " + _join(list(findings))
     elif record.meta.get("label_name"):  # MedMNIST class
         shows = f" classified as {record.meta['label_name']}"
-    text = rng.choice(PATTERNS).format(what=what, What=what[0].upper() + what[1:], organ=organ_phrase(record.meta.get("organ", "")),
-                                       shows=shows, n="n" if what[0] in "aeiouAEIOU" else "")
+    organ = organ if organ is not None else record.meta.get("organ", "")
+    text = rng.choice(PATTERNS).format(what=what, What=what[0].upper() + what[1:], organ=organ_phrase(organ), shows=shows,
+                                       n="n" if article(what) == "an" else "")
     return text[0].upper() + text[1:]
 
 
-def build_captions(records: Sequence[Record], image_root: Path | str | None = None, seed: int = 0) -> list[Record]:
-    """One caption record per distinct image (first record of each image supplies the facts).
-    image_root locates SLAKE's detection.json files next to the images."""
-    rng = random.Random(seed)
-    seen: dict[str, Record] = {}
+def qa_facts(records: Sequence[Record]) -> tuple[list[str], str | None]:
+    """(findings, organ) stated by an image's QA: "what does this image show?" -> finding,
+    "where is this?" -> organ or organ system. Used for PathVQA, whose images have no metadata."""
+    findings, organ = [], None
     for r in records:
-        if r.image and r.image not in seen:
-            seen[r.image] = r
-    out = []
-    for image, r in seen.items():
-        structures: list[str] = []
-        if r.dataset == "slake" and image_root is not None:
-            structures = detected_structures((Path(image_root) / image).parent / "detection.json")
-        stem = Path(image).parent.name if r.dataset == "slake" else Path(image).stem
-        out.append(Record(id=f"caption-{r.dataset}-{stem}", image=image, question="", answer=caption(r, structures, rng),
-                          answer_type="OPEN", modality=r.modality, dataset=f"{r.dataset}-captions", split="captions",
-                          language="en", meta={k: v for k, v in r.meta.items() if k in ("organ", "label_name", "kind")}))
-    return out
+        if r.answer_type != "OPEN":
+            continue
+        if SHOWS_QUESTIONS.match(r.question.strip()) and r.answer not in findings and len(findings) < 2:
+            findings.append(r.answer)
+        elif organ is None and WHERE_QUESTIONS.match(r.question.strip()):
+            organ = r.answer
+    return findings, organ
 
+
+def build_captions(records: Sequence[Record], image_root: Path | str | None = None, seed: int = 0) -> list[Record]:
+    """One caption record per distinct image. image_root locates SLAKE's detection.json files
+    next to the images. Pass training records only, so no test image is seen in alignment."""
+    rng = random.Random(seed)
+    by_image: dict[str, list[Record]] = {}
+    for r in records:
+        if r.image:
+            by_image.setdefault(r.image, []).append(r)
+    out = []
+    for image, group in by_image.items():
+        first = group[0]
+        structures: list[str] = []
+        if first.dataset == "slake" and image_root is not None:
+            structures = detected_structures((Path(image_root) / image).parent / "detection.json")
+        findings, organ = qa_facts(group) if first.dataset == "pathvqa" else ([], None)
+        stem = Path(image).parent.name if first.dataset == "slake" else Path(image).stem
+        text = caption(first, structures, rng, findings=findings, organ=organ)
+        out.append(Record(id=f"caption-{first.dataset}-{stem}", image=image, question="", answer=text, answer_type="OPEN",
+                          modality=first.modality, dataset=f"{first.dataset}-captions", split="captions", language="en",
+                          meta={k: v for k, v in first.meta.items() if k in ("organ", "label_name", "kind")}))
+    return out

@@ -230,6 +230,8 @@ class MixtureDataset(Dataset):
                 picks += seeded_permutation(n, self.seed + 7919 * d, epoch * 1000 + round_)
                 round_ += 1
             self.index += [(d, i) for i in picks[:count]]
+        # Interleave the datasets, so even an unshuffled loader sees the mixture.
+        self.index = [self.index[i] for i in seeded_permutation(len(self.index), self.seed, epoch)]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -197,12 +197,13 @@ def medmnist_question(kind: str, labels: list[str], multi_label: bool) -> str:
     return f"Which class does this {kind} belong to? Options: {options}."
 
 
-def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict[str, list[Record]]:
+def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None, progress: bool = False) -> dict[str, list[Record]]:
     """A MedMNIST v2 2D npz file -> classification records whose question offers the label names.
 
     Images are written as PNGs under out_dir/images/{split}/ when out_dir is given (the image
     path in each record is relative to out_dir)."""
     from PIL import Image
+    from tqdm import tqdm
 
     npz = Path(npz)
     if npz.is_dir():
@@ -229,7 +230,7 @@ def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
             raise DataError(f"{npz}: {key}_images has shape {images.shape}; only 2D MedMNIST (N,H,W[,C]) is supported")
         records = []
-        for i in range(len(images)):
+        for i in tqdm(range(len(images)), desc=f"{name} {split}", disable=not (progress and out_dir is not None)):
             target = np.asarray(targets[i]).reshape(-1)
             if multi_label:
                 found = [labels[j] for j in np.flatnonzero(target)]
@@ -255,10 +256,12 @@ def prepare_medmnist(npz, out_dir=None, labels: list[str] | None = None) -> dict
 # ---- LLaVA ------------------------------------------------------------------------------------
 
 def prepare_llava(json_path, split: str | None = None) -> dict[str, list[Record]]:
-    """A LLaVA conversation JSON, as is (one split, named after the file unless given)."""
+    """A LLaVA conversation JSON, as is. Split: `split` when given, else each sample's own
+    "split" key, else the file name."""
     records = read_llava(json_path, split=split)
     splits: dict[str, list[Record]] = defaultdict(list)
     for r in records:
+        r.split = split or r.split
         splits[r.split].append(r)
     return dict(splits)
 
@@ -310,9 +313,40 @@ def check_images(splits: dict[str, list[Record]], root: Path, progress: bool = T
         load_image(root / image)
 
 
+def hold_out(splits: dict[str, list[Record]], fraction: float, seed: int = 0, source: str = "train",
+             name: str = "heldout") -> dict[str, list[Record]]:
+    """Move a seeded `fraction` of the `source` split's images (with all their questions) to `name`.
+
+    Split by image, never by question, so no held-out image is seen in training. Stable: an image's
+    side depends only on its path and the seed, not on the order or size of the file."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--holdout {fraction}: use a fraction between 0 and 1, e.g. 0.1")
+    if source not in splits:
+        raise DataError(f"no '{source}' split to hold out from; splits are {sorted(splits)}")
+    import hashlib
+
+    def held(image: str) -> bool:
+        digest = hashlib.sha256(f"{seed}:{image}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+    kept, moved = [], []
+    for record in splits[source]:
+        (moved if held(record.image) else kept).append(record)
+    for record in moved:
+        record.split = name
+    return {**splits, source: kept, name: moved}
+
+
 def prepare(name: str, src, out, lang: str = "en", split: str | None = None, labels: list[str] | None = None,
-            check_sizes: bool = True, verify_images: bool = False, progress: bool = True) -> dict:
-    """Prepare one source into `out`: {split}.jsonl + dataset.json. Returns the summary."""
+            check_sizes: bool = True, verify_images: bool = False, progress: bool = True, images=None,
+            holdout: float | None = None, seed: int = 0) -> dict:
+    """Prepare one source into `out`: {split}.jsonl + dataset.json. Returns the summary.
+
+    holdout: move that fraction of the training images (and their questions) into a `heldout`
+    split, for datasets without a public test split here (PathVQA).
+
+    images: the folder the image paths are relative to, when not the default (LLaVA's
+    --image_folder; default: the JSON file's folder)."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not src.exists():
         raise DataError(f"{src}: not found; pass --src the folder (or file) the dataset was shipped as")
@@ -324,11 +358,17 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
     elif name == "pathvqa":
         splits, root = prepare_pathvqa(src), src if src.is_dir() else src.parent
     elif name == "medmnist":
-        splits, root = prepare_medmnist(src, out_dir=out, labels=labels), out
+        splits, root = prepare_medmnist(src, out_dir=out, labels=labels, progress=progress), out
     elif name == "llava":
         splits, root = prepare_llava(src, split), src.parent
     else:
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(SOURCES)}")
+    if images is not None:
+        root = Path(images).expanduser().resolve()
+        if not root.is_dir():
+            raise DataError(f"{root}: image folder not found")
+    if holdout:
+        splits = hold_out(splits, holdout, seed)
     if verify_images:
         check_images(splits, root, progress)
     summary = summarise(splits)
@@ -337,7 +377,7 @@ def prepare(name: str, src, out, lang: str = "en", split: str | None = None, lab
         write_records(out / f"{split_name}.jsonl", records)
     info = {"name": name, "source": str(src), "image_root": "." if root == out else str(root),
             "language": lang if name == "slake" else "en", "modalities": list(MODALITIES),
-            "splits": summary, "checks": checks}
+            "splits": summary, "checks": checks, "holdout": {"fraction": holdout, "seed": seed} if holdout else None}
     atomic_write_text(out / DATASET_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
 
@@ -350,3 +390,26 @@ def _load_json(path: Path):
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def plot_summary(info: dict, path) -> None:
+    """Bar charts of QA per split by answer type and by modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = info["splits"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, kinds in ((axes[0], "answer_type", ("CLOSED", "OPEN")), (axes[1], "modality", (*MODALITIES, UNKNOWN))):
+        bottom = [0] * len(splits)
+        for kind in kinds:
+            values = [s[key].get(kind, 0) for s in splits.values()]
+            if any(values):
+                ax.bar(list(splits), values, bottom=bottom, label=kind, color="0.75" if kind == UNKNOWN else None)
+                bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(f"{info['name']}: QA by {key.replace('_', ' ')}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -54,8 +54,7 @@ class Record:
         self.question = str(self.question)
         self.answer = str(self.answer)
         self.answer_type = normalise_answer_type(self.answer_type, self.answer)
-        if self.modality not in MODALITIES:
-            self.modality = UNKNOWN
+        self.modality = normalise_modality(self.modality)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -72,6 +71,15 @@ class Record:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known.setdefault("image", None)
         return cls(**known)
+
+
+def normalise_modality(value) -> str:
+    """"x-ray", "XRAY", "ct" -> the router's spelling; anything else -> unknown."""
+    key = str(value or "").strip().lower().replace("-", "").replace(" ", "")
+    return _MODALITY_KEYS.get(key, UNKNOWN)
+
+
+_MODALITY_KEYS = {m.lower().replace("-", ""): m for m in MODALITIES}
 
 
 def normalise_answer_type(value, answer: str = "") -> str:
@@ -163,6 +171,10 @@ def to_llava(record: Record) -> dict:
     # Extra keys are ignored by LLaVA's loader and keep the round trip lossless.
     out.update(answer_type=record.answer_type, modality=record.modality, dataset=record.dataset,
                split=record.split, language=record.language)
+    if record.choices:
+        out["choices"] = record.choices
+    if record.meta:
+        out["meta"] = record.meta
     return out
 
 
@@ -186,7 +198,7 @@ def from_llava(d: dict, where: str = "", split: str = "train", dataset: str = "l
     return Record(id=str(d.get("id", where)), image=image, question=pairs[0][0], answer=pairs[0][1],
                   answer_type=d.get("answer_type", ""), modality=d.get("modality", UNKNOWN),
                   dataset=d.get("dataset", dataset), split=d.get("split", split), language=d.get("language", "en"),
-                  turns=pairs[1:])
+                  choices=d.get("choices"), turns=pairs[1:], meta=d.get("meta") or {})
 
 
 def read_llava(path, split: str | None = None) -> list[Record]:
