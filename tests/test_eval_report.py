@@ -36,3 +36,29 @@ def test_reports(tmp_path):
     assert h.count("data:image/png;base64,") == 2
     assert not re.search(r'src="(?!data:)', h)  # nothing fetched from elsewhere
     assert "&lt;" not in text and "not sure" in h
+
+
+def test_results_row():
+    from medmoe.evaluation.report import results_row
+
+    agg = lambda r, a, s: {"open": {"recall": r}, "closed": {"accuracy": a, "accuracy_strict": s}}
+    runs = [{"run": {"command": "medmoe eval --data a"}, "vqa": {"by": {"dataset": {"vqa-rad": agg(50, 80, 70)}}}},
+            {"run": {"command": "medmoe eval --data b"}, "vqa": {"by": {"dataset": {"slake": agg(75.123, 81, 79.5)}}}}]
+    row = results_row("nano", "0.2B", runs)
+    assert row == ("| nano | 0.2B | 50.00 | 80.00 / 70.00 | 75.12 | 81.00 / 79.50 |  |  | "
+                   "`medmoe eval --data a`<br>`medmoe eval --data b` |")
+
+
+def test_score_report(tmp_path):
+    import json
+
+    from medmoe.cli import main
+
+    gt = tmp_path / "gt.jsonl"
+    gt.write_text(json.dumps({"id": "1", "question": "q?", "answer": "yes", "answer_type": "CLOSED"}) + "\n")
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(json.dumps({"question_id": "1", "text": "eyes"}) + "\n")
+    assert main(["score", "--pred", str(pred), "--gt", str(gt), "--report", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| total | 1 | 0 | - | 1 | 100.00 | 0.00 |" in text and "Routing" not in text
+    assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "metrics.json").exists()

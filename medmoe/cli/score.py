@@ -13,6 +13,7 @@ def register(subparsers) -> None:
     p.add_argument("--only-predicted", action="store_true",
                    help="score only items that have a prediction (default: a missing prediction counts as wrong)")
     p.add_argument("--out", help="also write the metrics JSON here")
+    p.add_argument("--report", metavar="DIR", help="also write metrics.json, report.md and report.html to DIR")
     p.set_defaults(func=run)
 
 
@@ -20,13 +21,20 @@ def run(args) -> int:
     import json
     import sys
 
+    from ..evaluation.io import write_json
     from ..evaluation.report import score_text
     from ..evaluation.scoring import score_files
-    from ..evaluation.io import write_json
 
-    metrics, _ = score_files(args.pred, args.gt, only_predicted=args.only_predicted)
+    metrics, rows = score_files(args.pred, args.gt, only_predicted=args.only_predicted)
     if args.out:
         write_json(args.out, metrics)
+    if args.report:
+        from pathlib import Path
+
+        from ..evaluation.report import write_reports
+
+        write_json(Path(args.report) / "metrics.json", {"vqa": metrics, "files": metrics["files"]})
+        write_reports({"vqa": metrics, "files": metrics["files"]}, args.report, rows)
     print(json.dumps(metrics, indent=2) if args.json else score_text(metrics))
     if metrics["counts"]["missing"] or metrics["counts"]["extra"]:
         c = metrics["counts"]

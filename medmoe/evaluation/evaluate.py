@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -199,13 +200,16 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
     return rows
 
 
-def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path) -> dict[str, dict]:
+def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path
+                 ) -> tuple[dict[str, dict], dict]:
+    """All rows by id (old and new) and the speed of this call's generation."""
     from tqdm import tqdm
 
     done = read_done(pred_path)
     todo = [i for i in items if i.gt.id not in done]
     if done:
         print(f"medmoe eval: resuming, {len(items) - len(todo)} of {len(items)} items already in {pred_path}", flush=True)
+    start_time = time.perf_counter()
     with tqdm(total=len(todo), desc="eval", unit="q") as bar:
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]
@@ -213,7 +217,9 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
             append_jsonl(pred_path, rows)
             done.update((r["id"], r) for r in rows)
             bar.update(len(batch))
-    return done
+    seconds = time.perf_counter() - start_time
+    return done, {"generated": len(todo), "seconds": round(seconds, 2),
+                  "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
 
 
 # ----- scoring the rows --------------------------------------------------------------------
@@ -267,7 +273,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     check_same_run(out, settings)
     if model is None:
         model, processor = load_model(settings.model, settings.device, settings.dtype)
-    rows = generate_all(model, processor, items, settings, out / "predictions.jsonl")
+    rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")
 
     vqa_items = [i for i in items if not i.choices]
     predictions = {i.gt.id: rows[i.gt.id]["prediction"] for i in vqa_items}
@@ -278,7 +284,8 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     metrics = {
         "run": {"model": settings.model, "data": str(data_file), "split": settings.split, "items": len(items),
                 "max_new_tokens": settings.max_new_tokens, "decoding": "greedy", "batch_size": settings.batch_size,
-                "medmoe": __version__, "command": settings.command()},
+                "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                "this_call": speed, "medmoe": __version__, "command": settings.command()},
         "vqa": vqa, "classification": classification or None, "routing": routing,
         "figures": {**figures, **routing_fig},
     }

@@ -91,10 +91,13 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
     run = metrics.get("run", {})
     figures = metrics.get("figures", {})
     fig = lambda key: str(Path(figure_dir, figures[key])) if key in figures and figure_dir else figures.get(key)
-    blocks: list = [("h", 1, f"Evaluation: {run.get('model', '')} on {run.get('data', '')}")]
+    title = f"Evaluation: {run['model']} on {run['data']}" if run else "Evaluation: " + " vs ".join(
+        metrics.get("files", {}).values())
+    blocks: list = [("h", 1, title)]
     if run.get("command"):
         blocks += [("p", "Produced by:"), ("code", run["command"])]
-    facts = [f"{k}: {v}" for k, v in run.items() if k not in ("command", "model", "data")]
+    show = lambda v: ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else v
+    facts = [f"{k}: {show(v)}" for k, v in run.items() if k not in ("command", "model", "data")]
     if facts:
         blocks.append(("p", "; ".join(facts)))
     vqa = metrics.get("vqa")
@@ -110,8 +113,15 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
             for method, m in methods.items():
                 blocks += _classification_blocks(f"{dataset}: {METHODS.get(method, method)}", m,
                                                  fig(f"confusion_{dataset}_{method}"))
-    routing = metrics.get("routing")
-    blocks.append(("h", 2, "Routing"))
+    if "routing" in metrics:
+        blocks += _routing_blocks(metrics["routing"], fig("routing") if "routing" in figures else None)
+    if rows:
+        blocks += _examples(rows)
+    return blocks
+
+
+def _routing_blocks(routing: dict | None, figure: str | None) -> list:
+    blocks: list = [("h", 2, "Routing")]
     if routing and routing.get("layers"):
         acc = routing["router_accuracy"]
         if acc["samples"]:
@@ -121,12 +131,10 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
                                 f"{acc['token_accuracy']:.2f}% of image tokens; per modality: {per}"))
         else:
             blocks.append(("p", "No sample had a modality the router knows; router accuracy not measured."))
-        if "routing" in figures:
-            blocks.append(("img", fig("routing"), "expert choice per MoE layer, per modality, image vs text tokens"))
+        if figure:
+            blocks.append(("img", figure, "expert choice per MoE layer, per modality, image vs text tokens"))
     else:
-        blocks.append(("p", "Dense model (no MoE layers): no routing to analyse."))
-    if rows:
-        blocks += _examples(rows)
+        blocks.append(("p", "No routing analysis: a dense model (no MoE layers), or run with --no-routing."))
     return blocks
 
 
@@ -193,3 +201,20 @@ def write_reports(metrics: dict, out_dir, rows: list[dict] | None = None) -> tup
     write_text(md, to_markdown(blocks))
     write_text(page, to_html(blocks))
     return md, page
+
+
+# ----- a row for docs/RESULTS.md ------------------------------------------------------------
+RESULTS_DATASETS = ("vqa-rad", "slake", "pathvqa")
+
+
+def results_row(label: str, activated: str, runs: list[dict]) -> str:
+    """One Markdown row of docs/RESULTS.md's "Our runs" table from eval metrics (one per dataset
+    or one covering several): open recall, closed accuracy substring / strict, and the commands."""
+    cells = {}
+    for m in runs:
+        for name, agg in ((m.get("vqa") or {}).get("by", {}).get("dataset", {})).items():
+            o, c = agg.get("open") or {}, agg.get("closed") or {}
+            cells[name] = [_pct(o.get("recall")), f"{_pct(c.get('accuracy'))} / {_pct(c.get('accuracy_strict'))}"]
+    values = [v for d in RESULTS_DATASETS for v in cells.get(d, ["", ""])]
+    commands = "<br>".join(f"`{m['run']['command']}`" for m in runs if m.get("run", {}).get("command"))
+    return "| " + " | ".join([label, activated, *values, commands]) + " |"
