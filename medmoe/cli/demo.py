@@ -17,7 +17,7 @@ MARKER = "demo.json"
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build, train (all phases, briefly), evaluate and query a small Med-MoE",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="medmoe-demo", help="output folder (a previous demo there is replaced)")
+    p.add_argument("--out", default="runs/demo", help="output folder (a previous demo there is replaced)")
     p.add_argument("--tiny", action="store_true", help="use the tiny random model even when real weights are installed")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per phase (default: 6 nano, 30 tiny)")
     p.add_argument("--question", default="What imaging modality is this?", help="the question asked at the end")
