@@ -1,0 +1,44 @@
+"""`medmoe eval`: batched greedy answers for a prepared split, metrics, routing and a report."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on a prepared split (resumable)",
+                              description="Generate answers greedily for every question of a split, score them "
+                                          "(docs/evaluation.md), analyse expert routing and write predictions.jsonl, "
+                                          "metrics.json, report.md and report.html to --out. Rerunning with the same "
+                                          "--out resumes where it stopped.")
+    p.add_argument("--model", required=True, help="model folder (save_pretrained output)")
+    p.add_argument("--data", required=True, help="records file (JSONL / LLaVA json) or prepared dataset folder")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (quick checks)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-routing", dest="routing", action="store_false", help="skip the routing analysis")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import ConfigError
+    from ..evaluation.evaluate import DEFAULT_MAX_NEW_TOKENS, EvalSettings, evaluate
+    from ..evaluation.report import score_text
+
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+    settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                            limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing)
+    metrics = evaluate(settings)
+    if metrics["vqa"]:
+        print(score_text(metrics["vqa"]))
+    for dataset, methods in (metrics["classification"] or {}).items():
+        print(f"{dataset}: " + ", ".join(f"{m} accuracy {r['accuracy']:.2f}%" for m, r in methods.items()))
+    acc = (metrics["routing"] or {}).get("router_accuracy") or {}
+    if acc.get("samples"):
+        print(f"router modality accuracy: {acc['sample_accuracy']:.2f}% of {acc['samples']} samples")
+    print(f"report: {args.out}/report.html")
+    return 0

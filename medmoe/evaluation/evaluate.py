@@ -1,0 +1,294 @@
+"""`medmoe eval`: generate answers for a prepared split, score them, analyse routing, report.
+
+Everything lands in one output folder:
+    predictions.jsonl   one line per question, keyed by id, appended (and fsynced) batch by batch;
+                        a rerun with the same --out skips ids already there (resume)
+    run.json            what was evaluated (a rerun with other settings refuses to mix results)
+    metrics.json        VQA metrics (total and breakdowns), classification, routing
+    report.md / report.html, routing.png, confusion_*.png
+
+VQA items are scored with `metrics.py`. Items with `choices` (classification) are scored twice:
+label log-likelihood and free generation. Routing is read from the prompt's forward pass of the
+same generation call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from .io import append_jsonl, write_json, write_text
+from .scoring import GroundTruth, parse_ground_truth, read_json_objects, score_predictions
+
+DEFAULT_MAX_NEW_TOKENS = 64  # VQA answers are a few words; the official 2048 lets closed answers ramble into a match
+
+
+@dataclass
+class EvalSettings:
+    model: str
+    data: str
+    out: str
+    split: str | None = "test"
+    batch_size: int = 8
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    routing: bool = True
+
+    def command(self) -> str:
+        import shlex
+
+        parts = ["medmoe", "eval", "--model", self.model, "--data", self.data, "--out", self.out]
+        if self.split:
+            parts += ["--split", self.split]
+        parts += ["--batch-size", str(self.batch_size), "--max-new-tokens", str(self.max_new_tokens)]
+        if self.limit:
+            parts += ["--limit", str(self.limit)]
+        if not self.routing:
+            parts.append("--no-routing")
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+# ----- data --------------------------------------------------------------------------------
+@dataclass
+class EvalItem:
+    gt: GroundTruth
+    image: str | None
+    choices: list[str] | None
+
+
+def resolve_data_file(data: str, split: str | None) -> Path:
+    """A records file, or a prepared folder holding `{split}.jsonl`."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in (f"{split or 'test'}.jsonl", f"{split or 'test'}.json"):
+            if (path / name).is_file():
+                return path / name
+        raise DataError(f"{path}: no {split or 'test'}.jsonl in this folder; prepare the dataset first "
+                        "(`medmoe data prepare`) or pass the records file")
+    raise DataError(f"{data}: no such file or prepared dataset folder")
+
+
+def image_root(folder: Path) -> Path:
+    """`dataset.json`'s image_root (absolute or relative to the folder), else the folder."""
+    info = folder / "dataset.json"
+    if info.is_file():
+        root = json.loads(info.read_text()).get("image_root")
+        if root:
+            return (folder / root) if not os.path.isabs(root) else Path(root)
+    return folder
+
+
+def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> list[EvalItem]:
+    objects = read_json_objects(path)
+    splits = {d.get("split") for _, d in objects if d.get("split")}
+    if split and splits:
+        if split not in splits:
+            raise DataError(f"{path}: no records of split {split!r}; splits here: {sorted(splits)}")
+        objects = [(w, d) for w, d in objects if d.get("split") == split]
+    root = image_root(path.parent)
+    items, seen = [], set()
+    for where, d in objects[:limit] if limit else objects:
+        gt = parse_ground_truth(d, where, default_dataset=path.stem)
+        if gt.id in seen:
+            raise DataError(f"{where}: question id {gt.id!r} occurs twice; ids must be unique")
+        seen.add(gt.id)
+        image = d.get("image")
+        if image and not os.path.isabs(image):
+            image = str(root / image)
+        items.append(EvalItem(gt, image, d.get("choices")))
+    if not items:
+        raise DataError(f"{path}: no records to evaluate")
+    return items
+
+
+# ----- model -------------------------------------------------------------------------------
+def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto"):
+    from ..data.processor import MedMoEProcessor
+    from ..model.modeling import MedMoEForCausalLM
+
+    dev, dt = pick_device(device, dtype)
+    model = MedMoEForCausalLM.from_pretrained(path)
+    processor = MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    return model.to(device=dev, dtype=dt).eval(), processor
+
+
+# ----- resume ------------------------------------------------------------------------------
+def read_done(path: Path) -> dict[str, dict]:
+    """Rows already written. A torn last line (the process died mid-write) is dropped."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows, good = {}, []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                write_text(path, "".join(good))
+                break
+            raise DataError(f"{path}:{n}: not valid JSON; fix or delete the line to resume") from None
+        rows[str(row["id"])] = row
+        good.append(line if line.endswith("\n") else line + "\n")
+    return rows
+
+
+def check_same_run(out: Path, settings: EvalSettings) -> None:
+    """Refuse to mix predictions of different models, data or decoding in one folder."""
+    run_file = out / "run.json"
+    key = {k: v for k, v in asdict(settings).items() if k in ("model", "data", "split", "max_new_tokens")}
+    if run_file.exists():
+        before = json.loads(run_file.read_text())
+        before = {k: before.get(k) for k in key}
+        if before != key and (out / "predictions.jsonl").exists():
+            diff = {k: (before[k], key[k]) for k in key if before[k] != key[k]}
+            raise DataError(f"{out} holds predictions of another run ({diff}); use a fresh --out to keep both")
+    write_json(run_file, key)
+
+
+# ----- the loop ----------------------------------------------------------------------------
+def _prompt_valid_mask(processor, items: list[EvalItem], input_ids: torch.Tensor) -> torch.Tensor:
+    """True on real prompt tokens of the left-padded batch."""
+    from ..data.templates import Turn
+
+    valid = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = len(processor.encode([Turn(processor.prompt(item.gt.question, item.image is not None))]).input_ids)
+        valid[row, input_ids.shape[1] - n:] = True
+    return valid
+
+
+def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
+    from ..generation import SamplingConfig, run_generation
+    from .classification import choice_logprobs
+    from .routing import sample_counts
+
+    want_routing = settings.routing and model.is_moe
+    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False)
+    out = run_generation(model, processor, [i.gt.question for i in items], [i.image for i in items], cfg,
+                         output_routing=want_routing)
+    counts = [None] * len(items)
+    if want_routing and out.prompt_routing:
+        valid = _prompt_valid_mask(processor, items, out.input_ids)
+        counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
+    rows = []
+    for item, text, reason, routing in zip(items, out.texts, out.finish_reasons, counts):
+        row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,
+               "dataset": item.gt.dataset, "modality": item.gt.modality, "finish": reason}
+        if item.choices:
+            scores = choice_logprobs(model, processor, item.gt.question, item.image, item.choices)
+            row["choice_logprobs"] = [round(float(s), 5) for s in scores]
+        if routing is not None:
+            row["routing"] = routing
+        rows.append(row)
+    return rows
+
+
+def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path
+                 ) -> tuple[dict[str, dict], dict]:
+    """All rows by id (old and new) and the speed of this call's generation."""
+    from tqdm import tqdm
+
+    done = read_done(pred_path)
+    todo = [i for i in items if i.gt.id not in done]
+    if done:
+        print(f"medmoe eval: resuming, {len(items) - len(todo)} of {len(items)} items already in {pred_path}", flush=True)
+    start_time = time.perf_counter()
+    with tqdm(total=len(todo), desc="eval", unit="q") as bar:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start:start + settings.batch_size]
+            rows = run_batch(model, processor, batch, settings)
+            append_jsonl(pred_path, rows)
+            done.update((r["id"], r) for r in rows)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start_time
+    return done, {"generated": len(todo), "seconds": round(seconds, 2),
+                  "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
+
+
+# ----- scoring the rows --------------------------------------------------------------------
+def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
+    from .classification import classification_metrics, parse_choice, plot_confusion
+
+    groups: dict[str, list[EvalItem]] = {}
+    for item in items:
+        if item.choices:
+            groups.setdefault(item.gt.dataset, []).append(item)
+    results, figures = {}, {}
+    for dataset, group in groups.items():
+        classes = list(group[0].choices)
+        keep = [i for i in group if list(i.choices) == classes and i.gt.answer in classes]
+        truth = [classes.index(i.gt.answer) for i in keep]
+        loglik = [max(range(len(classes)), key=rows[i.gt.id]["choice_logprobs"].__getitem__) for i in keep]
+        generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
+        results[dataset] = {"loglik": classification_metrics(truth, loglik, classes),
+                            "generate": classification_metrics(truth, generated, classes)}
+        for method, m in results[dataset].items():
+            name = f"confusion_{dataset}_{method}.png".replace("/", "_")
+            plot_confusion(m, out / name, title=f"{dataset}, {method}: accuracy {m['accuracy']:.1f}%")
+            figures[f"confusion_{dataset}_{method}"] = name
+    return results, figures
+
+
+def routing_results(items: list[EvalItem], rows: dict[str, dict], layers: list[int], out: Path):
+    from .routing import RoutingStats, plot_routing
+
+    stats = RoutingStats()
+    stats.layers = layers
+    for item in items:
+        routing = rows[item.gt.id].get("routing")
+        if routing is not None:
+            stats.add_sample(item.gt.modality, routing)
+    if not stats.samples:
+        return None, {}
+    summary = stats.summary()
+    return summary, ({"routing": "routing.png"} if plot_routing(summary, out / "routing.png") else {})
+
+
+def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
+    """Run (or resume) an evaluation; returns the metrics written to OUT/metrics.json."""
+    from .. import __version__
+    from .report import write_reports
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_file = resolve_data_file(settings.data, settings.split)
+    items = read_eval_items(data_file, settings.split, settings.limit)
+    check_same_run(out, settings)
+    if model is None:
+        model, processor = load_model(settings.model, settings.device, settings.dtype)
+    rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")
+
+    vqa_items = [i for i in items if not i.choices]
+    predictions = {i.gt.id: rows[i.gt.id]["prediction"] for i in vqa_items}
+    vqa, scored = score_predictions(predictions, [i.gt for i in vqa_items]) if vqa_items else (None, [])
+    classification, figures = classification_results(items, rows, out)
+    layers = model.config.moe_layer_indices() if model.is_moe else []
+    routing, routing_fig = routing_results(items, rows, layers, out) if settings.routing else (None, {})
+    metrics = {
+        "run": {"model": settings.model, "data": str(data_file), "split": settings.split, "items": len(items),
+                "max_new_tokens": settings.max_new_tokens, "decoding": "greedy", "batch_size": settings.batch_size,
+                "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                "this_call": speed, "medmoe": __version__, "command": settings.command()},
+        "vqa": vqa, "classification": classification or None, "routing": routing,
+        "figures": {**figures, **routing_fig},
+    }
+    write_json(out / "metrics.json", metrics)
+    write_reports(metrics, out, scored)
+    return metrics

@@ -1,0 +1,71 @@
+"""Classification by log-likelihood and by generation; metrics and the confusion-matrix plot."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medmoe.data.templates import Turn
+from medmoe.evaluation.classification import (UNPARSED, choice_logprobs, classification_metrics, classify_loglik,
+                                              parse_choice, plot_confusion)
+
+CHOICES = ["normal", "pneumonia"]
+
+
+def grey(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB")
+
+
+def test_logprobs_match_the_models_own_loss(tiny):
+    model, processor = tiny
+    image = grey(0)
+    scores = choice_logprobs(model, processor, "Is this lung normal?", image, CHOICES + ["bacterial pneumonia"])
+    assert scores.shape == (3,) and torch.all(scores < 0)
+    prompt = processor.prompt("Is this lung normal?", has_image=True)
+    for i, choice in enumerate(CHOICES + ["bacterial pneumonia"]):  # one at a time, no padding
+        batch = processor.pad([processor.encode([Turn(prompt, answer=choice)])])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=processor.image_tensor(image)[None], labels=batch["labels"])
+        n_answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        assert scores[i].item() == pytest.approx(-out.lm_loss.item() * n_answer_tokens, rel=1e-4, abs=1e-4)
+    mean = choice_logprobs(model, processor, "Is this lung normal?", image, CHOICES, reduction="mean")
+    assert torch.all(mean > scores[:2])  # the mean over several tokens is less negative than the sum
+
+
+def test_classify_loglik_picks_argmax(tiny):
+    model, processor = tiny
+    images = [grey(i) for i in range(3)]
+    preds = classify_loglik(model, processor, ["Normal or pneumonia?"] * 3, images, CHOICES)
+    for img, p in zip(images, preds):
+        assert p == int(choice_logprobs(model, processor, "Normal or pneumonia?", img, CHOICES).argmax())
+
+
+def test_parse_choice():
+    assert parse_choice("Pneumonia.", CHOICES) == 1
+    assert parse_choice("The lung is normal", CHOICES) == 0
+    assert parse_choice("normal or pneumonia", CHOICES) == UNPARSED  # names both
+    assert parse_choice("abnormal", CHOICES) == UNPARSED              # whole words only
+
+
+def test_metrics_and_plot(tmp_path):
+    # true: 0 0 0 1 1; pred: 0 1 0 1 unparsed
+    m = classification_metrics([0, 0, 0, 1, 1], [0, 1, 0, 1, UNPARSED], CHOICES)
+    assert m["accuracy"] == 60.0
+    assert m["per_class_recall"] == {"normal": pytest.approx(200 / 3), "pneumonia": 50.0}
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1]] and m["unparsed"] == 1
+    plot_confusion(m, tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_real_pneumoniamnist_subset(tiny):
+    from conftest import shared_data
+
+    data = np.load(shared_data("pneumoniamnist", "pneumoniamnist.npz"))
+    images = [Image.fromarray(a).convert("RGB") for a in data["val_images"][:6]]
+    labels = [int(v) for v in data["val_labels"][:6, 0]]
+    model, processor = tiny
+    preds = classify_loglik(model, processor, ["Is this chest X-ray normal or pneumonia?"] * 6, images, CHOICES)
+    m = classification_metrics(labels, preds, CHOICES)
+    assert m["n"] == 6 and sum(map(sum, m["confusion"])) == 6 and m["unparsed"] == 0

@@ -1,0 +1,137 @@
+"""`medmoe eval` end to end with the tiny model: outputs, resume after interruption, routing."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import medmoe.evaluation.evaluate as ev
+from medmoe.cli import main
+from medmoe.errors import DataError
+from medmoe.evaluation.evaluate import EvalSettings, evaluate
+
+
+@pytest.fixture
+def tiny_moe_dir(tmp_path, tiny):
+    model, processor = tiny
+    model.upcycle()
+    path = tmp_path / "model"
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def records(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, (modality, q, a, t) in enumerate([("CT", "Is there a mass?", "no", "CLOSED"),
+                                             ("MRI", "Which organ is shown?", "brain", "OPEN"),
+                                             ("X-Ray", "Is the lung normal?", "yes", "CLOSED"),
+                                             ("unknown", "Where is the lesion?", "left lobe", "OPEN"),
+                                             ("CT", "How many kidneys?", "2", "OPEN")]):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append({"id": f"q{i}", "image": f"imgs/{i}.png", "question": q, "answer": a, "answer_type": t,
+                     "modality": modality, "dataset": "toy", "split": "test", "language": "en"})
+    for i in range(3):  # a classification set
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB").save(tmp_path / "imgs" / f"c{i}.png")
+        rows.append({"id": f"c{i}", "image": f"imgs/c{i}.png", "question": "Normal or pneumonia?",
+                     "answer": ["normal", "pneumonia"][i % 2], "answer_type": "CLOSED", "modality": "X-Ray",
+                     "dataset": "pneumonia", "split": "test", "choices": ["normal", "pneumonia"]})
+    rows.append({"id": "t0", "image": "imgs/0.png", "question": "q", "answer": "a", "split": "train"})
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(out),
+                 "--batch-size", "3", "--max-new-tokens", "4"])
+    assert code == 0
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["id"] for p in preds) == ["c0", "c1", "c2", "q0", "q1", "q2", "q3", "q4"]  # no train row
+    assert all(len(p["routing"]["image"]) == len(p["routing"]["text"]) for p in preds)
+    assert len(preds[-1]["choice_logprobs"]) == 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["vqa"]["counts"] == {**m["vqa"]["counts"], "ground_truth": 5, "missing": 0, "extra": 0}
+    assert (m["vqa"]["total"]["closed"]["n"], m["vqa"]["total"]["open"]["n"]) == (2, 3)
+    assert set(m["classification"]["pneumonia"]) == {"loglik", "generate"}
+    assert m["classification"]["pneumonia"]["loglik"]["n"] == 3
+    acc = m["routing"]["router_accuracy"]
+    assert acc["samples"] == 4 + 3  # every sample with a known modality; "unknown" is left out
+    assert m["routing"]["layers"] and "--max-new-tokens 4" in m["run"]["command"]
+    for name in ("report.md", "report.html", "routing.png", "confusion_pneumonia_loglik.png"):
+        assert (out / name).stat().st_size > 0
+    assert "router modality accuracy" in capsys.readouterr().out
+    # scoring the same files with `medmoe score` gives the same VQA numbers
+    vqa_gt = tmp_path / "vqa_gt.jsonl"
+    vqa_gt.write_text("".join(l for l in records.read_text().splitlines(keepends=True) if '"q' in l[:10]))
+    assert main(["score", "--pred", str(out / "predictions.jsonl"), "--gt", str(vqa_gt), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["total"] == m["vqa"]["total"]
+
+
+def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
+    model, processor = tiny
+    settings = EvalSettings(model="tiny", data=str(records), out=str(tmp_path / "out"), batch_size=2,
+                            max_new_tokens=3, routing=False)
+    real = ev.run_batch
+    seen = []
+
+    def crash_after_two_batches(model, processor, items, settings):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append([i.gt.id for i in items])
+        return real(model, processor, items, settings)
+
+    monkeypatch.setattr(ev, "run_batch", crash_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(settings, model, processor)
+    pred_path = tmp_path / "out" / "predictions.jsonl"
+    first = pred_path.read_text().splitlines()
+    assert len(first) == 4
+    with open(pred_path, "a") as f:  # a torn line from a crash mid-write
+        f.write('{"id": "q4", "predic')
+    redone = []
+    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s: redone.extend(i.gt.id for i in items) or real(m, p, items, s))
+    metrics = evaluate(settings, model, processor)
+    assert sorted(redone) == ["c0", "c1", "c2", "q4"]  # finished items are not redone
+    lines = pred_path.read_text().splitlines()
+    assert lines[:4] == first and len(lines) == 8
+    assert metrics["vqa"]["counts"]["missing"] == 0 and metrics["routing"] is None
+    with pytest.raises(DataError, match="another run"):
+        evaluate(EvalSettings(model="other", data=str(records), out=str(tmp_path / "out")), model, processor)
+
+
+def test_split_errors(tmp_path, records):
+    with pytest.raises(DataError, match="splits here"):
+        ev.read_eval_items(records, "validation")
+    assert len(ev.read_eval_items(records, "train")) == 1
+    with pytest.raises(DataError, match="no such file"):
+        ev.resolve_data_file(str(tmp_path / "nope"), "test")
+
+
+@pytest.mark.slow
+def test_real_vqa_rad_subset(tmp_path, tiny_moe_dir):
+    from conftest import shared_data
+
+    root = shared_data("vqa-rad")
+    raw = json.loads((root / "VQA_RAD Dataset Public.json").read_text())
+    test = [r for r in raw if r["phrase_type"] in ("test_freeform", "test_para")]
+    assert len(test) == 451
+    rows = [{"id": f"vqa-rad-{r['qid']}", "image": str(root / "VQA_RAD Image Folder" / r["image_name"]),
+             "question": r["question"], "answer": str(r["answer"]), "answer_type": r["answer_type"],
+             "modality": "unknown", "dataset": "vqa-rad", "split": "test", "question_type": r["question_type"]}
+            for r in test[:6]]
+    data = tmp_path / "vqa_rad_test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_moe_dir), "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "3", "--batch-size", "4"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["vqa"]["counts"]["scored"] == 6 and m["vqa"]["counts"]["missing"] == 0
+    assert set(m["vqa"]["by"]["question_type"]) == {r["question_type"].strip() for r in rows}
+    assert m["routing"]["router_accuracy"]["samples"] == 0  # VQA-RAD has no modality field
