@@ -38,11 +38,9 @@ def model_dir(recipe: Recipe, phase: str) -> str:
 
 
 def load_model(path: str):
-    from ..data.processor import MedMoEProcessor
-    from ..model.modeling import MedMoEForCausalLM
+    from ..model.pretrained import load_model as load_any
 
-    model = MedMoEForCausalLM.from_pretrained(path)
-    return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    return load_any(path)
 
 
 def starting_model(recipe: Recipe, phase: str):
@@ -128,6 +126,10 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
 
     cfg = getattr(recipe, f"phase{phase}")
     _check_fresh(run_dir, resume)
+    if phase == "2" and cfg.llm_lora and not model.config.llm_lora:
+        lora = cfg.llm_lora
+        model.add_llm_lora(int(lora["rank"]), float(lora.get("alpha", 2 * int(lora["rank"]))),
+                           **({"targets": tuple(lora["targets"])} if "targets" in lora else {}))
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     groups = params.select(model, _groups(model, recipe, phase))
