@@ -19,6 +19,7 @@ opens a path or fetches a URL named in a request (http(s) image URLs get a 400 s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import binascii
 import io
@@ -504,3 +505,25 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
 
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
                 limit_concurrency=app.state.engine.limits.queue_size * 2 + 16)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0):
+    """Run the app in a background thread (tests, notebooks); yields its base URL, stops on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medmoe-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        raise RuntimeError(f"the server did not start on {host}:{port}")
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
