@@ -32,6 +32,7 @@ from ..errors import ImageError
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 100_000_000  # same bound as PIL's decompression-bomb guard, per frame/slice
+MAX_NIFTI_BYTES = 1 << 30  # a gzipped upload may not inflate past this (decompression bombs)
 
 # (center, width) in Hounsfield units; the usual radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -291,7 +292,9 @@ def _open_nifti(source, label: str):
             return nib.load(os.fspath(source))
         data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
         if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_NIFTI_BYTES + 1)
+            if len(data) > MAX_NIFTI_BYTES:
+                raise ImageError(f"{label}: inflates to more than {MAX_NIFTI_BYTES >> 20} MiB; refused")
         size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else 0
         cls = nib.Nifti2Image if size in (540, int.from_bytes((540).to_bytes(4, "big"), "little")) else nib.Nifti1Image
         return cls.from_bytes(data)

@@ -13,6 +13,11 @@ unquantised model) and written down in docs/serving.md.
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,8 +114,11 @@ def compare(reference, quantized, processor, questions, images, max_new_tokens: 
     mask = batch["attention_mask"].bool()
     ref, qnt = ref[mask], qnt[mask]
     kl = F.kl_div(qnt.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    start = time.perf_counter()
     answers_ref = generate(reference, processor, questions, images, max_new_tokens=max_new_tokens)
+    middle = time.perf_counter()
     answers_q = generate(quantized, processor, questions, images, max_new_tokens=max_new_tokens)
+    end = time.perf_counter()
     return {
         "prompts": len(questions),
         "positions": int(mask.sum()),
@@ -120,4 +128,53 @@ def compare(reference, quantized, processor, questions, images, max_new_tokens: 
         "answer_exact_agreement": sum(a == b for a, b in zip(answers_ref, answers_q)) / len(questions),
         "bytes_reference": weight_bytes(reference),
         "bytes_quantized": weight_bytes(quantized),
+        "generate_seconds_reference": round(middle - start, 2),
+        "generate_seconds_quantized": round(end - middle, 2),
+        "examples": [{"question": q, "reference": a, "int8": b} for q, a, b in
+                     list(zip(questions, answers_ref, answers_q))[:3]],
     }
+
+
+def vqa_rad_prompts(folder: str, n: int) -> tuple[list[str], list[str]]:
+    """The first n VQA-RAD questions and image paths (the official release's JSON)."""
+    with open(os.path.join(folder, "VQA_RAD Dataset Public.json")) as f:
+        rows = json.load(f)[:n]
+    return ([r["question"] for r in rows],
+            [os.path.join(folder, "VQA_RAD Image Folder", r["image_name"]) for r in rows])
+
+
+def main(argv=None) -> None:
+    """python -m medmoe.serving.quantize --model nano --vqa-rad ../shared/data/vqa-rad -n 32"""
+    import argparse
+
+    from ..model.pretrained import build_model
+
+    p = argparse.ArgumentParser(description="accuracy cost of int8 weight-only quantisation vs float32")
+    p.add_argument("--model", default="nano", help="model folder, or a preset built and upcycled here (nano, tiny)")
+    p.add_argument("--vqa-rad", required=True, help="VQA-RAD folder (questions + images)")
+    p.add_argument("-n", type=int, default=32, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--tiny-vision", action="store_true",
+                   help="use the tiny random vision tower (the language model, which is what int8 touches, stays real)")
+    args = p.parse_args(argv)
+    if os.path.isdir(args.model):
+        from .api import load_model
+
+        model, processor = load_model(args.model, device="cpu", dtype="float32")
+    else:
+        from ..model.presets import preset
+
+        config = preset(args.model)
+        if args.tiny_vision:
+            config.vision = dict(preset("tiny").vision)
+        model, processor = build_model(args.model, config=config)
+        model.upcycle()
+    torch.set_grad_enabled(False)
+    quantized = copy.deepcopy(model)
+    quantize_int8(quantized)
+    questions, images = vqa_rad_prompts(args.vqa_rad, args.n)
+    print(json.dumps(compare(model, quantized, processor, questions, images, args.max_new_tokens), indent=2))
+
+
+if __name__ == "__main__":
+    main()
