@@ -85,3 +85,17 @@ def test_many_concurrent_clients_no_errors_bounded_memory(server):
     print(f"load: {len(statuses)} requests, {health['batches']} batches, largest {health['largest_batch']}, "
           f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
     assert growth_mb < 300
+
+
+def test_clients_that_leave_mid_stream_do_not_stall_the_server(server):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 8, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        for _ in range(3):
+            with client.stream("POST", f"{server}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_lines())  # read one event, then hang up
+        r = client.post(f"{server}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert r.status_code == 200
+        assert client.get(f"{server}/health").json()["queued"] == 0

@@ -268,7 +268,7 @@ class Engine:
         batch, keep = [first], []
         for job in self.held:
             (batch if job.cfg == first.cfg and len(batch) < self.limits.max_batch else keep).append(job)
-        while len(batch) < self.limits.max_batch:
+        while len(batch) < self.limits.max_batch and len(keep) < self.limits.max_batch:  # held stays bounded
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
