@@ -15,7 +15,8 @@ def add_model_args(p) -> None:
 def add_image_args(p) -> None:
     p.add_argument("--window", default=None,
                    help="DICOM/NIfTI window: lung, mediastinum, soft_tissue, abdomen, liver, bone, brain, subdural, "
-                        "stroke, rgb (lung/mediastinum/bone as R/G/B) or CENTER,WIDTH; default: the file's own")
+                        "stroke, rgb (lung/mediastinum/bone as R/G/B) or CENTER,WIDTH (--window=-600,1500 for a "
+                        "negative center); default: the file's own")
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="NIfTI slice (default: the middle one)")
     p.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"], help="NIfTI slice plane")

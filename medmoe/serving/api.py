@@ -44,7 +44,7 @@ class Routing:
         parts = []
         for name, share in self.shares.items():
             n = round(share * width)
-            parts.append(f"{name} {'#' * n}{'.' * (width - n)} {share:4.0%}")
+            parts.append(f"{name:<10} {'#' * n}{'.' * (width - n)} {share:4.0%}")
         return "\n".join(parts)
 
 
