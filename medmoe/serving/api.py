@@ -182,15 +182,13 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
                quantize: str | None = None):
     """(model, processor) from a model folder, on the chosen device and dtype, optionally int8."""
-    from ..data.processor import MedMoEProcessor
-    from ..model import MedMoEForCausalLM
+    from ..model.pretrained import load_model as load_any
 
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained or `medmoe train`")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = MedMoEForCausalLM.from_pretrained(path, dtype=dt)
-    processor = MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    model, processor = load_any(path, dtype=dt)
     if quantize not in (None, "none"):
         if quantize != "int8":
             raise ConfigError(f"--quantize {quantize!r}: use int8 or none")
