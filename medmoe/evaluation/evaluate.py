@@ -233,7 +233,11 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
     results, figures = {}, {}
     for dataset, group in groups.items():
         classes = list(group[0].choices)
-        keep = [i for i in group if list(i.choices) == classes and i.gt.answer in classes]
+        for i in group:
+            if list(i.choices) != classes or i.gt.answer not in classes:
+                raise DataError(f"{i.gt.id}: classification records of {dataset!r} need the same choices {classes} "
+                                f"and an answer among them; got choices {i.choices}, answer {i.gt.answer!r}")
+        keep = group
         truth = [classes.index(i.gt.answer) for i in keep]
         loglik = [max(range(len(classes)), key=rows[i.gt.id]["choice_logprobs"].__getitem__) for i in keep]
         generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
