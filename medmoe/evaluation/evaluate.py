@@ -65,8 +65,14 @@ class EvalItem:
 
 
 def resolve_data_file(data: str, split: str | None) -> Path:
-    """A records file, or a prepared folder holding `{split}.jsonl`."""
+    """A records file, a prepared folder holding `{split}.jsonl`, or `sample` (the bundled demo set)."""
     path = Path(data)
+    if data == "sample" and not path.exists():
+        try:
+            from ..data.records import sample_dataset_dir
+        except ImportError:
+            raise DataError("the bundled sample dataset is not available in this install") from None
+        path = sample_dataset_dir()
     if path.is_file():
         return path
     if path.is_dir():
@@ -75,7 +81,7 @@ def resolve_data_file(data: str, split: str | None) -> Path:
                 return path / name
         raise DataError(f"{path}: no {split or 'test'}.jsonl in this folder; prepare the dataset first "
                         "(`medmoe data prepare`) or pass the records file")
-    raise DataError(f"{data}: no such file or prepared dataset folder")
+    raise DataError(f"{data}: no such file or prepared dataset folder (or use 'sample', the bundled demo set)")
 
 
 def image_root(folder: Path) -> Path:
