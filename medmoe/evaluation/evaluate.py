@@ -24,7 +24,7 @@ import torch
 
 from ..errors import DataError
 from .io import append_jsonl, write_json, write_text
-from .scoring import GroundTruth, parse_ground_truth, read_json_objects, score_predictions
+from .scoring import GroundTruth, default_dataset_name, parse_ground_truth, read_json_objects, score_predictions
 
 DEFAULT_MAX_NEW_TOKENS = 64  # VQA answers are a few words; the official 2048 lets closed answers ramble into a match
 
@@ -104,7 +104,7 @@ def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> 
     root = image_root(path.parent)
     items, seen = [], set()
     for where, d in objects[:limit] if limit else objects:
-        gt = parse_ground_truth(d, where, default_dataset=path.stem)
+        gt = parse_ground_truth(d, where, default_dataset=default_dataset_name(path))
         if gt.id in seen:
             raise DataError(f"{where}: question id {gt.id!r} occurs twice; ids must be unique")
         seen.add(gt.id)
