@@ -231,6 +231,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 # ----- scoring the rows --------------------------------------------------------------------
 def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
     from .classification import classification_metrics, parse_choice, plot_confusion
+    from .report import METHODS
 
     groups: dict[str, list[EvalItem]] = {}
     for item in items:
@@ -251,7 +252,7 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
                             "generate": classification_metrics(truth, generated, classes)}
         for method, m in results[dataset].items():
             name = f"confusion_{dataset}_{method}.png".replace("/", "_")
-            plot_confusion(m, out / name, title=f"{dataset}, {method}: accuracy {m['accuracy']:.1f}%")
+            plot_confusion(m, out / name, title=f"{dataset}, {METHODS[method]}")
             figures[f"confusion_{dataset}_{method}"] = name
     return results, figures
 
