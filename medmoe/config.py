@@ -128,6 +128,8 @@ class MedMoEConfig(PretrainedConfig):
         image_token_id: int | None = None,
         chat_template: str = "medmoe",
         llm_source: str | None = None,
+        llm_lora: dict | None = None,
+        base_model: str | None = None,
         **kwargs: Any,
     ):
         self.vision = dataclasses.asdict(_from_dict(VisionConfig, vision))
@@ -142,6 +144,8 @@ class MedMoEConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.chat_template = chat_template
         self.llm_source = llm_source  # where the base LLM came from (hub id or package name), informative
+        self.llm_lora = llm_lora  # {"rank", "alpha", "targets"}: LoRA adapters on the LLM's linears
+        self.base_model = base_model  # a preset whose pretrained weights this (delta) checkpoint applies to
         super().__init__(**kwargs)
 
     # Typed views of the nested dicts.

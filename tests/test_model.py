@@ -213,3 +213,23 @@ def test_real_smollm2_answers_text_questions_coherently_after_upcycling():
     answer = run_generation(model, processor, ["What is the capital of France?"], None,
                             SamplingConfig(max_new_tokens=16)).texts[0]
     assert "paris" in answer.lower(), answer
+
+
+def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
+    from medmoe.model import MedMoEForCausalLM
+    from medmoe.model.pretrained import save_delta
+
+    model, processor = build_model("tiny")
+    model.add_llm_lora(rank=4, alpha=8)
+    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    with torch.no_grad():  # pretend training moved the adapters, experts, router and projector
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("lora_", "experts.", "router", "projector")):
+                p.normal_(0, 0.1)
+    batch = processor(["what is this?"], [image()])
+    before = model(**batch).logits
+    summary = save_delta(model, processor, str(tmp_path), base="tiny")
+    full = sum(p.numel() for p in model.parameters())
+    assert summary["parameters"] < full / 2  # the frozen base is not stored
+    loaded = MedMoEForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(**batch).logits, before)

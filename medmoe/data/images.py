@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -12,28 +13,49 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from .medical_images import load_if_medical
 
-Image.MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused as decompression bombs
+MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def load_image(source, name: str | None = None) -> Image.Image:
     """Open a path, bytes or PIL image as RGB. Errors name the file and say what to do."""
+    medical = None if isinstance(source, Image.Image) else load_if_medical(source, name)  # DICOM / NIfTI
+    if medical is not None:
+        return medical
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
     if isinstance(source, Image.Image):
         image = source
     else:
-        try:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-            image = Image.open(fp)
-            image.load()
-        except FileNotFoundError:
-            raise ImageError(f"{label}: file not found; check the path") from None
-        except Image.DecompressionBombError as err:
-            raise ImageError(f"{label}: refused as a possible decompression bomb ({err}); resize it below 100 megapixels") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ImageError(f"{label}: not a readable image ({err}); use PNG, JPEG, TIFF or BMP") from None
+        image = _open(source, label)
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)
+
+
+def _open(source, label: str) -> Image.Image:
+    """Decode fully now, so a bad file fails here with its name rather than deep in a batch."""
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+            width, height = image.size  # header only: refuse bombs before decoding them
+            if width * height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{width}x{height} pixels")
+            image.load()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a folder, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{label}: refused as a possible decompression bomb ({err}); "
+                         f"resize it below {MAX_PIXELS // 1_000_000} megapixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        if "truncated" in str(err).lower() or isinstance(err, EOFError):
+            raise ImageError(f"{label}: the file is truncated ({err}); re-download or re-export it") from None
+        raise ImageError(f"{label}: not a readable image ({err}); use PNG, JPEG, TIFF or BMP") from None
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -45,8 +45,10 @@ class MedMoEProcessor:
     def image_tensor(self, image) -> torch.Tensor:
         return preprocess(load_image(image), self.vision.image_size, self.vision.image_mean, self.vision.image_std)
 
-    def encode(self, turns: list[Turn], template: str | None = None) -> Encoded:
-        return encode(self.tokenizer, turns, template or self.template, self.image_token_id, self.num_image_tokens, self.system)
+    def encode(self, turns: list[Turn], template: str | None = None, check: bool = False) -> Encoded:
+        """check: also tokenise the full text at once and set `Encoded.aligned` (see templates.py)."""
+        return encode(self.tokenizer, turns, template or self.template, self.image_token_id, self.num_image_tokens,
+                      self.system, check=check)
 
     def prompt(self, question: str, has_image: bool) -> str:
         """The paper's evaluation prompt: `<image>\\n{question}` when there is an image."""
@@ -96,8 +98,20 @@ class MedMoEProcessor:
 
     def save_pretrained(self, directory: str) -> None:
         self.tokenizer.save_pretrained(directory)
+        self.save_settings(directory)
+
+    def save_settings(self, directory: str) -> None:
+        """The template and system line only (for delta checkpoints, whose tokenizer is the base's)."""
         with open(os.path.join(directory, PROCESSOR_FILE), "w") as f:
             json.dump({"template": self.template, "system": self.system}, f, indent=2)
+
+    def load_settings(self, directory: str) -> None:
+        path = os.path.join(directory, PROCESSOR_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                settings = json.load(f)
+            self.template = settings.get("template", self.template)
+            self.system = settings.get("system", self.system)
 
     @classmethod
     def from_pretrained(cls, directory: str, vision: VisionConfig) -> "MedMoEProcessor":

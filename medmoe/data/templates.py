@@ -8,6 +8,11 @@ Templates:
 Each turn is tokenised as prompt segment + answer segment, so training sees exactly the prompt
 ids that generation will see. `<image>` becomes `num_image_tokens` copies of the image token id;
 those positions never carry labels.
+
+Segment-wise tokenisation can differ from tokenising the whole text at once (a BPE merge across
+a segment boundary, a tokenizer that adds a prefix space to every call). LLaVA calls this a
+"tokenization mismatch" and silently drops such samples. Here `encode(..., check=True)` compares
+the two and records the answer in `Encoded.aligned`; the dataset reports each one by its id.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Turn:
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    aligned: bool = True  # False: segment-wise ids differ from tokenising the full text at once
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -92,7 +98,7 @@ def _segments(tokenizer, template: str, turns: list[Turn], system: str | None) -
 
 
 def encode(tokenizer, turns: list[Turn], template: str, image_token_id: int | None, num_image_tokens: int,
-           system: str | None = None) -> Encoded:
+           system: str | None = None, check: bool = False) -> Encoded:
     input_ids: list[int] = []
     labels: list[int] = []
     if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
@@ -101,8 +107,11 @@ def encode(tokenizer, turns: list[Turn], template: str, image_token_id: int | No
     if template == "medmoe" and bos is not None and getattr(tokenizer, "add_bos_token", False):
         input_ids.append(bos)
         labels.append(IGNORE_INDEX)
-    for text, is_label in _segments(tokenizer, template, turns, system):
+    segments = _segments(tokenizer, template, turns, system)
+    raw: list[int] = []
+    for text, is_label in segments:
         ids = _ids(tokenizer, text)
+        raw.extend(ids)
         if image_token_id is not None:
             ids = _expand_images(ids, image_token_id, num_image_tokens)
         input_ids.extend(ids)
@@ -110,7 +119,8 @@ def encode(tokenizer, turns: list[Turn], template: str, image_token_id: int | No
             labels.extend(IGNORE_INDEX if i == image_token_id else i for i in ids)
         else:
             labels.extend([IGNORE_INDEX] * len(ids))
-    return Encoded(input_ids=input_ids, labels=labels)
+    aligned = _ids(tokenizer, "".join(text for text, _ in segments)) == raw if check else True
+    return Encoded(input_ids=input_ids, labels=labels, aligned=aligned)
 
 
 def count_images(text: str) -> int:

@@ -126,12 +126,10 @@ def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    from ..data.processor import MedMoEProcessor
-    from ..model.modeling import MedMoEForCausalLM
+    from ..model.pretrained import load_model as load_any
 
     dev, dt = pick_device(device, dtype)
-    model = MedMoEForCausalLM.from_pretrained(path)
-    processor = MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    model, processor = load_any(path)
     return model.to(device=dev, dtype=dt).eval(), processor
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..adapters import DEFAULT_TARGETS, add_lora
 from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
@@ -43,6 +44,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
 
 
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (config.json with a `moe` dict or `mm_image_tower`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    moe = cfg.get("moe")
+    return isinstance(cfg, dict) and ((isinstance(moe, dict) and "moe_enable" in moe) or "mm_image_tower" in cfg)
+
+
 class MedMoEForCausalLM(PreTrainedModel):
     config_class = MedMoEConfig
     base_model_prefix = "medmoe"
@@ -55,8 +67,13 @@ class MedMoEForCausalLM(PreTrainedModel):
         self.vision_tower = vision_tower or build_vision_tower(config.vision_config, load_weights=load_vision_weights)
         config.vision["hidden_size"] = self.vision_tower.hidden_size
         config.vision["num_tokens"] = self.vision_tower.num_tokens
+        # An hf tower loaded from a folder records its architecture, so from_pretrained can rebuild it.
+        tower_cfg = getattr(self.vision_tower, "cfg", None)
+        config.vision["model_config"] = getattr(tower_cfg, "model_config", config.vision.get("model_config"))
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.llm_config())
         self.projector = build_projector(config.projector, self.vision_tower.hidden_size, config.hidden_size)
+        if config.llm_lora:
+            add_lora(self.language_model, **config.llm_lora)
         self.moe_state = MoEState()
         self.router: Router | None = None
         self.moe_blocks: list[MedMoEBlock] = []
@@ -79,6 +96,13 @@ class MedMoEForCausalLM(PreTrainedModel):
         self.config.moe = dataclasses.asdict(moe)
         self._install_moe(moe)
         return self
+
+    def add_llm_lora(self, rank: int, alpha: float, targets=DEFAULT_TARGETS) -> list[str]:
+        """LoRA adapters on the LLM's linear layers (compact fine-tuning); recorded in the config."""
+        if self.config.llm_lora:
+            raise ConfigError("the LLM already has LoRA adapters")
+        self.config.llm_lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+        return add_lora(self.language_model, rank, alpha, targets)
 
     @property
     def is_moe(self) -> bool:
@@ -144,6 +168,9 @@ class MedMoEForCausalLM(PreTrainedModel):
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         os.makedirs(save_directory, exist_ok=True)
+        source = self.config.vision.get("name_or_path")
+        if source and os.path.isabs(source):  # a saved model must not point into one machine's folders
+            self.config.vision["name_or_path"] = os.path.basename(source.rstrip("/"))
         self.config.save_pretrained(save_directory)
         final = os.path.join(save_directory, WEIGHTS_NAME)
         tmp = final + ".tmp"
@@ -155,11 +182,19 @@ class MedMoEForCausalLM(PreTrainedModel):
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
+        if is_official_folder(path):
+            from ..conversion import load_official  # lazy: conversion is a layer above the model
+
+            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
+        config = config or (MedMoEConfig.from_pretrained(path) if os.path.isfile(os.path.join(path, "config.json")) else None)
+        if config is not None and config.base_model:
+            from .pretrained import load_delta  # a delta checkpoint needs its base's pretrained weights
+
+            return load_delta(path, dtype=dtype, device=device)[0]
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "
                                   "(made by save_pretrained or `medmoe train`)")
-        config = config or MedMoEConfig.from_pretrained(path)
         model = cls(config)
         missing, unexpected = load_model(model, weights, strict=False)
         if missing or unexpected:

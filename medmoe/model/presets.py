@@ -57,6 +57,9 @@ CLIP_L14_336 = dict(
                       projection_dim=768, hidden_act="quick_gelu"),
 )
 
+# EfficientNet-Lite was trained on TF "inception-style" inputs, (x - 127) / 128 on 0..255 pixels.
+LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+
 PAPER_MOE = dict(enabled=True, layers="sparse", num_experts=4, top_k=1, meta_expert=True)
 
 
@@ -69,7 +72,8 @@ def preset(name: str, moe: bool | None = None) -> MedMoEConfig:
         cfg = MedMoEConfig(vision=dict(kind="tiny", image_size=32, tiny_patch=8, hidden_size=32, num_tokens=16),
                            text_config=TINY_LLMS[arch], moe=dict(enabled=False), llm_source="random")
     elif name == "nano":
-        cfg = MedMoEConfig(vision=dict(kind="efficientnet_lite0", image_size=224, hidden_size=1280, num_tokens=49),
+        cfg = MedMoEConfig(vision=dict(kind="efficientnet_lite0", image_size=224, hidden_size=1280, num_tokens=49,
+                                       image_mean=LITE_MEAN, image_std=LITE_STD),
                            text_config=SMOLLM2_135M, moe=dict(enabled=False), chat_template="medmoe",
                            llm_source="smollm2")
     elif name == "phi2":

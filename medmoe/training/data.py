@@ -1,0 +1,67 @@
+"""Where a phase's records come from. A recipe lists data sources; each is one of
+- "sample": the bundled VQA-RAD sample (`medmoe/assets/sample`, a few CC0 images),
+- a prepared dataset folder (`medmoe data prepare ...` output: {split}.jsonl + dataset.json),
+- a records file (.jsonl canonical records, or .json in the LLaVA format),
+- "captions:<source>": one caption per image of <source>, built from its metadata (phase 1).
+The encoding itself (templates, image tokens, truncation) is the data layer's `VQADataset`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from ..config import IMAGE_TOKEN
+from ..data.dataset import Collate, VQADataset
+from ..errors import DataError
+
+__all__ = ["Collate", "VQADataset", "field", "question_text", "load_records", "build_dataset"]
+
+
+def field(record: Any, name: str, default=None):
+    """Records are the data layer's Record objects; plain dicts are accepted too (tests)."""
+    if isinstance(record, dict):
+        return record.get(name, default)
+    return getattr(record, name, default)
+
+
+def question_text(record) -> str:
+    """The question turn as the paper prompts it: `<image>\\n{question}`."""
+    q = field(record, "question") or ""
+    if field(record, "image") and IMAGE_TOKEN not in q:
+        return f"{IMAGE_TOKEN}\n{q}"
+    return q
+
+
+def _source_records(source: str, split: str) -> list:
+    from ..data import records as rec
+
+    if source == "sample":
+        return rec.load_split(rec.sample_dataset_dir(), split)
+    if os.path.isdir(source):
+        return rec.load_split(source, split)
+    if os.path.isfile(source):
+        return [r for r in rec.read_records(source, resolve_images=True) if r.split == split or split == "any"]
+    raise DataError(f"data source {source!r} not found: use 'sample', a prepared dataset folder "
+                    "(medmoe data prepare ...), a records .jsonl file, or captions:<one of those>")
+
+
+def load_records(sources: Sequence[str], split: str = "train") -> list:
+    out = []
+    for source in sources:
+        if source.startswith("captions:"):
+            from ..data.captions import build_captions
+
+            out.extend(build_captions(_source_records(source.split(":", 1)[1], split), image_root="/"))
+        else:
+            out.extend(_source_records(source, split))
+    if not out:
+        raise DataError(f"data sources {list(sources)} hold no {split} records")
+    return out
+
+
+def build_dataset(sources: Sequence[str], processor, template: str, max_length: int, split: str = "train") -> VQADataset:
+    # A tokenisation mismatch only means the answer's first token merges differently with the
+    # prompt; the labels still cover the answer, so training keeps such samples.
+    return VQADataset(load_records(sources, split), processor, template=template, max_length=max_length,
+                      allow_mismatch=True)

@@ -1,0 +1,156 @@
+"""The three phases and the router, in order. Each reads the previous one's output folder:
+
+    <output_dir>/phase1/model   projector trained (alignment)
+    <output_dir>/phase2/model   LLM + projector trained (instruction tuning)
+    <output_dir>/router         router.safetensors (+ metrics), from the frozen phase-2 model
+    <output_dir>/phase3/model   upcycled Med-MoE, experts (+ chosen set) trained
+
+Every phase folder also holds metrics.jsonl, loss.png and checkpoints/ (for --resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+
+from ..config import MoEConfig
+from ..errors import CheckpointError, ConfigError
+from . import distributed, params
+from .checkpoint import list_checkpoints
+from .data import Collate, build_dataset, load_records
+from .recipe import PHASES, Recipe
+from .router import ROUTER_FILE, load_router_weights, run_router_phase
+from .trainer import train
+
+PREVIOUS = {"2": "phase1", "router": "phase2", "3": "phase2"}
+
+
+def phase_dir(recipe: Recipe, phase: str) -> str:
+    return os.path.join(recipe.output_dir, "router" if phase == "router" else f"phase{phase}")
+
+
+def model_dir(recipe: Recipe, phase: str) -> str:
+    return os.path.join(phase_dir(recipe, phase), "model")
+
+
+def load_model(path: str):
+    from ..model.pretrained import load_model as load_any
+
+    return load_any(path)
+
+
+def starting_model(recipe: Recipe, phase: str):
+    """Phase 1 starts from the recipe's model (a preset built fresh, or a model folder); later
+    phases from the previous phase's output."""
+    if phase == "1":
+        if os.path.isdir(recipe.model):
+            return load_model(recipe.model)
+        from ..model.pretrained import build_model
+
+        return build_model(recipe.model, pretrained=recipe.pretrained, seed=recipe.seed)
+    source = os.path.join(recipe.output_dir, PREVIOUS[phase], "model")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        before = PREVIOUS[phase].replace("phase", "")
+        raise CheckpointError(f"{source} not found: run `medmoe train --recipe ... --phase {before}` first")
+    return load_model(source)
+
+
+def save_model(model, wrapped, processor, path: str, dist) -> None:
+    """Final model folder (config.json + model.safetensors + tokenizer), written by the main rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dist.enabled and wrapped is not model and not hasattr(wrapped, "module"):  # FSDP: gather full tensors
+        state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_main:
+            from safetensors.torch import save_file
+
+            os.makedirs(path, exist_ok=True)
+            model.config.save_pretrained(path)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+    elif dist.is_main:
+        model.save_pretrained(path)
+    if dist.is_main:
+        processor.save_pretrained(path)
+
+
+def _check_fresh(run_dir: str, resume: bool) -> None:
+    if not resume and list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
+                          "or choose another output_dir (override output_dir=...)")
+
+
+def _groups(model, recipe: Recipe, phase: str):
+    if phase == "1":
+        return params.phase1_groups(model)
+    if phase == "2":
+        return params.phase2_groups(model)
+    p3 = recipe.phase3
+    return params.phase3_groups(model, p3.trainable, p3.train_meta, p3.train_router)
+
+
+def upcycle_for_phase3(model, recipe: Recipe):
+    """The phase-2 model becomes Med-MoE; the router phase's weights go into its router(s)."""
+    try:
+        moe = MoEConfig(**{**dataclasses.asdict(MoEConfig()), **recipe.phase3.moe, "enabled": True})
+    except TypeError as err:
+        raise ConfigError(f"phase3.moe: {err}; valid keys: {[f.name for f in dataclasses.fields(MoEConfig)]}") from None
+    model.upcycle(moe)
+    router_file = os.path.join(phase_dir(recipe, "router"), ROUTER_FILE)
+    if os.path.isfile(router_file):
+        load_router_weights(model, router_file)
+    elif not recipe.phase3.train_router:
+        raise CheckpointError(f"{router_file} not found: run `--phase router` first, or train the router in "
+                              "phase 3 with phase3.train_router=true")
+    return model
+
+
+def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) -> dict:
+    if phase not in PHASES:
+        raise ConfigError(f"--phase {phase!r}: use one of {', '.join(PHASES)}")
+    dist = distributed.setup()
+    torch.manual_seed(recipe.seed)
+    model, processor = starting_model(recipe, phase)
+    run_dir = phase_dir(recipe, phase)
+    if phase == "router":
+        cfg = recipe.router
+        model.to(dist.device)
+        records = load_records(cfg.data, "train")
+        layers = MoEConfig(**{**recipe.phase3.moe, "enabled": True}).layer_indices(model.config.num_hidden_layers)
+        metrics = run_router_phase(model, processor, records, cfg, run_dir, layers, seed=recipe.seed) if dist.is_main else {}
+        distributed.barrier(dist)
+        return {"phase": "router", "dir": run_dir, "metrics": metrics}
+
+    cfg = getattr(recipe, f"phase{phase}")
+    _check_fresh(run_dir, resume)
+    if phase == "2" and cfg.llm_lora and not model.config.llm_lora:
+        lora = cfg.llm_lora
+        model.add_llm_lora(int(lora["rank"]), float(lora.get("alpha", 2 * int(lora["rank"]))),
+                           **({"targets": tuple(lora["targets"])} if "targets" in lora else {}))
+    if phase == "3":
+        upcycle_for_phase3(model, recipe)
+    groups = params.select(model, _groups(model, recipe, phase))
+    dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length)
+    wrapped = distributed.wrap(model, dist, recipe.distributed)
+    summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
+                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)
+    out = model_dir(recipe, phase)
+    save_model(model, wrapped, processor, out, dist)
+    if dist.is_main:
+        summary["trainable"] = {name: sum(p.numel() for p in g.values()) for name, g in groups.items()}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "phase"}, f, indent=2)
+    summary.update(phase=phase, dir=run_dir, model_dir=out)
+    return summary
+
+
+def run_all(recipe: Recipe, resume: bool = False) -> list[dict]:
+    return [run_phase(recipe, p, resume=resume) for p in PHASES]
+
+
+def clean(recipe: Recipe) -> None:
+    """Remove a run's output folder (the demo starts from scratch)."""
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)

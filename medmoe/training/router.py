@@ -1,0 +1,184 @@
+"""Router training, the official recipe (SPEC section 1, "Router training"):
+
+1. Run the frozen phase-2 (dense) model on the question turn of each labelled sample
+   (`<image>\\n{question}` up to "ASSISTANT:"), average the hidden states of all layers (the
+   embedding output included, as `output_hidden_states` returns them) and all positions ->
+   one d-vector per sample. Cached once in `router_features.safetensors`.
+2. Train Linear(d, 4) with cross-entropy (Adam 1e-3, 10 epochs); label j = MODALITIES[j].
+3. Report accuracy on a held-out part (a seeded split), per class as well.
+
+Option `per_layer`: one router per MoE layer, trained on that layer's real FFN inputs (every
+question token labelled with its sample's modality), which removes the train/use mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..config import MODALITIES
+from ..data.templates import Turn
+from ..errors import DataError
+from ..moe.upcycle import decoder_layers, ffn_attribute
+from .data import field, question_text
+
+ROUTER_FILE = "router.safetensors"
+
+
+def labelled(records, modalities=MODALITIES, max_samples: int = 0) -> tuple[list, torch.Tensor]:
+    """Records with a known modality, and their labels (index into `modalities`)."""
+    keep = [r for r in records if field(r, "modality") in modalities]
+    if max_samples:
+        keep = keep[:max_samples]
+    if not keep:
+        raise DataError(f"no record has a modality among {list(modalities)}: the router needs labelled samples")
+    return keep, torch.tensor([modalities.index(field(r, "modality")) for r in keep])
+
+
+def _question_inputs(processor, record, max_length: int, device):
+    enc = processor.encode([Turn(question_text(record), None)])
+    ids = torch.tensor([enc.input_ids[:max_length]], device=device)
+    image = field(record, "image")
+    pixels = processor.image_tensor(image).unsqueeze(0).to(device) if image is not None else None
+    return ids, pixels
+
+
+@torch.no_grad()
+def pooled_features(model, processor, records, max_length: int = 512, progress: bool = True) -> torch.Tensor:
+    """[N, d]: mean over all layers' hidden states and all positions of the question turn."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    out = []
+    for r in tqdm(records, desc="router features", disable=not progress):
+        ids, pixels = _question_inputs(processor, r, max_length, model.device)
+        embeds = model.embed_inputs(ids, pixels)
+        hidden = model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        out.append(torch.stack(hidden).float().mean(dim=(0, 2))[0].cpu())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def ffn_inputs(model, processor, records, layers: list[int], max_length: int = 512, progress: bool = True):
+    """{layer: ([T, d] FFN inputs of every question token, [T] sample index)} from forward hooks."""
+    from tqdm.auto import tqdm
+
+    blocks = decoder_layers(model.language_model)
+    feats = {i: [] for i in layers}
+    owners = []
+    hooks = [getattr(blocks[i], ffn_attribute(blocks[i])).register_forward_hook(
+        lambda mod, args, out, i=i: feats[i].append(args[0][0].float().cpu())) for i in layers]
+    try:
+        for n, r in enumerate(tqdm(records, desc="router FFN inputs", disable=not progress)):
+            ids, pixels = _question_inputs(processor, r, max_length, model.device)
+            model(input_ids=ids, pixel_values=pixels)
+            owners.append(torch.full((ids.shape[1],), n))
+    finally:
+        for h in hooks:
+            h.remove()
+    owner = torch.cat(owners)
+    return {i: (torch.cat(feats[i]), owner) for i in layers}
+
+
+def heldout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = max(1, round(n * fraction)) if n > 1 else 0
+    return order[n_held:], order[:n_held]
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 10, lr: float = 1e-3,
+               batch_size: int = 32, seed: int = 0) -> torch.nn.Linear:
+    """Linear(d, C) trained with cross-entropy and Adam, fp32, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02, generator=g)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head
+
+
+@torch.no_grad()
+def accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
+    if len(x) == 0:
+        return {"accuracy": None, "n": 0, "per_class": {}}
+    pred = head(x).argmax(-1)
+    per_class = {c: float((pred[y == c] == c).float().mean()) for c in range(num_classes) if (y == c).any()}
+    return {"accuracy": float((pred == y).float().mean()), "n": len(x), "per_class": per_class}
+
+
+def train_router(x: torch.Tensor, y: torch.Tensor, modalities=MODALITIES, epochs: int = 10, lr: float = 1e-3,
+                 batch_size: int = 32, heldout_fraction: float = 0.1, seed: int = 0):
+    """(Linear head, metrics): fit on the training part, accuracy on train and held-out parts."""
+    train_idx, held_idx = heldout_split(len(x), heldout_fraction, seed)
+    head = fit_linear(x[train_idx], y[train_idx], len(modalities), epochs, lr, batch_size, seed)
+    held = accuracy(head, x[held_idx], y[held_idx], len(modalities))
+    metrics = {"train_accuracy": accuracy(head, x[train_idx], y[train_idx], len(modalities))["accuracy"],
+               "heldout_accuracy": held["accuracy"], "heldout_n": held["n"], "train_n": len(train_idx),
+               "heldout_per_class": {modalities[c]: a for c, a in held["per_class"].items()},
+               "label_counts": {m: int((y == c).sum()) for c, m in enumerate(modalities)},
+               "label_order": list(modalities)}
+    return head, metrics
+
+
+def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: list[int], seed: int = 0,
+                     modalities=MODALITIES) -> dict:
+    """Features (cached once), the shared router, and optionally per-layer routers. Writes
+    router.safetensors (`weight`, `bias`, and `layers.{i}.weight/bias`) and router_metrics.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    records, y = labelled(records, modalities, cfg.max_samples)
+    cache = os.path.join(out_dir, "router_features.safetensors")
+    if os.path.isfile(cache) and load_file(cache)["labels"].tolist() == y.tolist():
+        x = load_file(cache)["features"]
+    else:
+        x = pooled_features(model, processor, records, cfg.max_length)
+        save_file({"features": x.contiguous(), "labels": y}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    head, metrics = train_router(x, y, modalities, cfg.epochs, cfg.lr, cfg.batch_size, cfg.heldout_fraction, seed)
+    tensors = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
+    if cfg.per_layer:
+        metrics["per_layer"] = {}
+        for layer, (tokens, owner) in ffn_inputs(model, processor, records, moe_layers, cfg.max_length).items():
+            layer_head, m = train_router(tokens, y[owner], modalities, cfg.epochs, cfg.lr, cfg.batch_size,
+                                         cfg.heldout_fraction, seed)
+            tensors[f"layers.{layer}.weight"] = layer_head.weight.detach().contiguous()
+            tensors[f"layers.{layer}.bias"] = layer_head.bias.detach().contiguous()
+            metrics["per_layer"][layer] = {"heldout_token_accuracy": m["heldout_accuracy"]}
+    path = os.path.join(out_dir, ROUTER_FILE)
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, "router_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def load_router_weights(model, path: str) -> None:
+    """Put trained router weights into an upcycled model (shared router and/or per-layer routers)."""
+    from ..errors import CheckpointError
+
+    tensors = load_file(path)
+    with torch.no_grad():
+        if model.router is not None:
+            if tensors["weight"].shape != model.router.weight.shape:
+                raise CheckpointError(f"{path}: router shape {tuple(tensors['weight'].shape)} does not fit the model's "
+                                      f"{tuple(model.router.weight.shape)} (moe.num_experts must equal the number of modalities)")
+            model.router.weight.copy_(tensors["weight"])
+            model.router.bias.copy_(tensors["bias"])
+        for block in model.moe_blocks:
+            if block.router is None:
+                continue
+            key = f"layers.{block.layer_idx}"
+            if f"{key}.weight" not in tensors:  # no per-layer router trained: start from the shared one
+                key = None
+            block.router.weight.copy_(tensors[f"{key}.weight" if key else "weight"])
+            block.router.bias.copy_(tensors[f"{key}.bias" if key else "bias"])

@@ -1,0 +1,276 @@
+"""The one training loop every phase uses (phases differ in data, template and trainable set).
+
+AdamW with per-group learning rates, cosine schedule with linear warmup, gradient accumulation,
+gradient clipping, bf16 autocast on CUDA, optional gradient checkpointing. Progress bar with
+loss / lr / tokens per second, metrics to `metrics.jsonl` (and TensorBoard when installed), a
+loss-curve PNG at the end, atomic checkpoints and exact resume.
+
+Data order is a pure function of (seed, epoch): micro-batch m of the run is always the same
+samples, so resuming at micro-batch m replays exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.templates import IGNORE_INDEX
+from ..errors import ConfigError
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, single_process
+from .params import Groups
+from .recipe import PhaseRecipe
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----- data order ---------------------------------------------------------------------------------
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: a seeded shuffle cut into global batches of
+    batch_size * world; rank r takes slice r of each. Under several processes an incomplete last
+    global batch is dropped so every rank runs the same number of steps."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    step = batch_size * world
+    full = num_samples // step if world > 1 else math.ceil(num_samples / step)
+    return [order[i * step + rank * batch_size: i * step + (rank + 1) * batch_size] for i in range(full)]
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Micro-batches from global index `start` on, across epochs (the resumable data position)."""
+
+    def __init__(self, n, batch_size, seed, start, stop, dist: DistInfo):
+        self.n, self.bs, self.seed, self.start, self.stop, self.dist = n, batch_size, seed, start, stop, dist
+        self.per_epoch = len(epoch_batches(n, batch_size, seed, 0, dist.rank, dist.world))
+
+    def __iter__(self):
+        cached_epoch, batches = None, []
+        for m in range(self.start, self.stop):
+            epoch, i = divmod(m, self.per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, batches = epoch, epoch_batches(self.n, self.bs, self.seed, epoch, self.dist.rank, self.dist.world)
+            yield batches[i]
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad input_ids/labels; stack every sample's images in order of appearance."""
+    longest = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    pixels = []
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[row, :n] = torch.as_tensor(it["input_ids"])
+        labels[row, :n] = torch.as_tensor(it["labels"])
+        mask[row, :n] = 1
+        if it.get("pixel_values") is not None:
+            pixels.append(it["pixel_values"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None}
+
+
+# ----- optimizer and schedule ----------------------------------------------------------------------
+
+def rebind(groups: Groups, wrapped) -> Groups:
+    """The same groups, with the parameter objects of the wrapped model (FSDP2 replaces them by
+    sharded DTensor parameters of the same names)."""
+    current = dict(getattr(wrapped, "module", wrapped).named_parameters())
+    return {g: {n: current[n] for n in params} for g, params in groups.items()}
+
+
+def make_optimizer(groups: Groups, phase: PhaseRecipe) -> torch.optim.AdamW:
+    unknown = set(phase.lr_groups) - set(groups)
+    if unknown:
+        raise ConfigError(f"lr_groups has {sorted(unknown)}; this phase's parameter groups are {sorted(groups)}")
+    param_groups = []
+    for name, params in groups.items():
+        trainable = [p for p in params.values() if p.requires_grad]
+        if trainable:
+            param_groups.append({"params": trainable, "lr": phase.lr_groups.get(name, phase.lr), "name": name})
+    if not param_groups:
+        raise ConfigError("this phase has no trainable parameters")
+    return torch.optim.AdamW(param_groups, lr=phase.lr, betas=tuple(phase.betas), weight_decay=phase.weight_decay)
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----- logging -------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when installed). On resume, entries after the checkpoint go."""
+
+    def __init__(self, run_dir: str, resumed_step: int, enabled: bool):
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception:  # tensorboard not installed: JSONL only
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(run_dir: str, title: str) -> str | None:
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = os.path.join(run_dir, "loss.png")
+    fig.savefig(out + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(out + ".tmp.png", out)
+    return out
+
+
+# ----- the loop ------------------------------------------------------------------------------------
+
+def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, seed: int = 0,
+          collate_fn: Callable | None = None, resume: bool = False, dist: DistInfo | None = None,
+          wrapped=None, recipe: dict | None = None, title: str = "training",
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Train the parameters in `groups` on `dataset`. `wrapped` is the DDP/FSDP-wrapped model (the
+    forward runs through it); `model` is the plain one. Returns a summary dict."""
+    dist = dist or single_process()
+    wrapped = wrapped if wrapped is not None else model
+    os.makedirs(run_dir, exist_ok=True)
+    n = len(dataset)
+    if phase.max_samples:
+        n = min(n, phase.max_samples)
+    if n == 0:
+        raise ConfigError(f"{title}: the dataset is empty")
+    per_epoch = len(epoch_batches(n, phase.batch_size, seed, 0, dist.rank, dist.world))
+    if per_epoch == 0:
+        raise ConfigError(f"{title}: {n} samples are fewer than one global batch ({phase.batch_size} x {dist.world} processes)")
+    total_steps = phase.max_steps or max(1, math.floor(per_epoch * phase.epochs / phase.grad_accum))
+    total_micro = total_steps * phase.grad_accum
+
+    optimizer = make_optimizer(rebind(groups, wrapped), phase)
+    scheduler = cosine_with_warmup(optimizer, total_steps, phase.warmup_ratio, phase.min_lr_ratio)
+    step = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt:
+        state = load_checkpoint(ckpt, wrapped, optimizer, scheduler)
+        step = state["step"]
+        if dist.is_main:
+            print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
+    log = MetricsLog(run_dir, step, dist.is_main)
+    if phase.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+
+    pad_id = getattr(dataset, "pad_id", 0)
+    collate_fn = collate_fn or (lambda items: collate(items, pad_id))
+    sampler = _Batches(n, phase.batch_size, seed, step * phase.grad_accum, total_micro, dist)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=phase.num_workers)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    use_bf16 = phase.bf16 and dist.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
+    window_loss, window_tokens, t0, last = 0.0, 0, time.perf_counter(), None
+    micro = 0
+    for batch in loader:
+        batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        micro += 1
+        boundary = micro % phase.grad_accum == 0
+        sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync, autocast():
+            out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch.get("pixel_values"), labels=batch["labels"])
+            (out.loss / phase.grad_accum).backward()
+        window_loss += float(out.loss.detach()) / phase.grad_accum
+        window_tokens += int(batch["attention_mask"].sum())
+        if not boundary:
+            continue
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, phase.grad_clip if phase.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        record = {"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4), "loss": window_loss,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9)}
+        last = record
+        if step % phase.log_every == 0 or step == total_steps:
+            log.write(record)
+        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
+            position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch}
+            save_checkpoint(run_dir, step, wrapped, optimizer, scheduler, position, recipe or {},
+                            keep_last=phase.keep_last, is_main=dist.is_main)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    log.close()
+    if phase.grad_checkpointing:
+        model.gradient_checkpointing_disable() if hasattr(model, "gradient_checkpointing_disable") else None
+    model.eval()
+    plot = plot_loss(run_dir, title) if dist.is_main else None
+    return {"steps": step, "total_steps": total_steps, "last": last, "loss_png": plot,
+            "metrics": os.path.join(run_dir, METRICS_FILE), "phase": asdict(phase)}

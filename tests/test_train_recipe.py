@@ -1,0 +1,95 @@
+"""Recipes: bundled files load, overrides are typed, bad keys and values get clear errors;
+`medmoe train` runs every phase of the tiny recipe end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import one_thread
+
+from medmoe.errors import CheckpointError, ConfigError
+from medmoe.training.recipe import bundled_recipes, load_recipe
+
+
+def test_bundled_recipes_load():
+    assert {"tiny", "nano", "phi2", "stablelm"} <= set(bundled_recipes())
+    for name in bundled_recipes():
+        recipe = load_recipe(name)
+        assert recipe.phase1.template == "plain" and recipe.phase2.template == "medmoe"
+    paper = load_recipe("phi2")
+    assert (paper.phase1.lr, paper.phase2.lr, paper.phase3.lr) == (1e-3, 2e-5, 2e-5)
+    assert (paper.phase1.epochs, paper.phase2.epochs, paper.phase3.epochs) == (1, 3, 9)
+    assert paper.phase2.batch_size * paper.phase2.grad_accum == 64
+
+
+def test_overrides_are_typed():
+    r = load_recipe("tiny", ["phase2.lr=1e-4", "phase3.moe.expert_type=lora", "phase3.train_router=true",
+                             "phase1.data=[\"sample\"]", "output_dir=/tmp/x", "phase2.epochs=3"])
+    assert r.phase2.lr == 1e-4 and r.phase3.moe["expert_type"] == "lora" and r.phase3.train_router is True
+    assert r.phase1.data == ["sample"] and r.output_dir == "/tmp/x" and r.phase2.epochs == 3.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("phase2.lrr=1", "unknown key 'phase2.lrr'; valid keys: phase2.data"),
+    ("phase2.lr=fast", "phase2.lr='fast': expected float"),
+    ("phase9.lr=1", "unknown key 'phase9'"),
+    ("seed=1.5", "seed=1.5: expected int"),
+    ("phase2.batch_size=0", "phase2.batch_size=0: must be at least 1"),
+    ("phase3.moe.experts=4", "unknown key phase3.moe.experts; valid keys"),
+    ("phase3.moe.expert_type=big", "moe.expert_type='big'"),
+    ("phase3.trainable=all", "phase3.trainable='all'"),
+    ("phase2.lr", "write key=value"),
+    ("distributed=horovod", "distributed='horovod'"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("tiny", [override])
+    assert message in str(err.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_recipe(str(bad))
+    bad.write_text(json.dumps({"phase2": {"learning_rate": 1}}))
+    with pytest.raises(ConfigError, match="unknown recipe key 'phase2.learning_rate'"):
+        load_recipe(str(bad))
+
+
+def test_cli_runs_every_phase_of_the_tiny_recipe(tmp_path, capsys):
+    from medmoe.cli import main
+
+    out = tmp_path / "run"
+    quick = [f"output_dir={out}", "phase1.max_steps=2", "phase2.max_steps=2", "phase3.max_steps=2",
+             "phase1.batch_size=2", "phase2.batch_size=2", "phase3.batch_size=2", "router.epochs=2",
+             "phase2.max_samples=8", "phase3.max_samples=8"]
+    with one_thread():
+        assert main(["train", "--recipe", "tiny", "--phase", "1", *quick]) == 0
+        assert main(["train", "--recipe", "tiny", "--phase", "2", *quick]) == 0
+        assert main(["train", "--recipe", "tiny", "--phase", "3", *quick]) == 2  # the router is not trained yet
+        assert "--phase router" in capsys.readouterr().err
+        assert main(["train", "--recipe", "tiny", "--phase", "router", *quick]) == 0
+        assert main(["train", "--recipe", "tiny", "--phase", "3", *quick]) == 0
+        # A second run into the same folder must not silently overwrite: it asks for --resume.
+        assert main(["train", "--recipe", "tiny", "--phase", "3", *quick]) == 2
+        assert "--resume" in capsys.readouterr().err
+        assert main(["train", "--recipe", "tiny", "--phase", "3", "--resume", *quick]) == 0
+    for phase in ("phase1", "phase2", "phase3"):
+        assert (out / phase / "model" / "model.safetensors").exists()
+        assert (out / phase / "loss.png").exists()
+    assert json.load(open(out / "router" / "router_metrics.json"))["label_order"] == ["CT", "MRI", "X-Ray", "Pathology"]
+    from medmoe.training.phases import load_model
+
+    model, _ = load_model(str(out / "phase3" / "model"))
+    assert model.is_moe
+
+
+def test_phase2_needs_phase1(tmp_path):
+    from medmoe.training.phases import run_phase
+
+    with pytest.raises(CheckpointError, match="--phase 1"):
+        run_phase(load_recipe("tiny", [f"output_dir={tmp_path}"]), "2")
