@@ -151,3 +151,9 @@ def test_prepared_folder_with_image_root(tmp_path, records):
     assert all(Image.open(i.image).size == (48, 40) for i in items)
     with pytest.raises(DataError, match="no validation.jsonl"):
         ev.resolve_data_file(str(prep), "validation")
+
+
+def test_bundled_sample_resolves():
+    path = ev.resolve_data_file("sample", "test")
+    items = ev.read_eval_items(path, "test")
+    assert path.name == "test.jsonl" and items and all(i.image is None or __import__("os").path.isfile(i.image) for i in items)
