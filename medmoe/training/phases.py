@@ -100,6 +100,8 @@ def upcycle_for_phase3(model, recipe: Recipe):
         raise ConfigError(f"phase3.moe: {err}; valid keys: {[f.name for f in dataclasses.fields(MoEConfig)]}") from None
     model.upcycle(moe)
     router_file = os.path.join(phase_dir(recipe, "router"), ROUTER_FILE)
+    if recipe.phase3.router_init == "random":
+        return model  # the plain learned router of the paper's ablation: trained in this phase only
     if os.path.isfile(router_file):
         load_router_weights(model, router_file)
     elif not recipe.phase3.train_router:

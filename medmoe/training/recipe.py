@@ -74,6 +74,9 @@ class Phase3Recipe(PhaseRecipe):
     trainable: str = "experts"  # "experts": experts + meta expert (paper); "official": + dense FFNs + projector
     train_meta: bool = True
     train_router: bool = False
+    # "modality": the router phase's classifier (paper); "random": a plain router learned in this
+    # phase from scratch (the paper's ablation; needs train_router=true)
+    router_init: str = "modality"
 
 
 @dataclass
@@ -103,6 +106,10 @@ class Recipe:
             raise ConfigError(f"unknown key phase2.llm_lora.{unknown_lora[0]}; valid keys: rank, alpha, targets")
         if self.phase2.llm_lora and int(self.phase2.llm_lora.get("rank", 0)) < 1:
             raise ConfigError("phase2.llm_lora needs a rank of at least 1, e.g. phase2.llm_lora={\"rank\": 8, \"alpha\": 16}")
+        if self.phase3.router_init not in ("modality", "random"):
+            raise ConfigError(f"phase3.router_init={self.phase3.router_init!r}: use 'modality' or 'random'")
+        if self.phase3.router_init == "random" and not self.phase3.train_router:
+            raise ConfigError("phase3.router_init=random needs phase3.train_router=true (a random router must learn)")
         if self.phase3.trainable not in ("experts", "official"):
             raise ConfigError(f"phase3.trainable={self.phase3.trainable!r}: use 'experts' or 'official'")
         from ..config import MoEConfig
