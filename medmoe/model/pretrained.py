@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..config import MedMoEConfig
 from ..data.processor import MedMoEProcessor
 from ..errors import ConfigError
-from .modeling import MedMoEForCausalLM, is_official_folder
+from .modeling import MedMoEForCausalLM, is_official_folder, place
 from .presets import preset
 from .tokenizer import tiny_tokenizer
 
@@ -178,13 +178,7 @@ def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausal
     with torch.no_grad():
         for key, value in delta.items():
             state[key].copy_(value)  # casts a compact (fp16/bf16) delta to the model's dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
+    return place(model, dtype, device), processor
 
 
 def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ..errors import ConfigError
+from ..files import read_json
 
 PHASES = ("1", "2", "router", "3")
 
@@ -231,11 +232,7 @@ def bundled_recipes() -> list[str]:
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     path = recipe_path(name_or_path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, ConfigError)
     data.pop("description", None)
     try:
         return recipe_from_dict(apply_overrides(data, overrides or []))
