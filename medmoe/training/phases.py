@@ -47,7 +47,7 @@ def starting_model(recipe: Recipe, phase: str):
     """Phase 1 starts from the recipe's model (a preset built fresh, or a model folder); later
     phases from the previous phase's output."""
     if phase == "1":
-        if os.path.isdir(recipe.model):
+        if os.path.isfile(os.path.join(recipe.model, "config.json")):  # a model folder, else a preset name
             return load_model(recipe.model)
         from ..model.pretrained import build_model
 
