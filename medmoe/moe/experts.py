@@ -165,8 +165,8 @@ class LoRAExperts(nn.Module):
         for a in (self.a_in, self.a_out):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        w = ffn_weights(self.shared)
+    def expert_forward(self, e: int, x: torch.Tensor, w: dict | None = None) -> torch.Tensor:
+        w = w if w is not None else ffn_weights(self.shared)
         h = x @ w["w_in"] + (x @ self.a_in[e]) @ self.b_in[e] * self.scale
         if w["b_in"] is not None:
             h = h + w["b_in"]
@@ -179,4 +179,5 @@ class LoRAExperts(nn.Module):
         return y + w["b_out"] if w["b_out"] is not None else y
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
-        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)
+        w = ffn_weights(self.shared)  # the shared weights once per call, not once per expert
+        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, lambda e, xe: self.expert_forward(e, xe, w))
