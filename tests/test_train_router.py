@@ -78,3 +78,10 @@ def test_per_layer_router_weights_go_to_each_block(tiny, tmp_path):
     load_router_weights(model, str(tmp_path / "r.safetensors"))
     for block in model.moe_blocks:
         assert torch.all(block.router.weight == block.layer_idx)
+
+
+def test_max_samples_takes_a_seeded_subset_of_every_source():
+    records = [{"modality": "CT"}] * 50 + [{"modality": "Pathology"}] * 50
+    kept, y = labelled(records, max_samples=20, seed=0)
+    assert len(kept) == 20 and set(y.tolist()) == {0, 3}
+    assert labelled(records, max_samples=20, seed=0)[1].tolist() == y.tolist()

@@ -29,11 +29,13 @@ from .data import field, question_text
 ROUTER_FILE = "router.safetensors"
 
 
-def labelled(records, modalities=MODALITIES, max_samples: int = 0) -> tuple[list, torch.Tensor]:
-    """Records with a known modality, and their labels (index into `modalities`)."""
+def labelled(records, modalities=MODALITIES, max_samples: int = 0, seed: int = 0) -> tuple[list, torch.Tensor]:
+    """Records with a known modality, and their labels (index into `modalities`). With
+    max_samples, a seeded random subset (so every dataset of a mixture is represented)."""
     keep = [r for r in records if field(r, "modality") in modalities]
-    if max_samples:
-        keep = keep[:max_samples]
+    if max_samples and len(keep) > max_samples:
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        keep = [keep[i] for i in sorted(order.tolist())]
     if not keep:
         raise DataError(f"no record has a modality among {list(modalities)}: the router needs labelled samples")
     return keep, torch.tensor([modalities.index(field(r, "modality")) for r in keep])
@@ -136,7 +138,7 @@ def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: l
     """Features (cached once), the shared router, and optionally per-layer routers. Writes
     router.safetensors (`weight`, `bias`, and `layers.{i}.weight/bias`) and router_metrics.json."""
     os.makedirs(out_dir, exist_ok=True)
-    records, y = labelled(records, modalities, cfg.max_samples)
+    records, y = labelled(records, modalities, cfg.max_samples, seed)
     cache = os.path.join(out_dir, "router_features.safetensors")
     if os.path.isfile(cache) and load_file(cache)["labels"].tolist() == y.tolist():
         x = load_file(cache)["features"]
