@@ -109,11 +109,27 @@ def run(args) -> int:
     summary = {"model": model_name, "why": why, "seconds": timings, "total_seconds": total,
                "question": args.question, "image": image, "answer": answer,
                "router": results["router"]["metrics"], "eval": metrics,
-               "losses": {p: (results[p].get("last") or {}).get("loss") for p in ("1", "2", "3")}}
+               "losses": {p: loss_trend(results[p]["metrics"]) for p in ("1", "2", "3")}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print(report(summary, recipe, args.out))
     return 0
+
+
+def loss_trend(metrics_path: str) -> tuple[float | None, float | None]:
+    """Mean training loss over the first and the last third of the logged steps (one step of
+    two samples is too noisy to read alone)."""
+    import json
+    import os
+
+    if not os.path.exists(metrics_path):
+        return None, None
+    with open(metrics_path) as f:
+        losses = [json.loads(line)["loss"] for line in f if line.strip()]
+    if not losses:
+        return None, None
+    k = max(1, len(losses) // 3)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
 def evaluate_sample(model, processor, model_path: str, out: str) -> dict:
@@ -131,8 +147,8 @@ def report(s: dict, recipe, out: str) -> str:
     import os
 
     def loss(p):
-        v = s["losses"][p]
-        return "n/a" if v is None else f"{v:.3f}"
+        first, last = s["losses"][p]
+        return "n/a" if first is None else f"{first:.2f} -> {last:.2f}"
 
     router = s["router"] or {}
     acc = router.get("heldout_accuracy")
@@ -141,11 +157,11 @@ def report(s: dict, recipe, out: str) -> str:
         "",
         "medmoe demo: done in %.0f s" % s["total_seconds"],
         f"  model        {s['model']} ({s['why']})",
-        f"  phase 1      projector aligned on captions of the bundled images   last loss {loss('1')}  ({s['seconds']['1']} s)",
-        f"  phase 2      LLM + projector tuned on the bundled VQA-RAD questions last loss {loss('2')}  ({s['seconds']['2']} s)",
+        f"  phase 1      projector aligned on captions of the bundled images   loss {loss('1')}  ({s['seconds']['1']} s)",
+        f"  phase 2      LLM + projector tuned on the bundled VQA-RAD questions loss {loss('2')}  ({s['seconds']['2']} s)",
         f"  router       modality classifier on pooled hidden states, held-out accuracy "
         f"{'n/a' if acc is None else f'{acc:.2f}'} on {router.get('heldout_n', 0)} samples  ({s['seconds']['router']} s)",
-        f"  phase 3      upcycled to Med-MoE (4 experts + meta expert), experts tuned, last loss {loss('3')}  ({s['seconds']['3']} s)",
+        f"  phase 3      upcycled to Med-MoE (4 experts + meta expert), experts tuned, loss {loss('3')}  ({s['seconds']['3']} s)",
         f"  evaluation   sample test questions: {_eval_line(total)}  ({s['seconds']['eval']} s)",
         f"  question     {s['question']}  [{os.path.basename(s['image'])}]",
         f"  answer       {s['answer']!r}",
