@@ -65,7 +65,7 @@ def save_model(model, wrapped, processor, path: str, dist) -> None:
     """Final model folder (config.json + model.safetensors + tokenizer), written by the main rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if dist.enabled and wrapped is not model and not hasattr(wrapped, "module"):  # FSDP: gather full tensors
+    if distributed.is_sharded(model):  # FSDP2: gather full tensors on every rank, rank 0 writes
         state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.is_main:
             from safetensors.torch import save_file
