@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import torch
 
@@ -148,7 +147,3 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
 def run_all(recipe: Recipe, resume: bool = False) -> list[dict]:
     return [run_phase(recipe, p, resume=resume) for p in PHASES]
 
-
-def clean(recipe: Recipe) -> None:
-    """Remove a run's output folder (the demo starts from scratch)."""
-    shutil.rmtree(recipe.output_dir, ignore_errors=True)
