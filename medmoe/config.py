@@ -7,7 +7,7 @@ The nested parts are plain dataclasses stored as dicts, so they read well in the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig

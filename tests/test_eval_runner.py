@@ -135,3 +135,25 @@ def test_real_vqa_rad_subset(tmp_path, tiny_moe_dir):
     assert m["vqa"]["counts"]["scored"] == 6 and m["vqa"]["counts"]["missing"] == 0
     assert set(m["vqa"]["by"]["question_type"]) == {r["question_type"].strip() for r in rows}
     assert m["routing"]["router_accuracy"]["samples"] == 0  # VQA-RAD has no modality field
+
+
+def test_prepared_folder_with_image_root(tmp_path, records):
+    prep = tmp_path / "prepared"
+    prep.mkdir()
+    rows = [json.loads(l) for l in records.read_text().splitlines()][:2]
+    for r in rows:
+        r["image"] = r["image"].removeprefix("imgs/")
+    (prep / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (prep / "dataset.json").write_text(json.dumps({"image_root": "../imgs"}))
+    path = ev.resolve_data_file(str(prep), "test")
+    items = ev.read_eval_items(path, "test")
+    assert [i.gt.id for i in items] == ["q0", "q1"]
+    assert all(Image.open(i.image).size == (48, 40) for i in items)
+    with pytest.raises(DataError, match="no validation.jsonl"):
+        ev.resolve_data_file(str(prep), "validation")
+
+
+def test_bundled_sample_resolves():
+    path = ev.resolve_data_file("sample", "test")
+    items = ev.read_eval_items(path, "test")
+    assert path.name == "test.jsonl" and items and all(i.image is None or __import__("os").path.isfile(i.image) for i in items)

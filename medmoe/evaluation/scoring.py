@@ -24,6 +24,7 @@ from .metrics import aggregate, normalize_answer_type, score_item
 UNKNOWN = "unknown"
 BREAKDOWNS = ("dataset", "answer_type", "modality", "question_type")
 MAX_LISTED_IDS = 20
+SPLIT_NAMES = ("train", "test", "val", "valid", "validate", "validation", "dev")
 
 
 @dataclass
@@ -114,8 +115,15 @@ def parse_ground_truth(d: dict, where: str, default_dataset: str = UNKNOWN) -> G
                        question_type=_question_type(d), image=d.get("image"))
 
 
+def default_dataset_name(path) -> str:
+    """For records without a `dataset` field: the file name, or its folder's when the file is
+    named after a split (the official layout is `DATASET/test.json`)."""
+    path = Path(path)
+    return path.parent.name if path.stem.lower() in SPLIT_NAMES and path.parent.name else path.stem
+
+
 def read_ground_truth(path) -> list[GroundTruth]:
-    items = [parse_ground_truth(d, where, default_dataset=Path(path).stem) for where, d in read_json_objects(path)]
+    items = [parse_ground_truth(d, where, default_dataset=default_dataset_name(path)) for where, d in read_json_objects(path)]
     seen: set[str] = set()
     for item in items:
         if item.id in seen:

@@ -35,6 +35,17 @@ class MedMoEOutput(ModelOutput):
     routing: list[LayerRouting] | None = None  # per MoE layer, when output_routing=True
 
 
+def place(model: torch.nn.Module, dtype: torch.dtype | str | None, device) -> torch.nn.Module:
+    """Move a loaded model to `dtype` ("auto"/None: keep) and `device`, in eval mode."""
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled (answer) positions only."""
     targets = labels[:, 1:]
@@ -200,13 +211,7 @@ class MedMoEForCausalLM(PreTrainedModel):
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not match its config.json: missing {sorted(missing)[:10]}, "
                                   f"unexpected {sorted(unexpected)[:10]}")
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
-        if isinstance(dtype, torch.dtype):
-            model.to(dtype)
-        if device is not None:
-            model.to(device)
-        return model.eval()
+        return place(model, dtype, device)
 
 
 AutoConfig.register("medmoe", MedMoEConfig, exist_ok=True)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..config import MedMoEConfig, MoEConfig
+from ..config import MedMoEConfig
 from .modeling import MedMoEForCausalLM
 
 

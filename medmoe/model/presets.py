@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..config import MedMoEConfig
 from ..errors import ConfigError
+from ..files import read_json
 
 TINY_VOCAB = 272  # 256 bytes + specials; see tokenizer.tiny_tokenizer
 
@@ -97,11 +97,7 @@ def load_config(name_or_path: str) -> MedMoEConfig:
     if os.path.isdir(name_or_path):
         name_or_path = os.path.join(name_or_path, "config.json")
     if os.path.isfile(name_or_path):
-        try:
-            with open(name_or_path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{name_or_path}: not valid JSON ({err})") from None
+        data = read_json(name_or_path, ConfigError)
         data.pop("model_type", None)
         return MedMoEConfig(**data)
     return preset(name_or_path)

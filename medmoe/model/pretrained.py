@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..config import MedMoEConfig
 from ..data.processor import MedMoEProcessor
 from ..errors import ConfigError
-from .modeling import MedMoEForCausalLM
+from .modeling import MedMoEForCausalLM, is_official_folder, place
 from .presets import preset
 from .tokenizer import tiny_tokenizer
 
@@ -130,10 +130,12 @@ def structured_base(config: MedMoEConfig) -> tuple[MedMoEForCausalLM, MedMoEProc
     return model, processor, base_keys
 
 
-def save_delta(model: MedMoEForCausalLM, processor: MedMoEProcessor, directory: str, base: str) -> dict:
-    """Save only the tensors that are not pretrained base weights (projector, adapters, experts, router).
+def save_delta(model: MedMoEForCausalLM, processor: MedMoEProcessor, directory: str, base: str,
+               dtype: torch.dtype | None = None) -> dict:
+    """Save only the tensors that are not pretrained base weights (projector, adapters, experts, router),
+    optionally cast to `dtype` (fp16/bf16 halve the file). The tokenizer comes from the base too.
 
-    Returns {"saved": n_tensors, "parameters": n_params}."""
+    Returns {"saved": n_tensors, "parameters": n_params, "bytes": file size}."""
     from safetensors.torch import save_file
 
     base_state = build_model(base, pretrained=True)[0].state_dict()
@@ -141,15 +143,17 @@ def save_delta(model: MedMoEForCausalLM, processor: MedMoEProcessor, directory: 
     for key, value in model.state_dict().items():
         ref = base_state.get(_base_key(key))
         if ref is None or ref.shape != value.shape or not torch.equal(ref, value.to(ref.dtype)):
-            delta[key] = value.detach().to("cpu").contiguous()
+            value = value.detach().to("cpu")
+            delta[key] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
     os.makedirs(directory, exist_ok=True)
     model.config.base_model = base
     model.config.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    processor.save_settings(directory)
     target = os.path.join(directory, "model.safetensors")
     save_file(delta, target + ".tmp", metadata={"format": "pt", "medmoe_delta_of": base})
     os.replace(target + ".tmp", target)
-    return {"saved": len(delta), "parameters": sum(v.numel() for v in delta.values())}
+    return {"saved": len(delta), "parameters": sum(v.numel() for v in delta.values()),
+            "bytes": os.path.getsize(target)}
 
 
 def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
@@ -158,8 +162,8 @@ def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausal
     from ..errors import CheckpointError
 
     config = MedMoEConfig.from_pretrained(directory)
-    model, _, base_keys = structured_base(config)
-    processor = MedMoEProcessor.from_pretrained(directory, model.config.vision_config)
+    model, processor, base_keys = structured_base(config)
+    processor.load_settings(directory)
     weights = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(weights):
         raise CheckpointError(f"{weights} not found")
@@ -171,11 +175,17 @@ def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausal
     uncovered = sorted(k for k in state if k not in delta and _base_key(k) not in base_keys)
     if uncovered:
         raise CheckpointError(f"{weights} lacks trained tensors {uncovered[:10]}")
-    model.load_state_dict(delta, strict=False)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
+    with torch.no_grad():
+        for key, value in delta.items():
+            state[key].copy_(value)  # casts a compact (fp16/bf16) delta to the model's dtype
+    return place(model, dtype, device), processor
+
+
+def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
+    """(model, processor) from any model folder: a full save, a delta on pretrained base weights
+    (the shipped Nano model), or an official Med-MoE / MoE-LLaVA checkpoint."""
+    if not is_official_folder(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if MedMoEConfig.from_pretrained(path).base_model:
+            return load_delta(path, dtype=dtype, device=device)
+    model = MedMoEForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)

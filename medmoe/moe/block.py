@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
+from .experts import ffn_forward
 from .router import Router, load_balancing_loss, route, z_loss
 
 
@@ -70,7 +71,7 @@ class MedMoEBlock(nn.Module):
             decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
         y = self.experts(x, decision.expert_index, decision.expert_weight)
         if self.meta is not None:
-            y = y + self.meta(x)
+            y = y + ffn_forward(self.meta, x)
         self._record(shape, logits, decision)
         return y.reshape(shape)
 

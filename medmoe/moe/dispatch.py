@@ -3,8 +3,15 @@
 - `loop`: one expert at a time over the tokens routed to it. Plain, works for any expert
   module, and is the reference the fast path is tested against. It syncs with the host once
   per expert (to size each group).
-- `grouped_ffn`: tokens sorted by expert, both projections as one `torch._grouped_mm` each
-  over the stacked [E, ...] weights; group sizes stay on the device (no host sync).
+- `grouped_ffn`: the (token, choice) slots sorted by expert, both projections as one
+  `torch._grouped_mm` each over the stacked [E, ...] weights. Every shape depends only on the
+  number of tokens, never on the routing, so there is no host sync and the whole block can be
+  captured in a CUDA graph (decode) or traced on the meta device (tested).
+
+The meta expert is not fused into the grouped GEMM: it would need an [E+1] weight stack built on
+every call (a copy of all expert weights, several times the cost of a decode step) or its weights
+moved into the stack (breaking `block.meta`, which is the layer's original FFN module). It runs
+as one dense FFN instead (`experts.ffn_forward`); docs/speed.md has the measurement.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int,
@@ -34,10 +42,13 @@ def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tenso
 def grouped_supported(x: torch.Tensor, experts) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return x.dtype == torch.float32
+    if x.device.type in ("cpu", "meta"):
+        # The CPU kernel takes fp32, but the compiler's shape check insists on bf16.
+        return x.dtype == torch.float32 and not torch.compiler.is_compiling()
     if x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False  # the fused kernels are Hopper and newer
     # Hopper/Blackwell kernels need 16-byte aligned rows.
     return all(s % 8 == 0 for s in (experts.w_in.shape[1], experts.w_in.shape[2], experts.w_out.shape[2]))
 
@@ -48,21 +59,39 @@ def auto_mode(x: torch.Tensor, experts=None) -> str:
     return "loop"
 
 
+def sort_by_expert(expert_index: torch.Tensor, num_experts: int):
+    """(order, sorted_expert, group_ends) for the flattened [N*k] slots, all on the device.
+
+    order[j] is the flat slot at sorted position j; group_ends[e] is one past expert e's last row.
+    """
+    flat = expert_index.reshape(-1)
+    order = flat.argsort(stable=True)
+    sorted_expert = flat.index_select(0, order)
+    experts = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)
+    group_ends = torch.searchsorted(sorted_expert, experts, right=True, out_int32=True)
+    return order, sorted_expert, group_ends
+
+
+def add_group_bias(h: torch.Tensor, bias: torch.Tensor | None, sorted_expert: torch.Tensor) -> torch.Tensor:
+    """h + bias[sorted_expert] as one small matmul: one pass over h, and the bias gradient is a
+    [E, N] x [N, f] matmul instead of an atomic scatter into 4 rows."""
+    if bias is None:
+        return h
+    one_hot = F.one_hot(sorted_expert, bias.shape[0]).to(h.dtype)
+    return torch.addmm(h, one_hot, bias.to(h.dtype))
+
+
 def grouped_ffn(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, experts) -> torch.Tensor:
     n, k = expert_index.shape
-    flat_index = expert_index.reshape(-1)
-    order = flat_index.argsort(stable=True)
-    sorted_expert = flat_index[order]
-    token = order // k
-    counts = torch.bincount(flat_index, minlength=experts.num_experts)
-    offsets = counts.cumsum(0).to(torch.int32)
-    xs = x[token]
-    h = torch._grouped_mm(xs, experts.w_in, offs=offsets)
-    if experts.b_in is not None:
-        h = h + experts.b_in[sorted_expert]
+    order, sorted_expert, group_ends = sort_by_expert(expert_index, experts.num_experts)
+    xs = x.index_select(0, order // k)
+    h = add_group_bias(torch._grouped_mm(xs, experts.w_in, offs=group_ends), experts.b_in, sorted_expert)
     h = experts.hidden_act(h)
-    out = torch._grouped_mm(h, experts.w_out, offs=offsets)
-    if experts.b_out is not None:
-        out = out + experts.b_out[sorted_expert]
-    out = out * expert_weight.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token, out)
+    out = add_group_bias(torch._grouped_mm(h, experts.w_out, offs=group_ends), experts.b_out, sorted_expert)
+    # Back to (token, choice) order: a gather by the inverse permutation (no atomics, deterministic).
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
+    out = out.index_select(0, inverse).view(n, k, -1)
+    weight = expert_weight.to(out.dtype).unsqueeze(-1)
+    if k == 1:
+        return (out * weight).squeeze(1)
+    return (out * weight).sum(dim=1)

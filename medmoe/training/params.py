@@ -2,7 +2,8 @@
 {group name: {parameter name: parameter}}; `select` freezes everything else.
 
 - phase 1: the projector.
-- phase 2: the LLM and the projector (the vision tower stays frozen).
+- phase 2: the LLM and the projector (the vision tower stays frozen); with `phase2.llm_lora`, the
+  LLM's LoRA adapters instead of all its weights.
 - phase 3: the domain experts and the meta expert of every MoE layer (paper); "official" adds the
   dense FFNs of the other layers and the projector, as the official code does. The router is
   frozen unless asked for.
@@ -31,7 +32,14 @@ def phase1_groups(model) -> Groups:
 def phase2_groups(model) -> Groups:
     if model.is_moe:
         raise ConfigError("phase 2 trains a dense model; this one is already Med-MoE (phase 3 output?)")
-    return {"llm": _named(model, model.language_model), "projector": _named(model, model.projector)}
+    llm = _named(model, model.language_model)
+    if model.config.llm_lora:  # compact phase 2: only the LoRA adapters of the LLM train
+        llm = _lora_only(llm)
+    return {"llm": llm, "projector": _named(model, model.projector)}
+
+
+def _lora_only(named: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in named.items() if n.endswith(("lora_A", "lora_B"))}
 
 
 def phase3_groups(model, trainable: str = "experts", train_meta: bool = True, train_router: bool = False) -> Groups:
@@ -41,7 +49,9 @@ def phase3_groups(model, trainable: str = "experts", train_meta: bool = True, tr
     for block in model.moe_blocks:
         groups["experts"].update(_named(model, block.experts))
         if block.meta is not None and train_meta:
-            groups["meta"].update(_named(model, block.meta))
+            meta = _named(model, block.meta)
+            # A LoRA-adapted LLM stays compact: its meta experts train their adapters only.
+            groups["meta"].update(_lora_only(meta) if model.config.llm_lora else meta)
     if trainable == "official":
         moe_layers = {b.layer_idx for b in model.moe_blocks}
         groups["dense_ffn"] = {}

@@ -37,18 +37,16 @@ def model_dir(recipe: Recipe, phase: str) -> str:
 
 
 def load_model(path: str):
-    from ..data.processor import MedMoEProcessor
-    from ..model.modeling import MedMoEForCausalLM
+    from ..model.pretrained import load_model as load_any
 
-    model = MedMoEForCausalLM.from_pretrained(path)
-    return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+    return load_any(path)
 
 
 def starting_model(recipe: Recipe, phase: str):
     """Phase 1 starts from the recipe's model (a preset built fresh, or a model folder); later
     phases from the previous phase's output."""
     if phase == "1":
-        if os.path.isdir(recipe.model):
+        if os.path.isfile(os.path.join(recipe.model, "config.json")):  # a model folder, else a preset name
             return load_model(recipe.model)
         from ..model.pretrained import build_model
 
@@ -101,6 +99,8 @@ def upcycle_for_phase3(model, recipe: Recipe):
         raise ConfigError(f"phase3.moe: {err}; valid keys: {[f.name for f in dataclasses.fields(MoEConfig)]}") from None
     model.upcycle(moe)
     router_file = os.path.join(phase_dir(recipe, "router"), ROUTER_FILE)
+    if recipe.phase3.router_init == "random":
+        return model  # the plain learned router of the paper's ablation: trained in this phase only
     if os.path.isfile(router_file):
         load_router_weights(model, router_file)
     elif not recipe.phase3.train_router:
@@ -127,6 +127,10 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
 
     cfg = getattr(recipe, f"phase{phase}")
     _check_fresh(run_dir, resume)
+    if phase == "2" and cfg.llm_lora and not model.config.llm_lora:
+        lora = cfg.llm_lora
+        model.add_llm_lora(int(lora["rank"]), float(lora.get("alpha", 2 * int(lora["rank"]))),
+                           **({"targets": tuple(lora["targets"])} if "targets" in lora else {}))
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     groups = params.select(model, _groups(model, recipe, phase))

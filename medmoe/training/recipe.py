@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ..errors import ConfigError
+from ..files import read_json
 
 PHASES = ("1", "2", "router", "3")
 
@@ -62,11 +63,21 @@ class RouterRecipe:
 
 
 @dataclass
+class Phase2Recipe(PhaseRecipe):
+    # {"rank": r, "alpha": a[, "targets": [...]]}: train LoRA adapters on the LLM's linear layers instead
+    # of all LLM weights (compact: the result ships as a small delta on the pretrained base).
+    llm_lora: dict = field(default_factory=dict)
+
+
+@dataclass
 class Phase3Recipe(PhaseRecipe):
     moe: dict = field(default_factory=dict)  # MoEConfig fields (layers, num_experts, expert_type, ...)
     trainable: str = "experts"  # "experts": experts + meta expert (paper); "official": + dense FFNs + projector
     train_meta: bool = True
     train_router: bool = False
+    # "modality": the router phase's classifier (paper); "random": a plain router learned in this
+    # phase from scratch (the paper's ablation; needs train_router=true)
+    router_init: str = "modality"
 
 
 @dataclass
@@ -77,7 +88,7 @@ class Recipe:
     seed: int = 0
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     phase1: PhaseRecipe = field(default_factory=lambda: PhaseRecipe(template="plain", lr=1e-3))
-    phase2: PhaseRecipe = field(default_factory=PhaseRecipe)
+    phase2: Phase2Recipe = field(default_factory=Phase2Recipe)
     router: RouterRecipe = field(default_factory=RouterRecipe)
     phase3: Phase3Recipe = field(default_factory=Phase3Recipe)
 
@@ -91,6 +102,15 @@ class Recipe:
                     raise ConfigError(f"{name}.{key}={getattr(p, key)}: must be at least 1")
             if p.template not in ("medmoe", "plain", "chat"):
                 raise ConfigError(f"{name}.template={p.template!r}: use 'medmoe', 'plain' or 'chat'")
+        unknown_lora = sorted(set(self.phase2.llm_lora) - {"rank", "alpha", "targets"})
+        if unknown_lora:
+            raise ConfigError(f"unknown key phase2.llm_lora.{unknown_lora[0]}; valid keys: rank, alpha, targets")
+        if self.phase2.llm_lora and int(self.phase2.llm_lora.get("rank", 0)) < 1:
+            raise ConfigError("phase2.llm_lora needs a rank of at least 1, e.g. phase2.llm_lora={\"rank\": 8, \"alpha\": 16}")
+        if self.phase3.router_init not in ("modality", "random"):
+            raise ConfigError(f"phase3.router_init={self.phase3.router_init!r}: use 'modality' or 'random'")
+        if self.phase3.router_init == "random" and not self.phase3.train_router:
+            raise ConfigError("phase3.router_init=random needs phase3.train_router=true (a random router must learn)")
         if self.phase3.trainable not in ("experts", "official"):
             raise ConfigError(f"phase3.trainable={self.phase3.trainable!r}: use 'experts' or 'official'")
         from ..config import MoEConfig
@@ -212,11 +232,7 @@ def bundled_recipes() -> list[str]:
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     path = recipe_path(name_or_path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, ConfigError)
     data.pop("description", None)
     try:
         return recipe_from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,89 @@
+"""Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
+
+For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`), the same
+step without the graph, and a plain transformers-style loop (DynamicCache, `model.forward` per
+token), beside the memory floor: the bytes one step must read (weights of the dense layers, the
+meta expert and the experts in use, the LM head, the KV cache of the mean context) over the
+measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from ..generation.fast_decode import decode
+from .models import image_prompt, param_bytes, phi2_medmoe
+from .timing import copy_bandwidth_gbs, sync
+
+
+def step_bytes(model, batch: int, context: int) -> dict:
+    """Bytes one decode step reads at best: activated weights + KV cache of `context` tokens."""
+    lm = model.language_model
+    weights = param_bytes(lm) - param_bytes(lm.get_input_embeddings())
+    for block in model.moe_blocks:
+        experts = block.experts
+        used = min(batch * block.cfg.top_k, experts.num_experts)  # batch 1: one expert; batch 8: all four (assumed)
+        weights -= param_bytes(experts) * (experts.num_experts - used) // experts.num_experts
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * context * kv_heads * head_dim * model.dtype.itemsize
+    return {"weights": int(weights), "kv_cache": int(kv)}
+
+
+@torch.no_grad()
+def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
+    """ms per token of the plain loop: DynamicCache, one `model.forward` per token, host sync per token."""
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(ids.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.item() if token.numel() == 1 else token.tolist()  # what a streaming loop does each token
+    sync(ids.device)
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
+        plain_steps: int = 16, compile: bool = False, baselines: bool = True, log=print) -> dict:
+    model = (model or phi2_medmoe(device)).eval()
+    bandwidth = copy_bandwidth_gbs(device)
+    rows = []
+    for batch in batches:
+        ids, mask, pixels = image_prompt(model, batch, text_tokens, device)
+        prompt = ids.shape[1]
+        row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
+        warm = {}
+        short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
+        graph, eager = {}, {}
+        tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
+        row["compile"] = compile
+        row["warmup"] = warm
+        row["graph"] = graph
+        if baselines:
+            eager_tokens = decode(model, ids, mask, pixels, max_new_tokens=16, stats=eager, cuda_graph=False)
+            row["graph_equals_eager"] = bool(torch.equal(short, eager_tokens))
+            row["plain_ms_per_step"] = plain_step_ms(model, ids, mask, pixels, plain_steps)
+        else:
+            eager["step_ms"] = row["plain_ms_per_step"] = float("nan")
+        row["eager_static"] = eager
+        nbytes = step_bytes(model, batch, prompt + new_tokens // 2)
+        floor_ms = sum(nbytes.values()) / (bandwidth * 1e9) * 1e3
+        row.update(step_bytes=nbytes, floor_ms_per_step=floor_ms, floor_tokens_per_s=batch / floor_ms * 1e3,
+                   tokens_per_s=batch / graph["step_ms"] * 1e3,
+                   eager_static_tokens_per_s=batch / eager["step_ms"] * 1e3,
+                   plain_tokens_per_s=batch / row["plain_ms_per_step"] * 1e3,
+                   first_tokens=tokens[0, :8].tolist())
+        row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
+        log(f"decode batch {batch}: {row['tokens_per_s']:.0f} tok/s (graph, {graph['step_ms']:.2f} ms/step), "
+            f"eager static {row['eager_static_tokens_per_s']:.0f}, plain {row['plain_tokens_per_s']:.0f}, "
+            f"floor {row['floor_tokens_per_s']:.0f} tok/s -> {100 * row['fraction_of_floor']:.0f}% of floor")
+        rows.append(row)
+    return {"copy_bandwidth_gbs": bandwidth, "params": sum(p.numel() for p in model.parameters()), "rows": rows}

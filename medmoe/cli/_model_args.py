@@ -1,0 +1,44 @@
+"""Options shared by `medmoe ask`, `chat` and `serve` for loading a model."""
+
+from __future__ import annotations
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors + tokenizer)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: weight-only int8 linears and experts (about 3x less weight memory; see docs/serving.md)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
+
+
+def add_image_args(p) -> None:
+    p.add_argument("--window", default=None,
+                   help="DICOM/NIfTI window: lung, mediastinum, soft_tissue, abdomen, liver, bone, brain, subdural, "
+                        "stroke, rgb (lung/mediastinum/bone as R/G/B) or CENTER,WIDTH (--window=-600,1500 for a "
+                        "negative center); default: the file's own")
+    p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="NIfTI slice (default: the middle one)")
+    p.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"], help="NIfTI slice plane")
+
+
+def open_image(path: str | None, args):
+    """The image for a path, honouring the DICOM/NIfTI options; None for no image."""
+    if not path:
+        return None
+    from ..data.images import load_image
+    from ..data.medical_images import load_medical, medical_kind
+
+    if medical_kind(path) is None:
+        return load_image(path)
+    window = args.window
+    if window and "," in window:
+        window = tuple(float(v) for v in window.split(","))
+    return load_medical(path, window=window, frame=args.frame, slice_index=args.slice_index, plane=args.plane)
+
+
+def load(args):
+    from ..serving.api import MedMoE
+
+    return MedMoE.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       max_new_tokens=args.max_new_tokens)

@@ -1,0 +1,40 @@
+"""`medmoe ask`: one question about one image; prints the answer and which domain expert handled the image."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ._model_args import add_image_args, add_model_args, load, open_image
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ask", help="answer a question about an image (PNG/JPEG/TIFF/BMP/DICOM/NIfTI)")
+    add_model_args(p)
+    add_image_args(p)
+    p.add_argument("--image", default=None, help="image file; omit for a text-only question")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--json", action="store_true", help="print one JSON object (answer, routing, finish reason)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); >0 samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed when sampling")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    image = open_image(args.image, args)
+    model = load(args)
+    sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0, "seed": args.seed}
+    answer = model.ask(image, args.question, **sampling)
+    if args.json:
+        record = answer.to_dict()
+        if image is not None and image.info.get("medmoe_reduction"):
+            record["image_reduction"] = image.info["medmoe_reduction"]
+        print(json.dumps(record, indent=2))
+        return 0
+    print(answer.text)
+    if answer.routing is not None:
+        r = answer.routing
+        print(f"\nrouting: the {r.expert} expert handled the image ({r.shares[r.expert]:.0%} of "
+              f"{r.image_tokens} image tokens x {len(r.layers)} MoE layers)", file=sys.stderr)
+        print(r.bar(), file=sys.stderr)
+    return 0

@@ -1,0 +1,57 @@
+"""`medmoe chat`: a multi-turn conversation in the terminal, answers streamed as they are produced.
+
+Commands at the prompt: `/image PATH` attaches an image to the next question, `/reset` starts over,
+`/quit` (or Ctrl-D) leaves."""
+
+from __future__ import annotations
+
+import sys
+
+from ._model_args import add_image_args, add_model_args, load, open_image
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat about images with streamed answers")
+    add_model_args(p)
+    add_image_args(p)
+    p.add_argument("--image", default=None, help="image for the first question")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import MedMoEError
+
+    model = load(args)
+    session = model.chat()
+    pending = open_image(args.image, args)
+    print("medmoe chat: /image PATH attaches an image, /reset starts over, /quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            pending = None
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            try:
+                pending = open_image(line[len("/image"):].strip(), args)
+                print("(image attached to the next question)", file=sys.stderr)
+            except MedMoEError as err:
+                print(f"error: {err}", file=sys.stderr)
+            continue
+        print("medmoe> ", end="", flush=True)
+        for piece in session.stream(line, pending):
+            print(piece, end="", flush=True)
+        print()
+        pending = None
+        r = session.last.routing if session.last else None
+        if r is not None:
+            print(f"  [routing: {r.expert} expert, {r.shares[r.expert]:.0%} of image tokens]", file=sys.stderr)

@@ -1,0 +1,38 @@
+"""`medmoe serve`: the OpenAI-compatible HTTP server and the web page, on one port."""
+
+from __future__ import annotations
+
+import sys
+
+from ._model_args import add_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: OpenAI chat-completions API + a web page (upload, ask, routing)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests answered together in one generation")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests; more are answered 503")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a 504")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest decoded image (width x height)")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, image tokens included")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..serving.server import Limits, create_app, serve
+
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
+                    queue_size=args.queue_size, timeout_s=args.timeout)
+    app = create_app(args.model, limits=limits, model_name=args.name, device=args.device, dtype=args.dtype,
+                     quantize=args.quantize)
+    print(f"medmoe serve: http://{args.host}:{args.port}/ (web page), /v1/chat/completions, /v1/models, /health",
+          file=sys.stderr)
+    serve(app, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,361 @@
+"""DICOM and NIfTI files -> 8-bit RGB PIL images the vision tower can take.
+
+DICOM (pydicom): stored values -> modality LUT (RescaleSlope/Intercept or a Modality LUT
+Sequence, giving Hounsfield units for CT) -> a window or VOI LUT -> 0..255 -> MONOCHROME1
+inverted. The window is, in order of preference: the one asked for (a CT preset such as "lung",
+"rgb" for three CT windows as the three colour channels, or an explicit (center, width)); the
+file's own VOI LUT or WindowCenter/WindowWidth (MR, CR, DX, ...); else the robust min-max of the
+pixels. Multi-frame files are reduced to one frame (the middle one unless `frame` is given).
+
+NIfTI (nibabel): the volume is reoriented to RAS+, one slice is taken (middle axial by default;
+`plane` and `slice_index` choose another; 4-D series use volume `volume`, 0 by default), and shown
+in neurological convention (patient right on the image right, anterior up).
+
+How a multi-frame or volume input was reduced is written to `image.info["medmoe_reduction"]` and
+logged. Nothing from the DICOM header other than the modality ever reaches a log or an error:
+headers carry patient data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS = 100_000_000  # same bound as PIL's decompression-bomb guard, per frame/slice
+MAX_NIFTI_BYTES = 1 << 30  # a gzipped upload may not inflate past this (decompression bombs)
+
+# (center, width) in Hounsfield units; the usual radiology presets.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (60.0, 400.0),
+    "liver": (30.0, 150.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),
+}
+# window="rgb": red = lung, green = mediastinum, blue = bone (one window per channel, so the
+# tower sees air, soft tissue and bone contrast at once).
+RGB_WINDOWS = ("lung", "mediastinum", "bone")
+
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+
+
+# --- sniffing ---------------------------------------------------------------------------------
+
+def _head(source, n: int = 352) -> bytes:
+    """First n bytes of a path, bytes or seekable file, leaving a file where it was."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:n])
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as f:
+                return f.read(n)
+        except OSError:
+            return b""
+    if hasattr(source, "read") and hasattr(source, "seek"):
+        pos = source.tell()
+        data = source.read(n)
+        source.seek(pos)
+        return data if isinstance(data, bytes) else b""
+    return b""
+
+
+def _nifti_header_magic(head: bytes) -> bool:
+    if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1"):  # NIfTI-1
+        return True
+    return len(head) >= 8 and head[4:7] in (b"n+2", b"ni2")  # NIfTI-2
+
+
+def medical_kind(source, name: str | None = None) -> str | None:
+    """'dicom', 'nifti' or None, from the magic bytes (DICM at 128, NIfTI magic) or the name."""
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(source, "read"):
+        return None
+    head = _head(source)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:2] == b"\x1f\x8b":  # gzip: look inside for a NIfTI header
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(_head(source, 4096))).read(352)
+        except (OSError, EOFError):
+            head = b""
+    if _nifti_header_magic(head):
+        return "nifti"
+    label = (name or (str(source) if isinstance(source, (str, os.PathLike)) else "")).lower()
+    if label.endswith(DICOM_EXTENSIONS):
+        return "dicom"
+    if label.endswith(NIFTI_EXTENSIONS):
+        return "nifti"
+    return None
+
+
+def load_if_medical(source, name: str | None = None) -> Image.Image | None:
+    """The RGB image when `source` is a DICOM or NIfTI file, else None (used by `load_image`)."""
+    kind = medical_kind(source, name)
+    if kind is None:
+        return None
+    return load_medical(source, name=name, kind=kind)
+
+
+def load_medical(source, name: str | None = None, kind: str | None = None, *, window=None,
+                 frame: int | None = None, slice_index: int | None = None, plane: str = "axial",
+                 volume: int | None = None) -> Image.Image:
+    """Open a DICOM or NIfTI file (path, bytes or file) as an 8-bit RGB image.
+
+    window: None (the file's own), a preset name from CT_WINDOWS, "rgb", or (center, width).
+    frame: DICOM frame to keep (default middle). slice_index/plane/volume: the NIfTI slice.
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
+    kind = kind or medical_kind(source, name)
+    if kind == "dicom":
+        return load_dicom(source, label, window=window, frame=frame)
+    if kind == "nifti":
+        return load_nifti(source, label, window=window, slice_index=slice_index, plane=plane, volume=volume)
+    raise ImageError(f"{label}: neither DICOM nor NIfTI; use .dcm or .nii/.nii.gz files")
+
+
+# --- intensity mapping ------------------------------------------------------------------------
+
+def window_to_unit(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM linear window (PS3.3 C.11.2.1.2.1) mapped to 0..1."""
+    width = max(float(width), 1.0)
+    lower = center - 0.5 - (width - 1) / 2
+    return np.clip((values - lower) / max(width - 1, 1e-6), 0.0, 1.0)
+
+
+def robust_unit(values: np.ndarray) -> np.ndarray:
+    """0.5 to 99.5 percentile -> 0..1: one bright voxel does not make the image black."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros_like(values, dtype=np.float32)
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((np.nan_to_num(values, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def apply_window(values: np.ndarray, window, label: str) -> tuple[np.ndarray, str]:
+    """Window an array of physical values: [H,W] -> [H,W] or [H,W,3] in 0..1, and its name."""
+    if isinstance(window, str):
+        key = window.lower().replace("-", "_")
+        if key == "rgb":
+            channels = [window_to_unit(values, *CT_WINDOWS[w]) for w in RGB_WINDOWS]
+            return np.stack(channels, axis=-1), "rgb(" + "/".join(RGB_WINDOWS) + ")"
+        if key not in CT_WINDOWS:
+            raise ImageError(f"{label}: unknown window {window!r}; use one of {sorted(CT_WINDOWS)}, 'rgb' "
+                             "or a (center, width) pair")
+        return window_to_unit(values, *CT_WINDOWS[key]), key
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ImageError(f"{label}: window must be a preset name, 'rgb' or (center, width); got {window!r}") from None
+    return window_to_unit(values, center, width), f"center={center:g},width={width:g}"
+
+
+def unit_to_rgb(unit: np.ndarray) -> Image.Image:
+    arr = np.round(unit * 255.0).astype(np.uint8)
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return Image.fromarray(arr, mode="RGB")
+
+
+def _check_size(shape, label: str) -> None:
+    if int(np.prod(shape[:2])) > MAX_PIXELS:
+        raise ImageError(f"{label}: {shape[1]}x{shape[0]} pixels is above the {MAX_PIXELS:,} limit; downsample it first")
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+def _pydicom():
+    try:
+        import pydicom
+        import pydicom.pixels  # noqa: F401
+    except ImportError:
+        raise ImageError("DICOM input needs pydicom: pip install 'medmoe[medical]'") from None
+    return pydicom
+
+
+def load_dicom(source, label: str, window=None, frame: int | None = None) -> Image.Image:
+    pydicom = _pydicom()
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        ds = pydicom.dcmread(fp, force=True)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: file not found; check the path") from None
+    except Exception as err:  # pydicom raises many kinds; none of them carry header values we show
+        raise ImageError(f"{label}: not a readable DICOM file ({type(err).__name__}); check the file is complete") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(f"{label}: DICOM file has no pixel data (a report or structured document?); "
+                         "pass an image series file")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size((rows, cols), label)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    reduction = ""
+    index = None
+    if frames > 1:
+        index = frames // 2 if frame is None else int(frame)
+        if not 0 <= index < frames:
+            raise ImageError(f"{label}: frame {index} asked for but the file has {frames} frames (0..{frames - 1})")
+        reduction = f"frame {index} of {frames} ({'middle frame' if frame is None else 'chosen frame'})"
+    try:
+        pixels = pydicom.pixels.pixel_array(ds, index=index) if index is not None else ds.pixel_array
+    except Exception as err:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        raise ImageError(f"{label}: cannot decode DICOM pixel data ({name}: {type(err).__name__}); compressed "
+                         "files need a decoder plugin (pip install pylibjpeg pylibjpeg-libjpeg or python-gdcm)") from None
+
+    modality = str(ds.get("Modality", "") or "")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour (RGB / YBR converted by pydicom)
+        image = Image.fromarray(pixels.astype(np.uint8) if pixels.dtype != np.uint8 else pixels, mode="RGB")
+        how = "colour"
+    else:
+        values = apply_modality_lut(pixels, ds)  # stored values -> physical (HU for CT)
+        if window is not None:
+            unit, how = apply_window(values.astype(np.float32), window, label)
+        elif "VOILUTSequence" in ds or "WindowCenter" in ds:
+            try:
+                voi = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+            except Exception as err:
+                raise ImageError(f"{label}: invalid VOI LUT / window in the header ({type(err).__name__}); "
+                                 "pass window=(center, width) explicitly") from None
+            unit, how = _voi_to_unit(voi, ds), "file VOI LUT" if "VOILUTSequence" in ds else "file window"
+        else:
+            unit, how = robust_unit(values.astype(np.float32)), "min-max"
+        if photometric == "MONOCHROME1":  # high values are dark in MONOCHROME1
+            unit = 1.0 - unit
+        image = unit_to_rgb(unit)
+    _note(image, label, "dicom", reduction, modality=modality, window=how)
+    return image
+
+
+def _voi_to_unit(voi: np.ndarray, ds) -> np.ndarray:
+    """pydicom's VOI output range: a LUT's own value range, or the window's output range."""
+    if "VOILUTSequence" in ds:
+        item = ds.VOILUTSequence[0]
+        raw = item.LUTData
+        if isinstance(raw, (bytes, bytearray)):  # OW: 8- or 16-bit entries, as the descriptor says
+            data = np.frombuffer(raw, dtype=np.uint8 if int(item.LUTDescriptor[2]) <= 8 else "<u2")
+        else:
+            data = np.asarray(raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__") else [raw])
+        data = data.astype(np.float32).ravel()
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)
+    else:
+        lo, hi = float(voi.min()), float(voi.max())
+        # The window maps to the full stored range; take that range when it is known.
+        bits = int(ds.get("BitsStored", 0) or 0)
+        if bits and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds:
+            signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    if hi <= lo:
+        return np.zeros_like(voi, dtype=np.float32)
+    return np.clip((voi - lo) / (hi - lo), 0.0, 1.0)
+
+
+# --- NIfTI ------------------------------------------------------------------------------------
+
+PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError:
+        raise ImageError("NIfTI input needs nibabel: pip install 'medmoe[medical]'") from None
+    return nibabel
+
+
+def _open_nifti(source, label: str):
+    nib = _nibabel()
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            if not os.path.exists(source):
+                raise ImageError(f"{label}: file not found; check the path")
+            return nib.load(os.fspath(source))
+        data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_NIFTI_BYTES + 1)
+            if len(data) > MAX_NIFTI_BYTES:
+                raise ImageError(f"{label}: inflates to more than {MAX_NIFTI_BYTES >> 20} MiB; refused")
+        size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else 0
+        cls = nib.Nifti2Image if size in (540, int.from_bytes((540).to_bytes(4, "big"), "little")) else nib.Nifti1Image
+        return cls.from_bytes(data)
+    except ImageError:
+        raise
+    except Exception as err:
+        raise ImageError(f"{label}: not a readable NIfTI file ({type(err).__name__}: {err}); check it is a complete "
+                         ".nii or .nii.gz") from None
+
+
+def load_nifti(source, label: str, window=None, slice_index: int | None = None, plane: str = "axial",
+               volume: int | None = None) -> Image.Image:
+    nib = _nibabel()
+    if plane not in PLANES:
+        raise ImageError(f"{label}: plane {plane!r} unknown; use axial, coronal or sagittal")
+    img = _open_nifti(source, label)
+    if len(img.shape) < 2:
+        raise ImageError(f"{label}: NIfTI image has shape {img.shape}; need at least 2 dimensions")
+    try:
+        img = nib.as_closest_canonical(img)  # RAS+: axis 2 runs inferior -> superior
+    except Exception:
+        pass  # an unusual affine: keep the stored axis order
+    shape = img.shape
+    notes = []
+    data = img.dataobj
+    if len(shape) == 2:
+        arr = np.asarray(data, dtype=np.float32)
+    else:
+        axis = PLANES[plane]
+        n = shape[axis]
+        k = n // 2 if slice_index is None else int(slice_index)
+        if not 0 <= k < n:
+            raise ImageError(f"{label}: {plane} slice {k} asked for but there are {n} (0..{n - 1})")
+        index = [slice(None)] * len(shape)
+        index[axis] = k
+        if len(shape) > 3:  # a 4-D series: one volume of it (higher dimensions: their first entry)
+            count = int(shape[3])
+            v = 0 if volume is None else int(volume)
+            if not 0 <= v < count:
+                raise ImageError(f"{label}: volume {v} asked for but the series has {count} (0..{count - 1})")
+            index[3:] = [v] + [0] * (len(shape) - 4)
+            if count > 1:
+                notes.append(f"volume {v} of {count}")
+        arr = np.asarray(data[tuple(index)], dtype=np.float32)
+        notes.insert(0, f"{plane} slice {k} of {n} ({'middle slice' if slice_index is None else 'chosen slice'})")
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise ImageError(f"{label}: could not reduce NIfTI shape {shape} to one 2-D slice")
+    _check_size(arr.shape, label)
+    arr = np.rot90(arr)  # RAS array [x, y] -> rows run anterior (top) to posterior
+    unit, how = apply_window(arr, window, label) if window is not None else (robust_unit(arr), "min-max")
+    image = unit_to_rgb(unit)
+    _note(image, label, "nifti", ", ".join(notes), window=how)
+    return image
+
+
+def _note(image: Image.Image, label: str, kind: str, reduction: str, modality: str = "", window: str = "") -> None:
+    image.info["medmoe_source"] = kind
+    image.info["medmoe_window"] = window
+    if modality:
+        image.info["medmoe_modality"] = modality
+    if reduction:
+        image.info["medmoe_reduction"] = reduction
+        logger.info("%s: %s reduced to %s", os.path.basename(label), kind, reduction)

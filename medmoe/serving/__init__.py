@@ -1,0 +1,1 @@
+"""Using a model: the Python API (`MedMoE`), the HTTP server and int8 weight-only quantisation."""

@@ -1,0 +1,529 @@
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) and the web page, in one process.
+
+    POST /v1/chat/completions   OpenAI chat-completions shape; images as data: URLs in
+                                `image_url` parts; `stream: true` gives server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                liveness and queue depth
+    POST /v1/preview            an uploaded image (DICOM/NIfTI too) as the PNG the model sees
+    GET  /                      the web page
+
+One worker thread owns the model. Requests are validated and their images decoded in the
+request handlers, then queued (bounded: a full queue answers 503); the worker takes up to
+`max_batch` queued requests with the same sampling settings and answers them in one batched
+generation, streaming each row's text to its client. Every request has a deadline (504 past it).
+
+The server only reads what a request carries: images must be base64 `data:` URLs. It never
+opens a path or fetches a URL named in a request (http(s) image URLs get a 400 saying so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import base64
+import binascii
+import io
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..config import IMAGE_TOKEN
+from ..data.templates import Turn
+from ..errors import MedMoEError
+from ..generation import SamplingConfig
+
+logger = logging.getLogger(__name__)
+WEB_PAGE = Path(__file__).with_name("web") / "index.html"
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 32 * 1024 * 1024  # a whole request, base64 images included
+    max_image_pixels: int = 40_000_000  # width x height of one decoded image (or DICOM frame / NIfTI slice)
+    max_images: int = 4  # per request
+    max_messages: int = 64
+    max_prompt_tokens: int = 4096  # after image tokens are expanded
+    max_tokens: int = 512  # cap on a request's max_tokens
+    default_max_tokens: int = 128
+    max_batch: int = 8  # requests answered together in one generation
+    queue_size: int = 64  # requests waiting; more get 503
+    timeout_s: float = 120.0  # from arrival to the last token; 504 past it
+
+
+class HTTPProblem(Exception):
+    """An error answered with `status` and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class _Cancelled(Exception):
+    pass
+
+
+# --- requests -> conversations ----------------------------------------------------------------
+
+MEDIA_NAMES = {"application/dicom": "upload.dcm", "application/x-nifti": "upload.nii",
+               "application/gzip": "upload.nii.gz", "application/x-gzip": "upload.nii.gz"}
+
+
+def decode_data_url(url: str, limits: Limits) -> tuple[bytes, str]:
+    """(bytes, name hint) of a base64 data: URL. Anything else is refused without being opened."""
+    if not isinstance(url, str):
+        raise HTTPProblem(400, "image_url.url must be a string")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme != "data":
+        raise HTTPProblem(400, f"image URLs with scheme {scheme or '(none)'!r} are refused: this server never fetches "
+                               "URLs or opens server-side paths; send the image inline as a base64 data: URL "
+                               "(data:image/png;base64,...)")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise HTTPProblem(400, "image data URL must be base64: data:<media type>;base64,<data>")
+    if len(payload) * 3 // 4 > limits.max_body_bytes:
+        raise HTTPProblem(413, "image too large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPProblem(400, "image data URL is not valid base64") from None
+    media = header[5:].split(";", 1)[0].lower()
+    return data, MEDIA_NAMES.get(media, "upload")
+
+
+def open_upload(data: bytes, name: str, limits: Limits, window=None):
+    """Decode uploaded bytes to a PIL RGB image within the pixel limit (size checked before decoding)."""
+    from PIL import Image
+
+    from ..data.images import load_image
+    from ..data.medical_images import load_medical, medical_kind
+
+    try:
+        if medical_kind(data, name) is not None:
+            image = load_medical(data, name=name, window=window)
+        else:
+            if window is not None:
+                raise HTTPProblem(400, "window applies to DICOM and NIfTI images only")
+            try:
+                w, h = Image.open(io.BytesIO(data)).size  # reads the header only
+            except Exception:
+                w = h = 0  # load_image below gives the clear error
+            if w * h > limits.max_image_pixels:
+                raise HTTPProblem(413, f"image is {w}x{h} pixels, above the limit of {limits.max_image_pixels:,}; resize it")
+            image = load_image(data, name=name)
+    except MedMoEError as err:
+        raise HTTPProblem(400, str(err)) from None
+    if image.width * image.height > limits.max_image_pixels:
+        raise HTTPProblem(413, f"image is {image.width}x{image.height} pixels, above the limit of "
+                               f"{limits.max_image_pixels:,}; resize it")
+    return image
+
+
+def parse_messages(messages, limits: Limits) -> tuple[list[Turn], list]:
+    """OpenAI messages -> (turns with `<image>` placeholders, images in placeholder order).
+
+    System messages are ignored (the model's own template sets the system prompt)."""
+    if not isinstance(messages, list) or not messages:
+        raise HTTPProblem(400, "messages must be a non-empty list")
+    if len(messages) > limits.max_messages:
+        raise HTTPProblem(400, f"{len(messages)} messages; at most {limits.max_messages}")
+    turns: list[Turn] = []
+    images: list = []
+    question: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise HTTPProblem(400, "each message must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role == "system":
+            continue
+        if role == "user":
+            question.append(_user_text(content, images, limits))
+        elif role == "assistant":
+            if not question:
+                raise HTTPProblem(400, "an assistant message must follow a user message")
+            turns.append(Turn("\n".join(question), _plain_text(content)))
+            question = []
+        else:
+            raise HTTPProblem(400, f"unsupported role {role!r}; use system, user or assistant")
+    if not question:
+        raise HTTPProblem(400, "the last message must be from the user")
+    turns.append(Turn("\n".join(question)))
+    return turns, images
+
+
+def _plain_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if content is None:
+        return ""
+    raise HTTPProblem(400, "message content must be a string or a list of parts")
+
+
+def _user_text(content, images: list, limits: Limits) -> str:
+    if isinstance(content, str):
+        return content.replace(IMAGE_TOKEN, "[image]")  # a typed "<image>" is text, not a placeholder
+    if not isinstance(content, list):
+        raise HTTPProblem(400, "user content must be a string or a list of parts")
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(str(part.get("text", "")).replace(IMAGE_TOKEN, "[image]"))
+        elif kind == "image_url":
+            spec = part.get("image_url")
+            spec = spec if isinstance(spec, dict) else {"url": spec}
+            if len(images) >= limits.max_images:
+                raise HTTPProblem(400, f"at most {limits.max_images} images per request")
+            images.append((spec.get("url"), spec.get("window")))
+            pieces.append(IMAGE_TOKEN + "\n")
+        else:
+            raise HTTPProblem(400, f"unsupported content part type {kind!r}; use text or image_url")
+    return "".join(pieces)
+
+
+def sampling_config(body: dict, limits: Limits) -> SamplingConfig:
+    if body.get("n", 1) != 1:
+        raise HTTPProblem(400, "n must be 1")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or limits.default_max_tokens
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise HTTPProblem(400, "max_tokens must be a positive integer")
+    if max_tokens > limits.max_tokens:
+        raise HTTPProblem(400, f"max_tokens={max_tokens} is above this server's limit of {limits.max_tokens}")
+    temperature = float(body.get("temperature", 0.0) or 0.0)
+    top_p = float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0)
+    if not 0.0 <= temperature <= 2.0 or not 0.0 < top_p <= 1.0:
+        raise HTTPProblem(400, "temperature must be in [0, 2] and top_p in (0, 1]")
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)[:4]
+    seed = body.get("seed")
+    return SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                          top_p=top_p, stop=stop, seed=int(seed) if seed is not None else None)
+
+
+# --- the worker -------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    turns: list[Turn]
+    images: list
+    cfg: SamplingConfig
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    deadline: float
+    cancelled: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+
+    def emit(self, kind: str, payload) -> None:
+        """Hand an event to the request's event loop (called from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is gone: the client left
+            self.cancelled = True
+
+
+class Engine:
+    """A bounded queue and one worker thread that batches compatible requests."""
+
+    def __init__(self, model, processor, limits: Limits):
+        self.model, self.processor, self.limits = model, processor, limits
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
+        self.held: list[Job] = []  # taken from the queue but not batchable with the last batch
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="medmoe-worker", daemon=True)
+        self.batches = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise HTTPProblem(503, "server busy: the request queue is full; retry shortly", "server_busy") from None
+
+    def _take(self) -> list[Job]:
+        first = self.held.pop(0) if self.held else None
+        while first is None and not self.stopping.is_set():
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        if first is None:
+            return []
+        batch, keep = [first], []
+        for job in self.held:
+            (batch if job.cfg == first.cfg and len(batch) < self.limits.max_batch else keep).append(job)
+        while len(batch) < self.limits.max_batch and len(keep) < self.limits.max_batch:  # held stays bounded
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            (batch if job.cfg == first.cfg else keep).append(job)
+        self.held = keep
+        return batch
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            batch = [job for job in self._take() if self._admit(job)]
+            if batch:
+                self._answer(batch)
+
+    def _admit(self, job: Job) -> bool:
+        if job.cancelled:
+            return False
+        if time.monotonic() > job.deadline:
+            job.emit("error", HTTPProblem(504, "timed out waiting in the queue", "timeout"))
+            return False
+        try:
+            n = len(self.processor.encode(job.turns).input_ids)
+        except MedMoEError as err:
+            job.emit("error", HTTPProblem(400, str(err)))
+            return False
+        if n > self.limits.max_prompt_tokens:
+            job.emit("error", HTTPProblem(400, f"the prompt is {n} tokens (images included), above the limit of "
+                                               f"{self.limits.max_prompt_tokens}; shorten the conversation"))
+            return False
+        return True
+
+    def _answer(self, batch: list[Job]) -> None:
+        from .api import generate_conversations
+
+        def on_text(row: int, delta: str) -> None:
+            job = batch[row]
+            if time.monotonic() > job.deadline:
+                job.cancelled = True
+            if not job.cancelled:
+                job.emit("text", delta)
+            if all(j.cancelled for j in batch):
+                raise _Cancelled  # nobody is listening: stop spending compute
+
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            answers = generate_conversations(self.model, self.processor, [j.turns for j in batch],
+                                             [j.images for j in batch], batch[0].cfg, on_text)
+        except _Cancelled:
+            return
+        except MedMoEError as err:
+            for job in batch:
+                job.emit("error", HTTPProblem(400, str(err)))
+            return
+        except Exception:  # a bug or out of memory: answer 500, keep serving
+            logger.exception("generation failed for a batch of %d", len(batch))
+            for job in batch:
+                job.emit("error", HTTPProblem(500, "generation failed; see the server log", "server_error"))
+            return
+        for job, answer in zip(batch, answers):
+            job.emit("done", answer)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def create_app(model_or_path, processor=None, limits: Limits | None = None, model_name: str | None = None,
+               device: str | None = None, dtype: str | None = None, quantize: str | None = None):
+    """The FastAPI app serving a model folder (or an already loaded model + processor)."""
+    from contextlib import asynccontextmanager
+
+    from .api import load_model
+
+    limits = limits or Limits()
+    if isinstance(model_or_path, (str, Path)):
+        model_name = model_name or Path(model_or_path).name
+        model, processor = load_model(str(model_or_path), device, dtype, quantize)
+    else:
+        model = model_or_path
+        if processor is None:
+            raise ValueError("create_app(model, processor): a loaded model needs its processor")
+    model_name = model_name or "medmoe"
+    engine = Engine(model, processor, limits)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="medmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(HTTPProblem)
+    async def problem(request, err: HTTPProblem):
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return JSONResponse({"error": {"message": err.message, "type": err.kind, "code": err.status}},
+                            status_code=err.status, headers=headers)
+
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise HTTPProblem(413, f"request body over {limits.max_body_bytes:,} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: no trust in the header
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise HTTPProblem(413, f"request body over {limits.max_body_bytes:,} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPProblem(400, "request body must be JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPProblem(400, "request body must be a JSON object")
+        return body
+
+    def load_images(specs) -> list:
+        images = []
+        for url, window in specs:
+            data, name = decode_data_url(url, limits)
+            images.append(open_upload(data, name, limits, window))
+        return images
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "device": str(model.device),
+                "queued": engine.queue.qsize(), "batches": engine.batches, "largest_batch": engine.largest_batch}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "medmoe"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                                                "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+
+    @app.post("/v1/preview")
+    async def preview(request: Request):
+        body = await read_json(request)
+        image = (await run_in_threadpool(load_images, [(body.get("image_url"), body.get("window"))]))[0]
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return {"data_url": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode(),
+                "width": image.width, "height": image.height,
+                "reduction": image.info.get("medmoe_reduction"), "window": image.info.get("medmoe_window")}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        cfg = sampling_config(body, limits)
+        turns, specs = parse_messages(body.get("messages"), limits)
+        images = await run_in_threadpool(load_images, specs)
+        loop = asyncio.get_running_loop()
+        job = Job(turns, images, cfg, loop, asyncio.Queue(), time.monotonic() + limits.timeout_s)
+        engine.submit(job)
+        if body.get("stream"):
+            return StreamingResponse(sse(job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text, answer = await collect(job)
+        finally:
+            job.cancelled = True  # nothing more is read for this job
+        return completion(job, answer)
+
+    async def next_event(job: Job):
+        remaining = job.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0) + 1.0)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise HTTPProblem(504, f"no answer within {limits.timeout_s:g} s", "timeout") from None
+
+    async def collect(job: Job):
+        pieces = []
+        while True:
+            kind, payload = await next_event(job)
+            if kind == "text":
+                pieces.append(payload)
+            elif kind == "error":
+                raise payload
+            else:
+                return "".join(pieces), payload
+
+    def completion(job: Job, answer) -> dict:
+        return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                             "finish_reason": _finish_reason(answer.finish_reason)}],
+                "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                          "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+                "routing": answer.routing.to_dict() if answer.routing else None}
+
+    def chunk(job: Job, delta: dict, finish: str | None = None, **extra) -> str:
+        record = {"id": job.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
+                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(record)}\n\n"
+
+    async def sse(job: Job):
+        try:
+            yield chunk(job, {"role": "assistant"})
+            while True:
+                try:
+                    kind, payload = await next_event(job)
+                except HTTPProblem as err:
+                    kind, payload = "error", err
+                if kind == "text":
+                    yield chunk(job, {"content": payload})
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': payload.message, 'type': payload.kind, 'code': payload.status}})}\n\n"
+                    break
+                else:
+                    answer = payload
+                    usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+                    yield chunk(job, {}, _finish_reason(answer.finish_reason), usage=usage,
+                                routing=answer.routing.to_dict() if answer.routing else None)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # also when the client went away mid-stream
+
+    return app
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                limit_concurrency=app.state.engine.limits.queue_size * 2 + 16)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0):
+    """Run the app in a background thread (tests, notebooks); yields its base URL, stops on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medmoe-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        raise RuntimeError(f"the server did not start on {host}:{port}")
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

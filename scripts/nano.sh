@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Med-MoE-Nano end to end on one GPU: the commands behind docs/RESULTS.md.
+#
+#   bash scripts/nano.sh DATA_SRC WORK_DIR [STAGE ...]
+#
+# DATA_SRC holds the datasets as their authors ship them (vqa-rad/, slake/, pathvqa/,
+# pneumoniamnist/: the layout of ../shared/data). Stages, in order (default: all but ablations):
+#   prepare    medmoe data prepare for the four datasets (PathVQA: 10% of its images held out)
+#   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable)
+#   eval       medmoe eval of the dense phase-2 model and of Med-MoE on every test split
+#   export     medmoe export: the compact delta that ships in medmoe/assets/nano
+#   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
+#              routing and with full (non-LoRA) experts, each evaluated the same way
+set -euo pipefail
+DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
+STAGES=${*:-prepare train eval export}
+MEDMOE=${MEDMOE:-medmoe}
+EVAL_ARGS=${EVAL_ARGS:---batch-size 64 --max-new-tokens 32}
+mkdir -p "$WORK" && cd "$WORK"
+
+prepare() {
+  $MEDMOE data prepare vqa-rad --src "$DATA_SRC/vqa-rad" --out data/vqa-rad
+  $MEDMOE data prepare slake --src "$DATA_SRC/slake" --out data/slake
+  $MEDMOE data prepare pathvqa --src "$DATA_SRC/pathvqa" --out data/pathvqa --holdout 0.1 --seed 0
+  $MEDMOE data prepare medmnist --src "$DATA_SRC/pneumoniamnist/pneumoniamnist.npz" --out data/pneumoniamnist
+}
+
+evaluate() {  # evaluate MODEL_DIR OUT_DIR
+  local model=$1 out=$2
+  $MEDMOE eval --model "$model" --data data/vqa-rad --split test --out "$out/vqa-rad" $EVAL_ARGS
+  $MEDMOE eval --model "$model" --data data/slake --split test --out "$out/slake" $EVAL_ARGS
+  $MEDMOE eval --model "$model" --data data/pathvqa --split heldout --out "$out/pathvqa" $EVAL_ARGS
+  $MEDMOE eval --model "$model" --data data/pneumoniamnist --split validation --out "$out/pneumoniamnist" $EVAL_ARGS
+}
+
+ablation() {  # ablation NAME OVERRIDES...: phase 3 only, from the main run's phase 2 and router
+  local name=$1; shift
+  mkdir -p "runs/$name"
+  ln -sfn "$PWD/runs/nano/phase2" "runs/$name/phase2"
+  ln -sfn "$PWD/runs/nano/router" "runs/$name/router"
+  $MEDMOE train --recipe nano --phase 3 --resume output_dir="runs/$name" "$@"
+  evaluate "runs/$name/phase3/model" "evals/$name"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    prepare) prepare ;;
+    train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ;;
+    eval)
+      evaluate runs/nano/phase2/model evals/dense
+      evaluate runs/nano/phase3/model evals/medmoe ;;
+    export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
+    ablations)
+      ablation no-meta phase3.moe.meta_expert=false phase3.moe.expert_type=full
+      ablation plain-router phase3.router_init=random phase3.train_router=true
+      ablation per-sample phase3.moe.routing=sample
+      ablation full-experts phase3.moe.expert_type=full ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,57 @@
+"""The static-cache decode path gives the same greedy tokens as recomputing the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from medmoe.generation.fast_decode import decode, generate_fast
+from medmoe.model.pretrained import build_model
+
+
+def greedy_reference(model, input_ids, attention_mask, pixel_values, steps):
+    """No cache: the full, growing sequence through model.forward at every step."""
+    ids, mask, new = input_ids, attention_mask, []
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, position_ids=positions).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(token)
+        ids = torch.cat([ids, token], 1)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+    return torch.cat(new, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
+@pytest.mark.parametrize("routing", ["token", "sample"])
+def test_static_decode_matches_full_recompute(name, routing):
+    model, processor = build_model(name)
+    model.upcycle({"routing": routing})
+    for block in model.moe_blocks:  # make experts differ, so routing matters
+        with torch.no_grad():
+            block.experts.w_in.add_(torch.randn_like(block.experts.w_in) * 0.05)
+    model.eval()
+    images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (20, 20), (10, 90, 200))]
+    batch = processor(["What modality is this image?", "Any fracture?"], images, padding_side="left")
+    assert (batch["attention_mask"] == 0).any()  # the batch really is padded
+    ref = greedy_reference(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 6)
+    fast = decode(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=6)
+    assert torch.equal(fast, ref)
+
+
+def test_generate_fast_returns_one_text_per_question():
+    model, processor = build_model("tiny")
+    model.upcycle()
+    texts = generate_fast(model.eval(), processor, ["a?", "a longer question?"], None, max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_eos_repeats_after_the_end():
+    model, processor = build_model("tiny")
+    model.eval()
+    batch = processor(["hello"], None)
+    first = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=3)
+    eos = int(first[0, 1])
+    tokens = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=5, eos_token_id=eos)
+    assert (tokens[0, 1:] == eos).all()
