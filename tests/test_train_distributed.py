@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent("""
     # Full tensors: gathered on every rank (cpu_offload would leave the other ranks empty).
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(run_dir, f"rank{dist.rank}.safetensors"))
+    from medmoe.training.phases import save_model
+    save_model(model, wrapped, processor, os.path.join(run_dir, "model"), dist)
     print("world", dist.world, "rank", dist.rank)
     distributed.cleanup(dist)
 """)
@@ -61,6 +63,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "model.safetensors").exists()
+    _loads(tmp_path / "run" / "model", a)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # only rank 0 logs
 
@@ -73,3 +76,14 @@ def test_fsdp2_two_cpu_processes(tmp_path):
     full = load_file(tmp_path / "run" / "rank0.safetensors")
     assert any(k.startswith("language_model.") for k in full)
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "optimizer.safetensors").exists()
+    _loads(tmp_path / "run" / "model", full)
+
+
+def _loads(folder, expected):
+    """The saved model folder loads and holds the trained (gathered, full) weights."""
+    from medmoe.model.modeling import MedMoEForCausalLM
+
+    model = MedMoEForCausalLM.from_pretrained(str(folder))
+    state = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key

@@ -78,3 +78,18 @@ def test_per_layer_router_weights_go_to_each_block(tiny, tmp_path):
     load_router_weights(model, str(tmp_path / "r.safetensors"))
     for block in model.moe_blocks:
         assert torch.all(block.router.weight == block.layer_idx)
+
+
+def test_max_samples_takes_a_seeded_subset_of_every_source():
+    records = [{"modality": "CT"}] * 50 + [{"modality": "Pathology"}] * 50
+    kept, y = labelled(records, max_samples=20, seed=0)
+    assert len(kept) == 20 and set(y.tolist()) == {0, 3}
+    assert labelled(records, max_samples=20, seed=0)[1].tolist() == y.tolist()
+
+
+def test_heldout_split_keeps_an_image_on_one_side():
+    images = [f"img{i // 3}" for i in range(30)]  # 10 images, 3 questions each
+    train_idx, held_idx = heldout_split(30, 0.2, seed=0, groups=images)
+    assert len(held_idx) == 6 and len(train_idx) == 24
+    assert not {images[i] for i in held_idx.tolist()} & {images[i] for i in train_idx.tolist()}
+    assert heldout_split(30, 0.2, seed=0, groups=images)[1].tolist() == held_idx.tolist()

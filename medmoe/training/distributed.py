@@ -78,6 +78,13 @@ def wrap(model: torch.nn.Module, dist: DistInfo, strategy: str = "ddp"):
     return DDP(model, device_ids=ids, find_unused_parameters=getattr(model, "is_moe", False))
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model under FSDP2 (its parameters are DTensor shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def barrier(dist: DistInfo) -> None:
     if dist.enabled:
         tdist.barrier()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import torch
 
@@ -63,7 +62,7 @@ def save_model(model, wrapped, processor, path: str, dist) -> None:
     """Final model folder (config.json + model.safetensors + tokenizer), written by the main rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if dist.enabled and wrapped is not model and not hasattr(wrapped, "module"):  # FSDP: gather full tensors
+    if distributed.is_sharded(model):  # FSDP2: gather full tensors on every rank, rank 0 writes
         state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.is_main:
             from safetensors.torch import save_file
@@ -152,7 +151,3 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
 def run_all(recipe: Recipe, resume: bool = False) -> list[dict]:
     return [run_phase(recipe, p, resume=resume) for p in PHASES]
 
-
-def clean(recipe: Recipe) -> None:
-    """Remove a run's output folder (the demo starts from scratch)."""
-    shutil.rmtree(recipe.output_dir, ignore_errors=True)

@@ -29,11 +29,13 @@ from .data import field, question_text
 ROUTER_FILE = "router.safetensors"
 
 
-def labelled(records, modalities=MODALITIES, max_samples: int = 0) -> tuple[list, torch.Tensor]:
-    """Records with a known modality, and their labels (index into `modalities`)."""
+def labelled(records, modalities=MODALITIES, max_samples: int = 0, seed: int = 0) -> tuple[list, torch.Tensor]:
+    """Records with a known modality, and their labels (index into `modalities`). With
+    max_samples, a seeded random subset (so every dataset of a mixture is represented)."""
     keep = [r for r in records if field(r, "modality") in modalities]
-    if max_samples:
-        keep = keep[:max_samples]
+    if max_samples and len(keep) > max_samples:
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        keep = [keep[i] for i in sorted(order.tolist())]
     if not keep:
         raise DataError(f"no record has a modality among {list(modalities)}: the router needs labelled samples")
     return keep, torch.tensor([modalities.index(field(r, "modality")) for r in keep])
@@ -84,10 +86,25 @@ def ffn_inputs(model, processor, records, layers: list[int], max_length: int = 5
     return {i: (torch.cat(feats[i]), owner) for i in layers}
 
 
-def heldout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_held = max(1, round(n * fraction)) if n > 1 else 0
-    return order[n_held:], order[:n_held]
+def heldout_split(n: int, fraction: float, seed: int, groups: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices), seeded. With `groups` (the image of each sample), whole
+    groups go to one side, so no held-out question shares its image with a training one."""
+    groups = list(range(n)) if groups is None else list(groups)
+    names = list(dict.fromkeys(groups))  # first-seen order: deterministic
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    target = max(1, round(n * fraction)) if n > 1 else 0
+    held_names, count = set(), 0
+    size = {name: 0 for name in names}
+    for g in groups:
+        size[g] += 1
+    for i in order:
+        if count >= target or count + size[names[i]] >= n:
+            break
+        held_names.add(names[i])
+        count += size[names[i]]
+    held = torch.tensor([i for i, g in enumerate(groups) if g in held_names], dtype=torch.long)
+    train = torch.tensor([i for i, g in enumerate(groups) if g not in held_names], dtype=torch.long)
+    return train, held
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 10, lr: float = 1e-3,
@@ -118,9 +135,10 @@ def accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, num_classe
 
 
 def train_router(x: torch.Tensor, y: torch.Tensor, modalities=MODALITIES, epochs: int = 10, lr: float = 1e-3,
-                 batch_size: int = 32, heldout_fraction: float = 0.1, seed: int = 0):
-    """(Linear head, metrics): fit on the training part, accuracy on train and held-out parts."""
-    train_idx, held_idx = heldout_split(len(x), heldout_fraction, seed)
+                 batch_size: int = 32, heldout_fraction: float = 0.1, seed: int = 0, groups: list | None = None):
+    """(Linear head, metrics): fit on the training part, accuracy on train and held-out parts
+    (held out by group, i.e. by image, when groups are given)."""
+    train_idx, held_idx = heldout_split(len(x), heldout_fraction, seed, groups)
     head = fit_linear(x[train_idx], y[train_idx], len(modalities), epochs, lr, batch_size, seed)
     held = accuracy(head, x[held_idx], y[held_idx], len(modalities))
     metrics = {"train_accuracy": accuracy(head, x[train_idx], y[train_idx], len(modalities))["accuracy"],
@@ -136,7 +154,7 @@ def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: l
     """Features (cached once), the shared router, and optionally per-layer routers. Writes
     router.safetensors (`weight`, `bias`, and `layers.{i}.weight/bias`) and router_metrics.json."""
     os.makedirs(out_dir, exist_ok=True)
-    records, y = labelled(records, modalities, cfg.max_samples)
+    records, y = labelled(records, modalities, cfg.max_samples, seed)
     cache = os.path.join(out_dir, "router_features.safetensors")
     if os.path.isfile(cache) and load_file(cache)["labels"].tolist() == y.tolist():
         x = load_file(cache)["features"]
@@ -144,13 +162,16 @@ def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: l
         x = pooled_features(model, processor, records, cfg.max_length)
         save_file({"features": x.contiguous(), "labels": y}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
-    head, metrics = train_router(x, y, modalities, cfg.epochs, cfg.lr, cfg.batch_size, cfg.heldout_fraction, seed)
+    images = [field(r, "image") or f"#{i}" for i, r in enumerate(records)]
+    images = [img if isinstance(img, str) else f"#{i}" for i, img in enumerate(images)]  # in-memory images: one group each
+    head, metrics = train_router(x, y, modalities, cfg.epochs, cfg.lr, cfg.batch_size, cfg.heldout_fraction, seed, images)
+    metrics["heldout_by"] = "image"
     tensors = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
     if cfg.per_layer:
         metrics["per_layer"] = {}
         for layer, (tokens, owner) in ffn_inputs(model, processor, records, moe_layers, cfg.max_length).items():
             layer_head, m = train_router(tokens, y[owner], modalities, cfg.epochs, cfg.lr, cfg.batch_size,
-                                         cfg.heldout_fraction, seed)
+                                         cfg.heldout_fraction, seed, [images[i] for i in owner.tolist()])
             tensors[f"layers.{layer}.weight"] = layer_head.weight.detach().contiguous()
             tensors[f"layers.{layer}.bias"] = layer_head.bias.detach().contiguous()
             metrics["per_layer"][layer] = {"heldout_token_accuracy": m["heldout_accuracy"]}
