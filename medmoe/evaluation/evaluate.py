@@ -118,17 +118,11 @@ def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> 
 
 
 # ----- model -------------------------------------------------------------------------------
-def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
-
-
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    from ..model.pretrained import load_model as load_any
+    from ..model.pretrained import load_model as load_any, pick_device, pick_dtype
 
-    dev, dt = pick_device(device, dtype)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
     model, processor = load_any(path)
     return model.to(device=dev, dtype=dt).eval(), processor
 

@@ -189,3 +189,22 @@ def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, M
             return load_delta(path, dtype=dtype, device=device)
     model = MedMoEForCausalLM.from_pretrained(path, dtype=dtype, device=device)
     return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CPU by default, the GPU when there is one (or what the caller names)."""
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return names[dtype]

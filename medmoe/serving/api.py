@@ -160,29 +160,10 @@ def generate_conversations(model, processor, conversations: Sequence[list[Turn]]
 
 # --- loading ----------------------------------------------------------------------------------
 
-def pick_device(device: str | None = None) -> torch.device:
-    """CPU by default, the GPU when there is one (or what the caller names)."""
-    if device and device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ConfigError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return names[dtype]
-
-
 def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
                quantize: str | None = None):
     """(model, processor) from a model folder, on the chosen device and dtype, optionally int8."""
-    from ..model.pretrained import load_model as load_any
+    from ..model.pretrained import load_model as load_any, pick_device, pick_dtype
 
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained or `medmoe train`")
