@@ -103,13 +103,15 @@ def _normalise_images(questions: Sequence[str], images) -> list:
 
 
 def run_generation(model, processor, questions: Sequence[str], images=None, cfg: SamplingConfig | None = None,
-                   output_routing: bool = False,
-                   on_text: Callable[[int, str], None] | None = None) -> GenerationOutput:
-    """Generate answers for a batch. `on_text(row, delta)` receives text as it is produced."""
+                   output_routing: bool = False, on_text: Callable[[int, str], None] | None = None,
+                   batch: dict | None = None) -> GenerationOutput:
+    """Generate answers for a batch. `on_text(row, delta)` receives text as it is produced.
+    `batch`: prompts already built (left-padded input_ids, attention_mask, pixel_values), e.g. multi-turn."""
     cfg = cfg or SamplingConfig()
-    batch = processor(list(questions), _normalise_images(questions, images), padding_side="left")
+    if batch is None:
+        batch = processor(list(questions), _normalise_images(questions, images), padding_side="left")
     eos = eos_ids(model, processor)
-    n = len(questions)
+    n = batch["input_ids"].shape[0]
     tokens: list[list[int]] = [[] for _ in range(n)]
     texts = [""] * n
     sent = [""] * n  # what on_text has been given so far

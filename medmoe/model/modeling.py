@@ -134,7 +134,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         embeds = embed(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
             return embeds
-        tokens = self.encode_images(pixel_values.to(self.device))
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        tokens = self.encode_images(pixel_values.to(self.device, tower_dtype))
         found, expected = int(is_image.sum()), tokens.shape[0] * tokens.shape[1]
         if found != expected:
             raise ValueError(f"{found} image-token positions in input_ids but {tokens.shape[0]} images x "

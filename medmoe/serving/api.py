@@ -128,29 +128,11 @@ def conversation_batch(processor, conversations: Sequence[list[Turn]], images: S
     return batch
 
 
-class _FixedBatch:
-    """Gives `run_generation` a batch built here (multi-turn conversations) in place of the one it
-    would build from single questions; everything else is the real processor."""
-
-    def __init__(self, processor, batch: dict):
-        self._processor, self._batch = processor, batch
-
-    def __call__(self, *args, **kwargs) -> dict:
-        return self._batch
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
-
-
 def generate_conversations(model, processor, conversations: Sequence[list[Turn]], images: Sequence[list],
                            cfg: SamplingConfig, on_text: Callable[[int, str], None] | None = None) -> list[Answer]:
     """Answers for a batch of conversations in one generation pass, with routing summaries."""
     batch = conversation_batch(processor, conversations, images)
-    pixels = batch["pixel_values"]
-    if pixels is not None:
-        batch["pixel_values"] = pixels.to(dtype=next(model.parameters()).dtype)
-    out = run_generation(model, _FixedBatch(processor, batch), [""] * len(conversations), None, cfg,
-                         output_routing=True, on_text=on_text)
+    out = run_generation(model, processor, [], None, cfg, output_routing=True, on_text=on_text, batch=batch)
     summaries = routing_summaries(model, out)
     prompt_lengths = batch["attention_mask"].sum(-1).tolist()
     return [Answer(text, routing, reason, int(n), len(tokens))
