@@ -233,3 +233,24 @@ def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
     assert summary["parameters"] < full / 2  # the frozen base is not stored
     loaded = MedMoEForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded(**batch).logits, before)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
+def test_training_loss_without_full_logits_equals_the_plain_loss(name):
+    from medmoe.data.templates import Turn
+
+    model, processor = build_model(name)
+    model.upcycle()
+    batch = processor.pad([processor.encode([Turn(f"<image>\nq{i}", "an answer" * (i + 1))]) for i in range(3)])
+    batch["pixel_values"] = torch.stack([processor.image_tensor(image((50 * i, 9, 90))) for i in range(3)])
+    full = model(**batch)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    lean = model(**batch, return_logits=False)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss)
+    lean.loss.backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)

@@ -57,7 +57,7 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
     labels[:, : ids.shape[1] - text_tokens] = -100  # loss on the answer tokens only
 
     def step():
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_logits=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -66,6 +66,15 @@ def is_official_folder(path: str) -> bool:
     return isinstance(cfg, dict) and ((isinstance(moe, dict) and "moe_enable" in moe) or "mm_image_tower" in cfg)
 
 
+def labelled_positions_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """`causal_lm_loss` with the output layer applied only to positions that predict a label."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if not keep.any():
+        return hidden.sum() * 0.0
+    return F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+
+
 class MedMoEForCausalLM(PreTrainedModel):
     config_class = MedMoEConfig
     base_model_prefix = "medmoe"
@@ -147,21 +156,29 @@ class MedMoEForCausalLM(PreTrainedModel):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 past_key_values=None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_routing: bool = False, **kwargs) -> MedMoEOutput:
+                output_routing: bool = False, return_logits: bool = True, **kwargs) -> MedMoEOutput:
+        """`return_logits=False` (training): the output layer runs only where there are labels, which
+        saves the [batch, length, vocab] logits; `logits` is then None."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         new_sequence = past_key_values is None or past_key_values.get_seq_length() == 0
         self.moe_state.start(attention_mask, output_routing, new_sequence)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  use_cache=use_cache, **kwargs)
-        lm_loss = aux_loss = loss = None
+        inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        logits = lm_loss = aux_loss = loss = None
+        if labels is not None and not return_logits:
+            out = self.language_model.get_decoder()(**inputs)
+            lm_loss = labelled_positions_loss(out.last_hidden_state, labels, self.language_model.get_output_embeddings())
+        else:
+            out = self.language_model(**inputs)
+            logits = out.logits
+            if labels is not None:
+                lm_loss = causal_lm_loss(logits, labels)
         if labels is not None:
-            lm_loss = causal_lm_loss(out.logits, labels)
             aux_losses = self.moe_state.aux_losses
             aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
             loss = lm_loss + aux_loss
-        return MedMoEOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=out.logits,
+        return MedMoEOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits,
                             past_key_values=out.past_key_values,
                             routing=list(self.moe_state.routing) if output_routing else None)
 

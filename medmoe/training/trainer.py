@@ -239,7 +239,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, autocast():
             out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          pixel_values=batch.get("pixel_values"), labels=batch["labels"])
+                          pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
             (out.loss / phase.grad_accum).backward()
         window_loss += float(out.loss.detach()) / phase.grad_accum
         window_tokens += int(batch["attention_mask"].sum())
