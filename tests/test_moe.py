@@ -150,3 +150,30 @@ def test_aux_losses_are_recorded_when_enabled():
 def test_auto_dispatch_picks_grouped_for_cpu_fp32():
     experts = StackedExperts.from_ffn(tiny_ffn("gated"), 4)
     assert dispatch.auto_mode(torch.randn(2, 64), experts) == ("grouped" if hasattr(torch, "_grouped_mm") else "loop")
+
+
+@pytest.mark.parametrize("kind", ["gated", "mlp"])
+def test_lora_expert_equals_an_ffn_with_merged_weights(kind):
+    """Expert e = the shared FFN with W + (alpha/r) A_e B_e, computed here by merging explicitly."""
+    from medmoe.adapters import add_lora
+
+    ffn = tiny_ffn(kind)
+    add_lora(ffn, rank=4, alpha=8)  # the shared FFN itself LoRA-adapted, as after a compact phase 2
+    experts = LoRAExperts(ffn, 4, rank=4, alpha=8)
+    for module in (ffn, experts):
+        randomise(module)
+    x = torch.randn(9, 64)
+    for e in range(4):
+        merged = copy.deepcopy(ffn)
+        w_in_delta = experts.scale * (experts.a_in[e] @ experts.b_in[e])  # [d, f_in], input-major
+        w_out_delta = experts.scale * (experts.a_out[e] @ experts.b_out[e])  # [f, d]
+        with torch.no_grad():
+            names_in = ("gate_proj", "up_proj") if kind == "gated" else ("fc1",)
+            for name, part in zip(names_in, w_in_delta.chunk(len(names_in), dim=1)):
+                linear = getattr(merged, name)
+                linear.weight.copy_(linear.effective_weight() + part.T)
+                linear.lora_B.zero_()
+            out_linear = merged.down_proj if kind == "gated" else merged.fc2
+            out_linear.weight.copy_(out_linear.effective_weight() + w_out_delta.T)
+            out_linear.lora_B.zero_()
+        torch.testing.assert_close(experts.expert_forward(e, x), merged(x), rtol=1e-4, atol=1e-5)

@@ -165,19 +165,19 @@ class LoRAExperts(nn.Module):
         for a in (self.a_in, self.a_out):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def expert_forward(self, e: int, x: torch.Tensor, w: dict | None = None) -> torch.Tensor:
-        w = w if w is not None else ffn_weights(self.shared)
-        h = x @ w["w_in"] + (x @ self.a_in[e]) @ self.b_in[e] * self.scale
-        if w["b_in"] is not None:
-            h = h + w["b_in"]
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """The shared FFN's own layers (LoRA-adapted ones included) plus expert e's low-rank deltas;
+        no expert weight matrix is ever materialised."""
+        shared = self.shared
+        delta_in = (x @ self.a_in[e]) @ self.b_in[e] * self.scale
         if self.kind == "gated":
-            gate, up = h.chunk(2, dim=-1)
-            h = ffn_activation(self.shared)(gate) * up
+            delta_gate, delta_up = delta_in.chunk(2, dim=-1)
+            h = ffn_activation(shared)(shared.gate_proj(x) + delta_gate) * (shared.up_proj(x) + delta_up)
+            out = shared.down_proj
         else:
-            h = ffn_activation(self.shared)(h)
-        y = h @ w["w_out"] + (h @ self.a_out[e]) @ self.b_out[e] * self.scale
-        return y + w["b_out"] if w["b_out"] is not None else y
+            h = ffn_activation(shared)(shared.fc1(x) + delta_in)
+            out = shared.fc2
+        return out(h) + (h @ self.a_out[e]) @ self.b_out[e] * self.scale
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
-        w = ffn_weights(self.shared)  # the shared weights once per call, not once per expert
-        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, lambda e, xe: self.expert_forward(e, xe, w))
+        return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)
