@@ -7,13 +7,14 @@
 # pneumoniamnist/: the layout of ../shared/data). Stages, in order (default: all but ablations):
 #   prepare    medmoe data prepare for the four datasets (PathVQA: 10% of its images held out)
 #   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable)
-#   eval       medmoe eval of the dense phase-2 model and of Med-MoE on every test split
-#   export     medmoe export: the compact delta that ships in medmoe/assets/nano
+#   export     medmoe export: the compact bf16 delta that ships in medmoe/assets/nano
+#   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
+#              on every test split
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
-STAGES=${*:-prepare train eval export}
+STAGES=${*:-prepare train export eval}
 MEDMOE=${MEDMOE:-medmoe}
 EVAL_ARGS=${EVAL_ARGS:---batch-size 64 --max-new-tokens 32}
 mkdir -p "$WORK" && cd "$WORK"
@@ -48,7 +49,7 @@ for stage in $STAGES; do
     train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ;;
     eval)
       evaluate runs/nano/phase2/model evals/dense
-      evaluate runs/nano/phase3/model evals/medmoe ;;
+      evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations)
       ablation no-meta phase3.moe.meta_expert=false phase3.moe.expert_type=full

@@ -207,11 +207,12 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
 
     optimizer = make_optimizer(rebind(groups, wrapped), phase)
     scheduler = cosine_with_warmup(optimizer, total_steps, phase.warmup_ratio, phase.min_lr_ratio)
-    step = 0
+    step, seconds_before = 0, 0.0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt:
         state = load_checkpoint(ckpt, wrapped, optimizer, scheduler)
         step = state["step"]
+        seconds_before = state["position"].get("train_seconds", 0.0)
         if dist.is_main:
             print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
     log = MetricsLog(run_dir, step, dist.is_main)
@@ -231,7 +232,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
 
     bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
     window_loss, window_tokens, t0, last = 0.0, 0, time.perf_counter(), None
-    micro = 0
+    micro, started = 0, time.perf_counter()
     for batch in loader:
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         micro += 1
@@ -261,7 +262,8 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         bar.update(1)
         window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
         if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
-            position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch}
+            position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch,
+                        "train_seconds": seconds_before + time.perf_counter() - started}
             save_checkpoint(run_dir, step, wrapped, optimizer, scheduler, position, recipe or {},
                             keep_last=phase.keep_last, is_main=dist.is_main)
         if on_step is not None:
@@ -272,5 +274,8 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         model.gradient_checkpointing_disable() if hasattr(model, "gradient_checkpointing_disable") else None
     model.eval()
     plot = plot_loss(run_dir, title) if dist.is_main else None
+    device = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else dist.device.type
     return {"steps": step, "total_steps": total_steps, "last": last, "loss_png": plot,
+            "train_seconds": round(seconds_before + time.perf_counter() - started, 1),
+            "device": f"{dist.world} x {device}",
             "metrics": os.path.join(run_dir, METRICS_FILE), "phase": asdict(phase)}
