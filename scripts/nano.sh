@@ -9,7 +9,7 @@
 #   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable)
 #   export     medmoe export: the compact bf16 delta that ships in medmoe/assets/nano
 #   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
-#              on every test split
+#              on every test split (eval-medmoe: the exported model only)
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way
 set -euo pipefail
@@ -50,6 +50,7 @@ for stage in $STAGES; do
     eval)
       evaluate runs/nano/phase2/model evals/dense
       evaluate export/nano evals/medmoe ;;
+    eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations)
       ablation no-meta phase3.moe.meta_expert=false phase3.moe.expert_type=full

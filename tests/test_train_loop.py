@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import one_thread, samples
@@ -179,3 +180,38 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_with_tied_weights_and_frozen_batch_norm_resumes(tmp_path):
+    """Saved states hold buffers and tied aliases besides the trained parameters: resuming must
+    accept them, and still refuse a checkpoint whose trained parameters differ."""
+    from medmoe.errors import CheckpointError
+    from medmoe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Module()
+        net.embed, net.norm, net.proj = torch.nn.Embedding(10, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4)
+        net.head = torch.nn.Linear(4, 10, bias=False)
+        net.head.weight = net.embed.weight  # tied, frozen
+        for p in (*net.embed.parameters(), *net.norm.parameters()):
+            p.requires_grad_(False)
+        return net
+
+    def optimizer_of(net):
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    net = build()
+    opt, sched = optimizer_of(net)
+    net.proj(net.norm(net.embed(torch.arange(6)))).sum().backward()  # batch norm statistics move
+    opt.step()
+    path = save_checkpoint(str(tmp_path), 1, net, opt, sched, {"micro_batch": 1}, {})
+    again = build()
+    load_checkpoint(path, again, *optimizer_of(again))
+    assert torch.equal(again.proj.weight, net.proj.weight)
+    assert torch.equal(again.norm.running_mean, net.norm.running_mean)
+    other = build()
+    other.norm.weight.requires_grad_(True)
+    with pytest.raises(CheckpointError, match="differ"):
+        load_checkpoint(path, other, *optimizer_of(other))

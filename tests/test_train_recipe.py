@@ -78,6 +78,12 @@ def test_cli_runs_every_phase_of_the_tiny_recipe(tmp_path, capsys):
         assert main(["train", "--recipe", "tiny", "--phase", "3", *quick]) == 2
         assert "--resume" in capsys.readouterr().err
         assert main(["train", "--recipe", "tiny", "--phase", "3", "--resume", *quick]) == 0
+        before = (out / "phase3" / "model" / "model.safetensors").stat().st_mtime_ns
+        # Resuming a finished run (every phase) skips what is done instead of training it again.
+        capsys.readouterr()
+        assert main(["train", "--recipe", "tiny", "--resume", *quick]) == 0
+        assert capsys.readouterr().out.count("already finished") == 4
+        assert (out / "phase3" / "model" / "model.safetensors").stat().st_mtime_ns == before
     for phase in ("phase1", "phase2", "phase3"):
         assert (out / phase / "model" / "model.safetensors").exists()
         assert (out / phase / "loss.png").exists()

@@ -10,8 +10,8 @@ from train_helpers import one_thread
 
 from medmoe.config import MODALITIES
 from medmoe.training.recipe import RouterRecipe
-from medmoe.training.router import (ROUTER_FILE, heldout_split, labelled, load_router_weights, run_router_phase,
-                                    train_router)
+from medmoe.training.router import (ROUTER_FILE, heldout_split, labelled, load_router_weights, pooled_features,
+                                    run_router_phase, train_router)
 
 
 def test_router_reaches_100_percent_on_separable_features():
@@ -93,3 +93,19 @@ def test_heldout_split_keeps_an_image_on_one_side():
     assert len(held_idx) == 6 and len(train_idx) == 24
     assert not {images[i] for i in held_idx.tolist()} & {images[i] for i in train_idx.tolist()}
     assert heldout_split(30, 0.2, seed=0, groups=images)[1].tolist() == held_idx.tolist()
+
+
+def test_batched_router_features_equal_one_sample_at_a_time(tiny):
+    from PIL import Image
+
+    model, processor = tiny
+    g = torch.Generator().manual_seed(1)
+    records = [{"id": str(i), "question": "what is " + "very " * (i * 3) + "odd here?",
+                "image": Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())}
+               for i in range(5)]
+    records[3]["image"] = None  # a text-only question inside a batch with images
+    with one_thread():
+        alone = pooled_features(model, processor, records, progress=False, batch_size=1)
+        batched = pooled_features(model, processor, records, progress=False, batch_size=4)
+    assert alone.shape == (5, model.config.hidden_size)
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)

@@ -130,9 +130,13 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
         state = json.load(f)
     weights = load_file(os.path.join(path, "model.safetensors"))
     expected = trainable_parameter_names(model)
-    if set(weights) != expected:
+    # The saved state also holds buffers (batch-norm statistics) and tied aliases (lm_head of a
+    # tied embedding): only parameters trained then but frozen now, or the reverse, are a mismatch.
+    parameters = {n for n, _ in getattr(model, "module", model).named_parameters()}
+    missing, unexpected = expected - set(weights), (set(weights) & parameters) - expected
+    if missing or unexpected:
         raise CheckpointError(f"{path}: trainable parameters differ from this run's (missing "
-                              f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}); "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
                               "resume with the same recipe and phase")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     optim = {"state": _unflatten(load_file(os.path.join(path, "optimizer.safetensors"))),

@@ -18,6 +18,7 @@ import torch
 
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 from . import distributed, params
 from .checkpoint import list_checkpoints
 from .data import Collate, build_dataset, load_records
@@ -148,6 +149,20 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     return summary
 
 
+def finished(recipe: Recipe, phase: str) -> dict | None:
+    """The summary of a phase that already ran to the end (its model or router saved), else None."""
+    run_dir = phase_dir(recipe, phase)
+    if phase == "router":
+        metrics = os.path.join(run_dir, "router_metrics.json")
+        done = os.path.isfile(os.path.join(run_dir, ROUTER_FILE)) and os.path.isfile(metrics)
+        return {"phase": phase, "dir": run_dir, "metrics": read_json(metrics)} if done else None
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary) and os.path.isfile(os.path.join(model_dir(recipe, phase), "config.json")):
+        return {**read_json(summary), "phase": phase, "dir": run_dir, "model_dir": model_dir(recipe, phase)}
+    return None
+
+
 def run_all(recipe: Recipe, resume: bool = False) -> list[dict]:
-    return [run_phase(recipe, p, resume=resume) for p in PHASES]
+    """Every phase in order; with `resume`, phases that already finished are skipped."""
+    return [(finished(recipe, p) if resume else None) or run_phase(recipe, p, resume=resume) for p in PHASES]
 

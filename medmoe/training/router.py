@@ -50,18 +50,32 @@ def _question_inputs(processor, record, max_length: int, device):
 
 
 @torch.no_grad()
-def pooled_features(model, processor, records, max_length: int = 512, progress: bool = True) -> torch.Tensor:
-    """[N, d]: mean over all layers' hidden states and all positions of the question turn."""
+def pooled_features(model, processor, records, max_length: int = 512, progress: bool = True,
+                    batch_size: int = 32) -> torch.Tensor:
+    """[N, d]: mean over all layers' hidden states and all positions of the question turn.
+    Batches are right-padded: under the causal mask the real positions never see the padding,
+    and the mean skips it, so every sample's vector is the one it gets alone."""
     from tqdm.auto import tqdm
 
     model.eval()
+    pad_id = processor.tokenizer.pad_token_id or 0
     out = []
-    for r in tqdm(records, desc="router features", disable=not progress):
-        ids, pixels = _question_inputs(processor, r, max_length, model.device)
-        embeds = model.embed_inputs(ids, pixels)
-        hidden = model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-        out.append(torch.stack(hidden).float().mean(dim=(0, 2))[0].cpu())
-    return torch.stack(out)
+    with tqdm(total=len(records), desc="router features", disable=not progress) as bar:
+        for start in range(0, len(records), batch_size):
+            inputs = [_question_inputs(processor, r, max_length, model.device) for r in records[start:start + batch_size]]
+            length = max(ids.shape[1] for ids, _ in inputs)
+            ids = torch.full((len(inputs), length), pad_id, dtype=torch.long, device=model.device)
+            mask = torch.zeros_like(ids)
+            for row, (one, _) in enumerate(inputs):
+                ids[row, : one.shape[1]], mask[row, : one.shape[1]] = one[0], 1
+            images = [pixels for _, pixels in inputs if pixels is not None]
+            embeds = model.embed_inputs(ids, torch.cat(images) if images else None)
+            hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
+            weights = mask.unsqueeze(-1).float()
+            summed = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1)
+            out.append((summed / weights.sum(dim=1)).cpu())
+            bar.update(len(inputs))
+    return torch.cat(out)
 
 
 @torch.no_grad()
