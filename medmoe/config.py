@@ -136,7 +136,8 @@ class MedMoEConfig(PretrainedConfig):
         self.moe = dataclasses.asdict(_from_dict(MoEConfig, moe))
         if isinstance(text_config, PretrainedConfig):
             text_config = text_config.to_dict()
-        self.text_config = dict(text_config or {})
+        # `_name_or_path` is where the LM was loaded from on the machine that saved it: not portable.
+        self.text_config = {k: v for k, v in dict(text_config or {}).items() if k != "_name_or_path"}
         if projector not in ("linear", "mlp2x_gelu"):
             raise ConfigError(f"projector={projector!r}: use 'linear' or 'mlp2x_gelu'")
         self.projector = projector

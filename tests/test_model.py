@@ -254,3 +254,16 @@ def test_training_loss_without_full_logits_equals_the_plain_loss(name):
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_answers_end_at_every_special_token_but_the_image():
+    from medmoe.config import MedMoEConfig
+    from medmoe.generation.generate import eos_ids
+
+    model, processor = build_model("tiny")
+    stops = eos_ids(model, processor)
+    assert processor.tokenizer.eos_token_id in stops and processor.tokenizer.pad_token_id in stops
+    assert processor.image_token_id not in stops
+    # A saved config never carries the path the LM was loaded from on the machine that saved it.
+    text = {**model.config.text_config, "_name_or_path": "/root/cache/lm"}
+    assert "_name_or_path" not in MedMoEConfig(text_config=text).text_config

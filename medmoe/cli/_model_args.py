@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def add_model_args(p) -> None:
-    p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors + tokenizer)")
+    p.add_argument("--model", default="nano",
+                   help="model folder (save_pretrained, `medmoe train` or `medmoe export` output) or a bundled model; "
+                        "default: nano, the bundled Med-MoE-Nano (CPU is enough, no network)")
     p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],

@@ -171,11 +171,11 @@ def report(s: dict, recipe, out: str) -> str:
         "",
         "A few steps on a few dozen samples show the pipeline working end to end, not a useful model.",
         f"Outputs in {os.path.abspath(out)}:",
-        f"  phase1/ phase2/ phase3/   model/ (load with MedMoEForCausalLM.from_pretrained), loss.png, metrics.jsonl",
-        f"  router/                   router.safetensors, router_metrics.json",
-        f"  eval/                     predictions.jsonl, metrics.json, report",
-        f"  summary.json              everything above",
-        f"Next: medmoe train --recipe nano (real datasets, see docs/training.md)",
+        "  phase1/ phase2/ phase3/   model/ (load with MedMoEForCausalLM.from_pretrained), loss.png, metrics.jsonl",
+        "  router/                   router.safetensors, router_metrics.json",
+        "  eval/                     predictions.jsonl, metrics.json, report",
+        "  summary.json              everything above",
+        "Next: medmoe train --recipe nano (real datasets, see docs/training.md)",
     ]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ def register(subparsers) -> None:
                                           "(docs/evaluation.md), analyse expert routing and write predictions.jsonl, "
                                           "metrics.json, report.md and report.html to --out. Rerunning with the same "
                                           "--out resumes where it stopped.")
-    p.add_argument("--model", required=True, help="model folder (save_pretrained output)")
+    p.add_argument("--model", default="nano",
+                   help="model folder, or a bundled model; default: nano, the bundled Med-MoE-Nano")
     p.add_argument("--data", required=True, help="records file (JSONL / LLaVA json), prepared dataset folder, or 'sample'")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="output folder")

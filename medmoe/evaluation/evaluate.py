@@ -117,16 +117,6 @@ def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> 
     return items
 
 
-# ----- model -------------------------------------------------------------------------------
-def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    from ..model.pretrained import load_model as load_any, pick_device, pick_dtype
-
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    model, processor = load_any(path)
-    return model.to(device=dev, dtype=dt).eval(), processor
-
-
 # ----- resume ------------------------------------------------------------------------------
 def read_done(path: Path) -> dict[str, dict]:
     """Rows already written. A torn last line (the process died mid-write) is dropped."""
@@ -275,7 +265,9 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     items = read_eval_items(data_file, settings.split, settings.limit)
     check_same_run(out, settings)
     if model is None:
-        model, processor = load_model(settings.model, settings.device, settings.dtype)
+        from ..model.pretrained import load_for_inference
+
+        model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")
 
     vqa_items = [i for i in items if not i.choices]

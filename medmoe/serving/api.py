@@ -13,7 +13,6 @@ expert "handled the image" (the paper's CT / MRI / X-Ray / Pathology experts).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -145,20 +144,16 @@ def generate_conversations(model, processor, conversations: Sequence[list[Turn]]
 def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
                quantize: str | None = None):
     """(model, processor) from a model folder, on the chosen device and dtype, optionally int8."""
-    from ..model.pretrained import load_model as load_any, pick_device, pick_dtype
+    from ..model.pretrained import load_for_inference
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained or `medmoe train`")
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    model, processor = load_any(path, dtype=dt)
+    model, processor = load_for_inference(path, device, dtype)
     if quantize not in (None, "none"):
         if quantize != "int8":
             raise ConfigError(f"--quantize {quantize!r}: use int8 or none")
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    return model.to(dev).eval(), processor
+    return model, processor
 
 
 class MedMoE:

