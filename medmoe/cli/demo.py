@@ -108,10 +108,15 @@ def run(args) -> int:
     from ..generation import generate
 
     answer = generate(model, processor, [args.question], [image], max_new_tokens=16)[0]
+    bundled = None
+    if model_name == "nano":  # the same questions to the bundled Med-MoE-Nano, trained on the full datasets
+        t = time.perf_counter()
+        bundled = bundled_comparison(args.question, image, os.path.join(args.out, "eval-bundled"))
+        timings["bundled"] = round(time.perf_counter() - t, 1)
     total = round(time.perf_counter() - start, 1)
     summary = {"model": model_name, "why": why, "seconds": timings, "total_seconds": total,
                "question": args.question, "image": image, "answer": answer,
-               "router": results["router"]["metrics"], "eval": metrics,
+               "router": results["router"]["metrics"], "eval": metrics, "bundled": bundled,
                "losses": {p: loss_trend(results[p]["metrics"]) for p in ("1", "2", "3")}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -133,6 +138,16 @@ def loss_trend(metrics_path: str) -> tuple[float | None, float | None]:
         return None, None
     k = max(1, len(losses) // 3)
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def bundled_comparison(question: str, image: str, out: str) -> dict:
+    """The bundled Med-MoE-Nano on the sample's test questions and the demo's question."""
+    from ..generation import generate
+    from ..model.pretrained import DEFAULT_MODEL, load_for_inference
+
+    model, processor = load_for_inference(DEFAULT_MODEL, "cpu", "float32")
+    return {"eval": evaluate_sample(model, processor, DEFAULT_MODEL, out),
+            "answer": generate(model, processor, [question], [image], max_new_tokens=16)[0]}
 
 
 def evaluate_sample(model, processor, model_path: str, out: str) -> dict:
@@ -168,12 +183,21 @@ def report(s: dict, recipe, out: str) -> str:
         f"  evaluation   sample test questions: {_eval_line(total)}  ({s['seconds']['eval']} s)",
         f"  question     {s['question']}  [{os.path.basename(s['image'])}]",
         f"  answer       {s['answer']!r}",
+    ]
+    if s.get("bundled"):
+        b = s["bundled"]
+        lines += [
+            f"  bundled      Med-MoE-Nano, trained on the full datasets (docs/MODEL_CARD.md), on the same questions: "
+            f"{_eval_line(b['eval'].get('total') or {})}  ({s['seconds']['bundled']} s)",
+            f"               answer {b['answer']!r}; it is the default of medmoe ask / chat / serve / eval",
+        ]
+    lines += [
         "",
         "A few steps on a few dozen samples show the pipeline working end to end, not a useful model.",
         f"Outputs in {os.path.abspath(out)}:",
         "  phase1/ phase2/ phase3/   model/ (load with MedMoEForCausalLM.from_pretrained), loss.png, metrics.jsonl",
         "  router/                   router.safetensors, router_metrics.json",
-        "  eval/                     predictions.jsonl, metrics.json, report",
+        "  eval/                     predictions.jsonl, metrics.json, report (eval-bundled/: the bundled model's)",
         "  summary.json              everything above",
         "Next: medmoe train --recipe nano (real datasets, see docs/training.md)",
     ]
