@@ -52,3 +52,18 @@ def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
     # float32 on a CPU against bfloat16 on a GPU: a few long answers may part ways, not many.
     assert sum(same) >= 16, [(r["id"], a.text) for r, a, s in zip(records, answers, same) if not s]
     assert all(a.finish_reason == "eos" for r, a in zip(records, answers) if r["answer_type"] == "CLOSED")
+
+
+def test_demo_compares_with_the_bundled_model(tmp_path):
+    require_smollm2()
+    require_efficientnet()
+    from medmoe.cli.demo import bundled_comparison, report
+
+    image = str(SAMPLE / "images" / "synpic19853.jpg")
+    result = bundled_comparison("Which organ is shown?", image, str(tmp_path / "eval-bundled"))
+    assert result["eval"]["counts"]["scored"] == 19 and isinstance(result["answer"], str)
+    assert (tmp_path / "eval-bundled" / "predictions.jsonl").exists()
+    summary = {"total_seconds": 1, "model": "nano", "why": "test", "losses": {p: (None, None) for p in "123"},
+               "seconds": {"1": 0, "2": 0, "router": 0, "3": 0, "eval": 0, "bundled": 0}, "router": {},
+               "eval": {}, "question": "q", "image": image, "answer": "a", "bundled": result}
+    assert "Med-MoE-Nano" in report(summary, None, str(tmp_path))
