@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from ..training.phases import finished, run_phase
+    from ..training.phases import run_or_skip
     from ..training.recipe import PHASES, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -32,11 +32,7 @@ def run(args) -> int:
         return 0
     phases = PHASES if args.phase == "all" else (args.phase,)
     for phase in phases:
-        result = finished(recipe, phase) if args.resume else None
-        if result is not None:
-            print(f"medmoe: phase {phase} already finished in {result['dir']}; skipped (delete it to train again)")
-        else:
-            result = run_phase(recipe, phase, resume=args.resume)
+        result = run_or_skip(recipe, phase, resume=args.resume)
         if phase == "router":
             m = result["metrics"]
             if m:

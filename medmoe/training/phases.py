@@ -162,7 +162,16 @@ def finished(recipe: Recipe, phase: str) -> dict | None:
     return None
 
 
+def run_or_skip(recipe: Recipe, phase: str, resume: bool = False) -> dict:
+    """run_phase, except that with `resume` a phase that already finished is skipped."""
+    done = finished(recipe, phase) if resume else None
+    if done is None:
+        return run_phase(recipe, phase, resume=resume)
+    print(f"medmoe: phase {phase} already finished in {done['dir']}; skipped (delete it to train again)", flush=True)
+    return done
+
+
 def run_all(recipe: Recipe, resume: bool = False) -> list[dict]:
     """Every phase in order; with `resume`, phases that already finished are skipped."""
-    return [(finished(recipe, p) if resume else None) or run_phase(recipe, p, resume=resume) for p in PHASES]
+    return [run_or_skip(recipe, p, resume=resume) for p in PHASES]
 
