@@ -11,7 +11,8 @@
 #   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
 #              on every test split (eval-medmoe: the exported model only)
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
-#              routing and with full (non-LoRA) experts, each evaluated the same way
+#              routing and with full (non-LoRA) experts, each evaluated the same way; each of
+#              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
 STAGES=${*:-prepare train export eval}
@@ -43,6 +44,11 @@ ablation() {  # ablation NAME OVERRIDES...: phase 3 only, from the main run's ph
   evaluate "runs/$name/phase3/model" "evals/$name"
 }
 
+ablation_no-meta() { ablation no-meta phase3.moe.meta_expert=false phase3.moe.expert_type=full; }
+ablation_plain-router() { ablation plain-router phase3.router_init=random phase3.train_router=true; }
+ablation_per-sample() { ablation per-sample phase3.moe.routing=sample; }
+ablation_full-experts() { ablation full-experts phase3.moe.expert_type=full; }
+
 for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
@@ -52,11 +58,8 @@ for stage in $STAGES; do
       evaluate export/nano evals/medmoe ;;
     eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
-    ablations)
-      ablation no-meta phase3.moe.meta_expert=false phase3.moe.expert_type=full
-      ablation plain-router phase3.router_init=random phase3.train_router=true
-      ablation per-sample phase3.moe.routing=sample
-      ablation full-experts phase3.moe.expert_type=full ;;
+    ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
+    no-meta|plain-router|per-sample|full-experts) "ablation_$stage" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -177,3 +177,51 @@ def test_lora_expert_equals_an_ffn_with_merged_weights(kind):
             out_linear.weight.copy_(out_linear.effective_weight() + w_out_delta.T)
             out_linear.lora_B.zero_()
         torch.testing.assert_close(experts.expert_forward(e, x), merged(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gated", "mlp"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_lora_experts_with_meta_equal_the_loop(kind, top_k):
+    """The block's one-pass path (shared FFN once, masked low-rank factors) against the plain loop
+    over experts plus the meta FFN: outputs and every gradient."""
+    from medmoe.adapters import add_lora
+
+    torch.manual_seed(3)
+    ffn = tiny_ffn(kind)
+    add_lora(ffn, rank=4, alpha=8)  # the shared FFN LoRA-adapted, as after Nano's phase 2
+    experts = LoRAExperts(ffn, 4, rank=4, alpha=8)
+    for module in (ffn, experts):
+        randomise(module)
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    decision = route(torch.randn(22, 4), top_k, renormalize=False)
+    if top_k == 1:  # one expert gets no token: the masks must cope
+        decision.expert_index[decision.expert_index == 3] = 0
+
+    def run(fused: bool):
+        flat = x.reshape(-1, 64)
+        if fused:
+            y = experts.forward_with_shared(flat, decision.expert_index, decision.expert_weight)
+        else:
+            y = experts(flat, decision.expert_index, decision.expert_weight) + ffn(flat)
+        params = [x] + [p for p in list(ffn.parameters()) + list(experts.parameters()) if p.requires_grad]
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), params)
+        return y, grads
+
+    y_fused, g_fused = run(True)
+    y_loop, g_loop = run(False)
+    torch.testing.assert_close(y_fused, y_loop, rtol=1e-5, atol=1e-5)
+    assert y_loop.abs().max() > 1e-2  # the experts' deltas are not zero: the test can fail
+    for a, b in zip(g_fused, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_takes_the_fused_path_for_lora_experts():
+    ffn = tiny_ffn("gated")
+    experts = LoRAExperts(ffn, 4, rank=4, alpha=8)
+    randomise(experts)
+    block = MedMoEBlock(0, experts, ffn, MoEConfig(enabled=True, expert_type="lora"), MoEState(), shared_router=Router(64, 4))
+    calls = []
+    experts.forward = lambda *a: calls.append("loop")  # the loop must not run
+    x = torch.randn(2, 5, 64)
+    y = block(x)
+    assert not calls and y.shape == x.shape

@@ -170,12 +170,19 @@ class _Clock:
 
 
 def graph_safe(model, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when every MoE block takes the sync-free grouped path (the loop sizes groups on the host)."""
-    from ..moe import StackedExperts, dispatch
+    """True when every MoE block runs without host syncs (the loop sizes groups on the host):
+    stacked experts on the grouped path, or LoRA experts fused with their meta expert."""
+    from ..moe import LoRAExperts, StackedExperts, dispatch
 
     probe = torch.empty(1, 1, dtype=dtype, device=device)
-    return all(isinstance(b.experts, StackedExperts) and b.experts.dispatch_mode != "loop"
-               and dispatch.grouped_supported(probe, b.experts) for b in model.moe_blocks)
+
+    def sync_free(block) -> bool:
+        if isinstance(block.experts, LoRAExperts):
+            return block.meta is block.experts.shared
+        return (isinstance(block.experts, StackedExperts) and block.experts.dispatch_mode != "loop"
+                and dispatch.grouped_supported(probe, block.experts))
+
+    return all(sync_free(b) for b in model.moe_blocks)
 
 
 def _capture(step) -> torch.cuda.CUDAGraph:

@@ -69,9 +69,13 @@ class MedMoEBlock(nn.Module):
         else:
             logits = self.router_logits(x)
             decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
-        y = self.experts(x, decision.expert_index, decision.expert_weight)
-        if self.meta is not None:
-            y = y + ffn_forward(self.meta, x)
+        if self.meta is not None and getattr(self.experts, "shared", None) is self.meta:
+            # LoRA experts are deltas on the meta FFN: one pass of it serves both (experts.py).
+            y = self.experts.forward_with_shared(x, decision.expert_index, decision.expert_weight)
+        else:
+            y = self.experts(x, decision.expert_index, decision.expert_weight)
+            if self.meta is not None:
+                y = y + ffn_forward(self.meta, x)
         self._record(shape, logits, decision)
         return y.reshape(shape)
 

@@ -165,19 +165,64 @@ class LoRAExperts(nn.Module):
         for a in (self.a_in, self.a_out):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
+    def _shared_parts(self):
+        """(activation, input projections, output projection) of the shared FFN, called as modules
+        so that adapters on them (phase-2 LoRA) apply."""
+        s = self.shared
+        if self.kind == "gated":
+            return fast_activation(s.act_fn), (s.gate_proj, s.up_proj), s.down_proj
+        return fast_activation(s.activation_fn), (s.fc1,), s.fc2
+
+    def _hidden(self, act, pre: list[torch.Tensor], delta_in: torch.Tensor | int = 0) -> torch.Tensor:
+        """The FFN's hidden state from its input projections' outputs, plus an expert's input delta."""
+        if self.kind == "gated":
+            if isinstance(delta_in, torch.Tensor):
+                delta_gate, delta_up = delta_in.chunk(2, dim=-1)
+                return act(pre[0] + delta_gate) * (pre[1] + delta_up)
+            return act(pre[0]) * pre[1]
+        return act(pre[0] + delta_in)
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """The shared FFN's own layers (LoRA-adapted ones included) plus expert e's low-rank deltas;
-        no expert weight matrix is ever materialised."""
-        shared = self.shared
+        no expert weight matrix is ever materialised. The plain reference of `forward_with_shared`."""
+        act, projections, out = self._shared_parts()
         delta_in = (x @ self.a_in[e]) @ self.b_in[e] * self.scale
-        if self.kind == "gated":
-            delta_gate, delta_up = delta_in.chunk(2, dim=-1)
-            h = ffn_activation(shared)(shared.gate_proj(x) + delta_gate) * (shared.up_proj(x) + delta_up)
-            out = shared.down_proj
-        else:
-            h = ffn_activation(shared)(shared.fc1(x) + delta_in)
-            out = shared.fc2
+        h = self._hidden(act, [p(x) for p in projections], delta_in)
         return out(h) + (h @ self.a_out[e]) @ self.b_out[e] * self.scale
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         return dispatch.loop(x, expert_index, expert_weight, self.num_experts, self.expert_forward)
+
+    def forward_with_shared(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k E_{i_k}(x) + shared(x): the experts and the meta expert in one pass of the shared FFN.
+
+        Every expert shares the meta expert's projections, so they run once for all tokens: the
+        input projections' outputs feed the meta expert and every expert (which adds its low-rank
+        delta before the activation), and the output projection is linear, so it runs once on
+        the gate-weighted sum of the hidden states. The loop path instead runs the shared FFN again
+        on each expert's tokens (twice the FFN work) and syncs with the host per expert.
+        Low-rank factors of all E experts are applied to every token and masked to its chosen
+        expert: E*r extra columns (a few percent of the FFN's work), and every shape is fixed by the
+        token count, so there is no host sync (CUDA graphs can capture it).
+        """
+        n, k = expert_index.shape
+        num, rank = self.num_experts, self.a_in.shape[-1]
+        act, projections, out = self._shared_parts()
+        pre = [p(x) for p in projections]
+        hidden = self._hidden(act, pre)  # the meta expert's
+        low_in = x @ self.a_in.permute(1, 0, 2).reshape(x.shape[-1], num * rank)  # [n, E*r]
+        b_in = self.b_in.reshape(num * rank, -1)
+        a_out = self.a_out.permute(1, 0, 2).reshape(self.a_out.shape[1], num * rank)
+        low_out, gate_sum = 0, 0
+        for j in range(k):
+            chosen = F.one_hot(expert_index[:, j], num).to(low_in.dtype)[:, :, None]  # [n, E, 1]
+            mask = lambda t: (t.view(n, num, rank) * chosen).view(n, num * rank)  # noqa: E731
+            h = self._hidden(act, pre, mask(low_in) @ b_in * self.scale)
+            weight = expert_weight[:, j:j + 1].to(h.dtype)
+            hidden = hidden + weight * h
+            low_out = low_out + mask(h @ a_out) * weight
+            gate_sum = gate_sum + weight
+        y = out(hidden) + (low_out @ self.b_out.reshape(num * rank, -1)) * self.scale
+        if out.bias is not None:  # out(hidden) added the bias once; the experts' outputs carry it too
+            y = y + gate_sum * out.bias
+        return y
