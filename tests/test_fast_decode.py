@@ -25,12 +25,14 @@ def greedy_reference(model, input_ids, attention_mask, pixel_values, steps):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
 @pytest.mark.parametrize("routing", ["token", "sample"])
-def test_static_decode_matches_full_recompute(name, routing):
+@pytest.mark.parametrize("expert_type", ["full", "lora"])
+def test_static_decode_matches_full_recompute(name, routing, expert_type):
     model, processor = build_model(name)
-    model.upcycle({"routing": routing})
+    model.upcycle({"routing": routing, "expert_type": expert_type, "lora_rank": 4, "lora_alpha": 8})
     for block in model.moe_blocks:  # make experts differ, so routing matters
         with torch.no_grad():
-            block.experts.w_in.add_(torch.randn_like(block.experts.w_in) * 0.05)
+            for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):
+                weight.add_(torch.randn_like(weight) * 0.05)
     model.eval()
     images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (20, 20), (10, 90, 200))]
     batch = processor(["What modality is this image?", "Any fracture?"], images, padding_side="left")
@@ -55,3 +57,28 @@ def test_eos_repeats_after_the_end():
     eos = int(first[0, 1])
     tokens = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=5, eos_token_id=eos)
     assert (tokens[0, 1:] == eos).all()
+
+
+def test_any_of_several_end_tokens_ends_a_row():
+    model, processor = build_model("tiny")
+    model.eval()
+    batch = processor(["hello", "what is this?"], None, padding_side="left")
+    free = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6)
+    ends = {int(free[0, 2]), int(free[1, 3])}  # each row meets one of them
+    tokens = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=ends)
+    for row, at in ((0, 2), (1, 3)):
+        first = next(j for j in range(6) if int(free[row, j]) in ends)
+        assert first <= at
+        assert torch.equal(tokens[row, :first + 1], free[row, :first + 1])  # unchanged up to its end
+        assert (tokens[row, first:] == free[row, first]).all()  # then its own end token repeats
+
+
+def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
+    from medmoe.generation.fast_decode import graph_safe
+
+    lora, _ = build_model("tiny")
+    lora.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    assert graph_safe(lora, torch.float32, torch.device("cpu"))
+    looped, _ = build_model("tiny")
+    looped.upcycle({"dispatch": "loop"})
+    assert not graph_safe(looped, torch.float32, torch.device("cpu"))

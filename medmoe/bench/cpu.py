@@ -1,7 +1,9 @@
-"""CPU latency of one short answer from the nano Med-MoE (SmolLM2-135M LLM, upcycled) on a few cores.
+"""CPU latency of one short answer from the nano Med-MoE (SmolLM2-135M LLM) on a few cores.
 
-Measured: time to the first token (prefill, image included) and the whole answer (a fixed number of
-new tokens, so every run does the same work), for the static-cache path and for a plain loop.
+The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` runs) when its base
+weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
+vision tower if EfficientNet-Lite0 is missing. Measured: time to the first token (prefill, image
+included) and the whole answer (a fixed number of new tokens, so every run does the same work).
 """
 
 from __future__ import annotations
@@ -13,28 +15,35 @@ import time
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from ..generation.fast_decode import generate_fast
 
 
 def nano_model():
-    """(model, processor, description): the nano preset, with a stand-in vision tower if the real one is missing."""
+    """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in."""
     from ..model.presets import preset
-    from ..model.pretrained import build_model
+    from ..model.pretrained import build_model, load_for_inference
 
     try:
+        model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32)
+        return model, processor, "Med-MoE-Nano (bundled): SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta"
+    except (ImportError, ConfigError):  # base weights not installed
+        pass
+    try:
         model, processor = build_model("nano")
-        return model, processor, "nano: SmolLM2-135M-Instruct + EfficientNet-Lite0"
-    except (ImportError, ModuleNotFoundError) as err:
+        description = "nano preset, untrained full experts: SmolLM2-135M-Instruct + EfficientNet-Lite0"
+    except (ImportError, ConfigError) as err:
         cfg = preset("nano")
         cfg.vision = {**cfg.vision, "kind": "tiny", "image_size": 224, "tiny_patch": 32}
         model, processor = build_model("nano", config=cfg)
-        return model, processor, f"nano LLM with a stand-in vision tower (49 x 1280 tokens; {err})"
+        description = f"nano LLM with a stand-in vision tower (49 x 1280 tokens; {err})"
+    model.upcycle()
+    return model, processor, description
 
 
 def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, log=print) -> dict:
     torch.set_num_threads(threads)
     model, processor, description = nano_model()
-    model.upcycle()
     model.eval()
     img = Image.open(image).convert("RGB") if image else Image.new("RGB", (256, 256), (90, 90, 90))
     question = ["What imaging modality is shown?"]

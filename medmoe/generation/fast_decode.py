@@ -16,9 +16,12 @@ On the CPU (or with cuda_graph=False) the same static-cache step runs eagerly.
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import torch
 from transformers import StaticCache
+
+from .generate import eos_ids
 
 
 def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -79,10 +82,12 @@ def _prefill_bias(prompt_mask: torch.Tensor, max_len: int, dtype: torch.dtype) -
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64, eos_token_id: int | None = None,
+           pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64,
+           eos_token_id: int | Iterable[int] | None = None,
            temperature: float = 0.0, cuda_graph: bool | None = None, check_every: int = 16,
            compile: bool = False, stats: dict | None = None) -> torch.Tensor:
-    """New tokens [B, max_new_tokens] for a left-padded batch; after a sequence's EOS, EOS repeats.
+    """New tokens [B, max_new_tokens] for a left-padded batch. `eos_token_id`: one id or several
+    (any of them ends a sequence); after a sequence's end, its end token repeats.
 
     `stats`, when given, receives prefill_ms, capture_ms and step_ms (the mean time of the steps
     after capture); timing it adds host syncs, so leave it None outside benchmarks.
@@ -118,16 +123,18 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     def step() -> None:
         step_fn(lm, cache, state.token, state.bias, state.position, state.write_index, temperature)
 
+    eos = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else sorted(eos_token_id), dtype=torch.long, device=device)
     tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     tokens[:, 0] = state.token[:, 0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     graph = None
     steps_timed = 0
     for i in range(1, max_new_tokens):
-        if eos_token_id is not None:
-            finished |= tokens[:, i - 1] == eos_token_id
+        if eos is not None:
+            finished |= torch.isin(tokens[:, i - 1], eos)
             if i % check_every == 0 and bool(finished.all()):
-                tokens[:, i:] = eos_token_id
+                tokens[:, i:] = -1  # filled below with each row's end token
                 break
         if graph is not None:
             graph.replay()
@@ -147,9 +154,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         stats["step_ms"] = stats["steps_ms"] / max(steps_timed, 1)
         stats["steps"] = steps_timed
         stats["cuda_graph"] = graph is not None
-    if eos_token_id is not None:
-        ended = (tokens == eos_token_id).long().cumsum(-1) > 0
-        tokens = tokens.masked_fill(ended, eos_token_id)
+    if eos is not None:
+        is_end = torch.isin(tokens, eos)
+        ended = is_end.long().cumsum(-1) > 0
+        first_end = is_end.long().argmax(-1, keepdim=True)  # the token that ended each row
+        tokens = torch.where(ended, tokens.gather(1, first_end).expand_as(tokens), tokens)
     return tokens
 
 
@@ -196,17 +205,17 @@ def _capture(step) -> torch.cuda.CUDAGraph:
 
 def generate_fast(model, processor, questions: list[str], images: list | None = None, max_new_tokens: int = 64,
                   temperature: float = 0.0, cuda_graph: bool | None = None) -> list[str]:
-    """Answers for a batch of questions (with optional images), by `decode`."""
+    """Answers for a batch of questions (with optional images), by `decode`; an answer ends at any
+    special token, as in `generate`."""
     batch = processor(questions, images, padding_side="left")
     pixel_values = batch.get("pixel_values")
     if pixel_values is not None:
         pixel_values = pixel_values.to(model.language_model.get_input_embeddings().weight.dtype)
-    eos = processor.tokenizer.eos_token_id
+    eos = eos_ids(model, processor)
     tokens = decode(model, batch["input_ids"], batch["attention_mask"], pixel_values, max_new_tokens, eos,
                     temperature, cuda_graph)
     texts = []
     for row in tokens.tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(processor.decode(row))
+        end = next((j for j, token in enumerate(row) if token in eos), len(row))
+        texts.append(processor.decode(row[:end]))
     return texts
