@@ -57,6 +57,23 @@ def test_phase2_trains_llm_and_projector_not_vision(tiny_model, tmp_path):
     _check(model, groups, before, state(model))
 
 
+def test_phase2_can_train_the_vision_tower_and_phase3_freezes_it_again(tiny_model, tmp_path):
+    model = tiny_model
+    groups = params.select(model, params.phase2_groups(model, train_vision=True))
+    assert set(groups) == {"llm", "projector", "vision"}
+    assert not model.vision_tower.frozen
+    model.train()
+    assert model.vision_tower.training  # a training tower updates its normalisation statistics
+    before = state(model)
+    _train_few_steps(model, groups, tmp_path)
+    _check(model, groups, before, state(model))  # vision weights changed, as trained
+    model.upcycle()
+    params.select(model, params.phase3_groups(model))
+    model.train()
+    assert model.vision_tower.frozen and not model.vision_tower.training
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+
+
 @pytest.mark.parametrize("trainable,train_router,expert_type", [
     ("experts", False, "full"), ("official", False, "full"), ("experts", True, "full"), ("experts", False, "lora"),
 ])

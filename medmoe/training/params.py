@@ -2,8 +2,8 @@
 {group name: {parameter name: parameter}}; `select` freezes everything else.
 
 - phase 1: the projector.
-- phase 2: the LLM and the projector (the vision tower stays frozen); with `phase2.llm_lora`, the
-  LLM's LoRA adapters instead of all its weights.
+- phase 2: the LLM and the projector (the vision tower stays frozen unless `phase2.train_vision`);
+  with `phase2.llm_lora`, the LLM's LoRA adapters instead of all its weights.
 - phase 3: the domain experts and the meta expert of every MoE layer (paper); "official" adds the
   dense FFNs of the other layers and the projector, as the official code does. The router is
   frozen unless asked for.
@@ -29,13 +29,16 @@ def phase1_groups(model) -> Groups:
     return {"projector": _named(model, model.projector)}
 
 
-def phase2_groups(model) -> Groups:
+def phase2_groups(model, train_vision: bool = False) -> Groups:
     if model.is_moe:
         raise ConfigError("phase 2 trains a dense model; this one is already Med-MoE (phase 3 output?)")
     llm = _named(model, model.language_model)
     if model.config.llm_lora:  # compact phase 2: only the LoRA adapters of the LLM train
         llm = _lora_only(llm)
-    return {"llm": llm, "projector": _named(model, model.projector)}
+    groups = {"llm": llm, "projector": _named(model, model.projector)}
+    if train_vision:  # a small tower (EfficientNet-Lite0, 4.7M) can afford to adapt to medical images
+        groups["vision"] = _named(model, model.vision_tower)
+    return groups
 
 
 def _lora_only(named: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
@@ -75,6 +78,10 @@ def select(model: nn.Module, groups: Groups) -> Groups:
     for params in groups.values():
         for p in params.values():
             p.requires_grad_(True)
+    tower = getattr(model, "vision_tower", None)
+    if tower is not None and hasattr(tower, "freeze"):
+        # A tower that does not train runs without autograd and keeps its BatchNorm statistics.
+        tower.freeze(not any(p.requires_grad for p in tower.parameters()))
     return groups
 
 

@@ -87,7 +87,7 @@ def _groups(model, recipe: Recipe, phase: str):
     if phase == "1":
         return params.phase1_groups(model)
     if phase == "2":
-        return params.phase2_groups(model)
+        return params.phase2_groups(model, recipe.phase2.train_vision)
     p3 = recipe.phase3
     return params.phase3_groups(model, p3.trainable, p3.train_meta, p3.train_router)
 

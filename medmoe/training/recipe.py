@@ -67,6 +67,9 @@ class Phase2Recipe(PhaseRecipe):
     # {"rank": r, "alpha": a[, "targets": [...]]}: train LoRA adapters on the LLM's linear layers instead
     # of all LLM weights (compact: the result ships as a small delta on the pretrained base).
     llm_lora: dict = field(default_factory=dict)
+    # Also train the vision tower (group "vision", its own rate through lr_groups). Worth it for a
+    # small ImageNet tower meeting medical images; the paper keeps CLIP frozen.
+    train_vision: bool = False
 
 
 @dataclass
