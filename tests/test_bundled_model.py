@@ -38,6 +38,16 @@ def test_bundled_nano_is_small_and_the_default():
         assert build_parser().parse_args(command).model == "nano"
 
 
+def test_a_local_folder_named_like_a_bundled_model_wins_only_if_it_holds_a_model(tmp_path, monkeypatch):
+    from medmoe.model.pretrained import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nano").mkdir()  # e.g. a folder of outputs
+    assert Path(resolve_model_path("nano")) == SAMPLE.parent / "nano"
+    (tmp_path / "nano" / "config.json").write_text("{}")
+    assert resolve_model_path("nano") == "nano"
+
+
 def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
     require_smollm2()
     require_efficientnet()

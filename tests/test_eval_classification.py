@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from medmoe.data.templates import Turn
-from medmoe.evaluation.classification import (UNPARSED, choice_logprobs, classification_metrics, classify_loglik,
+from medmoe.evaluation.classification import (UNPARSED, choice_logprobs, choice_logprobs_batch, classification_metrics,
+                                              classify_loglik,
                                               parse_choice, plot_confusion)
 
 CHOICES = ["normal", "pneumonia"]
@@ -31,6 +32,30 @@ def test_logprobs_match_the_models_own_loss(tiny):
         assert scores[i].item() == pytest.approx(-out.lm_loss.item() * n_answer_tokens, rel=1e-4, abs=1e-4)
     mean = choice_logprobs(model, processor, "Is this lung normal?", image, CHOICES, reduction="mean")
     assert torch.all(mean > scores[:2])  # the mean over several tokens is less negative than the sum
+
+
+@pytest.mark.parametrize("moe", [None, "token", "sample"])
+@pytest.mark.parametrize("with_images", [True, False])
+def test_batched_choice_scores_equal_one_question_at_a_time(moe, with_images):
+    """Left-padded rows, the output layer on the last positions only, each image encoded once:
+    the same numbers as scoring each question alone, for questions and answers of unequal length."""
+    from medmoe.model.pretrained import build_model
+
+    model, processor = build_model("tiny")
+    if moe:
+        model.upcycle({"routing": moe})
+        with torch.no_grad():
+            for block in model.moe_blocks:
+                block.experts.w_in.add_(torch.randn_like(block.experts.w_in) * 0.05)
+    model.eval()
+    questions = ["Normal?", "Is this chest film normal, or does it show pneumonia?", "Which class?"]
+    images = [grey(i) for i in range(3)] if with_images else [None] * 3
+    choices = CHOICES + ["bacterial pneumonia of the left lower lobe"]
+    batched = choice_logprobs_batch(model, processor, questions, images, choices)
+    one_by_one = torch.stack([choice_logprobs(model, processor, q, img, choices) for q, img in zip(questions, images)])
+    assert batched.shape == (3, 3)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
+    assert (one_by_one[:, 0] != one_by_one[:, 1]).all()  # the scores differ, so the comparison means something
 
 
 def test_classify_loglik_picks_argmax(tiny):

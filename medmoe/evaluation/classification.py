@@ -42,12 +42,61 @@ def choice_logprobs(model, processor, question: str, image, choices: Sequence[st
     return (total / keep.sum(-1).clamp(min=1) if reduction == "mean" else total).cpu()
 
 
+@torch.no_grad()
+def choice_logprobs_batch(model, processor, questions: Sequence[str], images: Sequence, choices: Sequence[str],
+                          reduction: str = "sum", max_rows: int = 32) -> torch.Tensor:
+    """[len(questions), len(choices)]: `choice_logprobs` for many questions, a few forward passes.
+
+    Every (question, choice) pair is one row, left-padded so that all answers end at the last
+    position: the output layer then runs on the last few positions only (a [rows, vocab] slice,
+    not [rows, length, vocab]), and each image is encoded once for all its choices. At most
+    `max_rows` rows go through at once: past about 32 rows of 100 tokens a 2-core CPU gets slower
+    per row (measured: 268 ms at 16 rows, 436 at 64, 527 at 128).
+    """
+    n, k = len(questions), len(choices)
+    if n == 0:
+        return torch.empty(0, k)
+    per_pass = max(1, max_rows // k)
+    if n > per_pass:
+        return torch.cat([choice_logprobs_batch(model, processor, questions[i:i + per_pass], images[i:i + per_pass],
+                                                choices, reduction, max_rows) for i in range(0, n, per_pass)])
+    has_image = [img is not None for img in images]
+    if any(has_image) and not all(has_image):  # mixed: score each question on its own
+        return torch.stack([choice_logprobs(model, processor, q, img, choices, reduction) for q, img in zip(questions, images)])
+    encoded = [processor.encode([Turn(processor.prompt(q, has_image=has_image[i]), answer=c)])
+               for i, q in enumerate(questions) for c in choices]
+    batch = processor.pad(encoded, padding_side="left")
+    device = model.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    image_tokens = None
+    if has_image[0]:
+        pixels = torch.stack([processor.image_tensor(img) for img in images]).to(device, next(model.vision_tower.parameters()).dtype)
+        image_tokens = model.encode_images(pixels).repeat_interleave(k, dim=0)
+    embeds = model.embed_inputs(ids, None, image_tokens=image_tokens)
+    targets = batch["labels"][:, 1:].to(device)
+    keep_from = int((targets != IGNORE_INDEX).any(0).nonzero().min())  # first column holding an answer token
+    last = targets.shape[1] - keep_from
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=last + 1)
+    logits = out.logits[:, :-1].float()  # predictions for the last `last` target positions
+    targets = targets[:, -last:]
+    keep = targets != IGNORE_INDEX
+    token_lp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (token_lp * keep).sum(-1)
+    scores = total / keep.sum(-1).clamp(min=1) if reduction == "mean" else total
+    return scores.view(n, k).cpu()
+
+
 def classify_loglik(model, processor, questions: Sequence[str], images: Sequence, choices: Sequence[str],
-                    reduction: str = "sum", progress: bool = False) -> list[int]:
+                    reduction: str = "sum", progress: bool = False, batch_size: int = 64) -> list[int]:
     from tqdm import tqdm
 
-    items = tqdm(list(zip(questions, images)), desc="log-likelihood", disable=not progress)
-    return [int(choice_logprobs(model, processor, q, img, choices, reduction).argmax()) for q, img in items]
+    preds = []
+    for start in tqdm(range(0, len(questions), batch_size), desc="log-likelihood", disable=not progress):
+        scores = choice_logprobs_batch(model, processor, questions[start:start + batch_size],
+                                       images[start:start + batch_size], choices, reduction)
+        preds += scores.argmax(-1).tolist()
+    return preds
 
 
 def parse_choice(text: str, choices: Sequence[str]) -> int:

@@ -162,9 +162,25 @@ def _prompt_valid_mask(processor, items: list[EvalItem], input_ids: torch.Tensor
     return valid
 
 
+def choice_scores(model, processor, items: list[EvalItem]) -> dict[str, torch.Tensor]:
+    """Log-likelihood of each choice, by item id, for the items that have choices: one forward pass
+    per set of choices in the batch."""
+    from .classification import choice_logprobs_batch
+
+    groups: dict[tuple, list[EvalItem]] = {}
+    for item in items:
+        if item.choices:
+            groups.setdefault(tuple(item.choices), []).append(item)
+    scores = {}
+    for choices, group in groups.items():
+        values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
+                                       list(choices))
+        scores.update((item.gt.id, row) for item, row in zip(group, values))
+    return scores
+
+
 def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
     from ..generation import SamplingConfig, run_generation
-    from .classification import choice_logprobs
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
@@ -175,13 +191,13 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
     if want_routing and out.prompt_routing:
         valid = _prompt_valid_mask(processor, items, out.input_ids)
         counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
+    scores = choice_scores(model, processor, items)
     rows = []
     for item, text, reason, routing in zip(items, out.texts, out.finish_reasons, counts):
         row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,
                "dataset": item.gt.dataset, "modality": item.gt.modality, "finish": reason}
         if item.choices:
-            scores = choice_logprobs(model, processor, item.gt.question, item.image, item.choices)
-            row["choice_logprobs"] = [round(float(s), 5) for s in scores]
+            row["choice_logprobs"] = [round(float(s), 5) for s in scores[item.gt.id]]
         if routing is not None:
             row["routing"] = routing
         rows.append(row)

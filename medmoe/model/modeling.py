@@ -135,16 +135,21 @@ class MedMoEForCausalLM(PreTrainedModel):
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(features.to(proj_dtype))
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with every `<image>` position filled by image tokens, in order."""
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every `<image>` position filled by image tokens, in order.
+        `image_tokens` [n, num_tokens, d]: already encoded images (`encode_images`), e.g. one image
+        scored against several answers, instead of `pixel_values`."""
         embed = self.language_model.get_input_embeddings()
         image_id = self.config.image_token_id
         is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         embeds = embed(input_ids.masked_fill(is_image, 0))
-        if pixel_values is None:
+        if pixel_values is None and image_tokens is None:
             return embeds
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        tokens = self.encode_images(pixel_values.to(self.device, tower_dtype))
+        tokens = image_tokens
+        if tokens is None:
+            tower_dtype = next(self.vision_tower.parameters()).dtype
+            tokens = self.encode_images(pixel_values.to(self.device, tower_dtype))
         found, expected = int(is_image.sum()), tokens.shape[0] * tokens.shape[1]
         if found != expected:
             raise ValueError(f"{found} image-token positions in input_ids but {tokens.shape[0]} images x "

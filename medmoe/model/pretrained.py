@@ -190,8 +190,10 @@ DEFAULT_MODEL = "nano"
 
 
 def resolve_model_path(path: str) -> str:
-    """A bundled model's name ('nano') -> its folder in the package; a folder -> itself."""
-    if path in BUNDLED_MODELS and not os.path.exists(path):
+    """A bundled model's name ('nano') -> its folder in the package; a folder -> itself. A local
+    folder of the same name wins only when it holds a model (config.json), so that a working
+    directory with, say, a `nano/` of outputs still gets the bundled model."""
+    if path in BUNDLED_MODELS and not os.path.isfile(os.path.join(path, "config.json")):
         return str(Path(__file__).resolve().parents[1] / "assets" / path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained, `medmoe train` or "
