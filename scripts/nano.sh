@@ -13,6 +13,7 @@
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
+#   per-layer-router  (not in ablations) one router per MoE layer, trained on that layer's FFN inputs
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
 STAGES=${*:-prepare train export eval}
@@ -48,6 +49,13 @@ ablation_no-meta() { ablation no-meta phase3.moe.meta_expert=false phase3.moe.ex
 ablation_plain-router() { ablation plain-router phase3.router_init=random phase3.train_router=true; }
 ablation_per-sample() { ablation per-sample phase3.moe.routing=sample; }
 ablation_full-experts() { ablation full-experts phase3.moe.expert_type=full; }
+ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN inputs (its own router phase)
+  mkdir -p runs/per-layer-router
+  ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-router/phase2
+  $MEDMOE train --recipe nano --phase router --resume output_dir=runs/per-layer-router router.per_layer=true
+  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-router phase3.moe.router=per_layer
+  evaluate runs/per-layer-router/phase3/model evals/per-layer-router
+}
 
 for stage in $STAGES; do
   case $stage in
@@ -59,7 +67,7 @@ for stage in $STAGES; do
     eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
-    no-meta|plain-router|per-sample|full-experts) "ablation_$stage" ;;
+    no-meta|plain-router|per-sample|full-experts|per-layer-router) "ablation_$stage" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
