@@ -221,7 +221,12 @@ def test_block_takes_the_fused_path_for_lora_experts():
     randomise(experts)
     block = MedMoEBlock(0, experts, ffn, MoEConfig(enabled=True, expert_type="lora"), MoEState(), shared_router=Router(64, 4))
     calls = []
-    experts.forward = lambda *a: calls.append("loop")  # the loop must not run
+    fused = block(torch.ones(2, 5, 64))
+    loop_forward = experts.forward
+    experts.forward = lambda *a: calls.append("loop") or loop_forward(*a)
     x = torch.randn(2, 5, 64)
     y = block(x)
-    assert not calls and y.shape == x.shape
+    assert not calls and y.shape == x.shape  # the loop did not run
+    experts.fuse_with_shared = False  # the reference path, on request
+    torch.testing.assert_close(block(torch.ones(2, 5, 64)), fused, rtol=1e-5, atol=1e-5)
+    assert calls == ["loop"]

@@ -3,7 +3,8 @@
 The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` runs) when its base
 weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
 vision tower if EfficientNet-Lite0 is missing. Measured: time to the first token (prefill, image
-included) and the whole answer (a fixed number of new tokens, so every run does the same work).
+included) and the whole answer (a fixed number of new tokens, so every run does the same work);
+for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`).
 """
 
 from __future__ import annotations
@@ -53,14 +54,26 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
         text = generate_fast(model, processor, question, [img], max_new_tokens=max_new, cuda_graph=False)
         return (time.perf_counter() - t0) * 1e3, text[0]
 
-    answer(2)  # warm-up
-    first = statistics.median(answer(1)[0] for _ in range(repeats))
-    runs = [answer(new_tokens) for _ in range(repeats)]
-    total = statistics.median(ms for ms, _ in runs)
+    def timed() -> tuple[float, float, str]:
+        answer(2)  # warm-up
+        first = statistics.median(answer(1)[0] for _ in range(repeats))
+        runs = [answer(new_tokens) for _ in range(repeats)]
+        return first, statistics.median(ms for ms, _ in runs), runs[0][1]
+
+    first, total, text = timed()
     result = {"model": description, "threads": threads, "new_tokens": new_tokens,
               "prompt_tokens": int(processor(question, [img])["input_ids"].shape[1]),
               "first_token_ms": first, "answer_ms": total,
-              "ms_per_new_token": (total - first) / max(new_tokens - 1, 1), "answer": runs[0][1],
+              "ms_per_new_token": (total - first) / max(new_tokens - 1, 1), "answer": text,
               "load_average_1min": os.getloadavg()[0]}  # other work on the machine slows this down
     log(f"cpu ({threads} threads): first token {first:.0f} ms, {new_tokens}-token answer {total:.0f} ms")
+    lora = [b.experts for b in model.moe_blocks if hasattr(b.experts, "fuse_with_shared")]
+    if lora:  # the reference: LoRA experts one at a time, then the meta FFN
+        for experts in lora:
+            experts.fuse_with_shared = False
+        first, total, _ = timed()
+        for experts in lora:
+            experts.fuse_with_shared = True
+        result["lora_loop"] = {"first_token_ms": first, "answer_ms": total}
+        log(f"cpu, LoRA experts by the per-expert loop: first token {first:.0f} ms, answer {total:.0f} ms")
     return result

@@ -34,12 +34,16 @@ def choice_logprobs(model, processor, question: str, image, choices: Sequence[st
     device = model.device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 pixel_values=None if pixels is None else pixels.to(device))
-    logits = out.logits[:, :-1].float()
-    targets = batch["labels"][:, 1:].to(device)
+    return answer_scores(out.logits[:, :-1], batch["labels"][:, 1:].to(device), reduction).cpu()
+
+
+def answer_scores(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """[rows]: log-likelihood of each row's answer tokens (targets not IGNORE_INDEX), summed or
+    averaged; logits[:, t] predicts targets[:, t]."""
     keep = targets != IGNORE_INDEX
-    token_lp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_lp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     total = (token_lp * keep).sum(-1)
-    return (total / keep.sum(-1).clamp(min=1) if reduction == "mean" else total).cpu()
+    return total / keep.sum(-1).clamp(min=1) if reduction == "mean" else total
 
 
 @torch.no_grad()
@@ -78,13 +82,8 @@ def choice_logprobs_batch(model, processor, questions: Sequence[str], images: Se
     last = targets.shape[1] - keep_from
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=last + 1)
-    logits = out.logits[:, :-1].float()  # predictions for the last `last` target positions
-    targets = targets[:, -last:]
-    keep = targets != IGNORE_INDEX
-    token_lp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = (token_lp * keep).sum(-1)
-    scores = total / keep.sum(-1).clamp(min=1) if reduction == "mean" else total
-    return scores.view(n, k).cpu()
+    # out.logits[:, :-1] predict the last `last` target positions
+    return answer_scores(out.logits[:, :-1], targets[:, -last:], reduction).view(n, k).cpu()
 
 
 def classify_loglik(model, processor, questions: Sequence[str], images: Sequence, choices: Sequence[str],

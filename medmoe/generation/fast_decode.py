@@ -187,7 +187,7 @@ def graph_safe(model, dtype: torch.dtype, device: torch.device) -> bool:
 
     def sync_free(block) -> bool:
         if isinstance(block.experts, LoRAExperts):
-            return block.meta is block.experts.shared
+            return block.meta is block.experts.shared and block.experts.fuse_with_shared
         return (isinstance(block.experts, StackedExperts) and block.experts.dispatch_mode != "loop"
                 and dispatch.grouped_supported(probe, block.experts))
 

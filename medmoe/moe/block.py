@@ -69,7 +69,8 @@ class MedMoEBlock(nn.Module):
         else:
             logits = self.router_logits(x)
             decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
-        if self.meta is not None and getattr(self.experts, "shared", None) is self.meta:
+        if (self.meta is not None and getattr(self.experts, "shared", None) is self.meta
+                and self.experts.fuse_with_shared):
             # LoRA experts are deltas on the meta FFN: one pass of it serves both (experts.py).
             y = self.experts.forward_with_shared(x, decision.expert_index, decision.expert_weight)
         else:

@@ -156,6 +156,7 @@ class LoRAExperts(nn.Module):
         hidden, f_in = w["w_in"].shape
         ffn = w["w_out"].shape[0]
         self.kind, self.num_experts, self.scale = kind, num_experts, alpha / rank
+        self.fuse_with_shared = True  # False: the block takes the per-expert loop (reference, benchmarks)
         object.__setattr__(self, "shared", mlp)  # a reference: the meta expert owns these weights
         dev, dt = w["w_in"].device, w["w_in"].dtype
         self.a_in = nn.Parameter(torch.empty(num_experts, hidden, rank, device=dev, dtype=dt))
