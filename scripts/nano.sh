@@ -14,6 +14,7 @@
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
 #   per-layer-router  (not in ablations) one router per MoE layer, trained on that layer's FFN inputs
+# TRAIN_ARGS adds recipe overrides to the train stage, e.g. TRAIN_ARGS="phase2.train_vision=true".
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
 STAGES=${*:-prepare train export eval}
@@ -60,7 +61,7 @@ ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN in
 for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
-    train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ;;
+    train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
     eval)
       evaluate runs/nano/phase2/model evals/dense
       evaluate export/nano evals/medmoe ;;
