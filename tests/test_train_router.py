@@ -109,3 +109,36 @@ def test_batched_router_features_equal_one_sample_at_a_time(tiny):
         batched = pooled_features(model, processor, records, progress=False, batch_size=4)
     assert alone.shape == (5, model.config.hidden_size)
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_ffn_inputs_equal_a_plain_one_sample_forward(tiny):
+    from PIL import Image
+
+    from medmoe.data.templates import Turn
+    from medmoe.moe.upcycle import decoder_layers, ffn_attribute
+    from medmoe.training.router import ffn_inputs
+
+    model, processor = tiny
+    g = torch.Generator().manual_seed(2)
+    records = [{"id": str(i), "question": "where is " + "the big " * (i * 2) + "lesion?",
+                "image": Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())}
+               for i in range(5)]
+    layers = [0, 1]
+    reference = {i: [] for i in layers}
+    blocks = decoder_layers(model.language_model)
+    hooks = [getattr(blocks[i], ffn_attribute(blocks[i])).register_forward_hook(
+        lambda mod, args, out, i=i: reference[i].append(args[0][0])) for i in layers]
+    lengths = []
+    with one_thread(), torch.no_grad():
+        for r in records:  # the plain way: one sample, the full model, no padding
+            ids = torch.tensor([processor.encode([Turn(processor.prompt(r["question"], True), None)]).input_ids])
+            model(input_ids=ids, pixel_values=processor.image_tensor(r["image"]).unsqueeze(0))
+            lengths.append(ids.shape[1])
+        for h in hooks:
+            h.remove()
+        batched = ffn_inputs(model, processor, records, layers, progress=False, batch_size=3)
+    assert len(set(lengths)) == 5  # padding really happens inside a batch
+    for i in layers:
+        tokens, owner = batched[i]
+        assert owner.tolist() == [n for n, length in enumerate(lengths) for _ in range(length)]
+        torch.testing.assert_close(tokens.float(), torch.cat(reference[i]).bfloat16().float(), rtol=2e-2, atol=2e-2)

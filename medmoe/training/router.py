@@ -49,18 +49,15 @@ def _question_inputs(processor, record, max_length: int, device):
     return ids, pixels
 
 
-@torch.no_grad()
-def pooled_features(model, processor, records, max_length: int = 512, progress: bool = True,
-                    batch_size: int = 32) -> torch.Tensor:
-    """[N, d]: mean over all layers' hidden states and all positions of the question turn.
-    Batches are right-padded: under the causal mask the real positions never see the padding,
-    and the mean skips it, so every sample's vector is the one it gets alone."""
+def _question_batches(model, processor, records, max_length: int, batch_size: int, desc: str, progress: bool):
+    """Yield (input embeddings, [B, S] attention mask, first record index) for right-padded
+    batches of question turns. Under the causal mask the real positions never see the padding,
+    so every sample's states are the ones it gets alone."""
     from tqdm.auto import tqdm
 
     model.eval()
     pad_id = processor.tokenizer.pad_token_id or 0
-    out = []
-    with tqdm(total=len(records), desc="router features", disable=not progress) as bar:
+    with tqdm(total=len(records), desc=desc, disable=not progress) as bar:
         for start in range(0, len(records), batch_size):
             inputs = [_question_inputs(processor, r, max_length, model.device) for r in records[start:start + batch_size]]
             length = max(ids.shape[1] for ids, _ in inputs)
@@ -69,30 +66,46 @@ def pooled_features(model, processor, records, max_length: int = 512, progress: 
             for row, (one, _) in enumerate(inputs):
                 ids[row, : one.shape[1]], mask[row, : one.shape[1]] = one[0], 1
             images = [pixels for _, pixels in inputs if pixels is not None]
-            embeds = model.embed_inputs(ids, torch.cat(images) if images else None)
-            hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
-            weights = mask.unsqueeze(-1).float()
-            summed = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1)
-            out.append((summed / weights.sum(dim=1)).cpu())
+            yield model.embed_inputs(ids, torch.cat(images) if images else None), mask, start
             bar.update(len(inputs))
+
+
+@torch.no_grad()
+def pooled_features(model, processor, records, max_length: int = 512, progress: bool = True,
+                    batch_size: int = 32) -> torch.Tensor:
+    """[N, d]: mean over all layers' hidden states and all positions of the question turn."""
+    out = []
+    for embeds, mask, _ in _question_batches(model, processor, records, max_length, batch_size, "router features", progress):
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True,
+                                      logits_to_keep=1).hidden_states
+        weights = mask.unsqueeze(-1).float()
+        summed = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1)
+        out.append((summed / weights.sum(dim=1)).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def ffn_inputs(model, processor, records, layers: list[int], max_length: int = 512, progress: bool = True):
-    """{layer: ([T, d] FFN inputs of every question token, [T] sample index)} from forward hooks."""
-    from tqdm.auto import tqdm
-
+def ffn_inputs(model, processor, records, layers: list[int], max_length: int = 512, progress: bool = True,
+               batch_size: int = 32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: ([T, d] FFN inputs of every question token, [T] sample index)} from forward hooks,
+    kept in bfloat16 on the CPU (2,000 samples x 15 layers of SmolLM2 take about 3.5 GB)."""
     blocks = decoder_layers(model.language_model)
     feats = {i: [] for i in layers}
     owners = []
+    real = {}  # the current batch's mask: the hooks keep its real positions only
+
+    def keep(i, ffn_input):
+        feats[i].append(ffn_input[real["mask"]].to("cpu", torch.bfloat16))
+
     hooks = [getattr(blocks[i], ffn_attribute(blocks[i])).register_forward_hook(
-        lambda mod, args, out, i=i: feats[i].append(args[0][0].float().cpu())) for i in layers]
+        lambda mod, args, out, i=i: keep(i, args[0])) for i in layers]
     try:
-        for n, r in enumerate(tqdm(records, desc="router FFN inputs", disable=not progress)):
-            ids, pixels = _question_inputs(processor, r, max_length, model.device)
-            model(input_ids=ids, pixel_values=pixels)
-            owners.append(torch.full((ids.shape[1],), n))
+        for embeds, mask, start in _question_batches(model, processor, records, max_length, batch_size,
+                                                     "router FFN inputs", progress):
+            real["mask"] = mask.bool()
+            model.language_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1)
+            rows = torch.arange(start, start + mask.shape[0])
+            owners.append(rows.repeat_interleave(mask.sum(1).cpu()))
     finally:
         for h in hooks:
             h.remove()
@@ -123,7 +136,7 @@ def heldout_split(n: int, fraction: float, seed: int, groups: list | None = None
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 10, lr: float = 1e-3,
                batch_size: int = 32, seed: int = 0) -> torch.nn.Linear:
-    """Linear(d, C) trained with cross-entropy and Adam, fp32, deterministic."""
+    """Linear(d, C) trained with cross-entropy and Adam, fp32 (whatever x is stored in), deterministic."""
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], num_classes)
     with torch.no_grad():
@@ -132,7 +145,7 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int =
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = F.cross_entropy(head(x[idx]), y[idx])
+            loss = F.cross_entropy(head(x[idx].float()), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -143,7 +156,7 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int =
 def accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     if len(x) == 0:
         return {"accuracy": None, "n": 0, "per_class": {}}
-    pred = head(x).argmax(-1)
+    pred = head(x.float()).argmax(-1)
     per_class = {c: float((pred[y == c] == c).float().mean()) for c in range(num_classes) if (y == c).any()}
     return {"accuracy": float((pred == y).float().mean()), "n": len(x), "per_class": per_class}
 
@@ -184,7 +197,10 @@ def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: l
     if cfg.per_layer:
         metrics["per_layer"] = {}
         for layer, (tokens, owner) in ffn_inputs(model, processor, records, moe_layers, cfg.max_length).items():
-            layer_head, m = train_router(tokens, y[owner], modalities, cfg.epochs, cfg.lr, cfg.batch_size,
+            # A batch of about as many samples' tokens as the pooled router's batch has samples:
+            # the same number of optimizer steps, not one step per 32 tokens.
+            token_batch = cfg.batch_size * max(1, len(tokens) // len(records))
+            layer_head, m = train_router(tokens, y[owner], modalities, cfg.epochs, cfg.lr, token_batch,
                                          cfg.heldout_fraction, seed, [images[i] for i in owner.tolist()])
             tensors[f"layers.{layer}.weight"] = layer_head.weight.detach().contiguous()
             tensors[f"layers.{layer}.bias"] = layer_head.bias.detach().contiguous()
