@@ -53,5 +53,24 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS
     return wrapped
 
 
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA adapter into its layer's weight, W + (alpha / r) B A, for inference: one
+    matmul per projection instead of three. Returns how many were merged. The merged weights are
+    no longer the base's, so a merged model is neither trainable as LoRA nor exportable as a delta."""
+    merged = 0
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device="meta")
+                with torch.no_grad():
+                    weight = child.weight.float() + child.scale * (child.lora_B.float() @ child.lora_A.float())
+                plain.weight = nn.Parameter(weight.to(child.weight.dtype), requires_grad=False)
+                plain.bias = child.bias
+                setattr(parent, child_name, plain)
+                merged += 1
+    return merged
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if n.endswith(("lora_A", "lora_B"))]

@@ -267,3 +267,30 @@ def test_answers_end_at_every_special_token_but_the_image():
     # A saved config never carries the path the LM was loaded from on the machine that saved it.
     text = {**model.config.text_config, "_name_or_path": "/root/cache/lm"}
     assert "_name_or_path" not in MedMoEConfig(text_config=text).text_config
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
+def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
+    from medmoe.adapters import LoRALinear
+    from medmoe.model import MedMoEForCausalLM
+    from medmoe.model.pretrained import load_for_inference, save_delta
+
+    model, processor = build_model(name)
+    model.add_llm_lora(rank=4, alpha=8)
+    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})  # experts are deltas on the LoRA'd FFN
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(s in n for s in ("lora_", "experts.", "router", "projector")):
+                p.normal_(0, 0.1)
+    save_delta(model, processor, str(tmp_path / "delta"), base=name)
+    batch = processor(["what is this?", "and this one?"], [image(), image()])
+    plain, _ = load_for_inference(str(tmp_path / "delta"), "cpu", "float32", merge_adapters=False)
+    merged, _ = load_for_inference(str(tmp_path / "delta"), "cpu", "float32")
+    assert any(isinstance(m, LoRALinear) for m in plain.modules())
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules()) and merged.config.llm_lora is None
+    with torch.no_grad():
+        reference = plain(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, reference, rtol=1e-4, atol=1e-4)
+        merged.save_pretrained(tmp_path / "merged")  # a plain model now: it saves and loads as one
+        again = MedMoEForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(again(**batch).logits, reference, rtol=1e-4, atol=1e-4)

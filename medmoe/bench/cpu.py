@@ -4,7 +4,8 @@ The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` r
 weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
 vision tower if EfficientNet-Lite0 is missing. Measured: time to the first token (prefill, image
 included) and the whole answer (a fixed number of new tokens, so every run does the same work);
-for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`).
+for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`), and for
+the bundled model also with its LLM LoRA adapters kept apart instead of merged (`adapters_unmerged`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 from ..errors import ConfigError
 from ..generation.fast_decode import generate_fast
 
+BUNDLED = "(bundled)"
+
 
 def nano_model():
     """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in."""
@@ -27,7 +30,7 @@ def nano_model():
 
     try:
         model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32)
-        return model, processor, "Med-MoE-Nano (bundled): SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta"
+        return model, processor, f"Med-MoE-Nano {BUNDLED}: SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta"
     except (ImportError, ConfigError):  # base weights not installed
         pass
     try:
@@ -76,4 +79,12 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
             experts.fuse_with_shared = True
         result["lora_loop"] = {"first_token_ms": first, "answer_ms": total}
         log(f"cpu, LoRA experts by the per-expert loop: first token {first:.0f} ms, answer {total:.0f} ms")
+    if BUNDLED in description:  # the reference: the LLM's LoRA adapters beside its weights, as trained
+        from ..model.pretrained import load_for_inference
+
+        model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32, merge_adapters=False)
+        model.eval()
+        first, total, _ = timed()
+        result["adapters_unmerged"] = {"first_token_ms": first, "answer_ms": total}
+        log(f"cpu, LLM LoRA adapters not merged: first token {first:.0f} ms, answer {total:.0f} ms")
     return result

@@ -14,7 +14,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..adapters import DEFAULT_TARGETS, add_lora
+from ..adapters import DEFAULT_TARGETS, add_lora, merge_lora
 from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
@@ -123,6 +123,13 @@ class MedMoEForCausalLM(PreTrainedModel):
             raise ConfigError("the LLM already has LoRA adapters")
         self.config.llm_lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
         return add_lora(self.language_model, rank, alpha, targets)
+
+    def merge_llm_lora(self) -> int:
+        """Fold the LLM's LoRA adapters into its weights (faster inference); the model becomes a
+        plain one, and its config says so (it saves and loads as full weights)."""
+        merged = merge_lora(self.language_model)
+        self.config.llm_lora = None
+        return merged
 
     @property
     def is_moe(self) -> bool:

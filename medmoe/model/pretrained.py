@@ -212,11 +212,15 @@ def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, M
     return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
 
 
-def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
+def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
+                       merge_adapters: bool = True):
     """(model, processor) in eval mode on the chosen device (auto: GPU when present) and dtype
-    (auto: bfloat16 on a GPU, float32 on a CPU)."""
+    (auto: bfloat16 on a GPU, float32 on a CPU). LLM LoRA adapters are merged into the weights
+    (computed in float32): one matmul per projection instead of three, the same outputs."""
     dev = pick_device(device)
     model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
+    if merge_adapters and model.config.llm_lora:
+        model.merge_llm_lora()
     return model.to(dev).eval(), processor
 
 
