@@ -334,3 +334,18 @@ def test_load_with_int8(model_dir):
     m = MedMoE.load(model_dir, quantize="int8", max_new_tokens=2)
     assert any(isinstance(x, Int8Linear) for x in m.model.modules())
     assert m.ask(picture(), "q").routing is not None
+
+
+def test_int8_keeps_the_llm_lora_adapters():
+    from medmoe.adapters import LoRALinear
+    from medmoe.serving.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    lora = LoRALinear(torch.nn.Linear(64, 32), rank=4, alpha=8)
+    with torch.no_grad():
+        lora.lora_B.normal_(0, 0.5)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        exact, base_only = lora(x), torch.nn.functional.linear(x, lora.weight, lora.bias)
+        error = (Int8Linear(lora)(x) - exact).abs().max()
+    assert error < 0.05 * (exact - base_only).abs().max()  # the adapters' effect survives quantization

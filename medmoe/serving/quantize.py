@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import linear_weight
 from ..moe import dispatch
 from ..moe.experts import StackedExperts
 
@@ -37,7 +38,8 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_tensor(linear.weight, dim=1)  # weight [out, in]: one scale per output row
+        # The weight it applies: a LoRA layer's adapters are folded in, never dropped.
+        q, scale = quantize_tensor(linear_weight(linear), dim=1)  # weight [out, in]: one scale per output row
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
