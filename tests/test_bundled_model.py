@@ -15,11 +15,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "medmoe" / "assets" / "sample"
 # Answers of the same model to the bundled sample questions (all from VQA-RAD test), from the
 # evaluation on the H100 that trained it (bfloat16, images downscaled to 224 px): docs/RESULTS.md.
 GPU_ANSWERS = {
-    "vqa-rad-939": "CT", "vqa-rad-852": "yes", "vqa-rad-312": "yes", "vqa-rad-1519": "Yes", "vqa-rad-442": "No",
-    "vqa-rad-1408": "Hepatic " * 15 + "Hepatic", "vqa-rad-1409": "Liver", "vqa-rad-1406": "Brain",
-    "vqa-rad-1407": "Coronal plane", "vqa-rad-1921": "CT", "vqa-rad-1922": "CT",
-    "vqa-rad-1887": "1st, 2nd, 3rd, 4th, 5th, 6th, 7th", "vqa-rad-1945": "No", "vqa-rad-886": "Axial",
-    "vqa-rad-1637": "X-Ray", "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Upper", "vqa-rad-1632": "No",
+    "vqa-rad-939": "By using the renal pelvis and the renal artery", "vqa-rad-852": "No", "vqa-rad-312": "yes",
+    "vqa-rad-1519": "Yes", "vqa-rad-442": "No", "vqa-rad-1408": "exstent colon", "vqa-rad-1409": "Liver",
+    "vqa-rad-1406": "Head", "vqa-rad-1407": "Brain", "vqa-rad-1921": "CT", "vqa-rad-1922": "CT",
+    "vqa-rad-1887": "T2, T1", "vqa-rad-1945": "No", "vqa-rad-886": "Axial", "vqa-rad-1637": "X-ray",
+    "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Lower left", "vqa-rad-1632": "No",
 }
 
 
@@ -58,9 +58,11 @@ def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
     bot = MedMoE.load("nano", device="cpu", max_new_tokens=32)
     assert bot.model.is_moe and len(bot.model.moe_blocks) == 15
     answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
-    same = [a.text == GPU_ANSWERS[r["id"]] for r, a in zip(records, answers)]
-    # float32 on a CPU against bfloat16 on a GPU: a few long answers may part ways, not many.
-    assert sum(same) >= 16, [(r["id"], a.text) for r, a, s in zip(records, answers, same) if not s]
+    differ = [(r["id"], r["answer_type"], a.text) for r, a in zip(records, answers) if a.text != GPU_ANSWERS[r["id"]]]
+    # float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): a yes/no
+    # answer must not change; a few free-text answers may part ways after their first tokens.
+    assert not [d for d in differ if d[1] == "CLOSED"], differ
+    assert len(differ) <= 5, differ
     assert all(a.finish_reason == "eos" for r, a in zip(records, answers) if r["answer_type"] == "CLOSED")
 
 
