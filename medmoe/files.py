@@ -1,8 +1,9 @@
-"""File helpers used across layers: atomic writes (a crash never leaves half a file) and JSON
-readers whose errors name the file and line."""
+"""File helpers used across layers: atomic writes (a crash never leaves half a file), JSON
+readers whose errors name the file and line, and a cheap fingerprint of a model folder's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +32,28 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def weights_fingerprint(folder, samples: int = 64, chunk: int = 1 << 16) -> str | None:
+    """A short hash of a model folder's weight files: names, sizes and `samples` chunks spread
+    evenly over each file (the whole file when it is small), so that retrained weights saved under
+    the same name are told apart without reading gigabytes. None when `folder` holds no weights."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as handle:
+            if size <= samples * chunk:
+                digest.update(handle.read())
+                continue
+            for i in range(samples):
+                handle.seek((size - chunk) * i // (samples - 1))
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
 
 
 def read_json(path, error=DataError):

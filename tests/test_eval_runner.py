@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import medmoe.evaluation.evaluate as ev
@@ -157,3 +158,35 @@ def test_bundled_sample_resolves():
     path = ev.resolve_data_file("sample", "test")
     items = ev.read_eval_items(path, "test")
     assert path.name == "test.jsonl" and items and all(i.image is None or __import__("os").path.isfile(i.image) for i in items)
+
+
+def test_resume_refuses_predictions_of_other_weights_under_the_same_name(tmp_path, tiny, records):
+    model, processor = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    settings = EvalSettings(model=str(folder), data=str(records), out=str(tmp_path / "out"), batch_size=4,
+                            max_new_tokens=2, routing=False)
+    evaluate(settings, model, processor)
+    evaluate(settings, model, processor)  # same weights: resumes (nothing to redo)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    del run["weights"]  # a folder written before weights were recorded still resumes
+    (tmp_path / "out" / "run.json").write_text(json.dumps(run))
+    evaluate(settings, model, processor)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(folder)  # retrained, saved under the same name
+    with pytest.raises(DataError, match="weights"):
+        evaluate(settings, model, processor)
+
+
+def test_weights_fingerprint_sees_a_retrained_region_of_a_large_file(tmp_path):
+    from medmoe.files import weights_fingerprint
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, 16 << 20, dtype=np.uint8)  # 16 MiB: sampled, not read whole
+    (tmp_path / "model.safetensors").write_bytes(data.tobytes())
+    first = weights_fingerprint(tmp_path)
+    assert first == weights_fingerprint(tmp_path) and weights_fingerprint(tmp_path / "nothing") is None
+    data[7 << 20: 8 << 20] += 1  # one MiB in the middle changed, as training changes whole tensors
+    (tmp_path / "model.safetensors").write_bytes(data.tobytes())
+    assert weights_fingerprint(tmp_path) != first

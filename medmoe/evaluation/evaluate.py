@@ -3,7 +3,8 @@
 Everything lands in one output folder:
     predictions.jsonl   one line per question, keyed by id, appended (and fsynced) batch by batch;
                         a rerun with the same --out skips ids already there (resume)
-    run.json            what was evaluated (a rerun with other settings refuses to mix results)
+    run.json            what was evaluated, with a fingerprint of the weights (a rerun with other
+                        settings or other weights under the same name refuses to mix results)
     metrics.json        VQA metrics (total and breakdowns), classification, routing
     report.md / report.html, routing.png, confusion_*.png
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..files import weights_fingerprint
 from .io import append_jsonl, write_json, write_text
 from .scoring import GroundTruth, default_dataset_name, parse_ground_truth, read_json_objects, score_predictions
 
@@ -138,16 +140,26 @@ def read_done(path: Path) -> dict[str, dict]:
 
 
 def check_same_run(out: Path, settings: EvalSettings) -> None:
-    """Refuse to mix predictions of different models, data or decoding in one folder."""
+    """Refuse to mix predictions of different models, data or decoding in one folder; "weights"
+    tells two versions of one model name apart (e.g. the bundled model after an upgrade)."""
     run_file = out / "run.json"
     key = {k: v for k, v in asdict(settings).items() if k in ("model", "data", "split", "max_new_tokens")}
+    key["weights"] = _weights_of(settings.model)
     if run_file.exists():
         before = json.loads(run_file.read_text())
-        before = {k: before.get(k) for k in key}
-        if before != key and (out / "predictions.jsonl").exists():
-            diff = {k: (before[k], key[k]) for k in key if before[k] != key[k]}
+        diff = {k: (before[k], key[k]) for k in key if k in before and before[k] != key[k]}
+        if diff and (out / "predictions.jsonl").exists():
             raise DataError(f"{out} holds predictions of another run ({diff}); use a fresh --out to keep both")
     write_json(run_file, key)
+
+
+def _weights_of(model: str) -> str | None:
+    from ..model.pretrained import resolve_model_path
+
+    try:
+        return weights_fingerprint(resolve_model_path(model))
+    except ConfigError:
+        return None  # a preset name or a hub id: nothing local to fingerprint
 
 
 # ----- the loop ----------------------------------------------------------------------------
