@@ -34,6 +34,36 @@ def test_logprobs_match_the_models_own_loss(tiny):
     assert torch.all(mean > scores[:2])  # the mean over several tokens is less negative than the sum
 
 
+def test_per_sample_routing_scores_every_choice_with_the_prompts_expert():
+    """The expert comes from the prompt, as in training (pooled where there are no labels) and in
+    generation: a choice's score equals the training loss of that answer."""
+    from medmoe.model.pretrained import build_model
+
+    model, processor = build_model("tiny")
+    model.upcycle({"routing": "sample"})
+    with torch.no_grad():
+        model.router.weight.normal_(0, 0.3)  # not saturated: the pooled positions move the gate
+        for block in model.moe_blocks:
+            block.experts.w_in.add_(torch.randn_like(block.experts.w_in))
+            block.experts.w_out.add_(torch.randn_like(block.experts.w_out))
+    model.eval()
+    image, question = grey(1), "Is this chest film normal, or does it show pneumonia?"
+    choices = ["normal", "pneumonia of the left lower lobe with an effusion and a collapsed segment"]
+    prompt = processor.prompt(question, has_image=True)
+    expected = []
+    for choice in choices:
+        batch = processor.pad([processor.encode([Turn(prompt, answer=choice)])])
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=processor.image_tensor(image)[None], labels=batch["labels"])
+        expected.append(-out.lm_loss.item() * int((batch["labels"][:, 1:] != -100).sum()))
+    # (pooling the answer too moves the long choice's score by about 5e-2 here)
+    torch.testing.assert_close(choice_logprobs(model, processor, question, image, choices), torch.tensor(expected),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(choice_logprobs_batch(model, processor, [question], [image], choices)[0],
+                               torch.tensor(expected), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("moe", [None, "token", "sample"])
 @pytest.mark.parametrize("with_images", [True, False])
 def test_batched_choice_scores_equal_one_question_at_a_time(moe, with_images):

@@ -294,3 +294,27 @@ def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
         merged.save_pretrained(tmp_path / "merged")  # a plain model now: it saves and loads as one
         again = MedMoEForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(again(**batch).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_routing_pools_the_prompt_not_the_answer():
+    from medmoe.data.templates import Turn
+
+    model, processor = build_model("tiny")
+    model.upcycle({"routing": "sample"})
+    with torch.no_grad():
+        model.router.weight.normal_(0, 1.0)  # a router that reacts to the pooled feature
+    model.eval()
+    prompt = processor.prompt("which organ is shown?", has_image=True)
+    px = processor.image_tensor(image()).unsqueeze(0)
+
+    def sample_probs(turn, **kw):
+        enc = processor.pad([processor.encode([turn])])
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px,
+                        output_routing=True, **{k: enc[v] for k, v in kw.items()})
+        return torch.stack([r.probs[0, 0] for r in out.routing])  # [layers, experts]: one choice per sample
+
+    alone = sample_probs(Turn(prompt, None))  # what generation sees: the prompt only
+    long_answer = Turn(prompt, "the liver, the spleen, both kidneys and a long list of other organs " * 3)
+    torch.testing.assert_close(sample_probs(long_answer, labels="labels"), alone)  # training
+    assert not torch.allclose(sample_probs(long_answer), alone, atol=1e-4)  # pooling the answer too differs

@@ -33,7 +33,8 @@ def choice_logprobs(model, processor, question: str, image, choices: Sequence[st
         pixels = processor.image_tensor(image).unsqueeze(0).expand(len(choices), -1, -1, -1)
     device = model.device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                pixel_values=None if pixels is None else pixels.to(device))
+                pixel_values=None if pixels is None else pixels.to(device),
+                prompt_mask=batch["labels"].eq(IGNORE_INDEX).to(device))
     return answer_scores(out.logits[:, :-1], batch["labels"][:, 1:].to(device), reduction).cpu()
 
 
@@ -81,7 +82,8 @@ def choice_logprobs_batch(model, processor, questions: Sequence[str], images: Se
     keep_from = int((targets != IGNORE_INDEX).any(0).nonzero().min())  # first column holding an answer token
     last = targets.shape[1] - keep_from
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=last + 1)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=last + 1,
+                prompt_mask=batch["labels"].eq(IGNORE_INDEX).to(device))
     # out.logits[:, :-1] predict the last `last` target positions
     return answer_scores(out.logits[:, :-1], targets[:, -last:], reduction).view(n, k).cpu()
 

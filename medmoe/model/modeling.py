@@ -168,13 +168,21 @@ class MedMoEForCausalLM(PreTrainedModel):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 past_key_values=None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_routing: bool = False, return_logits: bool = True, **kwargs) -> MedMoEOutput:
+                output_routing: bool = False, return_logits: bool = True, prompt_mask: torch.Tensor | None = None,
+                **kwargs) -> MedMoEOutput:
         """`return_logits=False` (training): the output layer runs only where there are labels, which
-        saves the [batch, length, vocab] logits; `logits` is then None."""
+        saves the [batch, length, vocab] logits; `logits` is then None.
+        `prompt_mask` [B, S]: the prompt's positions, the only ones per-sample routing pools (by
+        default the positions without labels), so that an answer never chooses its own expert."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         new_sequence = past_key_values is None or past_key_values.get_seq_length() == 0
-        self.moe_state.start(attention_mask, output_routing, new_sequence)
+        if prompt_mask is None and labels is not None:
+            prompt_mask = labels.eq(IGNORE_INDEX)
+        pool_mask = attention_mask
+        if prompt_mask is not None and (attention_mask is None or attention_mask.dim() == 2):
+            pool_mask = prompt_mask.long() if attention_mask is None else attention_mask * prompt_mask
+        self.moe_state.start(pool_mask, output_routing, new_sequence)
         inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         logits = lm_loss = aux_loss = loss = None

@@ -30,7 +30,7 @@ class LayerRouting:
 class MoEState:
     """Per-forward side channel between the model and its MoE blocks."""
 
-    attention_mask: torch.Tensor | None = None  # [B, S] of the current step (for per-sample pooling)
+    attention_mask: torch.Tensor | None = None  # [B, S]: the positions per-sample routing pools (the prompt's)
     record_routing: bool = False
     routing: list[LayerRouting] = field(default_factory=list)
     aux_losses: list[torch.Tensor] = field(default_factory=list)
@@ -81,9 +81,9 @@ class MedMoEBlock(nn.Module):
         return y.reshape(shape)
 
     def _route_per_sample(self, h: torch.Tensor):
-        """Every token of a sample goes to the expert(s) picked from the sample's mean FFN input.
-
-        The choice is made on the prompt (prefill) and kept for the tokens decoded after it.
+        """Every token of a sample goes to the expert(s) picked from the sample's mean FFN input
+        over its prompt (the state's mask: in training, the positions without labels, so that an
+        answer never chooses its own expert). Made at prefill, kept for the tokens decoded after it.
         """
         b, s, _ = h.shape
         state = self._state
