@@ -14,6 +14,7 @@
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
 #   per-layer-router  (not in ablations) one router per MoE layer, trained on that layer's FFN inputs
+#   per-layer-sample  (after per-layer-router) those routers with per-sample routing
 # TRAIN_ARGS adds recipe overrides to the train stage, e.g. TRAIN_ARGS="phase2.train_vision=true".
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
@@ -58,6 +59,15 @@ ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN in
   evaluate runs/per-layer-router/phase3/model evals/per-layer-router
 }
 
+ablation_per-layer-sample() {  # the per-layer routers above, each choosing one expert per sample
+  mkdir -p runs/per-layer-sample
+  ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-sample/phase2
+  ln -sfn "$PWD/runs/per-layer-router/router" runs/per-layer-sample/router
+  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-sample phase3.moe.router=per_layer \
+    phase3.moe.routing=sample
+  evaluate runs/per-layer-sample/phase3/model evals/per-layer-sample
+}
+
 for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
@@ -68,7 +78,7 @@ for stage in $STAGES; do
     eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
-    no-meta|plain-router|per-sample|full-experts|per-layer-router) "ablation_$stage" ;;
+    no-meta|plain-router|per-sample|full-experts|per-layer-router|per-layer-sample) "ablation_$stage" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
