@@ -64,7 +64,10 @@ class MoEConfig:
     meta_expert: bool = True
     renormalize: bool = False
     router: str = "shared"  # "shared": one Linear for every MoE layer; "per_layer"
-    routing: str = "token"  # "token": per token; "sample": one expert per sample from its pooled feature
+    # "token": per token. "sample": one expert per sample, from the layer's mean FFN input over the
+    # prompt. "pooled": one expert per sample for every layer, from the feature the router was
+    # trained on (mean of all layers' hidden states over the prompt, by a meta-expert-only pass).
+    routing: str = "token"
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     expert_type: str = "full"  # "full": copies of the FFN; "lora": low-rank deltas on the shared FFN
@@ -83,8 +86,11 @@ class MoEConfig:
             raise ConfigError(f"moe.top_k={self.top_k}: must be between 1 and num_experts={self.num_experts}")
         if self.router not in ("shared", "per_layer"):
             raise ConfigError(f"moe.router={self.router!r}: use 'shared' or 'per_layer'")
-        if self.routing not in ("token", "sample"):
-            raise ConfigError(f"moe.routing={self.routing!r}: use 'token' or 'sample'")
+        if self.routing not in ("token", "sample", "pooled"):
+            raise ConfigError(f"moe.routing={self.routing!r}: use 'token', 'sample' or 'pooled'")
+        if self.routing == "pooled" and (self.router != "shared" or not self.meta_expert):
+            raise ConfigError("moe.routing='pooled' needs moe.router='shared' and moe.meta_expert=true: the shared "
+                              "router reads a feature computed by a pass through the meta experts alone")
         if self.expert_type not in ("full", "lora"):
             raise ConfigError(f"moe.expert_type={self.expert_type!r}: use 'full' or 'lora'")
         if self.dispatch not in ("auto", "loop", "grouped"):

@@ -15,6 +15,7 @@
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
 #   per-layer-router  (not in ablations) one router per MoE layer, trained on that layer's FFN inputs
 #   per-layer-sample  (after per-layer-router) those routers with per-sample routing
+#   pooled     (not in ablations) per-sample routing from the router's own training feature
 # TRAIN_ARGS adds recipe overrides to the train stage, e.g. TRAIN_ARGS="phase2.train_vision=true".
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
@@ -51,6 +52,7 @@ ablation_no-meta() { ablation no-meta phase3.moe.meta_expert=false phase3.moe.ex
 ablation_plain-router() { ablation plain-router phase3.router_init=random phase3.train_router=true; }
 ablation_per-sample() { ablation per-sample phase3.moe.routing=sample; }
 ablation_full-experts() { ablation full-experts phase3.moe.expert_type=full; }
+ablation_pooled() { ablation pooled phase3.moe.routing=pooled; }
 ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN inputs (its own router phase)
   mkdir -p runs/per-layer-router
   ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-router/phase2
@@ -78,7 +80,7 @@ for stage in $STAGES; do
     eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
-    no-meta|plain-router|per-sample|full-experts|per-layer-router|per-layer-sample) "ablation_$stage" ;;
+    no-meta|plain-router|per-sample|full-experts|per-layer-router|per-layer-sample|pooled) "ablation_$stage" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

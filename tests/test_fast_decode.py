@@ -11,11 +11,14 @@ from medmoe.model.pretrained import build_model
 
 
 def greedy_reference(model, input_ids, attention_mask, pixel_values, steps):
-    """No cache: the full, growing sequence through model.forward at every step."""
+    """No cache: the full, growing sequence through model.forward at every step (per-sample
+    routing pools the prompt, as decoding does)."""
     ids, mask, new = input_ids, attention_mask, []
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, position_ids=positions).logits
+        prompt = torch.cat([attention_mask, torch.zeros_like(mask[:, attention_mask.shape[1]:])], 1)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, position_ids=positions,
+                       prompt_mask=prompt).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         new.append(token)
         ids = torch.cat([ids, token], 1)
@@ -24,7 +27,7 @@ def greedy_reference(model, input_ids, attention_mask, pixel_values, steps):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
-@pytest.mark.parametrize("routing", ["token", "sample"])
+@pytest.mark.parametrize("routing", ["token", "sample", "pooled"])
 @pytest.mark.parametrize("expert_type", ["full", "lora"])
 def test_static_decode_matches_full_recompute(name, routing, expert_type):
     model, processor = build_model(name)

@@ -296,11 +296,12 @@ def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
         torch.testing.assert_close(again(**batch).logits, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_per_sample_routing_pools_the_prompt_not_the_answer():
+@pytest.mark.parametrize("routing", ["sample", "pooled"])
+def test_per_sample_routing_pools_the_prompt_not_the_answer(routing):
     from medmoe.data.templates import Turn
 
     model, processor = build_model("tiny")
-    model.upcycle({"routing": "sample"})
+    model.upcycle({"routing": routing})
     with torch.no_grad():
         model.router.weight.normal_(0, 1.0)  # a router that reacts to the pooled feature
     model.eval()
@@ -318,3 +319,54 @@ def test_per_sample_routing_pools_the_prompt_not_the_answer():
     long_answer = Turn(prompt, "the liver, the spleen, both kidneys and a long list of other organs " * 3)
     torch.testing.assert_close(sample_probs(long_answer, labels="labels"), alone)  # training
     assert not torch.allclose(sample_probs(long_answer), alone, atol=1e-4)  # pooling the answer too differs
+
+
+def test_pooled_routing_reads_the_feature_the_router_was_trained_on():
+    """routing="pooled": the router sees what the router phase trained it on, the dense model's
+    mean hidden state over the prompt, though the experts have moved since."""
+    from medmoe.training.router import pooled_features
+
+    model, processor = build_model("tiny")
+    questions = ["which organ is shown?", "is there a fracture of the left femur or of the pelvis?"]
+    images = [image(), image((10, 200, 30), (30, 30))]
+    records = [{"question": q, "image": img} for q, img in zip(questions, images)]
+    features = pooled_features(model, processor, records, progress=False)  # the phase-2 model, as the router phase
+    model.upcycle({"routing": "pooled"})
+    with torch.no_grad():
+        model.router.weight.normal_(0, 0.3)
+        for block in model.moe_blocks:  # phase 3 moved the experts: the pre-pass must not see them
+            block.experts.w_in.add_(torch.randn_like(block.experts.w_in))
+    model.eval()
+    batch = processor(questions, images, padding_side="left")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(**batch, position_ids=positions, output_routing=True)
+        expected = model.router(features).softmax(-1)
+    assert len(out.routing) == len(model.moe_blocks)
+    for layer in out.routing:  # every layer, every token of a sample: the sample's one choice
+        torch.testing.assert_close(layer.probs[:, -1], expected, rtol=1e-4, atol=1e-5)
+        assert (layer.expert_index[..., 0] == expected.argmax(-1)[:, None]).all()
+
+
+def test_pooled_routing_needs_the_shared_router_and_the_meta_expert():
+    from medmoe.config import MoEConfig
+    from medmoe.errors import ConfigError
+
+    for bad in ({"router": "per_layer"}, {"meta_expert": False}):
+        with pytest.raises(ConfigError, match="pooled"):
+            MoEConfig(enabled=True, routing="pooled", **bad)
+
+
+def test_pooled_routing_trains_experts_and_router_with_checkpointing():
+    from medmoe.data.templates import Turn
+
+    model, processor = build_model("tiny")
+    model.upcycle({"routing": "pooled"})
+    model.train()
+    model.gradient_checkpointing_enable()
+    enc = processor.pad([processor.encode([Turn(processor.prompt("which organ?", True), "liver")])])
+    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["labels"],
+                pixel_values=processor.image_tensor(image()).unsqueeze(0), return_logits=False)
+    out.loss.backward()
+    assert model.router.weight.grad is not None and model.router.weight.grad.abs().sum() > 0
+    assert all(block.experts.w_in.grad is not None for block in model.moe_blocks)

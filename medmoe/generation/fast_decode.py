@@ -112,6 +112,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     embeds = model.embed_inputs(input_ids, pixel_values)
     model.moe_state.start(mask, False, True)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    model.route_by_prompt(embeds, mask, mask, positions)
     out = lm(inputs_embeds=embeds, attention_mask=_prefill_bias(mask, max_len, dtype), position_ids=positions,
              past_key_values=cache, use_cache=True, logits_to_keep=1)
     state.token.copy_(_pick(out.logits[:, -1].float(), temperature).unsqueeze(-1))

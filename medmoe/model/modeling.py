@@ -183,6 +183,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         if prompt_mask is not None and (attention_mask is None or attention_mask.dim() == 2):
             pool_mask = prompt_mask.long() if attention_mask is None else attention_mask * prompt_mask
         self.moe_state.start(pool_mask, output_routing, new_sequence)
+        if new_sequence:
+            self.route_by_prompt(inputs_embeds, attention_mask, pool_mask, position_ids)
         inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         logits = lm_loss = aux_loss = loss = None
@@ -201,6 +203,31 @@ class MedMoEForCausalLM(PreTrainedModel):
         return MedMoEOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits,
                             past_key_values=out.past_key_values,
                             routing=list(self.moe_state.routing) if output_routing else None)
+
+    def route_by_prompt(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                        pool_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """routing="pooled" (otherwise nothing to do): choose each sample's expert once, for every
+        MoE layer, from the feature the router was trained on (training/router.py): the mean over
+        all layers' hidden states and the prompt's positions, from a pass through the meta experts
+        alone (the dense phase-2 model the router saw). Returns the [B, E] probabilities, kept in
+        the MoE state for the real pass and for decoding."""
+        if not self.is_moe or self.config.moe.get("routing") != "pooled":
+            return None
+        state = self.moe_state
+        state.meta_only = True
+        try:
+            with torch.no_grad():
+                hidden = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                             position_ids=position_ids, use_cache=False, output_hidden_states=True,
+                                             logits_to_keep=1).hidden_states
+        finally:
+            state.meta_only = False
+        ones = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
+        weights = (ones if pool_mask is None else pool_mask.to(inputs_embeds.device)).float().unsqueeze(-1)
+        pooled = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        probs = self.router(pooled).softmax(-1)  # with gradients: phase3.train_router can still train it
+        state.sample_probs = {block.layer_idx: probs for block in self.moe_blocks}
+        return probs
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

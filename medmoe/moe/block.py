@@ -35,6 +35,7 @@ class MoEState:
     routing: list[LayerRouting] = field(default_factory=list)
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     sample_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, E], kept for decode
+    meta_only: bool = False  # every block runs its meta expert alone (the pre-pass of routing="pooled")
 
     def start(self, attention_mask: torch.Tensor | None, record_routing: bool, new_sequence: bool) -> None:
         self.attention_mask = attention_mask
@@ -64,7 +65,9 @@ class MedMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        if self.cfg.routing == "sample" and hidden_states.dim() == 3:
+        if self._state.meta_only:
+            return ffn_forward(self.meta, x).reshape(shape)
+        if self.cfg.routing in ("sample", "pooled") and hidden_states.dim() == 3:
             logits, decision = self._route_per_sample(hidden_states)
         else:
             logits = self.router_logits(x)
@@ -87,8 +90,8 @@ class MedMoEBlock(nn.Module):
         """
         b, s, _ = h.shape
         state = self._state
-        if s == 1 and self.layer_idx in state.sample_probs:
-            probs = state.sample_probs[self.layer_idx]
+        if (s == 1 or self.cfg.routing == "pooled") and self.layer_idx in state.sample_probs:
+            probs = state.sample_probs[self.layer_idx]  # decoding, or chosen by the model's pre-pass
         else:
             mask = state.attention_mask
             if mask is None or mask.shape[1] < s:
