@@ -95,14 +95,19 @@ def test_heldout_split_keeps_an_image_on_one_side():
     assert heldout_split(30, 0.2, seed=0, groups=images)[1].tolist() == held_idx.tolist()
 
 
-def test_batched_router_features_equal_one_sample_at_a_time(tiny):
+def questions_of_growing_length(start: str, filler: str, end: str, seed: int) -> list[dict]:
+    """Five records with random images, each question longer than the last (padding happens)."""
     from PIL import Image
 
+    g = torch.Generator().manual_seed(seed)
+    return [{"id": str(i), "question": start + filler * i + end,
+             "image": Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())}
+            for i in range(5)]
+
+
+def test_batched_router_features_equal_one_sample_at_a_time(tiny):
     model, processor = tiny
-    g = torch.Generator().manual_seed(1)
-    records = [{"id": str(i), "question": "what is " + "very " * (i * 3) + "odd here?",
-                "image": Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())}
-               for i in range(5)]
+    records = questions_of_growing_length("what is ", "very very very ", "odd here?", seed=1)
     records[3]["image"] = None  # a text-only question inside a batch with images
     with one_thread():
         alone = pooled_features(model, processor, records, progress=False, batch_size=1)
@@ -112,17 +117,12 @@ def test_batched_router_features_equal_one_sample_at_a_time(tiny):
 
 
 def test_batched_ffn_inputs_equal_a_plain_one_sample_forward(tiny):
-    from PIL import Image
-
     from medmoe.data.templates import Turn
     from medmoe.moe.upcycle import decoder_layers, ffn_attribute
     from medmoe.training.router import ffn_inputs
 
     model, processor = tiny
-    g = torch.Generator().manual_seed(2)
-    records = [{"id": str(i), "question": "where is " + "the big " * (i * 2) + "lesion?",
-                "image": Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())}
-               for i in range(5)]
+    records = questions_of_growing_length("where is ", "the big the big ", "lesion?", seed=2)
     layers = [0, 1]
     reference = {i: [] for i in layers}
     blocks = decoder_layers(model.language_model)

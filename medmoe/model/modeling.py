@@ -19,6 +19,7 @@ from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
 from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, upcycle_llm
+from ..moe.router import router_feature
 from ..projector import build_projector
 from ..vision import build_vision_tower
 
@@ -222,10 +223,9 @@ class MedMoEForCausalLM(PreTrainedModel):
                                              logits_to_keep=1).hidden_states
         finally:
             state.meta_only = False
-        ones = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
-        weights = (ones if pool_mask is None else pool_mask.to(inputs_embeds.device)).float().unsqueeze(-1)
-        pooled = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        probs = self.router(pooled).softmax(-1)  # with gradients: phase3.train_router can still train it
+        mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device) if pool_mask is None else pool_mask
+        # Outside no_grad: with phase3.train_router the router still learns.
+        probs = self.router(router_feature(hidden, mask.to(inputs_embeds.device))).softmax(-1)
         state.sample_probs = {block.layer_idx: probs for block in self.moe_blocks}
         return probs
 

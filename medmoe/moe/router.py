@@ -26,6 +26,14 @@ class Router(nn.Module):
         return F.linear(x.float(), self.weight.float(), self.bias.float())
 
 
+def router_feature(hidden_states, mask: torch.Tensor) -> torch.Tensor:
+    """[B, d]: the modality router's input (SPEC section 1), the mean over all layers' hidden
+    states (embedding output included) and over the positions where `mask` [B, S] is set."""
+    weights = mask.float().unsqueeze(-1)
+    summed = torch.stack(tuple(hidden_states)).float().mean(dim=0).mul(weights).sum(dim=1)
+    return summed / weights.sum(dim=1).clamp(min=1)
+
+
 @dataclass
 class RoutingDecision:
     probs: torch.Tensor  # [N, E] fp32 softmax over domain experts

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config import MODALITIES
 from ..data.templates import Turn
 from ..errors import DataError
+from ..moe.router import router_feature
 from ..moe.upcycle import decoder_layers, ffn_attribute
 from .data import field, question_text
 
@@ -78,9 +79,7 @@ def pooled_features(model, processor, records, max_length: int = 512, progress: 
     for embeds, mask, _ in _question_batches(model, processor, records, max_length, batch_size, "router features", progress):
         hidden = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True,
                                       logits_to_keep=1).hidden_states
-        weights = mask.unsqueeze(-1).float()
-        summed = torch.stack(hidden).float().mean(dim=0).mul(weights).sum(dim=1)
-        out.append((summed / weights.sum(dim=1)).cpu())
+        out.append(router_feature(hidden, mask).cpu())
     return torch.cat(out)
 
 
