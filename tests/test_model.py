@@ -131,6 +131,42 @@ def test_cached_generation_equals_uncached(tiny):
         assert len(set(cached.token_ids[0])) > 1  # sampling at temperature 2 gives varied tokens
 
 
+def test_the_kv_cache_goes_by_either_transformers_name(tiny):
+    """transformers 5.24 renamed `past_key_values` to `cache`: ours takes both, and passes the
+    cache to a language model under whichever name its forward accepts."""
+    from dataclasses import dataclass
+
+    from transformers import DynamicCache
+
+    from medmoe.model.modeling import cache_argument, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            pass
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            pass
+
+    assert cache_argument(Old()) == "past_key_values" and cache_argument(New()) == "cache"
+
+    @dataclass
+    class OldOutput:
+        past_key_values: object = None
+
+    @dataclass
+    class NewOutput:
+        cache: object = None
+
+    assert output_cache(OldOutput("kv")) == "kv" and output_cache(NewOutput("kv")) == "kv"
+
+    model, processor = tiny
+    batch = processor(["what?"], [Image.new("RGB", (32, 32), "gray")])
+    for name in ("cache", "past_key_values"):
+        out = model(**batch, use_cache=True, **{name: DynamicCache()})
+        assert out.cache is not None and out.cache.get_seq_length() == batch["input_ids"].shape[1]
+
+
 def test_greedy_is_deterministic_and_batching_does_not_change_answers(tiny):
     model, processor = tiny
     questions, images = ["short", "a much longer question here"], [image(), image((3, 200, 9))]

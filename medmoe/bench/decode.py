@@ -38,13 +38,13 @@ def step_bytes(model, batch: int, context: int) -> dict:
 def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
     """ms per token of the plain loop: DynamicCache, one `model.forward` per token, host sync per token."""
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(ids.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         token.item() if token.numel() == 1 else token.tolist()  # what a streaming loop does each token
     sync(ids.device)

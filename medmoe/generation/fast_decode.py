@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 from transformers import StaticCache
 
+from ..model.modeling import cache_argument
 from .generate import eos_ids
 
 
@@ -35,11 +36,11 @@ def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 CACHE_BUCKET = 256
 
 
-def _step(lm, cache, token, bias, position, write_index, temperature: float) -> None:
+def _step(lm, cache_name: str, cache, token, bias, position, write_index, temperature: float) -> None:
     """One decode step on fixed buffers: unmask the new slot, run the model, advance token and position."""
     bias.index_fill_(-1, write_index, 0.0)
     logits = lm(inputs_embeds=lm.get_input_embeddings()(token), attention_mask=bias, position_ids=position,
-                past_key_values=cache, use_cache=True).logits
+                use_cache=True, **{cache_name: cache}).logits
     token.copy_(_pick(logits[:, -1].float(), temperature).unsqueeze(-1))
     position.add_(1)
     write_index.add_(1)
@@ -113,8 +114,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     model.moe_state.start(mask, False, True)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     model.route_by_prompt(embeds, mask, mask, positions)
+    cache_name = cache_argument(lm)
     out = lm(inputs_embeds=embeds, attention_mask=_prefill_bias(mask, max_len, dtype), position_ids=positions,
-             past_key_values=cache, use_cache=True, logits_to_keep=1)
+             use_cache=True, logits_to_keep=1, **{cache_name: cache})
     state.token.copy_(_pick(out.logits[:, -1].float(), temperature).unsqueeze(-1))
     model.moe_state.start(None, False, False)
     clock.mark(device, "prefill_ms")
@@ -122,7 +124,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     step_fn = _compiled_step() if compile else _step
 
     def step() -> None:
-        step_fn(lm, cache, state.token, state.bias, state.position, state.write_index, temperature)
+        step_fn(lm, cache_name, cache, state.token, state.bias, state.position, state.write_index, temperature)
 
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else sorted(eos_token_id), dtype=torch.long, device=device)

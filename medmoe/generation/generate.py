@@ -84,7 +84,7 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache() if cfg.use_cache else None
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=position_ids,
-                past_key_values=cache, use_cache=cfg.use_cache, output_routing=output_routing)
+                cache=cache, use_cache=cfg.use_cache, output_routing=output_routing)
     routing = out.routing
     while True:
         next_token = pick_next(out.logits[:, -1, :].float(), cfg, generator)
@@ -94,7 +94,7 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
         position_ids = position_ids[:, -1:] + 1
         if cfg.use_cache:
             out = model(input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        cache=out.cache, use_cache=True)
         else:  # recompute everything: the reference the cached path is tested against
             ids = torch.cat([ids, next_token[:, None]], dim=1)
             full_positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -4,6 +4,7 @@ whose chosen FFN blocks are Med-MoE blocks. The whole forward pass is in `forwar
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -32,8 +33,20 @@ class MedMoEOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None  # cross-entropy on answer tokens
     aux_loss: torch.Tensor | None = None  # weighted load-balancing + z-loss of all MoE layers
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None  # the KV cache to pass back as `cache` for the next token
     routing: list[LayerRouting] | None = None  # per MoE layer, when output_routing=True
+
+
+def cache_argument(lm: torch.nn.Module) -> str:
+    """The name under which this transformers model takes its KV cache: `cache` since transformers
+    5.24, `past_key_values` before (and still in remote code)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a transformers output, under either name (see `cache_argument`)."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else getattr(out, "past_key_values", None)
 
 
 def place(model: torch.nn.Module, dtype: torch.dtype | str | None, device) -> torch.nn.Module:
@@ -167,17 +180,19 @@ class MedMoEForCausalLM(PreTrainedModel):
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                past_key_values=None, position_ids: torch.Tensor | None = None,
+                cache=None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_routing: bool = False, return_logits: bool = True, prompt_mask: torch.Tensor | None = None,
                 **kwargs) -> MedMoEOutput:
         """`return_logits=False` (training): the output layer runs only where there are labels, which
         saves the [batch, length, vocab] logits; `logits` is then None.
         `prompt_mask` [B, S]: the prompt's positions, the only ones per-sample routing pools (by
-        default the positions without labels), so that an answer never chooses its own expert."""
+        default the positions without labels), so that an answer never chooses its own expert.
+        `cache`: a transformers Cache (`past_key_values=` is accepted too, the name before 5.24)."""
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        new_sequence = past_key_values is None or past_key_values.get_seq_length() == 0
+        new_sequence = cache is None or cache.get_seq_length() == 0
         if prompt_mask is None and labels is not None:
             prompt_mask = labels.eq(IGNORE_INDEX)
         pool_mask = attention_mask
@@ -186,8 +201,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         self.moe_state.start(pool_mask, output_routing, new_sequence)
         if new_sequence:
             self.route_by_prompt(inputs_embeds, attention_mask, pool_mask, position_ids)
-        inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                  cache_argument(self.language_model): cache, "use_cache": use_cache, **kwargs}
         logits = lm_loss = aux_loss = loss = None
         if labels is not None and not return_logits:
             out = self.language_model.get_decoder()(**inputs)
@@ -202,7 +217,7 @@ class MedMoEForCausalLM(PreTrainedModel):
             aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
             loss = lm_loss + aux_loss
         return MedMoEOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits,
-                            past_key_values=out.past_key_values,
+                            cache=output_cache(out),
                             routing=list(self.moe_state.routing) if output_routing else None)
 
     def route_by_prompt(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -232,14 +247,21 @@ class MedMoEForCausalLM(PreTrainedModel):
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        if enable:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.language_model.gradient_checkpointing_disable()
-
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self._set_gradient_checkpointing(True)
+        """Recompute the LM's layer activations in backward (transformers 5.24 renamed this
+        "activation checkpointing"; either name works on the LM)."""
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self):
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_disable"):
+            lm.activation_checkpointing_disable()
+        else:
+            lm.gradient_checkpointing_disable()
 
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
