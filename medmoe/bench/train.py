@@ -17,7 +17,7 @@ import torch
 from .models import image_prompt, phi2_medmoe
 from .timing import matmul_tflops, sync
 
-H100_BF16_DENSE_TFLOPS = 989.4  # datasheet, SXM
+HOPPER_BF16_DENSE_TFLOPS = 989.4  # datasheet, H100 and H200 SXM (the same compute)
 
 
 def phase3_parameters(model) -> list[torch.nn.Parameter]:
@@ -84,9 +84,9 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
         "tokens_per_s": tokens / step_s, "n_activated": n_act, "n_trained_activated": n_train,
         "trained_params": sum(p.numel() for p in trained),
         "model_tflops_per_step": model_flops / 1e12,
-        "mfu": model_flops / step_s / (H100_BF16_DENSE_TFLOPS * 1e12),
-        "mfu_conventional_6n": conventional / step_s / (H100_BF16_DENSE_TFLOPS * 1e12),
-        "peak_tflops_used": H100_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
+        "mfu": model_flops / step_s / (HOPPER_BF16_DENSE_TFLOPS * 1e12),
+        "mfu_conventional_6n": conventional / step_s / (HOPPER_BF16_DENSE_TFLOPS * 1e12),
+        "peak_tflops_used": HOPPER_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     log(f"train: {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
