@@ -4,6 +4,7 @@ whose chosen FFN blocks are Med-MoE blocks. The whole forward pass is in `forwar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -40,7 +41,12 @@ class MedMoEOutput(ModelOutput):
 def cache_argument(lm: torch.nn.Module) -> str:
     """The name under which this transformers model takes its KV cache: `cache` since transformers
     5.24, `past_key_values` before (and still in remote code)."""
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return _cache_argument_of(type(lm))
+
+
+@functools.cache  # once per model class: forward calls this for every generated token
+def _cache_argument_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_cache(out):
