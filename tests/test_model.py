@@ -406,3 +406,28 @@ def test_pooled_routing_trains_experts_and_router_with_checkpointing():
     out.loss.backward()
     assert model.router.weight.grad is not None and model.router.weight.grad.abs().sum() > 0
     assert all(block.experts.w_in.grad is not None for block in model.moe_blocks)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_every_nth_layer_gives_the_same_gradients(tiny, every):
+    from medmoe.data.templates import Turn
+    from medmoe.moe import decoder_layers
+
+    model, processor = tiny
+    model.upcycle()
+    model.train()
+    batch = processor.pad([processor.encode([Turn(f"<image>\nq{i}", f"answer {i}" * 3)]) for i in range(2)])
+    batch["pixel_values"] = torch.stack([processor.image_tensor(image((60 * i, 90, 30))) for i in range(2)])
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(every=every)
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    flags = [layer.gradient_checkpointing for layer in decoder_layers(model.language_model)]
+    assert flags == [i % every == 0 for i in range(len(flags))] and len(flags) >= 2
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    model.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model.language_model))

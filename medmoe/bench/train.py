@@ -1,7 +1,8 @@
 """Phase-3 training speed at Phi-2 size on one GPU: tokens/s and MFU, gradient checkpointing on.
 
 Phase 3 trains the experts and the meta expert of every MoE layer (the paper's set); the rest is
-frozen. Model FLOPs count only work an ideal implementation must do, no recomputation:
+frozen. Activations are recomputed in backward in every layer (`checkpoint_every=1`), or in every
+n-th layer only: less recomputation for more memory. Model FLOPs count only work an ideal implementation must do, no recomputation:
 forward 2 N_act + 4 L d S per token (S = sequence length, attention scores and values),
 backward 2 N_act + 8 L d S (gradients of activations) + 2 N_train_act (gradients of trained weights),
 where N_act counts activated parameters (one expert + meta per MoE layer at top-1) and
@@ -46,10 +47,14 @@ def activated_params(model) -> tuple[int, int]:
 
 
 def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int = 4, model=None,
-        log=print) -> dict:
+        checkpoint_every: int = 1, log=print) -> dict:
+    """One measurement; `checkpoint_every`: recompute every n-th layer's activations (1: all; 0: none)."""
     model = model or phi2_medmoe(device)
     model.train()
-    model.gradient_checkpointing_enable()
+    if checkpoint_every:
+        model.gradient_checkpointing_enable(every=checkpoint_every)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trained = phase3_parameters(model)
     optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=device.type == "cuda")
     ids, mask, pixels = image_prompt(model, batch, text_tokens, device, seed=1)
@@ -80,7 +85,7 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
     conventional = tokens * (6 * n_act + 12 * attn)
     measured_peak = matmul_tflops(device) if device.type == "cuda" else None
     result = {
-        "batch": batch, "seq_len": seq, "tokens_per_step": tokens, "step_s": step_s,
+        "checkpoint_every": checkpoint_every, "batch": batch, "seq_len": seq, "tokens_per_step": tokens, "step_s": step_s,
         "tokens_per_s": tokens / step_s, "n_activated": n_act, "n_trained_activated": n_train,
         "trained_params": sum(p.numel() for p in trained),
         "model_tflops_per_step": model_flops / 1e12,
@@ -89,7 +94,9 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
         "peak_tflops_used": HOPPER_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    log(f"train: {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
+    setting = f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing"
+    log(f"train ({setting}): {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
         f"(6N convention {100 * result['mfu_conventional_6n']:.1f}%)")
-    model.gradient_checkpointing_disable() if hasattr(model, "gradient_checkpointing_disable") else None
+    model.gradient_checkpointing_disable()
+    optimizer.zero_grad(set_to_none=True)
     return result

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="decode: also fuse the step with torch.compile")
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
+    p.add_argument("--checkpoint-every", default="1",
+                   help="train: recompute activations in every n-th layer; a comma list measures each (0: none)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, help="cpu: an image file for the prompt (default: a grey square)")
     p.set_defaults(func=run)
@@ -69,7 +71,8 @@ def run(args) -> int:
                                                   compile=args.compile,
                                                   baselines=not args.no_baselines)
                 else:
-                    report["train"] = train.run(device, batch=args.train_batch, model=model)
+                    report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=int(n))
+                                       for n in args.checkpoint_every.split(",")]
             else:
                 from ..bench import cpu
 

@@ -20,7 +20,8 @@ from ..adapters import DEFAULT_TARGETS, add_lora, merge_lora
 from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
-from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, upcycle_llm
+from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, decoder_layers, upcycle_llm
+from ..moe.experts import use_fused_activations
 from ..moe.router import router_feature
 from ..projector import build_projector
 from ..vision import build_vision_tower
@@ -111,6 +112,7 @@ class MedMoEForCausalLM(PreTrainedModel):
         tower_cfg = getattr(self.vision_tower, "cfg", None)
         config.vision["model_config"] = getattr(tower_cfg, "model_config", config.vision.get("model_config"))
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.llm_config())
+        use_fused_activations(self.language_model)  # Phi's gelu_new: 8 kernels -> 1, the same function
         self.projector = build_projector(config.projector, self.vision_tower.hidden_size, config.hidden_size)
         if config.llm_lora:
             add_lora(self.language_model, **config.llm_lora)
@@ -253,14 +255,18 @@ class MedMoEForCausalLM(PreTrainedModel):
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Recompute the LM's layer activations in backward (transformers 5.24 renamed this
-        "activation checkpointing"; either name works on the LM)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every: int = 1):
+        """Recompute the LM's layer activations in backward, in every `every`-th decoder layer
+        (1: all of them; 2: every other one, which recomputes half as much and keeps more
+        activations). transformers 5.24 renamed this "activation checkpointing"; either name works."""
         lm = self.language_model
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if every > 1:
+            for i, layer in enumerate(decoder_layers(lm)):
+                layer.gradient_checkpointing = i % every == 0
 
     def gradient_checkpointing_disable(self):
         lm = self.language_model

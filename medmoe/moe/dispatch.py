@@ -12,6 +12,10 @@ The meta expert is not fused into the grouped GEMM: it would need an [E+1] weigh
 every call (a copy of all expert weights, several times the cost of a decode step) or its weights
 moved into the stack (breaking `block.meta`, which is the layer's original FFN module). It runs
 as one dense FFN instead (`experts.ffn_forward`); docs/speed.md has the measurement.
+
+On CUDA with Triton (`kernels.py`), the first projection's bias and GELU run as one fused pass,
+and a single token (a batch-1 decode step) skips sorting altogether: each of its k experts is
+applied by a matrix-vector kernel that reads the expert index on the device.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels
 
 
 def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int,
@@ -81,16 +87,66 @@ def add_group_bias(h: torch.Tensor, bias: torch.Tensor | None, sorted_expert: to
     return torch.addmm(h, one_hot, bias.to(h.dtype))
 
 
+class _GatherRows(torch.autograd.Function):
+    """x.index_select(0, index) where every row of x is taken k times in all and `inverse` maps each
+    taker back (index = order // k over the sorted (token, choice) slots, or a permutation with
+    k = 1). Backward is a gather by `inverse` plus a sum over the k copies: index_select's own
+    backward is an atomic index_add, several times slower in bf16 and not deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse)
+        if ctx.k > 1:
+            grad_x = grad_x.view(-1, ctx.k, grad_x.shape[-1]).sum(1)
+        return grad_x, None, None, None
+
+
+def _bias_then_act(h: torch.Tensor, sorted_expert: torch.Tensor, experts) -> torch.Tensor:
+    act = experts.fused_bias_act()
+    if act is not None and experts.b_in is not None and kernels.triton_ready(h):
+        return kernels.bias_act(h, experts.b_in, sorted_expert, act)
+    return experts.hidden_act(add_group_bias(h, experts.b_in, sorted_expert))
+
+
+def _add_out_bias(out: torch.Tensor, sorted_expert: torch.Tensor, experts) -> torch.Tensor:
+    if experts.b_out is not None and kernels.triton_ready(out):
+        return kernels.bias_act(out, experts.b_out, sorted_expert, "none")
+    return add_group_bias(out, experts.b_out, sorted_expert)
+
+
+def one_token_ffn(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, experts) -> torch.Tensor:
+    """sum_k w_k E_{i_k}(x) for one token (x [1, d]): each chosen expert by a matrix-vector kernel,
+    no sorting (a decode step at batch 1; inference only)."""
+    slots = expert_index.reshape(-1)
+    xs = x.expand(slots.shape[0], -1)
+    h = kernels.expert_matvec(xs, experts.w_in, slots)
+    if experts.b_in is not None:
+        h = h + experts.b_in.to(h.dtype).index_select(0, slots)
+    out = kernels.expert_matvec(experts.hidden_act(h), experts.w_out, slots)
+    if experts.b_out is not None:
+        out = out + experts.b_out.to(out.dtype).index_select(0, slots)
+    return (out * expert_weight.reshape(-1, 1).to(out.dtype)).sum(0, keepdim=True)
+
+
 def grouped_ffn(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, experts) -> torch.Tensor:
     n, k = expert_index.shape
+    if n == 1 and not torch.is_grad_enabled() and kernels.triton_ready(x):
+        return one_token_ffn(x, expert_index, expert_weight, experts)
     order, sorted_expert, group_ends = sort_by_expert(expert_index, experts.num_experts)
-    xs = x.index_select(0, order // k)
-    h = add_group_bias(torch._grouped_mm(xs, experts.w_in, offs=group_ends), experts.b_in, sorted_expert)
-    h = experts.hidden_act(h)
-    out = add_group_bias(torch._grouped_mm(h, experts.w_out, offs=group_ends), experts.b_out, sorted_expert)
-    # Back to (token, choice) order: a gather by the inverse permutation (no atomics, deterministic).
+    # inverse[s]: where slot s sits in the sorted order; it brings results back to (token, choice)
+    # order by a gather (no atomics, deterministic), and is the backward of both gathers.
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
-    out = out.index_select(0, inverse).view(n, k, -1)
+    xs = _GatherRows.apply(x, order // k, inverse, k)
+    h = _bias_then_act(torch._grouped_mm(xs, experts.w_in, offs=group_ends), sorted_expert, experts)
+    out = _add_out_bias(torch._grouped_mm(h, experts.w_out, offs=group_ends), sorted_expert, experts)
+    out = _GatherRows.apply(out, inverse, order, 1).view(n, k, -1)
     weight = expert_weight.to(out.dtype).unsqueeze(-1)
     if k == 1:
         return (out * weight).squeeze(1)

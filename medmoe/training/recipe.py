@@ -40,7 +40,7 @@ class PhaseRecipe:
     grad_clip: float = 1.0  # 0: no clipping
     max_length: int = 2048  # longer samples are truncated
     max_samples: int = 0  # >0: use only the first N samples (quick runs)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | int = False  # true: every layer; n: every n-th layer (less recompute)
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     log_every: int = 10
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)

@@ -217,7 +217,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
     log = MetricsLog(run_dir, step, dist.is_main)
     if phase.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(every=int(phase.grad_checkpointing))
     model.train()
 
     pad_id = getattr(dataset, "pad_id", 0)

@@ -1,0 +1,222 @@
+"""Custom GPU kernels of the MoE block (Triton), each beside the plain PyTorch it must equal.
+
+- `bias_act(h, bias, group, act)`: act(h + bias[group[i]]) row by row, for the rows of a grouped
+  GEMM (`torch._grouped_mm` has no bias epilogue): one pass over the [N, f] intermediate instead
+  of an [N, E] x [E, f] matmul for the bias and another pass for the GELU. Backward is one pass
+  too; the bias gradient stays an [E, N] x [N, f] matmul (deterministic, no atomics).
+- `expert_matvec(x, w, expert)`: row s of x times w[expert[s]], for the few rows of a decode step.
+  The expert index is read on the device (no host sync, CUDA-graph safe) and each chosen expert's
+  weights are streamed once, split along K so that every SM takes part: a grouped GEMM at one
+  row runs at a fraction of the memory bandwidth.
+
+Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
+without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "gelu_tanh")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton  # noqa: F401
+
+    return _build_kernels()
+
+
+def triton_ready(t: torch.Tensor) -> bool:
+    """True where the Triton kernels run: a CUDA tensor and Triton installed."""
+    return t.device.type == "cuda" and _triton() is not None
+
+
+# ----- PyTorch references ------------------------------------------------------------------------
+
+def _bias_act_reference(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str) -> torch.Tensor:
+    pre = h + bias.to(h.dtype).index_select(0, group)
+    return F.gelu(pre, approximate="tanh") if act == "gelu_tanh" else pre
+
+
+def _bias_act_backward_reference(grad, h, bias, group, act: str) -> torch.Tensor:
+    if act == "none":
+        return grad.clone()
+    pre = h + bias.to(h.dtype).index_select(0, group)
+    return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+
+
+def _matvec_reference(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(x.unsqueeze(1), w.index_select(0, expert)).squeeze(1)
+
+
+# ----- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("medmoe::bias_act", mutates_args=())
+def _bias_act(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str) -> torch.Tensor:
+    if triton_ready(h):
+        return _triton().bias_act(h, bias, group, act)
+    return _bias_act_reference(h, bias, group, act)
+
+
+@_bias_act.register_fake
+def _(h, bias, group, act):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("medmoe::bias_act_backward", mutates_args=())
+def _bias_act_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor,
+                       act: str) -> torch.Tensor:
+    if triton_ready(h):
+        return _triton().bias_act_backward(grad, h, bias, group, act)
+    return _bias_act_backward_reference(grad, h, bias, group, act)
+
+
+@_bias_act_backward.register_fake
+def _(grad, h, bias, group, act):
+    return torch.empty_like(h)
+
+
+def _bias_act_setup(ctx, inputs, output):
+    h, bias, group, act = inputs
+    ctx.act = act
+    ctx.save_for_backward(h, bias, group)
+
+
+def _bias_act_grad(ctx, grad):
+    h, bias, group = ctx.saved_tensors
+    grad_h = grad if ctx.act == "none" else _bias_act_backward(grad.contiguous(), h, bias, group, ctx.act)
+    grad_bias = None
+    if ctx.needs_input_grad[1]:
+        one_hot = F.one_hot(group, bias.shape[0]).to(grad_h.dtype)
+        grad_bias = (one_hot.T @ grad_h).to(bias.dtype)
+    return grad_h, grad_bias, None, None
+
+
+_bias_act.register_autograd(_bias_act_grad, setup_context=_bias_act_setup)
+
+
+def bias_act(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str = "gelu_tanh") -> torch.Tensor:
+    """act(h[i] + bias[group[i]]) for h [N, f], bias [E, f], group [N]; act "gelu_tanh" or "none"."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"bias_act: act must be one of {ACTIVATIONS}, not {act!r}")
+    return _bias_act(h.contiguous(), bias.contiguous(), group, act)
+
+
+@torch.library.custom_op("medmoe::expert_matvec", mutates_args=())
+def _expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    if triton_ready(x):
+        return _triton().expert_matvec(x, w, expert)
+    return _matvec_reference(x, w, expert)
+
+
+@_expert_matvec.register_fake
+def _(x, w, expert):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+def expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """[S, K] rows times stacked weights [E, K, N] -> [S, N]: row s uses w[expert[s]]. Inference only."""
+    return _expert_matvec(x.contiguous(), w.contiguous(), expert)
+
+
+# ----- Triton ----------------------------------------------------------------------------------------
+
+def _build_kernels():
+    """The Triton kernels and their launchers (built on first use, only where Triton is installed)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tanh(u):
+        return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+    @triton.jit
+    def bias_act_fwd(h_ptr, b_ptr, g_ptr, y_ptr, n_cols, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        grp = tl.load(g_ptr + row).to(tl.int64)
+        x = tl.load(h_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(b_ptr + grp * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        tl.store(y_ptr + row * n_cols + cols, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def gelu_bwd(dy_ptr, h_ptr, b_ptr, g_ptr, dh_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        grp = tl.load(g_ptr + row).to(tl.int64)
+        x = tl.load(h_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(b_ptr + grp * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        tl.store(dh_ptr + row * n_cols + cols, (dy * slope).to(dh_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def matvec(x_ptr, w_ptr, e_ptr, part_ptr, S, K, N, k_per_split,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        s = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        n_mask = offs_n < N
+        e = tl.load(e_ptr + s).to(tl.int64)
+        w_base = w_ptr + e * K * N
+        k_start = split * k_per_split
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xk = tl.load(x_ptr + s * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            wt = tl.load(w_base + offs_k[:, None] * N + offs_n[None, :],
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(xk[:, None] * wt, axis=0)
+        tl.store(part_ptr + (split * S + s) * N + offs_n, acc, mask=n_mask)
+
+    block = 1024
+
+    class Kernels:
+        @staticmethod
+        def bias_act(h, bias, group, act):
+            y = torch.empty_like(h)
+            n, f = h.shape
+            if n:
+                bias_act_fwd[(n, triton.cdiv(f, block))](h, bias, group, y, f, ACT=ACTIVATIONS.index(act),
+                                                         BLOCK=block, num_warps=4)
+            return y
+
+        @staticmethod
+        def bias_act_backward(grad, h, bias, group, act):
+            dh = torch.empty_like(h)
+            n, f = h.shape
+            if n:
+                gelu_bwd[(n, triton.cdiv(f, block))](grad, h, bias, group, dh, f, BLOCK=block, num_warps=4)
+            return dh
+
+        @staticmethod
+        def expert_matvec(x, w, expert):
+            s, k = x.shape
+            n = w.shape[2]
+            block_n, block_k = 128, 32
+            n_blocks = triton.cdiv(n, block_n)
+            # Split K until about four programs per SM stream weights; partial sums in fp32.
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            splits = max(1, min(triton.cdiv(4 * sms, max(s * n_blocks, 1)), triton.cdiv(k, block_k)))
+            k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+            splits = triton.cdiv(k, k_per_split)
+            part = torch.empty(splits, s, n, device=x.device, dtype=torch.float32)
+            if s:
+                matvec[(s, n_blocks, splits)](x, w, expert, part, s, k, n, k_per_split,
+                                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            return part.sum(0).to(x.dtype)
+
+    return Kernels

@@ -1,0 +1,127 @@
+"""The MoE block's custom ops (moe/kernels.py) equal plain PyTorch: on the CPU their reference
+implementations and autograd wiring, on a CUDA GPU with Triton the kernels themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from medmoe.moe import StackedExperts, dispatch, kernels
+from medmoe.moe.experts import is_gelu_tanh, use_fused_activations
+
+E = 4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def bias_act_inputs(n: int, f: int, device="cpu", dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, f, generator=g).to(device, dtype)
+    bias = torch.randn(E, f, generator=g).to(device, dtype)
+    group = torch.randint(0, E, (n,), generator=g).sort().values.to(device)
+    return h, bias, group
+
+
+def check_bias_act(h, bias, group, act, tol):
+    """Output and gradients (wrt h and bias) of kernels.bias_act against autograd on plain ops."""
+    grad = torch.randn_like(h)
+    outs = []
+    for fused in (True, False):
+        hh, bb = h.clone().requires_grad_(), bias.clone().requires_grad_()
+        if fused:
+            y = kernels.bias_act(hh, bb, group, act)
+        else:
+            pre = hh.float() + bb.float()[group]
+            y = F.gelu(pre, approximate="tanh") if act == "gelu_tanh" else pre
+        y.backward(grad)
+        outs.append((y.detach(), hh.grad, bb.grad))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "none"])
+def test_bias_act_equals_plain_ops(act):
+    check_bias_act(*bias_act_inputs(37, 24), act, 1e-6)
+
+
+def test_bias_act_rejects_an_unknown_activation():
+    h, bias, group = bias_act_inputs(3, 8)
+    with pytest.raises(ValueError, match="act must be one of"):
+        kernels.bias_act(h, bias, group, "relu")
+
+
+def test_expert_matvec_picks_each_rows_expert():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 16, generator=g), torch.randn(E, 16, 24, generator=g)
+    expert = torch.tensor([2, 0, 2])
+    y = kernels.expert_matvec(x, w, expert)
+    assert y.shape == (3, 24)
+    for s in range(3):
+        assert rel_err(y[s], x[s] @ w[expert[s]]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["gated", "mlp"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_one_token_path_equals_loop(kind, top_k):
+    experts = StackedExperts(kind, E, 16, 24, True, True, ACT2FN["silu" if kind == "gated" else "gelu_new"])
+    with torch.no_grad():
+        experts.b_in.normal_()
+        experts.b_out.normal_()
+    x = torch.randn(1, 16)
+    weight, index = torch.randn(1, E).softmax(-1).topk(top_k, dim=-1)
+    ref = dispatch.loop(x, index, weight, E, experts.expert_forward)
+    assert rel_err(dispatch.one_token_ffn(x, index, weight, experts), ref) < 1e-5
+
+
+def test_fused_activations_replace_gelu_new_and_keep_the_function():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, hidden_act="gelu_new")
+    torch.manual_seed(0)
+    model = PhiForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    before = model(ids).logits
+    assert use_fused_activations(model) == 2
+    assert all(is_gelu_tanh(layer.mlp.activation_fn) and isinstance(layer.mlp.activation_fn, torch.nn.GELU)
+               for layer in model.model.layers)
+    assert rel_err(model(ids).logits, before) < 1e-5
+    assert use_fused_activations(model) == 0
+
+
+def test_stacked_experts_know_which_activation_fuses():
+    mlp = StackedExperts("mlp", E, 8, 16, True, True, ACT2FN["gelu_new"])
+    gated = StackedExperts("gated", E, 8, 16, False, False, ACT2FN["silu"])
+    relu = StackedExperts("mlp", E, 8, 16, True, True, ACT2FN["relu"])
+    assert (mlp.fused_bias_act(), gated.fused_bias_act(), relu.fused_bias_act()) == ("gelu_tanh", None, None)
+
+
+# ----- on a CUDA GPU with Triton: the kernels themselves ----------------------------------------
+
+def _triton_gpu() -> bool:
+    return torch.cuda.is_available() and kernels.triton_ready(torch.empty(0, device="cuda"))
+
+
+needs_triton = pytest.mark.skipif(not _triton_gpu(), reason="needs a CUDA GPU with Triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["gelu_tanh", "none"])
+@pytest.mark.parametrize("n,f", [(1, 8), (37, 1000), (4096, 2560)])
+def test_triton_bias_act_equals_plain_ops(act, n, f):
+    check_bias_act(*bias_act_inputs(n, f, "cuda", torch.bfloat16), act, 1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("s,k,n", [(1, 2560, 10240), (2, 10240, 2560), (3, 100, 72)])
+def test_triton_expert_matvec_equals_bmm(s, k, n):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(s, k, generator=g).cuda().bfloat16()
+    w = (torch.randn(E, k, n, generator=g) * 0.02).cuda().bfloat16()
+    expert = torch.randint(0, E, (s,), generator=g).cuda()
+    ref = torch.bmm(x.float().unsqueeze(1), w.float()[expert]).squeeze(1)
+    assert rel_err(kernels.expert_matvec(x, w, expert), ref) < 1e-2
