@@ -203,19 +203,21 @@ def _build_kernels():
             return dh
 
         @staticmethod
-        def expert_matvec(x, w, expert, block_n=128, block_k=32, per_sm=4, num_warps=4):
+        def expert_matvec(x, w, expert, block_n=256, block_k=128, per_sm=8, num_warps=2, num_stages=3):
             s, k = x.shape
             n = w.shape[2]
             n_blocks = triton.cdiv(n, block_n)
-            # Split K until about `per_sm` programs per SM stream weights; partial sums in fp32.
+            # Split K until about `per_sm` programs per SM stream weights (partial sums in fp32);
+            # per_sm=0: no split, results written in x's dtype directly.
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             splits = max(1, min(triton.cdiv(per_sm * sms, max(s * n_blocks, 1)), triton.cdiv(k, block_k)))
             k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
             splits = triton.cdiv(k, k_per_split)
-            part = torch.empty(splits, s, n, device=x.device, dtype=torch.float32)
+            dtype = x.dtype if splits == 1 else torch.float32
+            part = torch.empty(splits, s, n, device=x.device, dtype=dtype)
             if s:
-                matvec[(s, n_blocks, splits)](x, w, expert, part, s, k, n, k_per_split,
-                                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-            return part.sum(0).to(x.dtype)
+                matvec[(s, n_blocks, splits)](x, w, expert, part, s, k, n, k_per_split, BLOCK_N=block_n,
+                                              BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+            return part[0] if splits == 1 else part.sum(0).to(x.dtype)
 
     return Kernels
