@@ -13,6 +13,8 @@ Paths, all on the same random weights and inputs:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -120,16 +122,21 @@ def run(device: torch.device, dtype: torch.dtype = torch.bfloat16, sizes=SIZES, 
     torch.manual_seed(0)
     block, second = build_layer(device, dtype, hidden, ffn)
     fns = paths(block, second)
+    fp32_block = copy.deepcopy(block).float()
+    fp32_block.experts.dispatch_mode = "loop"
     params = [p for p in list(block.parameters()) + list(second.parameters()) if p.requires_grad]
     rows = []
     for n in sizes:
         x = torch.randn(n, block.experts.w_in.shape[1], device=device, dtype=dtype)
         grad = torch.randn_like(x)
-        row = {"tokens": n, "fwd_ms": {}, "fwd_bwd_ms": {}, "rel_err_vs_loop": {}}
+        row = {"tokens": n, "fwd_ms": {}, "fwd_bwd_ms": {}, "rel_err_vs_loop": {}, "rel_err_vs_fp32": {}}
         with torch.no_grad():
             ref = fns["loop"](x)
             for name in ("ours", "ours_meta_fused", "official", "official_fused_act"):
                 row["rel_err_vs_loop"][name] = rel_err(fns[name](x), ref)
+            # Both are rounded; against the same layer in fp32 one sees which rounds less.
+            exact = fp32_block(x.float())
+            row["rel_err_vs_fp32"] = {"ours": rel_err(fns["ours"](x), exact), "loop": rel_err(ref, exact)}
         for name, fn in fns.items():
             with torch.no_grad():
                 row["fwd_ms"][name] = median_ms(lambda: fn(x), device)
