@@ -53,10 +53,16 @@ def grouped_supported(x: torch.Tensor, experts) -> bool:
         return x.dtype == torch.float32 and not torch.compiler.is_compiling()
     if x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
+    if _cuda_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9:
         return False  # the fused kernels are Hopper and newer
     # Hopper/Blackwell kernels need 16-byte aligned rows.
     return all(s % 8 == 0 for s in (experts.w_in.shape[1], experts.w_in.shape[2], experts.w_out.shape[2]))
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    """The GPU's compute capability (a constant to torch.compile, which would break its graph here)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def auto_mode(x: torch.Tensor, experts=None) -> str:

@@ -28,14 +28,18 @@ ACTIVATIONS = ("none", "gelu_tanh")
 def _triton():
     if importlib.util.find_spec("triton") is None:
         return None
-    import triton  # noqa: F401
-
     return _build_kernels()
+
+
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    # A constant to torch.compile: tracing into the cache and the import machinery would break the graph.
+    return _triton() is not None
 
 
 def triton_ready(t: torch.Tensor) -> bool:
     """True where the Triton kernels run: a CUDA tensor and Triton installed."""
-    return t.device.type == "cuda" and _triton() is not None
+    return t.device.type == "cuda" and _triton_installed()
 
 
 # ----- PyTorch references ------------------------------------------------------------------------
