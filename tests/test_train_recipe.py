@@ -28,6 +28,8 @@ def test_overrides_are_typed():
                              "phase1.data=[\"sample\"]", "output_dir=/tmp/x", "phase2.epochs=3"])
     assert r.phase2.lr == 1e-4 and r.phase3.moe["expert_type"] == "lora" and r.phase3.train_router is True
     assert r.phase1.data == ["sample"] and r.output_dir == "/tmp/x" and r.phase2.epochs == 3.0
+    r = load_recipe("tiny", ["phase2.grad_checkpointing=true", "phase3.grad_checkpointing=2"])
+    assert r.phase2.grad_checkpointing is True and r.phase3.grad_checkpointing == 2
 
 
 @pytest.mark.parametrize("override,message", [
@@ -41,6 +43,8 @@ def test_overrides_are_typed():
     ("phase3.trainable=all", "phase3.trainable='all'"),
     ("phase2.lr", "write key=value"),
     ("distributed=horovod", "distributed='horovod'"),
+    ("phase3.grad_checkpointing=some", "phase3.grad_checkpointing='some'"),
+    ("phase3.grad_checkpointing=-1", "phase3.grad_checkpointing=-1: must be at least 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -103,6 +103,9 @@ class Recipe:
             for key in ("batch_size", "grad_accum", "keep_last"):
                 if getattr(p, key) < 1:
                     raise ConfigError(f"{name}.{key}={getattr(p, key)}: must be at least 1")
+            if p.grad_checkpointing < 0:
+                raise ConfigError(f"{name}.grad_checkpointing={p.grad_checkpointing}: must be at least 0 "
+                                  "(false/0: off, true/1: every layer, n: every n-th layer)")
             if p.template not in ("medmoe", "plain", "chat"):
                 raise ConfigError(f"{name}.template={p.template!r}: use 'medmoe', 'plain' or 'chat'")
         unknown_lora = sorted(set(self.phase2.llm_lora) - {"rank", "alpha", "targets"})
