@@ -73,6 +73,12 @@ def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
     assert main(["score", "--pred", str(out / "predictions.jsonl"), "--gt", str(vqa_gt), "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["total"] == m["vqa"]["total"]
+    # the reference prefill (every prompt whole) gives the same answers and routing counts
+    full = tmp_path / "full"
+    assert main(["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(full),
+                 "--batch-size", "3", "--max-new-tokens", "4", "--no-share-prefix"]) == 0
+    assert [json.loads(l) for l in (full / "predictions.jsonl").read_text().splitlines()] == preds
+    assert "--no-share-prefix" in json.loads((full / "metrics.json").read_text())["run"]["command"]
 
 
 def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):

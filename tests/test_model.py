@@ -131,6 +131,28 @@ def test_cached_generation_equals_uncached(tiny):
         assert len(set(cached.token_ids[0])) > 1  # sampling at temperature 2 gives varied tokens
 
 
+def test_a_shared_prompt_prefix_prefilled_once_gives_the_same_answers_and_routing(tiny):
+    from medmoe.generation.generate import shared_prefix_length
+
+    model, processor = tiny
+    model.upcycle()
+    questions = ["describe the image", "a much longer question about the scan, with more words", "why?"]
+    images = [image(), image((3, 200, 9)), None]
+    batch = processor(questions, images, padding_side="left")
+    shared = shared_prefix_length(model, batch["input_ids"], batch["attention_mask"])
+    assert shared >= 8 and processor.image_token_id not in batch["input_ids"][0, -batch["attention_mask"][0].sum():][:shared]
+    runs = [run_generation(model, processor, questions, images, SamplingConfig(max_new_tokens=8, share_prefix=share),
+                           output_routing=True) for share in (True, False)]
+    assert runs[0].token_ids == runs[1].token_ids
+    real = batch["attention_mask"].bool()
+    for a, b in zip(runs[0].prompt_routing, runs[1].prompt_routing):
+        assert torch.equal(a.expert_index[real], b.expert_index[real])
+        assert torch.allclose(a.probs[real], b.probs[real], atol=1e-5)
+    for block in model.moe_blocks:
+        block.cfg.routing = "sample"  # pools over the whole prompt: nothing may be shared
+    assert shared_prefix_length(model, batch["input_ids"], batch["attention_mask"]) == 0
+
+
 def test_the_kv_cache_goes_by_either_transformers_name(tiny):
     """transformers 5.24 renamed `past_key_values` to `cache`: ours takes both, and passes the
     cache to a language model under whichever name its forward accepts."""

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-routing", dest="routing", action="store_false", help="skip the routing analysis")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="prefill every question's whole prompt, not the template's common start once per batch "
+                        "(the same answers, slower; for checking)")
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,8 @@ def run(args) -> int:
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
     settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                            limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing)
+                            limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,
+                            share_prefix=args.share_prefix)
     metrics = evaluate(settings)
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))

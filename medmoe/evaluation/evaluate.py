@@ -43,6 +43,7 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"
     routing: bool = True
+    share_prefix: bool = True  # prefill the prompts' common start once per batch (generation/generate.py)
 
     def command(self) -> str:
         import shlex
@@ -55,6 +56,8 @@ class EvalSettings:
             parts += ["--limit", str(self.limit)]
         if not self.routing:
             parts.append("--no-routing")
+        if not self.share_prefix:
+            parts.append("--no-share-prefix")
         return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -196,7 +199,7 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
-    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False)
+    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
     out = run_generation(model, processor, [i.gt.question for i in items], [i.image for i in items], cfg,
                          output_routing=want_routing)
     counts = [None] * len(items)

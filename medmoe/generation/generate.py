@@ -26,6 +26,8 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     use_cache: bool = True
+    # Rows that all start with the same tokens (the template's system prompt) prefill them once.
+    share_prefix: bool = True
 
 
 @dataclass
@@ -82,12 +84,16 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache() if cfg.use_cache else None
-    # logits_to_keep=1: only the last position's logits are needed; the prompt's would cost a fifth
-    # of the prefill's work for a 135M model (the output layer of a 49K vocabulary at every position).
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=position_ids,
-                cache=cache, use_cache=cfg.use_cache, output_routing=output_routing, logits_to_keep=1)
-    routing = out.routing
+    shared = shared_prefix_length(model, ids, mask) if cfg.use_cache and cfg.share_prefix else 0
+    if shared:
+        out, mask, position_ids, routing = _prefill_with_shared_prefix(model, ids, mask, pixels, shared, output_routing)
+    else:
+        # logits_to_keep=1: only the last position's logits are needed; the prompt's would cost a fifth
+        # of the prefill's work for a 135M model (the output layer of a 49K vocabulary at every position).
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=position_ids,
+                    cache=DynamicCache() if cfg.use_cache else None, use_cache=cfg.use_cache,
+                    output_routing=output_routing, logits_to_keep=1)
+        routing = out.routing
     while True:
         next_token = pick_next(out.logits[:, -1, :].float(), cfg, generator)
         yield next_token, routing
@@ -102,6 +108,69 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
             full_positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=full_positions,
                         use_cache=False, logits_to_keep=1)
+
+
+MIN_SHARED_PREFIX = 8  # below this, prefilling a prefix apart saves less than it costs
+
+
+def shared_prefix_length(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading tokens every row of a left-padded batch shares (0: do not share).
+
+    Sharing stops before the first image token (image features differ per row) and leaves each row
+    at least one token of its own. Per-sample routing pools over the whole prompt, so models that
+    route per sample never share."""
+    b, s = ids.shape
+    if b < 2 or any(block.cfg.routing != "token" for block in getattr(model, "moe_blocks", [])):
+        return 0
+    lengths = mask.sum(-1)
+    starts = s - lengths
+    if not torch.equal(mask.bool(), torch.arange(s, device=ids.device)[None] >= starts[:, None]):
+        return 0  # not left-padded
+    shortest = int(lengths.min())
+    heads = ids.gather(1, starts[:, None] + torch.arange(shortest, device=ids.device)[None])
+    same = (heads == heads[:1]).all(0) & (heads[0] != model.config.image_token_id)
+    length = min(int(same.long().cumprod(0).sum()), shortest - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill_with_shared_prefix(model, ids, mask, pixels, shared: int, output_routing: bool):
+    """The prompt prefill with the rows' common first `shared` tokens run once and their KV cache
+    repeated for every row. Rows are laid out [shared prefix][padding][own tokens] (positions
+    count real tokens only, so every token keeps its position); routing records come back in the
+    batch's own left-padded layout. Returns (output, attention mask, position ids, routing)."""
+    b, s = ids.shape
+    pads = s - mask.sum(-1)  # per row
+    cache = DynamicCache()
+    start = int(pads[0])
+    first = model(input_ids=ids[:1, start:start + shared], cache=cache, use_cache=True,
+                  output_routing=output_routing, logits_to_keep=1)
+    cache.batch_repeat_interleave(b)
+    columns = torch.arange(s - shared, device=ids.device)[None]
+    own_mask = (columns >= pads[:, None]).long()
+    own_ids = torch.where(own_mask.bool(), ids[:, shared:], ids[:, :1])  # padding: no image tokens
+    full_mask = torch.cat([mask.new_ones(b, shared), own_mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=own_ids, attention_mask=full_mask, pixel_values=pixels,
+                position_ids=positions[:, shared:], cache=cache, use_cache=True,
+                output_routing=output_routing, logits_to_keep=1)
+    routing = None
+    if output_routing:
+        # Column c of the batch's layout: padding (c < pad) sits at c + shared in ours, the shared
+        # prefix (pad <= c < pad + shared) at c - pad, a row's own tokens at c.
+        c = torch.arange(s, device=ids.device)[None]
+        pad = pads[:, None]
+        source = torch.where(c < pad, c + shared, torch.where(c < pad + shared, c - pad, c))
+        routing = [_relayout(head, rest, source) for head, rest in zip(first.routing, out.routing)]
+    return out, full_mask, positions[:, shared:], routing
+
+
+def _relayout(head: LayerRouting, rest: LayerRouting, source: torch.Tensor) -> LayerRouting:
+    def join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([a.expand(b.shape[0], -1, -1), b], dim=1)
+        return both.gather(1, source[..., None].expand(-1, -1, both.shape[-1]))
+
+    return LayerRouting(layer=rest.layer, expert_index=join(head.expert_index, rest.expert_index),
+                        probs=join(head.probs, rest.probs))
 
 
 def _normalise_images(questions: Sequence[str], images) -> list:
