@@ -84,7 +84,8 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    shared = shared_prefix_length(model, ids, mask) if cfg.use_cache and cfg.share_prefix else 0
+    can_share = cfg.use_cache and cfg.share_prefix and hasattr(DynamicCache, "batch_repeat_interleave")
+    shared = shared_prefix_length(model, ids, mask) if can_share else 0
     if shared:
         out, mask, position_ids, routing = _prefill_with_shared_prefix(model, ids, mask, pixels, shared, output_routing)
     else:
