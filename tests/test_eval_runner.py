@@ -77,7 +77,11 @@ def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
     full = tmp_path / "full"
     assert main(["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(full),
                  "--batch-size", "3", "--max-new-tokens", "4", "--no-share-prefix"]) == 0
-    assert [json.loads(l) for l in (full / "predictions.jsonl").read_text().splitlines()] == preds
+    reference = [json.loads(l) for l in (full / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["id"], p["prediction"], p["routing"]) for p in reference] == [(p["id"], p["prediction"], p["routing"])
+                                                                               for p in preds]
+    assert [p.get("choice_logprobs") == pytest.approx(q.get("choice_logprobs"), abs=1e-4)
+            if "choice_logprobs" in q else "choice_logprobs" not in p for p, q in zip(reference, preds)] == [True] * 8
     assert "--no-share-prefix" in json.loads((full / "metrics.json").read_text())["run"]["command"]
 
 

@@ -177,7 +177,7 @@ def _prompt_valid_mask(processor, items: list[EvalItem], input_ids: torch.Tensor
     return valid
 
 
-def choice_scores(model, processor, items: list[EvalItem]) -> dict[str, torch.Tensor]:
+def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
     """Log-likelihood of each choice, by item id, for the items that have choices: one forward pass
     per set of choices in the batch."""
     from .classification import choice_logprobs_batch
@@ -189,7 +189,7 @@ def choice_scores(model, processor, items: list[EvalItem]) -> dict[str, torch.Te
     scores = {}
     for choices, group in groups.items():
         values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
-                                       list(choices))
+                                       list(choices), share_prefix=share_prefix)
         scores.update((item.gt.id, row) for item, row in zip(group, values))
     return scores
 
@@ -206,7 +206,7 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
     if want_routing and out.prompt_routing:
         valid = _prompt_valid_mask(processor, items, out.input_ids)
         counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
-    scores = choice_scores(model, processor, items)
+    scores = choice_scores(model, processor, items, settings.share_prefix)
     rows = []
     for item, text, reason, routing in zip(items, out.texts, out.finish_reasons, counts):
         row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,

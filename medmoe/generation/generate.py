@@ -87,7 +87,8 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
     can_share = cfg.use_cache and cfg.share_prefix and hasattr(DynamicCache, "batch_repeat_interleave")
     shared = shared_prefix_length(model, ids, mask) if can_share else 0
     if shared:
-        out, mask, position_ids, routing = _prefill_with_shared_prefix(model, ids, mask, pixels, shared, output_routing)
+        out, mask, position_ids, routing = prefill_shared_prefix(model, ids, mask, shared, pixels,
+                                                                 output_routing=output_routing)
     else:
         # logits_to_keep=1: only the last position's logits are needed; the prompt's would cost a fifth
         # of the prefill's work for a 135M model (the output layer of a 49K vocabulary at every position).
@@ -134,11 +135,15 @@ def shared_prefix_length(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def _prefill_with_shared_prefix(model, ids, mask, pixels, shared: int, output_routing: bool):
-    """The prompt prefill with the rows' common first `shared` tokens run once and their KV cache
-    repeated for every row. Rows are laid out [shared prefix][padding][own tokens] (positions
-    count real tokens only, so every token keeps its position); routing records come back in the
-    batch's own left-padded layout. Returns (output, attention mask, position ids, routing)."""
+def prefill_shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, shared: int,
+                          pixel_values: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None,
+                          output_routing: bool = False, logits_to_keep: int = 1):
+    """The prompt prefill of a left-padded batch with the rows' common first `shared` tokens
+    (`shared_prefix_length`) run once and their KV cache repeated for every row. Rows are laid out
+    [shared prefix][padding][own tokens] (positions count real tokens only, so every token keeps its
+    position); the last `logits_to_keep` positions are each row's last ones, as before, and routing
+    records come back in the batch's own layout. Images: `pixel_values` or encoded `image_tokens`.
+    Returns (output, attention mask, position ids of the own tokens, routing)."""
     b, s = ids.shape
     pads = s - mask.sum(-1)  # per row
     cache = DynamicCache()
@@ -151,9 +156,9 @@ def _prefill_with_shared_prefix(model, ids, mask, pixels, shared: int, output_ro
     own_ids = torch.where(own_mask.bool(), ids[:, shared:], ids[:, :1])  # padding: no image tokens
     full_mask = torch.cat([mask.new_ones(b, shared), own_mask], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=own_ids, attention_mask=full_mask, pixel_values=pixels,
-                position_ids=positions[:, shared:], cache=cache, use_cache=True,
-                output_routing=output_routing, logits_to_keep=1)
+    out = model(inputs_embeds=model.embed_inputs(own_ids, pixel_values, image_tokens=image_tokens),
+                attention_mask=full_mask, position_ids=positions[:, shared:], cache=cache, use_cache=True,
+                output_routing=output_routing, logits_to_keep=logits_to_keep)
     routing = None
     if output_routing:
         # Column c of the batch's layout: padding (c < pad) sits at c + shared in ours, the shared
