@@ -84,8 +84,7 @@ def generate_tokens(model, batch: dict, cfg: SamplingConfig, eos: set[int], outp
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    can_share = cfg.use_cache and cfg.share_prefix and hasattr(DynamicCache, "batch_repeat_interleave")
-    shared = shared_prefix_length(model, ids, mask) if can_share else 0
+    shared = shared_prefix_length(model, ids, mask) if cfg.use_cache and cfg.share_prefix else 0
     if shared:
         out, mask, position_ids, routing = prefill_shared_prefix(model, ids, mask, shared, pixels,
                                                                  output_routing=output_routing)
@@ -124,6 +123,8 @@ def shared_prefix_length(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
     b, s = ids.shape
     if b < 2 or any(block.cfg.routing != "token" for block in getattr(model, "moe_blocks", [])):
         return 0
+    if not hasattr(DynamicCache, "batch_repeat_interleave"):
+        return 0  # the cache cannot repeat its rows
     lengths = mask.sum(-1)
     starts = s - lengths
     if not torch.equal(mask.bool(), torch.arange(s, device=ids.device)[None] >= starts[:, None]):
