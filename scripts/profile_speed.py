@@ -1,0 +1,129 @@
+"""Kernel-time profiles behind docs/speed.md's "where the time goes" (torch.profiler, one CUDA GPU).
+
+    python scripts/profile_speed.py moe      # one Phi-2-size MoE layer: 16K tokens fwd+bwd, ours and floor
+    python scripts/profile_speed.py train    # one phase-3 training step at Phi-2 size, checkpointing on
+    python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
+    python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
+
+Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from medmoe.bench import moe_layer
+from medmoe.bench import train as train_bench
+from medmoe.bench.models import image_prompt, phi2_medmoe
+from medmoe.bench.timing import median_ms
+
+DEVICE = torch.device("cuda")
+
+
+def table(prof, rows: int = 40) -> str:
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=100)
+
+
+def moe() -> None:
+    block, second = moe_layer.build_layer(DEVICE, torch.bfloat16)
+    fns = moe_layer.paths(block, second)
+    params = [p for p in list(block.parameters()) + list(second.parameters()) if p.requires_grad]
+    x = torch.randn(16384, 2560, device=DEVICE, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    for name in ("ours", "floor"):
+        def step(fn=fns[name]):
+            for p in params:
+                p.grad = None
+            fn(x.detach().requires_grad_()).backward(grad)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"==== {name}: 3 x fwd+bwd at 16,384 tokens\n{table(prof, 25)}")
+
+
+def train() -> None:
+    model = phi2_medmoe(DEVICE)
+    model.train()
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(train_bench.phase3_parameters(model), lr=1e-5, fused=True)
+    ids, mask, pixels = image_prompt(model, 16, 64, DEVICE, seed=1)
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - 64] = -100
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_logits=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"==== one training step, batch 16 x 640\n{table(prof)}")
+
+
+def decode() -> None:
+    import medmoe.generation.fast_decode as fast
+
+    model = phi2_medmoe(DEVICE)
+    ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
+    fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
+
+    class Eager:  # replay = run the compiled step, so every kernel shows in the profile
+        def __init__(self, step):
+            self.replay = step
+
+    fast._capture = Eager
+    fast.decode(model, ids, mask, pixels, max_new_tokens=8, compile=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast.decode(model, ids, mask, pixels, max_new_tokens=101, compile=True)
+        torch.cuda.synchronize()
+    print(f"==== prefill + 100 compiled decode steps, batch 1\n{table(prof, 45)}")
+
+
+def matvec() -> None:
+    from medmoe.moe import kernels
+
+    def graphed(fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    for k, n in ((2560, 10240), (10240, 2560)):
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(4, k, n, device=DEVICE, dtype=torch.bfloat16) * 0.02
+        dense = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+        expert = torch.tensor([2], device=DEVICE)
+        offs = torch.tensor([0, 0, 1, 1], device=DEVICE, dtype=torch.int32)
+        timings = {
+            "cuBLAS on a dense weight": lambda: F.linear(x, dense),
+            "_grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
+            "expert_matvec": lambda: kernels.expert_matvec(x, w, expert),
+        }
+        for name, fn in timings.items():
+            print(f"K {k} N {n}, in a CUDA graph: {name} {median_ms(graphed(fn), DEVICE) * 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    sections = {"moe": moe, "train": train, "decode": decode, "matvec": matvec}
+    for name in sys.argv[1:] or sections:
+        sections[name]()
