@@ -103,3 +103,19 @@ def test_phase2_needs_phase1(tmp_path):
 
     with pytest.raises(CheckpointError, match="--phase 1"):
         run_phase(load_recipe("tiny", [f"output_dir={tmp_path}"]), "2")
+
+
+def test_a_source_can_repeat_its_records():
+    from medmoe.errors import DataError
+    from medmoe.training.data import load_records, split_repeat
+
+    once = load_records(["sample"])
+    thrice = load_records(["sample*3"])
+    assert [r.id for r in thrice] == [r.id for r in once] * 3
+    captions = load_records(["captions:sample*2"])
+    assert len(captions) == 2 * len(load_records(["captions:sample"]))
+    assert split_repeat("data/vqa-rad") == ("data/vqa-rad", 1)
+    assert split_repeat("data/vqa-rad*12") == ("data/vqa-rad", 12)
+    for bad in ("sample*0", "sample*two", "sample*1.5"):
+        with pytest.raises(DataError, match="repeat"):
+            load_records([bad])

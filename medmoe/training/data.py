@@ -3,12 +3,15 @@
 - a prepared dataset folder (`medmoe data prepare ...` output: {split}.jsonl + dataset.json),
 - a records file (.jsonl canonical records, or .json in the LLaVA format),
 - "captions:<source>": one caption per image of <source>, built from its metadata (phase 1).
+Any of them may end in "*N" (a whole number) to repeat its records N times per epoch, so that a
+small set is not drowned by a large one: ["data/vqa-rad*3", "data/pathvqa"].
 The encoding itself (templates, image tokens, truncation) is the data layer's `VQADataset`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 from ..config import IMAGE_TOKEN
@@ -46,15 +49,29 @@ def _source_records(source: str, split: str) -> list:
                     "(medmoe data prepare ...), a records .jsonl file, or captions:<one of those>")
 
 
+def split_repeat(source: str) -> tuple[str, int]:
+    """"data/vqa-rad*3" -> ("data/vqa-rad", 3); a source without "*N" repeats once."""
+    match = re.fullmatch(r"(.+)\*(\d+)", source)
+    if match is None:
+        if "*" in source and not os.path.exists(source):
+            raise DataError(f"data source {source!r}: a repeat is a whole number after '*', e.g. 'data/vqa-rad*3'")
+        return source, 1
+    if int(match.group(2)) < 1:
+        raise DataError(f"data source {source!r}: the repeat count must be at least 1")
+    return match.group(1), int(match.group(2))
+
+
 def load_records(sources: Sequence[str], split: str = "train") -> list:
     out = []
-    for source in sources:
+    for entry in sources:
+        source, repeat = split_repeat(entry)
         if source.startswith("captions:"):
             from ..data.captions import build_captions
 
-            out.extend(build_captions(_source_records(source.split(":", 1)[1], split), image_root="/"))
+            records = build_captions(_source_records(source.split(":", 1)[1], split), image_root="/")
         else:
-            out.extend(_source_records(source, split))
+            records = _source_records(source, split)
+        out.extend(list(records) * repeat)
     if not out:
         raise DataError(f"data sources {list(sources)} hold no {split} records")
     return out

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from . import distributed, params
 from .checkpoint import list_checkpoints
-from .data import Collate, build_dataset, load_records
+from .data import Collate, build_dataset, load_records, split_repeat
 from .recipe import PHASES, Recipe
 from .router import ROUTER_FILE, load_router_weights, run_router_phase
 from .trainer import train
@@ -120,7 +120,8 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     if phase == "router":
         cfg = recipe.router
         model.to(dist.device)
-        records = load_records(cfg.data, "train")
+        # Repeats ("data/vqa-rad*3") would put copies of one sample on both sides of the held-out split.
+        records = load_records([split_repeat(source)[0] for source in cfg.data], "train")
         layers = MoEConfig(**{**recipe.phase3.moe, "enabled": True}).layer_indices(model.config.num_hidden_layers)
         metrics = run_router_phase(model, processor, records, cfg, run_dir, layers, seed=recipe.seed) if dist.is_main else {}
         distributed.barrier(dist)
