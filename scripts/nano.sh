@@ -6,10 +6,12 @@
 # DATA_SRC holds the datasets as their authors ship them (vqa-rad/, slake/, pathvqa/,
 # pneumoniamnist/: the layout of ../shared/data). Stages, in order (default: all but ablations):
 #   prepare    medmoe data prepare for the four datasets (PathVQA: 10% of its images held out)
-#   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable)
+#   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable); or in two stages:
+#              base (phases 1, 2 and the router) then moe (phase 3), so that ablations can start
+#              beside phase 3 once the base is there (several runs share a GPU that nano leaves idle)
 #   export     medmoe export: the compact bf16 delta that ships in medmoe/assets/nano
 #   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
-#              on every test split (eval-medmoe: the exported model only)
+#              on every test split (eval-dense, eval-medmoe: one of the two)
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
@@ -74,9 +76,14 @@ for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
     train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
+    base) for phase in 1 2 router; do
+            $MEDMOE train --recipe nano --phase $phase --resume output_dir=runs/nano ${TRAIN_ARGS:-}
+          done ;;
+    moe) $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
     eval)
       evaluate runs/nano/phase2/model evals/dense
       evaluate export/nano evals/medmoe ;;
+    eval-dense) evaluate runs/nano/phase2/model evals/dense ;;
     eval-medmoe) evaluate export/nano evals/medmoe ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
