@@ -293,6 +293,24 @@ def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, before)
 
 
+def test_delta_keeps_a_changed_image_size(tmp_path):
+    from medmoe.model.presets import preset
+    from medmoe.model.pretrained import load_model, save_delta
+
+    config = preset("tiny")
+    config.vision = {**config.vision, "image_size": 64}
+    model, processor = build_model("tiny", config=config)
+    with torch.no_grad():
+        model.projector.apply(lambda m: [p.normal_(0, 0.1) for p in m.parameters(recurse=False)])
+    batch = processor(["what is this?"], [image()])
+    assert batch["pixel_values"].shape[-1] == 64
+    before = model(**batch).logits
+    save_delta(model, processor, str(tmp_path), base="tiny")
+    loaded, loaded_processor = load_model(str(tmp_path))
+    assert loaded_processor.num_image_tokens == processor.num_image_tokens == 64
+    torch.testing.assert_close(loaded(**loaded_processor(["what is this?"], [image()])).logits, before)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
 def test_training_loss_without_full_logits_equals_the_plain_loss(name):
     from medmoe.data.templates import Turn

@@ -119,3 +119,20 @@ def test_a_source_can_repeat_its_records():
     for bad in ("sample*0", "sample*two", "sample*1.5"):
         with pytest.raises(DataError, match="repeat"):
             load_records([bad])
+
+
+def test_recipe_vision_changes_the_presets_tower(tmp_path):
+    from medmoe.training.phases import load_model, run_phase
+
+    quick = [f"output_dir={tmp_path}", "phase1.max_steps=1", "phase1.batch_size=2", "vision.image_size=64"]
+    with one_thread():
+        run_phase(load_recipe("tiny", quick), "1")
+    model, processor = load_model(str(tmp_path / "phase1" / "model"))
+    assert model.config.vision["image_size"] == 64
+    assert model.config.vision["num_tokens"] == (64 // 8) ** 2  # the tiny tower: one 8-px patch per token
+    assert processor.num_image_tokens == 64
+    with pytest.raises(ConfigError, match="unknown key vision.size"):
+        load_recipe("tiny", ["vision.size=64"])
+    with pytest.raises(ConfigError, match="trained model folder"):
+        run_phase(load_recipe("tiny", [f"output_dir={tmp_path}/again", f"model={tmp_path}/phase1/model",
+                                       "vision.image_size=32"]), "1")

@@ -122,7 +122,9 @@ def _base_key(key: str) -> str:
 def structured_base(config: MedMoEConfig) -> tuple[MedMoEForCausalLM, MedMoEProcessor, set[str]]:
     """The pretrained base of `config.base_model` with `config`'s LoRA adapters and MoE blocks added,
     and the names of the base's own (pretrained) tensors."""
-    model, processor = build_model(config.base_model, pretrained=True)
+    base_config = preset(config.base_model)
+    base_config.vision = dict(config.vision)  # the same tower, with the delta's settings (e.g. a larger image_size)
+    model, processor = build_model(config.base_model, pretrained=True, config=base_config)
     base_keys = set(model.state_dict())
     processor.template = config.chat_template
     if config.llm_lora:

@@ -48,10 +48,17 @@ def starting_model(recipe: Recipe, phase: str):
     phases from the previous phase's output."""
     if phase == "1":
         if os.path.isfile(os.path.join(recipe.model, "config.json")):  # a model folder, else a preset name
+            if recipe.vision:
+                raise ConfigError(f"recipe key vision changes a preset's tower; {recipe.model} is a trained model "
+                                  "folder whose tower is already built: remove vision from the recipe")
             return load_model(recipe.model)
+        from ..model.presets import preset
         from ..model.pretrained import build_model
 
-        return build_model(recipe.model, pretrained=recipe.pretrained, seed=recipe.seed)
+        config = preset(recipe.model)
+        config.vision = {**config.vision, **recipe.vision}
+        config.vision_config  # checks the merged values (ConfigError naming the field)
+        return build_model(recipe.model, pretrained=recipe.pretrained, config=config, seed=recipe.seed)
     source = os.path.join(recipe.output_dir, PREVIOUS[phase], "model")
     if not os.path.isfile(os.path.join(source, "config.json")):
         before = PREVIOUS[phase].replace("phase", "")

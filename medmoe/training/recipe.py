@@ -87,6 +87,10 @@ class Phase3Recipe(PhaseRecipe):
 class Recipe:
     model: str = "tiny"  # a preset name (tiny, nano, phi2, stablelm) or a model folder
     pretrained: bool = True
+    # Changes to a preset's vision config (VisionConfig fields), e.g. {"image_size": 448}: nano's
+    # tower then gives 14 x 14 = 196 image tokens instead of 7 x 7. Set in phase 1; later phases
+    # and the saved model carry it.
+    vision: dict = field(default_factory=dict)
     output_dir: str = "runs/tiny"
     seed: int = 0
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
@@ -119,8 +123,12 @@ class Recipe:
             raise ConfigError("phase3.router_init=random needs phase3.train_router=true (a random router must learn)")
         if self.phase3.trainable not in ("experts", "official"):
             raise ConfigError(f"phase3.trainable={self.phase3.trainable!r}: use 'experts' or 'official'")
-        from ..config import MoEConfig
+        from ..config import MoEConfig, VisionConfig
 
+        vision_keys = [f.name for f in dataclasses.fields(VisionConfig)]
+        unknown = sorted(set(self.vision) - set(vision_keys))
+        if unknown:
+            raise ConfigError(f"unknown key vision.{unknown[0]}; valid keys: {', '.join('vision.' + v for v in vision_keys)}")
         valid = [f.name for f in dataclasses.fields(MoEConfig)]
         unknown = sorted(set(self.phase3.moe) - set(valid))
         if unknown:
