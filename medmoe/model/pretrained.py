@@ -123,7 +123,9 @@ def structured_base(config: MedMoEConfig) -> tuple[MedMoEForCausalLM, MedMoEProc
     """The pretrained base of `config.base_model` with `config`'s LoRA adapters and MoE blocks added,
     and the names of the base's own (pretrained) tensors."""
     base_config = preset(config.base_model)
-    base_config.vision = dict(config.vision)  # the same tower, with the delta's settings (e.g. a larger image_size)
+    # The base's own tower (which weights), with the delta's settings (e.g. a larger image_size).
+    same_tower = {key: base_config.vision[key] for key in ("kind", "name_or_path", "model_config")}
+    base_config.vision = {**config.vision, **same_tower}
     model, processor = build_model(config.base_model, pretrained=True, config=base_config)
     base_keys = set(model.state_dict())
     processor.template = config.chat_template
