@@ -1,0 +1,59 @@
+"""The GPU-run scripts behind docs/RESULTS.md, dry: nano.sh's stages print the medmoe commands they
+would run (MEDMOE="echo medmoe"), and downscale_images.py shrinks only what is too large."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nano_sh(tmp_path, *stages, train_args=""):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    env = {**os.environ, "MEDMOE": "echo medmoe", "TRAIN_ARGS": train_args}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "nano.sh"), str(tmp_path / "data"), str(tmp_path / "work"), *stages],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_base_and_moe_stages_split_training_at_phase_3(tmp_path):
+    lines = nano_sh(tmp_path, "base", "moe", train_args="vision.image_size=448")
+    phases = [line.split("--phase ")[1].split()[0] for line in lines]
+    assert phases == ["1", "2", "router", "3"]
+    assert all("output_dir=runs/nano" in line and line.endswith("vision.image_size=448") for line in lines)
+
+
+def test_an_ablation_trains_phase_3_from_the_main_runs_phase_2(tmp_path):
+    lines = nano_sh(tmp_path, "pooled")
+    assert lines[0].startswith("medmoe train --recipe nano --phase 3 --resume output_dir=runs/pooled")
+    assert lines[0].endswith("phase3.moe.routing=pooled")
+    assert os.readlink(tmp_path / "work" / "runs" / "pooled" / "phase2") == str(tmp_path / "work" / "runs" / "nano" / "phase2")
+    evals = [line for line in lines[1:] if line.startswith("medmoe eval --model runs/pooled/phase3/model")]
+    assert len(evals) == 4  # VQA-RAD, SLAKE, PathVQA held out, PneumoniaMNIST
+
+
+def test_eval_dense_evaluates_the_phase_2_model_only(tmp_path):
+    lines = nano_sh(tmp_path, "eval-dense")
+    assert len(lines) == 4 and all("--model runs/nano/phase2/model" in line for line in lines)
+    with pytest.raises(subprocess.CalledProcessError):
+        nano_sh(tmp_path, "no-such-stage")
+
+
+def test_downscale_images_keeps_small_images_and_shrinks_large_ones(tmp_path):
+    src = tmp_path / "src" / "vqa-rad"
+    src.mkdir(parents=True)
+    Image.new("RGB", (900, 600)).save(src / "big.jpg")
+    Image.new("RGB", (200, 100)).save(src / "small.png")
+    (src / "notes.txt").write_text("kept")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "downscale_images.py"), str(tmp_path / "src"),
+                    str(tmp_path / "dst"), "448"], check=True, capture_output=True)
+    dst = tmp_path / "dst" / "vqa-rad"
+    assert Image.open(dst / "big.jpg").size == (448, 299)
+    assert Image.open(dst / "small.png").size == (200, 100)
+    assert (dst / "notes.txt").read_text() == "kept"
