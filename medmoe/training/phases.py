@@ -84,7 +84,7 @@ def save_model(model, wrapped, processor, path: str, dist) -> None:
         processor.save_pretrained(path)
 
 
-def _check_fresh(run_dir: str, resume: bool) -> None:
+def check_fresh(run_dir: str, resume: bool) -> None:
     if not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
                           "or choose another output_dir (override output_dir=...)")
@@ -135,7 +135,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
         return {"phase": "router", "dir": run_dir, "metrics": metrics}
 
     cfg = getattr(recipe, f"phase{phase}")
-    _check_fresh(run_dir, resume)
+    check_fresh(run_dir, resume)
     if phase == "2" and cfg.llm_lora and not model.config.llm_lora:
         lora = cfg.llm_lora
         model.add_llm_lora(int(lora["rank"]), float(lora.get("alpha", 2 * int(lora["rank"]))),

@@ -195,6 +195,18 @@ def recipe_from_dict(data: dict) -> Recipe:
     return _build(Recipe, data)
 
 
+def phase_recipe(values: dict, overrides: list[str] | None = None) -> PhaseRecipe:
+    """One phase's settings (`medmoe finetune`): PhaseRecipe defaults, then `values`, then
+    `key=value` overrides of its fields (lr=1e-4 grad_accum=4), type-checked like a recipe."""
+    data = {**dataclasses.asdict(PhaseRecipe()), **values}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if len(keys) != 1:
+            raise ConfigError(f"override {text!r}: fine-tuning settings are flat keys, e.g. lr=1e-4")
+        data[keys[0]] = value
+    return _build(PhaseRecipe, data)
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """'phase2.lr=1e-4' -> (['phase2', 'lr'], 1e-4). Values are JSON, else plain strings."""
     if "=" not in text:

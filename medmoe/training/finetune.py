@@ -1,0 +1,56 @@
+"""Fine-tuning a trained model on new data: the paper's last step (it fine-tunes Med-MoE on each
+benchmark's train split before testing), and how a user adapts the bundled Med-MoE-Nano to their
+own questions. A Med-MoE model trains what phase 3 trains (the experts and the meta expert, the
+router too with `train_router`); a dense model what phase 2 trains. The loop, its checkpoints and
+`resume` are those of `medmoe train`.
+
+    summary = finetune("nano", PhaseRecipe(data=["data/vqa-rad"], epochs=2, lr=2e-4), "runs/ft")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..errors import ConfigError
+from . import distributed, params
+from .data import Collate, build_dataset
+from .phases import check_fresh, load_model, save_model
+from .recipe import PhaseRecipe
+from .trainer import train
+
+
+def finetune_groups(model, train_router: bool = False):
+    """What fine-tuning trains: phase 3's groups for Med-MoE, phase 2's for a dense model."""
+    if model.is_moe:
+        return params.phase3_groups(model, "experts", train_meta=True, train_router=train_router)
+    if train_router:
+        raise ConfigError("--train-router: this model is dense (no router); fine-tuning trains what phase 2 trained")
+    return params.phase2_groups(model)
+
+
+def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = False, train_router: bool = False,
+             seed: int = 0) -> dict:
+    """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
+    `out_dir/model`, checkpoints and the loss curve to `out_dir`."""
+    dist = distributed.setup()
+    torch.manual_seed(seed)
+    check_fresh(out_dir, resume)
+    model, processor = load_model(model_path)
+    groups = params.select(model, finetune_groups(model, train_router))
+    dataset = build_dataset(phase.data, processor, phase.template, phase.max_length)
+    wrapped = distributed.wrap(model, dist, "ddp")
+    settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
+                             "phase": {k: v for k, v in vars(phase).items()}}}
+    summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
+                    collate_fn=Collate(processor), recipe=settings, title="fine-tune")
+    out = os.path.join(out_dir, "model")
+    save_model(model, wrapped, processor, out, dist)
+    if dist.is_main:
+        summary["trainable"] = {name: sum(p.numel() for p in g.values()) for name, g in groups.items()}
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({**settings, **summary}, f, indent=2)
+    summary.update(dir=out_dir, model_dir=out)
+    return summary
