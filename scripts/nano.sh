@@ -15,6 +15,8 @@
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
+#   finetune   the paper's last step: the exported model fine-tuned on each VQA train split alone
+#              (FT_EPOCHS, default 3) and evaluated on that dataset's test split
 #   per-layer-router  (not in ablations) one router per MoE layer, trained on that layer's FFN inputs
 #   per-layer-sample  (after per-layer-router) those routers with per-sample routing
 #   pooled     (not in ablations) per-sample routing from the router's own training feature
@@ -72,6 +74,16 @@ ablation_per-layer-sample() {  # the per-layer routers above, each choosing one 
   evaluate runs/per-layer-sample/phase3/model evals/per-layer-sample
 }
 
+finetune_each() {  # per benchmark, from the exported model (the paper fine-tunes on each train split)
+  local ds split
+  for ds in vqa-rad:test slake:test pathvqa:heldout; do
+    split=${ds#*:}; ds=${ds%%:*}
+    $MEDMOE finetune --model export/nano --data "data/$ds" --out "runs/ft-$ds" --epochs "${FT_EPOCHS:-3}" \
+      --batch-size 64 --resume
+    $MEDMOE eval --model "runs/ft-$ds/model" --data "data/$ds" --split "$split" --out "evals/ft-$ds" $EVAL_ARGS
+  done
+}
+
 for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
@@ -85,6 +97,7 @@ for stage in $STAGES; do
       evaluate export/nano evals/medmoe ;;
     eval-dense) evaluate runs/nano/phase2/model evals/dense ;;
     eval-medmoe) evaluate export/nano evals/medmoe ;;
+    finetune) finetune_each ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;
     no-meta|plain-router|per-sample|full-experts|per-layer-router|per-layer-sample|pooled) "ablation_$stage" ;;

@@ -57,3 +57,12 @@ def test_downscale_images_keeps_small_images_and_shrinks_large_ones(tmp_path):
     assert Image.open(dst / "big.jpg").size == (448, 299)
     assert Image.open(dst / "small.png").size == (200, 100)
     assert (dst / "notes.txt").read_text() == "kept"
+
+
+def test_finetune_stage_tunes_and_tests_each_benchmark_alone(tmp_path):
+    lines = nano_sh(tmp_path, "finetune")
+    tunes = [line for line in lines if line.startswith("medmoe finetune --model export/nano")]
+    evals = [line for line in lines if line.startswith("medmoe eval")]
+    assert [t.split("--data ")[1].split()[0] for t in tunes] == ["data/vqa-rad", "data/slake", "data/pathvqa"]
+    assert [e.split("--split ")[1].split()[0] for e in evals] == ["test", "test", "heldout"]
+    assert all("--model runs/ft-" in e for e in evals)
