@@ -9,7 +9,7 @@ router too with `train_router`); a dense model what phase 2 trains. The loop, it
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError
 from . import distributed, params
 from .data import Collate, build_dataset
-from .phases import check_fresh, load_model, save_model
+from .phases import check_fresh, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
 from .trainer import train
 
@@ -43,14 +43,12 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     dataset = build_dataset(phase.data, processor, phase.template, phase.max_length)
     wrapped = distributed.wrap(model, dist, "ddp")
     settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
-                             "phase": {k: v for k, v in vars(phase).items()}}}
+                             "phase": dataclasses.asdict(phase)}}
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune")
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        summary["trainable"] = {name: sum(p.numel() for p in g.values()) for name, g in groups.items()}
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump({**settings, **summary}, f, indent=2)
+        write_summary(out_dir, summary, groups, settings)
     summary.update(dir=out_dir, model_dir=out)
     return summary

@@ -84,6 +84,13 @@ def save_model(model, wrapped, processor, path: str, dist) -> None:
         processor.save_pretrained(path)
 
 
+def write_summary(run_dir: str, summary: dict, groups, extra: dict | None = None) -> None:
+    """run_dir/summary.json: the loop's summary, the trained parameter counts per group, `extra`."""
+    summary["trainable"] = {name: sum(p.numel() for p in g.values()) for name, g in groups.items()}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({**(extra or {}), **{k: v for k, v in summary.items() if k != "phase"}}, f, indent=2)
+
+
 def check_fresh(run_dir: str, resume: bool) -> None:
     if not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
@@ -150,9 +157,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        summary["trainable"] = {name: sum(p.numel() for p in g.values()) for name, g in groups.items()}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "phase"}, f, indent=2)
+        write_summary(run_dir, summary, groups)
     summary.update(phase=phase, dir=run_dir, model_dir=out)
     return summary
 
