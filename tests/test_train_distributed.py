@@ -41,7 +41,11 @@ SCRIPT = textwrap.dedent("""
     from medmoe.training.phases import save_model
     save_model(model, wrapped, processor, os.path.join(run_dir, "model"), dist)
     print("world", dist.world, "rank", dist.rank)
-    distributed.cleanup(dist)
+    distributed.cleanup()
+    # Skip interpreter finalisation: torch's DTensor caches keep FSDP2's device mesh (and its gloo
+    # threads) alive until then, and tearing those down at exit can abort a finished CPU process.
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..training import distributed
     from ..training.finetune import finetune
     from ..training.recipe import phase_recipe
 
@@ -38,4 +39,5 @@ def run(args) -> int:
     last = result.get("last") or {}
     print(f"fine-tune: {result['steps']} steps, last loss {last.get('loss', float('nan')):.4f}; model in "
           f"{result['model_dir']} (medmoe eval --model {result['model_dir']} ...; medmoe export for a compact delta)")
+    distributed.cleanup()
     return 0

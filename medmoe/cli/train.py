@@ -23,6 +23,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import json
 
+    from ..training import distributed
     from ..training.phases import run_or_skip
     from ..training.recipe import PHASES, load_recipe
 
@@ -42,4 +43,5 @@ def run(args) -> int:
             last = result.get("last") or {}
             print(f"phase {phase}: {result['steps']} steps, last loss {last.get('loss', float('nan')):.4f}; "
                   f"model in {result['model_dir']}, loss curve {result.get('loss_png')}")
+    distributed.cleanup()
     return 0

@@ -90,6 +90,8 @@ def barrier(dist: DistInfo) -> None:
         tdist.barrier()
 
 
-def cleanup(dist: DistInfo) -> None:
-    if dist.enabled and tdist.is_initialized():
+def cleanup() -> None:
+    """End a torchrun process group, all ranks together (a no-op in a single process)."""
+    if tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
