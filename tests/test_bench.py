@@ -21,7 +21,7 @@ def test_train_bench_measures_each_checkpointing_setting():
                 num_key_value_heads=4, vocab_size=256)
     model = models.phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
     results = [train.run(torch.device("cpu"), batch=2, text_tokens=8, steps=1, model=model, checkpoint_every=n,
-                         log=lambda *a: None) for n in (1, 2, 0)]
-    assert [r["checkpoint_every"] for r in results] == [1, 2, 0]
+                         log=lambda *a: None) for n in (1, 2, 0, "selective")]
+    assert [r["checkpoint_every"] for r in results] == [1, 2, 0, "selective"]
     assert all(r["tokens_per_step"] == 2 * (1 + 576 + 7) and r["tokens_per_s"] > 0 for r in results)
     assert results[0]["n_activated"] < sum(p.numel() for p in model.language_model.parameters())

@@ -448,8 +448,8 @@ def test_pooled_routing_trains_experts_and_router_with_checkpointing():
     assert all(block.experts.w_in.grad is not None for block in model.moe_blocks)
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_checkpointing_every_nth_layer_gives_the_same_gradients(tiny, every):
+@pytest.mark.parametrize("every,selective", [(1, False), (2, False), (1, True)])
+def test_checkpointing_every_nth_layer_gives_the_same_gradients(tiny, every, selective):
     from medmoe.data.templates import Turn
     from medmoe.moe import decoder_layers
 
@@ -462,7 +462,7 @@ def test_checkpointing_every_nth_layer_gives_the_same_gradients(tiny, every):
     for checkpointing in (False, True):
         model.zero_grad()
         if checkpointing:
-            model.gradient_checkpointing_enable(every=every)
+            model.gradient_checkpointing_enable(every=every, selective=selective)
         model(**batch).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     flags = [layer.gradient_checkpointing for layer in decoder_layers(model.language_model)]
@@ -471,3 +471,38 @@ def test_checkpointing_every_nth_layer_gives_the_same_gradients(tiny, every):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     model.gradient_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in decoder_layers(model.language_model))
+
+
+def _matmuls_in_backward(model, batch) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+            return func(*args, **(kwargs or {}))
+
+    loss = model(**batch).loss
+    with Count():
+        loss.backward()
+    return Count.n
+
+
+def test_selective_checkpointing_reruns_no_matrix_product_in_backward(tiny):
+    from medmoe.data.templates import Turn
+
+    model, processor = tiny
+    model.upcycle()
+    model.train()
+    batch = processor.pad([processor.encode([Turn(f"<image>\nq{i}", f"answer {i}" * 3)]) for i in range(2)])
+    batch["pixel_values"] = torch.stack([processor.image_tensor(image((60 * i, 90, 30))) for i in range(2)])
+    counts = {}
+    for setting in ("none", "full", "selective"):
+        model.gradient_checkpointing_disable()
+        if setting != "none":
+            model.gradient_checkpointing_enable(selective=setting == "selective")
+        counts[setting] = _matmuls_in_backward(model, batch)
+    # Full checkpointing reruns every layer's forward products; selective keeps their outputs.
+    assert counts["full"] > counts["none"]
+    assert counts["selective"] == counts["none"]

@@ -72,3 +72,6 @@ def test_finetune_settings_are_checked():
         phase_recipe({}, ["learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="grad_accum"):
         phase_recipe({}, ["grad_accum=many"])
+    with pytest.raises(ConfigError, match="grad_checkpointing='often'"):
+        phase_recipe({}, ["grad_checkpointing=often"])
+    assert phase_recipe({}, ["grad_checkpointing=selective"]).grad_checkpointing == "selective"

@@ -28,8 +28,10 @@ def test_overrides_are_typed():
                              "phase1.data=[\"sample\"]", "output_dir=/tmp/x", "phase2.epochs=3"])
     assert r.phase2.lr == 1e-4 and r.phase3.moe["expert_type"] == "lora" and r.phase3.train_router is True
     assert r.phase1.data == ["sample"] and r.output_dir == "/tmp/x" and r.phase2.epochs == 3.0
-    r = load_recipe("tiny", ["phase2.grad_checkpointing=true", "phase3.grad_checkpointing=2"])
+    r = load_recipe("tiny", ["phase2.grad_checkpointing=true", "phase3.grad_checkpointing=2",
+                             "phase1.grad_checkpointing=selective"])
     assert r.phase2.grad_checkpointing is True and r.phase3.grad_checkpointing == 2
+    assert r.phase1.grad_checkpointing == "selective"
 
 
 @pytest.mark.parametrize("override,message", [

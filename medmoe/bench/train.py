@@ -2,7 +2,8 @@
 
 Phase 3 trains the experts and the meta expert of every MoE layer (the paper's set); the rest is
 frozen. Activations are recomputed in backward in every layer (`checkpoint_every=1`), or in every
-n-th layer only: less recomputation for more memory. Model FLOPs count only work an ideal implementation must do, no recomputation:
+n-th layer only: less recomputation for more memory; `"selective"` checkpoints every layer but keeps
+the matrix products' outputs, recomputing only the cheap ops (model/recompute.py). Model FLOPs count only work an ideal implementation must do, no recomputation:
 forward 2 N_act + 4 L d S per token (S = sequence length, attention scores and values),
 backward 2 N_act + 8 L d S (gradients of activations) + 2 N_train_act (gradients of trained weights),
 where N_act counts activated parameters (one expert + meta per MoE layer at top-1) and
@@ -47,12 +48,14 @@ def activated_params(model) -> tuple[int, int]:
 
 
 def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int = 4, model=None,
-        checkpoint_every: int = 1, log=print) -> dict:
-    """One measurement; `checkpoint_every`: recompute every n-th layer's activations (1: all; 0: none)."""
+        checkpoint_every: int | str = 1, log=print) -> dict:
+    """One measurement; `checkpoint_every`: recompute every n-th layer's activations (1: all; 0: none;
+    "selective": all layers, matrix products kept)."""
     model = model or phi2_medmoe(device)
     model.train()
+    selective = checkpoint_every == "selective"
     if checkpoint_every:
-        model.gradient_checkpointing_enable(every=checkpoint_every)
+        model.gradient_checkpointing_enable(every=1 if selective else int(checkpoint_every), selective=selective)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained = phase3_parameters(model)
@@ -94,7 +97,8 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
         "peak_tflops_used": HOPPER_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    setting = f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing"
+    setting = ("selective checkpointing" if selective else
+               f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing")
     log(f"train ({setting}): {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
         f"(6N convention {100 * result['mfu_conventional_6n']:.1f}%)")
     model.gradient_checkpointing_disable()

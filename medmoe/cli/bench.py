@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
-                   help="train: recompute activations in every n-th layer; a comma list measures each (0: none)")
+                   help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
+                        "selective: every layer, matrix products kept)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, help="cpu: an image file for the prompt (default: a grey square)")
     p.set_defaults(func=run)
@@ -44,6 +45,10 @@ def run(args) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"--what {args.what}: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    checkpointing = [n.strip() for n in args.checkpoint_every.split(",")]
+    if not all(n == "selective" or n.isdigit() for n in checkpointing):
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none) or 'selective', "
+                          "comma-separated, e.g. 1,2,0,selective")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"device": device_name(device), "torch": torch.__version__}
     model = None
@@ -71,8 +76,8 @@ def run(args) -> int:
                                                   compile=args.compile,
                                                   baselines=not args.no_baselines)
                 else:
-                    report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=int(n))
-                                       for n in args.checkpoint_every.split(",")]
+                    report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n if n == "selective" else int(n))
+                                       for n in checkpointing]
             else:
                 from ..bench import cpu
 

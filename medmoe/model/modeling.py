@@ -25,6 +25,7 @@ from ..moe.experts import use_fused_activations
 from ..moe.router import router_feature
 from ..projector import build_projector
 from ..vision import build_vision_tower
+from .recompute import checkpoint_kwargs
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -255,15 +256,19 @@ class MedMoEForCausalLM(PreTrainedModel):
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every: int = 1):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every: int = 1,
+                                      selective: bool = False):
         """Recompute the LM's layer activations in backward, in every `every`-th decoder layer
         (1: all of them; 2: every other one, which recomputes half as much and keeps more
-        activations). transformers 5.24 renamed this "activation checkpointing"; either name works."""
+        activations). `selective`: keep the matrix products' and attention's outputs and recompute
+        only the cheap ops between them (model/recompute.py). transformers 5.24 renamed this
+        "activation checkpointing"; either name works."""
         lm = self.language_model
+        kwargs = {**checkpoint_kwargs(selective), **(gradient_checkpointing_kwargs or {})}
         if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if every > 1:
             for i, layer in enumerate(decoder_layers(lm)):
                 layer.gradient_checkpointing = i % every == 0

@@ -40,7 +40,9 @@ class PhaseRecipe:
     grad_clip: float = 1.0  # 0: no clipping
     max_length: int = 2048  # longer samples are truncated
     max_samples: int = 0  # >0: use only the first N samples (quick runs)
-    grad_checkpointing: bool | int = False  # true: every layer; n: every n-th layer (less recompute)
+    # true: every layer; n: every n-th layer (less recompute); "selective": every layer, keeping the
+    # matrix products' outputs (almost no recompute, still frees the wide elementwise activations)
+    grad_checkpointing: bool | int | str = False
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     log_every: int = 10
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)
@@ -107,9 +109,7 @@ class Recipe:
             for key in ("batch_size", "grad_accum", "keep_last"):
                 if getattr(p, key) < 1:
                     raise ConfigError(f"{name}.{key}={getattr(p, key)}: must be at least 1")
-            if p.grad_checkpointing < 0:
-                raise ConfigError(f"{name}.grad_checkpointing={p.grad_checkpointing}: must be at least 0 "
-                                  "(false/0: off, true/1: every layer, n: every n-th layer)")
+            _check_checkpointing(f"{name}.grad_checkpointing", p.grad_checkpointing)
             if p.template not in ("medmoe", "plain", "chat"):
                 raise ConfigError(f"{name}.template={p.template!r}: use 'medmoe', 'plain' or 'chat'")
         unknown_lora = sorted(set(self.phase2.llm_lora) - {"rank", "alpha", "targets"})
@@ -139,6 +139,14 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_checkpointing(key: str, value) -> None:
+    choices = 'false/0: off, true/1: every layer, n: every n-th layer, "selective": every layer, matrix products kept'
+    if isinstance(value, str) and value != "selective":
+        raise ConfigError(f"{key}={value!r}: use one of {choices}")
+    if not isinstance(value, str) and value < 0:
+        raise ConfigError(f"{key}={value}: must be at least 0 ({choices})")
 
 
 # ----- building from dicts, with clear errors ------------------------------------------------------
@@ -204,7 +212,9 @@ def phase_recipe(values: dict, overrides: list[str] | None = None) -> PhaseRecip
         if len(keys) != 1:
             raise ConfigError(f"override {text!r}: fine-tuning settings are flat keys, e.g. lr=1e-4")
         data[keys[0]] = value
-    return _build(PhaseRecipe, data)
+    phase = _build(PhaseRecipe, data)
+    _check_checkpointing("grad_checkpointing", phase.grad_checkpointing)
+    return phase
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -217,7 +217,8 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
     log = MetricsLog(run_dir, step, dist.is_main)
     if phase.grad_checkpointing:
-        model.gradient_checkpointing_enable(every=int(phase.grad_checkpointing))
+        selective = phase.grad_checkpointing == "selective"
+        model.gradient_checkpointing_enable(every=1 if selective else int(phase.grad_checkpointing), selective=selective)
     model.train()
 
     pad_id = getattr(dataset, "pad_id", 0)
