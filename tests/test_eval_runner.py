@@ -200,3 +200,25 @@ def test_weights_fingerprint_sees_a_retrained_region_of_a_large_file(tmp_path):
     data[7 << 20: 8 << 20] += 1  # one MiB in the middle changed, as training changes whole tensors
     (tmp_path / "model.safetensors").write_bytes(data.tobytes())
     assert weights_fingerprint(tmp_path) != first
+
+
+def test_shuffled_images_control(tmp_path, records, tiny_moe_dir):
+    items = ev.read_eval_items(records, "test")
+    shuffled = ev.shuffle_images(items)
+    assert [i.gt.id for i in shuffled] == [i.gt.id for i in items]  # same questions, same order
+    assert all(a.image != b.image for a, b in zip(items, shuffled))  # no question keeps its image
+    assert {i.image for i in shuffled} == {i.image for i in items}  # the same images, moved
+    assert [i.image for i in ev.shuffle_images(items)] == [i.image for i in shuffled]  # fixed: a rerun resumes
+    with pytest.raises(DataError, match="two different images"):
+        ev.shuffle_images(items[:1])
+
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(out), "--max-new-tokens", "2",
+            "--limit", "2", "--no-routing"]
+    assert main(args) == 0
+    with pytest.raises(DataError, match="another run"):  # a control never mixes into a normal run's folder
+        evaluate(EvalSettings(model=str(tiny_moe_dir), data=str(records), out=str(out), max_new_tokens=2, limit=2,
+                              routing=False, shuffle_images=True))
+    assert main(args[:6] + [str(tmp_path / "control")] + args[7:] + ["--shuffle-images"]) == 0
+    run = json.loads((tmp_path / "control" / "metrics.json").read_text())["run"]
+    assert "--shuffle-images" in run["command"] and "shuffled" in run["images"]

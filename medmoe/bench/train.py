@@ -3,7 +3,8 @@
 Phase 3 trains the experts and the meta expert of every MoE layer (the paper's set); the rest is
 frozen. Activations are recomputed in backward in every layer (`checkpoint_every=1`), or in every
 n-th layer only: less recomputation for more memory; `"selective"` checkpoints every layer but keeps
-the matrix products' outputs, recomputing only the cheap ops (model/recompute.py). Model FLOPs count only work an ideal implementation must do, no recomputation:
+the matrix products' outputs, recomputing only the cheap ops (model/recompute.py).
+Model FLOPs count only work an ideal implementation must do, no recomputation:
 forward 2 N_act + 4 L d S per token (S = sequence length, attention scores and values),
 backward 2 N_act + 8 L d S (gradients of activations) + 2 N_train_act (gradients of trained weights),
 where N_act counts activated parameters (one expert + meta per MoE layer at top-1) and

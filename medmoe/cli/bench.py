@@ -76,7 +76,8 @@ def run(args) -> int:
                                                   compile=args.compile,
                                                   baselines=not args.no_baselines)
                 else:
-                    report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n if n == "selective" else int(n))
+                    report["train"] = [train.run(device, batch=args.train_batch, model=model,
+                                                 checkpoint_every=n if n == "selective" else int(n))
                                        for n in checkpointing]
             else:
                 from ..bench import cpu

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="prefill every question's whole prompt, not the template's common start once per batch "
                         "(the same answers, slower; for checking)")
+    p.add_argument("--shuffle-images", action="store_true",
+                   help="control run: every question gets another question's image (a fixed permutation), to "
+                        "measure how much of the score comes from the question alone")
     p.set_defaults(func=run)
 
 
@@ -36,7 +39,7 @@ def run(args) -> int:
     settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                             limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,
-                            share_prefix=args.share_prefix)
+                            share_prefix=args.share_prefix, shuffle_images=args.shuffle_images)
     metrics = evaluate(settings)
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))

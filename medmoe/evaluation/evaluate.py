@@ -44,6 +44,7 @@ class EvalSettings:
     dtype: str = "auto"
     routing: bool = True
     share_prefix: bool = True  # prefill the prompts' common start once per batch (generation/generate.py)
+    shuffle_images: bool = False  # control run: each question sees another question's image (shuffle_images)
 
     def command(self) -> str:
         import shlex
@@ -58,6 +59,8 @@ class EvalSettings:
             parts.append("--no-routing")
         if not self.share_prefix:
             parts.append("--no-share-prefix")
+        if self.shuffle_images:
+            parts.append("--shuffle-images")
         return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -122,6 +125,23 @@ def read_eval_items(path: Path, split: str | None, limit: int | None = None) -> 
     return items
 
 
+def shuffle_images(items: list[EvalItem], seed: int = 0) -> list[EvalItem]:
+    """A control for how much the answers depend on the image: the split's distinct images
+    permuted so that no image stays with its own questions (a fixed seed, so a rerun resumes the
+    same control). The images keep their modality mix and the questions are unchanged: what a
+    model still gets right here it answers from the question alone."""
+    import random
+
+    images = sorted({i.image for i in items if i.image})
+    if len(images) < 2:
+        raise DataError("--shuffle-images needs questions about at least two different images")
+    shifted = images[:]
+    random.Random(seed).shuffle(shifted)
+    # Sattolo-style: each image goes to the next one of a random cycle, never to itself.
+    swap = {shifted[k]: shifted[(k + 1) % len(shifted)] for k in range(len(shifted))}
+    return [EvalItem(i.gt, swap[i.image], i.choices) if i.image else i for i in items]
+
+
 # ----- resume ------------------------------------------------------------------------------
 def read_done(path: Path) -> dict[str, dict]:
     """Rows already written. A torn last line (the process died mid-write) is dropped."""
@@ -146,10 +166,11 @@ def check_same_run(out: Path, settings: EvalSettings) -> None:
     """Refuse to mix predictions of different models, data or decoding in one folder; "weights"
     tells two versions of one model name apart (e.g. the bundled model after an upgrade)."""
     run_file = out / "run.json"
-    key = {k: v for k, v in asdict(settings).items() if k in ("model", "data", "split", "max_new_tokens")}
+    key = {k: v for k, v in asdict(settings).items() if k in ("model", "data", "split", "max_new_tokens",
+                                                               "shuffle_images")}
     key["weights"] = _weights_of(settings.model)
     if run_file.exists():
-        before = json.loads(run_file.read_text())
+        before = {"shuffle_images": False, **json.loads(run_file.read_text())}  # older run.json lack the key
         diff = {k: (before[k], key[k]) for k in key if k in before and before[k] != key[k]}
         if diff and (out / "predictions.jsonl").exists():
             raise DataError(f"{out} holds predictions of another run ({diff}); use a fresh --out to keep both")
@@ -294,6 +315,8 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data_file = resolve_data_file(settings.data, settings.split)
     items = read_eval_items(data_file, settings.split, settings.limit)
+    if settings.shuffle_images:
+        items = shuffle_images(items)
     check_same_run(out, settings)
     if model is None:
         from ..model.pretrained import load_for_inference
@@ -309,6 +332,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     routing, routing_fig = routing_results(items, rows, layers, out) if settings.routing else (None, {})
     metrics = {
         "run": {"model": settings.model, "data": str(data_file), "split": settings.split, "items": len(items),
+                **({"images": "shuffled among the questions (control)"} if settings.shuffle_images else {}),
                 "max_new_tokens": settings.max_new_tokens, "decoding": "greedy", "batch_size": settings.batch_size,
                 "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                 "this_call": speed, "medmoe": __version__, "command": settings.command()},
