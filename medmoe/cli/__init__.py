@@ -20,6 +20,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to change when a command runs out of memory (nothing finished is lost: see each command).
+OUT_OF_MEMORY_FIX = {
+    "train": "lower phaseN.batch_size (raise phaseN.grad_accum to keep the global batch) or set "
+             "phaseN.grad_checkpointing=selective (or true), then rerun with --resume: finished steps are kept",
+    "finetune": "lower --batch-size (add grad_accum=N to keep the global batch) or add grad_checkpointing=true, "
+                "then rerun with --resume: finished steps are kept",
+    "eval": "lower --batch-size and rerun the same command: finished questions are kept",
+    "serve": "lower --max-batch or --max-prompt-tokens, or use --device cpu",
+    "bench": "lower --train-batch or --tokens, or leave out the section that failed (--what)",
+}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    # A GPU raises OutOfMemoryError; the CPU allocator a plain RuntimeError.
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -30,4 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medmoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as err:
+        if not (isinstance(err, MemoryError) or is_out_of_memory(err)):
+            raise
+        fix = OUT_OF_MEMORY_FIX.get(args.command, "use a smaller --max-new-tokens, or --device cpu")
+        what = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"medmoe {args.command}: error: out of memory ({what}); {fix}", file=sys.stderr)
+        return 3
     return int(code or 0)
