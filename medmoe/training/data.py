@@ -78,7 +78,10 @@ def load_records(sources: Sequence[str], split: str = "train") -> list:
 
 
 def build_dataset(sources: Sequence[str], processor, template: str, max_length: int, split: str = "train") -> VQADataset:
+    return records_dataset(load_records(sources, split), processor, template, max_length)
+
+
+def records_dataset(records: list, processor, template: str, max_length: int) -> VQADataset:
     # A tokenisation mismatch only means the answer's first token merges differently with the
     # prompt; the labels still cover the answer, so training keeps such samples.
-    return VQADataset(load_records(sources, split), processor, template=template, max_length=max_length,
-                      allow_mismatch=True)
+    return VQADataset(records, processor, template=template, max_length=max_length, allow_mismatch=True)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import distributed, params
-from .data import Collate, build_dataset
+from .data import Collate, load_records, records_dataset
 from .phases import check_fresh, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
 from .trainer import train
@@ -38,9 +38,10 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)
+    records = load_records(phase.data)  # a wrong --data fails here, before the model loads
     model, processor = load_model(model_path)
     groups = params.select(model, finetune_groups(model, train_router))
-    dataset = build_dataset(phase.data, processor, phase.template, phase.max_length)
+    dataset = records_dataset(records, processor, phase.template, phase.max_length)
     wrapped = distributed.wrap(model, dist, "ddp")
     settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
