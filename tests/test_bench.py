@@ -25,3 +25,19 @@ def test_train_bench_measures_each_checkpointing_setting():
     assert [r["checkpoint_every"] for r in results] == [1, 2, 0, "selective"]
     assert all(r["tokens_per_step"] == 2 * (1 + 576 + 7) and r["tokens_per_s"] > 0 for r in results)
     assert results[0]["n_activated"] < sum(p.numel() for p in model.language_model.parameters())
+
+
+def test_decode_bench_fuses_qkv_for_its_own_path_only():
+    from medmoe.bench import decode
+    from medmoe.model.fused_qkv import is_fused
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+    model = models.phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
+    reports = [decode.run(torch.device("cpu"), (1,), new_tokens=4, text_tokens=4, model=model, plain_steps=2,
+                          fuse_qkv=fuse, log=lambda *a: None) for fuse in (True, False)]
+    fused, plain = (r["rows"][0] for r in reports)
+    assert fused["fused_qkv"] is True and plain["fused_qkv"] is False
+    assert fused["first_tokens"] == plain["first_tokens"] and fused["graph_equals_eager"]
+    assert not is_fused(model)  # handed back as it came
+    assert fused["step_bytes"] == plain["step_bytes"]

@@ -1,8 +1,9 @@
 """Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
 
-For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`), the same
-step without the graph, and a plain transformers-style loop (DynamicCache, `model.forward` per
-token), beside the memory floor: the bytes one step must read (weights of the dense layers, the
+For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
+attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
+`fuse_qkv=False`), the same step without the graph and without the fusion, and a plain
+transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the bytes one step must read (weights of the dense layers, the
 meta expert and the experts in use, the LM head, the KV cache of the mean context) over the
 measured copy bandwidth.
 """
@@ -15,6 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
+from ..model.fused_qkv import fuse_qkv as fuse
+from ..model.fused_qkv import unfuse_qkv
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync
 
@@ -52,7 +55,8 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
-        plain_steps: int = 16, compile: bool = False, baselines: bool = True, log=print) -> dict:
+        plain_steps: int = 16, compile: bool = False, baselines: bool = True, fuse_qkv: bool = True,
+        log=print) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -61,10 +65,13 @@ def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens
         prompt = ids.shape[1]
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
+        if fuse_qkv:
+            fuse(model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
-        row["compile"] = compile
+        unfuse_qkv(model)  # the baselines run the model as transformers does
+        row["compile"], row["fused_qkv"] = compile, fuse_qkv
         row["warmup"] = warm
         row["graph"] = graph
         if baselines:

@@ -25,6 +25,7 @@ from ..moe.experts import use_fused_activations
 from ..moe.router import router_feature
 from ..projector import build_projector
 from ..vision import build_vision_tower
+from .fused_qkv import is_fused
 from .recompute import checkpoint_kwargs
 
 WEIGHTS_NAME = "model.safetensors"
@@ -282,6 +283,9 @@ class MedMoEForCausalLM(PreTrainedModel):
 
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        if is_fused(self):
+            raise ConfigError("this model's attention projections are fused for inference (fuse_qkv): call "
+                              "medmoe.model.fused_qkv.unfuse_qkv(model) before saving, or save the model as loaded")
         os.makedirs(save_directory, exist_ok=True)
         source = self.config.vision.get("name_or_path")
         if source and os.path.isabs(source):  # a saved model must not point into one machine's folders
