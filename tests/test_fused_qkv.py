@@ -75,3 +75,15 @@ def test_int8_quantisation_reaches_the_fused_product():
     assert fused and all(isinstance(m.linear, Int8Linear) for m in fused)
     with torch.no_grad():
         assert torch.isfinite(model(**_batch(processor)).logits).all()
+
+
+def test_load_for_inference_fuses_on_request_and_by_default_on_a_gpu_only(tmp_path):
+    from medmoe.model.pretrained import load_for_inference
+
+    model, processor = build_model("tiny")
+    model.save_pretrained(str(tmp_path / "m"))
+    processor.save_pretrained(str(tmp_path / "m"))
+    plain, _ = load_for_inference(str(tmp_path / "m"), "cpu")
+    fused, _ = load_for_inference(str(tmp_path / "m"), "cpu", fuse_qkv=True)
+    assert not is_fused(plain) and is_fused(fused.language_model)
+    assert not is_fused(fused.vision_tower)

@@ -66,7 +66,7 @@ def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model)
+            fuse(model.language_model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)

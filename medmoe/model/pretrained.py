@@ -227,10 +227,12 @@ def load_for_inference(path: str, device: str | None = "auto", dtype: str | torc
     model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
     if merge_adapters and model.config.llm_lora:
         model.merge_llm_lora()
-    if fuse_qkv if fuse_qkv is not None else dev.type == "cuda":
+    if fuse_qkv is None:
+        fuse_qkv = dev.type == "cuda"
+    if fuse_qkv:
         from .fused_qkv import fuse_qkv as fuse
 
-        fuse(model)
+        fuse(model.language_model)  # the vision tower runs once per image: nothing to gain there
     return model.to(dev).eval(), processor
 
 
