@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..model.recompute import checkpointing_options
 from .models import image_prompt, phi2_medmoe
 from .timing import matmul_tflops, sync
 
@@ -56,7 +57,7 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
     model.train()
     selective = checkpoint_every == "selective"
     if checkpoint_every:
-        model.gradient_checkpointing_enable(every=1 if selective else int(checkpoint_every), selective=selective)
+        model.gradient_checkpointing_enable(**checkpointing_options(checkpoint_every))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained = phase3_parameters(model)

@@ -35,6 +35,14 @@ def selective_context_fn():
     return create_selective_checkpoint_contexts(_policy)
 
 
+def checkpointing_options(setting: bool | int | str) -> dict:
+    """A recipe's `grad_checkpointing` (true, n, or "selective") as gradient_checkpointing_enable's
+    keyword arguments."""
+    if setting == "selective":
+        return {"every": 1, "selective": True}
+    return {"every": int(setting), "selective": False}
+
+
 def checkpoint_kwargs(selective: bool) -> dict:
     kwargs = {"use_reentrant": False}
     if selective:

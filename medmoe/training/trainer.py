@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
+from ..model.recompute import checkpointing_options
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, single_process
 from .params import Groups
@@ -217,8 +218,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
     log = MetricsLog(run_dir, step, dist.is_main)
     if phase.grad_checkpointing:
-        selective = phase.grad_checkpointing == "selective"
-        model.gradient_checkpointing_enable(every=1 if selective else int(phase.grad_checkpointing), selective=selective)
+        model.gradient_checkpointing_enable(**checkpointing_options(phase.grad_checkpointing))
     model.train()
 
     pad_id = getattr(dataset, "pad_id", 0)
