@@ -1,5 +1,6 @@
 """The GPU-run scripts behind docs/RESULTS.md, dry: nano.sh's stages print the medmoe commands they
-would run (MEDMOE="echo medmoe"), and downscale_images.py shrinks only what is too large."""
+would run (MEDMOE="echo medmoe"), gpu_run.sh runs them in the background and gpu_wait.sh brings
+back what they made, and downscale_images.py shrinks only what is too large."""
 
 from __future__ import annotations
 
@@ -43,6 +44,29 @@ def test_eval_dense_evaluates_the_phase_2_model_only(tmp_path):
     assert len(lines) == 4 and all("--model runs/nano/phase2/model" in line for line in lines)
     with pytest.raises(subprocess.CalledProcessError):
         nano_sh(tmp_path, "no-such-stage")
+
+
+def test_gpu_run_detached_then_gpu_wait_brings_back_its_output(tmp_path):
+    """DETACH=1 returns at once and runs the stages from a copy of the repo; gpu_wait.sh waits for
+    the end and copies the packed output into its own call's OUT (dry: MEDMOE echoes)."""
+    stage = tmp_path / "stage"
+    (stage / "data").mkdir(parents=True)
+    (stage / "ready").touch()  # the payload is in place
+    env = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe"}
+    run = subprocess.run(["bash", "scripts/gpu_run.sh", "eval-dense"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "DETACH": "1", "OUT": str(tmp_path / "call1")}, timeout=60)
+    assert run.returncode == 0 and "started stages eval-dense in the background" in run.stdout
+    assert (stage / "repo" / "scripts" / "nano.sh").is_file() and not (stage / "repo" / ".venv").exists()
+    (tmp_path / "call2").mkdir()
+    wait = subprocess.run(["bash", "scripts/gpu_wait.sh", "60"], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "OUT": str(tmp_path / "call2")}, timeout=90)
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    log = (tmp_path / "call2" / "log.txt").read_text()
+    assert "medmoe eval --model runs/nano/phase2/model" in log and "stages eval-dense rc=0" in log
+    (stage / "run.pid").unlink()
+    nothing = subprocess.run(["bash", "scripts/gpu_wait.sh", "1"], cwd=ROOT, capture_output=True, text=True,
+                             env={**env, "OUT": str(tmp_path / "call2")}, timeout=30)
+    assert nothing.returncode == 3 and "DETACH=1" in nothing.stdout
 
 
 def test_downscale_images_keeps_small_images_and_shrinks_large_ones(tmp_path):
