@@ -2,10 +2,13 @@
 
     python scripts/profile_speed.py moe      # one Phi-2-size MoE layer: 16K tokens fwd+bwd, ours and floor
     python scripts/profile_speed.py train    # one phase-3 training step at Phi-2 size, checkpointing on
+    python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective)
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
 
-Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled.
+Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled. The
+training step also prints its wall time against the sum of its kernel times: where the first is
+larger, the GPU waited for the host (Python, the checkpointing policy's dispatch).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from medmoe.bench import moe_layer
 from medmoe.bench import train as train_bench
 from medmoe.bench.models import image_prompt, phi2_medmoe
 from medmoe.bench.timing import median_ms
+from medmoe.model.recompute import checkpointing_options
 
 DEVICE = torch.device("cuda")
 
@@ -50,10 +54,12 @@ def moe() -> None:
         print(f"==== {name}: 3 x fwd+bwd at 16,384 tokens\n{table(prof, 25)}")
 
 
-def train() -> None:
+def train(setting: str = "1") -> None:
     model = phi2_medmoe(DEVICE)
     model.train()
-    model.gradient_checkpointing_enable()
+    setting = setting if setting == "selective" else int(setting)
+    if setting:
+        model.gradient_checkpointing_enable(**checkpointing_options(setting))
     optimizer = torch.optim.AdamW(train_bench.phase3_parameters(model), lr=1e-5, fused=True)
     ids, mask, pixels = image_prompt(model, 16, 64, DEVICE, seed=1)
     labels = ids.clone()
@@ -67,10 +73,13 @@ def train() -> None:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
+    wall = median_ms(step, DEVICE)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"==== one training step, batch 16 x 640\n{table(prof)}")
+    kernels_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    print(f"==== one training step, batch 16 x 640, grad_checkpointing={setting}: {wall:.1f} ms wall, "
+          f"{kernels_ms:.1f} ms of kernels\n{table(prof)}")
 
 
 def decode() -> None:
@@ -125,5 +134,6 @@ def matvec() -> None:
 
 if __name__ == "__main__":
     sections = {"moe": moe, "train": train, "decode": decode, "matvec": matvec}
-    for name in sys.argv[1:] or sections:
-        sections[name]()
+    for arg in sys.argv[1:] or sections:
+        name, _, value = arg.partition("=")
+        sections[name](*([value] if value else []))
