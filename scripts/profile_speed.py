@@ -23,7 +23,7 @@ from medmoe.bench import moe_layer
 from medmoe.bench import train as train_bench
 from medmoe.bench.models import image_prompt, phi2_medmoe
 from medmoe.bench.timing import median_ms
-from medmoe.model.recompute import checkpointing_options
+from medmoe.model.recompute import checkpointing_options, parse_checkpointing
 
 DEVICE = torch.device("cuda")
 
@@ -57,7 +57,7 @@ def moe() -> None:
 def train(setting: str = "1") -> None:
     model = phi2_medmoe(DEVICE)
     model.train()
-    setting = setting if setting == "selective" else int(setting)
+    setting = parse_checkpointing(setting)
     if setting:
         model.gradient_checkpointing_enable(**checkpointing_options(setting))
     optimizer = torch.optim.AdamW(train_bench.phase3_parameters(model), lr=1e-5, fused=True)

@@ -41,3 +41,17 @@ def test_decode_bench_fuses_qkv_for_its_own_path_only():
     assert fused["first_tokens"] == plain["first_tokens"] and fused["graph_equals_eager"]
     assert not is_fused(model)  # handed back as it came
     assert fused["step_bytes"] == plain["step_bytes"]
+
+
+def test_checkpoint_every_settings_parse_or_fail_with_the_choices():
+    import pytest
+
+    from medmoe.cli import main
+    from medmoe.model.recompute import checkpointing_options, parse_checkpointing
+
+    assert [parse_checkpointing(t) for t in ("0", " 2", "selective")] == [0, 2, "selective"]
+    assert checkpointing_options(parse_checkpointing("selective")) == {"every": 1, "selective": True}
+    for bad in ("x", "-1", "1.5"):
+        with pytest.raises(ValueError):
+            parse_checkpointing(bad)
+    assert main(["bench", "--what", "train", "--checkpoint-every", "1,x", "--device", "cpu"]) != 0

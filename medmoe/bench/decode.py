@@ -3,9 +3,9 @@
 For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
 attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
 `fuse_qkv=False`), the same step without the graph and without the fusion, and a plain
-transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the bytes one step must read (weights of the dense layers, the
-meta expert and the experts in use, the LM head, the KV cache of the mean context) over the
-measured copy bandwidth.
+transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
+bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
+LM head, the KV cache of the mean context) over the measured copy bandwidth.
 """
 
 from __future__ import annotations

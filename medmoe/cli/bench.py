@@ -41,16 +41,18 @@ def run(args) -> int:
     import torch
 
     from ..errors import ConfigError
+    from ..model.recompute import parse_checkpointing
     from ..bench.timing import device_name
 
     sections = [s.strip() for s in args.what.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"--what {args.what}: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    checkpointing = [n.strip() for n in args.checkpoint_every.split(",")]
-    if not all(n == "selective" or n.isdigit() for n in checkpointing):
+    try:
+        checkpointing = [parse_checkpointing(n) for n in args.checkpoint_every.split(",")]
+    except ValueError:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none) or 'selective', "
-                          "comma-separated, e.g. 1,2,0,selective")
+                          "comma-separated, e.g. 1,2,0,selective") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"device": device_name(device), "torch": torch.__version__}
     model = None
@@ -78,8 +80,7 @@ def run(args) -> int:
                                                   compile=args.compile,
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv)
                 else:
-                    report["train"] = [train.run(device, batch=args.train_batch, model=model,
-                                                 checkpoint_every=n if n == "selective" else int(n))
+                    report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]
             else:
                 from ..bench import cpu

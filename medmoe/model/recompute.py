@@ -43,6 +43,14 @@ def checkpointing_options(setting: bool | int | str) -> dict:
     return {"every": int(setting), "selective": False}
 
 
+def parse_checkpointing(text: str) -> int | str:
+    """A command-line setting ("0", "2", "selective") as a recipe's `grad_checkpointing` value."""
+    text = text.strip()
+    if text != "selective" and not text.isdigit():
+        raise ValueError(f"{text!r}: give a layer count (0: none) or 'selective'")
+    return text if text == "selective" else int(text)
+
+
 def checkpoint_kwargs(selective: bool) -> dict:
     kwargs = {"use_reentrant": False}
     if selective:
