@@ -12,6 +12,8 @@
 #   export     medmoe export: the compact bf16 delta that ships in medmoe/assets/nano
 #   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
 #              on every test split (eval-dense, eval-medmoe: one of the two)
+#   control    the exported model on VQA-RAD test with each question shown another question's image
+#              (--shuffle-images): how much of the score comes from the image
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
@@ -97,6 +99,8 @@ for stage in $STAGES; do
       evaluate export/nano evals/medmoe ;;
     eval-dense) evaluate runs/nano/phase2/model evals/dense ;;
     eval-medmoe) evaluate export/nano evals/medmoe ;;
+    control) $MEDMOE eval --model export/nano --data data/vqa-rad --split test --out evals/medmoe-shuffled/vqa-rad \
+               --shuffle-images $EVAL_ARGS ;;
     finetune) finetune_each ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;

@@ -21,8 +21,8 @@ def test_train_bench_measures_each_checkpointing_setting():
                 num_key_value_heads=4, vocab_size=256)
     model = models.phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
     results = [train.run(torch.device("cpu"), batch=2, text_tokens=8, steps=1, model=model, checkpoint_every=n,
-                         log=lambda *a: None) for n in (1, 2, 0, "selective")]
-    assert [r["checkpoint_every"] for r in results] == [1, 2, 0, "selective"]
+                         log=lambda *a: None) for n in (1, 2, 0, "selective", "activations")]
+    assert [r["checkpoint_every"] for r in results] == [1, 2, 0, "selective", "activations"]
     assert all(r["tokens_per_step"] == 2 * (1 + 576 + 7) and r["tokens_per_s"] > 0 for r in results)
     assert results[0]["n_activated"] < sum(p.numel() for p in model.language_model.parameters())
 
@@ -49,8 +49,9 @@ def test_checkpoint_every_settings_parse_or_fail_with_the_choices():
     from medmoe.cli import main
     from medmoe.model.recompute import checkpointing_options, parse_checkpointing
 
-    assert [parse_checkpointing(t) for t in ("0", " 2", "selective")] == [0, 2, "selective"]
+    assert [parse_checkpointing(t) for t in ("0", " 2", "selective", "activations")] == [0, 2, "selective", "activations"]
     assert checkpointing_options(parse_checkpointing("selective")) == {"every": 1, "selective": True}
+    assert checkpointing_options(parse_checkpointing("activations")) == {"activations": True}
     for bad in ("x", "-1", "1.5"):
         with pytest.raises(ValueError):
             parse_checkpointing(bad)

@@ -46,6 +46,12 @@ def test_eval_dense_evaluates_the_phase_2_model_only(tmp_path):
         nano_sh(tmp_path, "no-such-stage")
 
 
+def test_control_stage_shows_the_shipped_model_shuffled_images(tmp_path):
+    (line,) = nano_sh(tmp_path, "control")
+    assert line.startswith("medmoe eval --model export/nano --data data/vqa-rad --split test")
+    assert "--shuffle-images" in line and "--out evals/medmoe-shuffled/vqa-rad" in line
+
+
 def test_gpu_run_detached_then_gpu_wait_brings_back_its_output(tmp_path):
     """DETACH=1 returns at once and runs the stages from a copy of the repo; gpu_wait.sh waits for
     the end and copies the packed output into its own call's OUT (dry: MEDMOE echoes)."""

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
                              "phase1.grad_checkpointing=selective"])
     assert r.phase2.grad_checkpointing is True and r.phase3.grad_checkpointing == 2
     assert r.phase1.grad_checkpointing == "selective"
+    assert load_recipe("tiny", ["phase3.grad_checkpointing=activations"]).phase3.grad_checkpointing == "activations"
 
 
 @pytest.mark.parametrize("override,message", [

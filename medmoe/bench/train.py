@@ -3,7 +3,8 @@
 Phase 3 trains the experts and the meta expert of every MoE layer (the paper's set); the rest is
 frozen. Activations are recomputed in backward in every layer (`checkpoint_every=1`), or in every
 n-th layer only: less recomputation for more memory; `"selective"` checkpoints every layer but keeps
-the matrix products' outputs, recomputing only the cheap ops (model/recompute.py).
+the matrix products' outputs, recomputing only the cheap ops (model/recompute.py); `"activations"`
+checkpoints no layer and recomputes only the MoE layers' activation outputs (moe/recompute.py).
 Model FLOPs count only work an ideal implementation must do, no recomputation:
 forward 2 N_act + 4 L d S per token (S = sequence length, attention scores and values),
 backward 2 N_act + 8 L d S (gradients of activations) + 2 N_train_act (gradients of trained weights),
@@ -52,10 +53,10 @@ def activated_params(model) -> tuple[int, int]:
 def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int = 4, model=None,
         checkpoint_every: int | str = 1, log=print) -> dict:
     """One measurement; `checkpoint_every`: recompute every n-th layer's activations (1: all; 0: none;
-    "selective": all layers, matrix products kept)."""
+    "selective": all layers, matrix products kept; "activations": no layer, the MoE layers' activation
+    outputs recomputed)."""
     model = model or phi2_medmoe(device)
     model.train()
-    selective = checkpoint_every == "selective"
     if checkpoint_every:
         model.gradient_checkpointing_enable(**checkpointing_options(checkpoint_every))
     if device.type == "cuda":
@@ -99,8 +100,8 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
         "peak_tflops_used": HOPPER_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    setting = ("selective checkpointing" if selective else
-               f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing")
+    setting = ({"selective": "selective checkpointing", "activations": "MoE activations recomputed"}.get(checkpoint_every)
+               or (f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing"))
     log(f"train ({setting}): {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
         f"(6N convention {100 * result['mfu_conventional_6n']:.1f}%)")
     model.gradient_checkpointing_disable()

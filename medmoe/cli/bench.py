@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
-                        "selective: every layer, matrix products kept)")
+                        "selective: every layer, matrix products kept; activations: no layer, the MoE layers' "
+                        "activation outputs recomputed)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, help="cpu: an image file for the prompt (default: a grey square)")
     p.set_defaults(func=run)
@@ -51,8 +52,8 @@ def run(args) -> int:
     try:
         checkpointing = [parse_checkpointing(n) for n in args.checkpoint_every.split(",")]
     except ValueError:
-        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none) or 'selective', "
-                          "comma-separated, e.g. 1,2,0,selective") from None
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none), 'selective' or "
+                          "'activations', comma-separated, e.g. 1,2,0,selective,activations") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"device": device_name(device), "torch": torch.__version__}
     model = None

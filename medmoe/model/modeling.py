@@ -258,12 +258,20 @@ class MedMoEForCausalLM(PreTrainedModel):
         return self.language_model.get_input_embeddings()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every: int = 1,
-                                      selective: bool = False):
+                                      selective: bool = False, activations: bool = False):
         """Recompute the LM's layer activations in backward, in every `every`-th decoder layer
         (1: all of them; 2: every other one, which recomputes half as much and keeps more
         activations). `selective`: keep the matrix products' and attention's outputs and recompute
-        only the cheap ops between them (model/recompute.py). transformers 5.24 renamed this
+        only the cheap ops between them (model/recompute.py). `activations`: checkpoint no layer;
+        the MoE layers' experts and meta experts recompute their activation's output, the widest
+        tensor they keep, in backward (moe/recompute.py). transformers 5.24 renamed this
         "activation checkpointing"; either name works."""
+        if activations:
+            if not self.moe_blocks:
+                raise ConfigError('grad_checkpointing="activations" recomputes the MoE layers\' activations and this '
+                                  'model has none (a dense phase): use true, n or "selective"')
+            self._recompute_activations(True)
+            return
         lm = self.language_model
         kwargs = {**checkpoint_kwargs(selective), **(gradient_checkpointing_kwargs or {})}
         if hasattr(lm, "activation_checkpointing_enable"):
@@ -275,11 +283,18 @@ class MedMoEForCausalLM(PreTrainedModel):
                 layer.gradient_checkpointing = i % every == 0
 
     def gradient_checkpointing_disable(self):
+        self._recompute_activations(False)
         lm = self.language_model
         if hasattr(lm, "activation_checkpointing_disable"):
             lm.activation_checkpointing_disable()
         else:
             lm.gradient_checkpointing_disable()
+
+    def _recompute_activations(self, on: bool) -> None:
+        for block in self.moe_blocks:
+            block.recompute_activations = on
+            if hasattr(block.experts, "recompute_activations"):
+                block.experts.recompute_activations = on
 
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -7,6 +7,9 @@ activations, rotary embedding, routing and permutes), so backward reruns almost 
 the wide elementwise intermediates (the FFN's activation output) are still dropped.
 
     model.gradient_checkpointing_enable(selective=True)
+
+The third way, `activations` (moe/recompute.py), checkpoints no layer at all: only the MoE layers'
+FFN activation outputs are recomputed.
 """
 
 from __future__ import annotations
@@ -35,20 +38,27 @@ def selective_context_fn():
     return create_selective_checkpoint_contexts(_policy)
 
 
+CHECKPOINTING_CHOICES = ('false/0: off, true/1: every layer, n: every n-th layer, "selective": every layer, matrix '
+                         'products kept, "activations": no layer, the MoE layers\' activation outputs recomputed')
+NAMED_SETTINGS = ("selective", "activations")
+
+
 def checkpointing_options(setting: bool | int | str) -> dict:
-    """A recipe's `grad_checkpointing` (true, n, or "selective") as gradient_checkpointing_enable's
-    keyword arguments."""
+    """A recipe's `grad_checkpointing` (true, n, "selective" or "activations") as
+    gradient_checkpointing_enable's keyword arguments."""
     if setting == "selective":
         return {"every": 1, "selective": True}
+    if setting == "activations":
+        return {"activations": True}
     return {"every": int(setting), "selective": False}
 
 
 def parse_checkpointing(text: str) -> int | str:
-    """A command-line setting ("0", "2", "selective") as a recipe's `grad_checkpointing` value."""
+    """A command-line setting ("0", "2", "selective", "activations") as a recipe's `grad_checkpointing` value."""
     text = text.strip()
-    if text != "selective" and not text.isdigit():
-        raise ValueError(f"{text!r}: give a layer count (0: none) or 'selective'")
-    return text if text == "selective" else int(text)
+    if text not in NAMED_SETTINGS and not text.isdigit():
+        raise ValueError(f"{text!r}: give a layer count (0: none), 'selective' or 'activations'")
+    return text if text in NAMED_SETTINGS else int(text)
 
 
 def checkpoint_kwargs(selective: bool) -> dict:

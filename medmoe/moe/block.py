@@ -54,6 +54,7 @@ class MedMoEBlock(nn.Module):
         self.experts = experts
         self.meta = meta
         self.router = router  # per-layer router (registered here), or None
+        self.recompute_activations = False  # the meta expert's activation output recomputed in backward
         # The shared router belongs to the model; a plain reference keeps one copy in the state dict.
         object.__setattr__(self, "_shared_router", shared_router)
         object.__setattr__(self, "_state", state)
@@ -79,7 +80,7 @@ class MedMoEBlock(nn.Module):
         else:
             y = self.experts(x, decision.expert_index, decision.expert_weight)
             if self.meta is not None:
-                y = y + ffn_forward(self.meta, x)
+                y = y + ffn_forward(self.meta, x, recompute=self.recompute_activations)
         self._record(shape, logits, decision)
         return y.reshape(shape)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .recompute import recomputed_in_backward
 
 
 def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int,
@@ -114,11 +115,13 @@ class _GatherRows(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _bias_then_act(h: torch.Tensor, sorted_expert: torch.Tensor, experts) -> torch.Tensor:
-    act = experts.fused_bias_act()
-    if act is not None and experts.b_in is not None and kernels.triton_ready(h):
-        return kernels.bias_act(h, experts.b_in, sorted_expert, act)
-    return experts.hidden_act(add_group_bias(h, experts.b_in, sorted_expert))
+def _bias_then_act(h: torch.Tensor, sorted_expert: torch.Tensor, experts):
+    """(pre, act): the first projection's output h, biased and activated, is act(pre); pre is the
+    tensor the activation's backward keeps (h itself for the fused kernel)."""
+    name = experts.fused_bias_act()
+    if name is not None and experts.b_in is not None and kernels.triton_ready(h):
+        return h, lambda pre: kernels.bias_act(pre, experts.b_in, sorted_expert, name)
+    return add_group_bias(h, experts.b_in, sorted_expert), experts.hidden_act
 
 
 def _add_out_bias(out: torch.Tensor, sorted_expert: torch.Tensor, experts) -> torch.Tensor:
@@ -150,8 +153,11 @@ def grouped_ffn(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torc
     # order by a gather (no atomics, deterministic), and is the backward of both gathers.
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
     xs = _GatherRows.apply(x, order // k, inverse, k)
-    h = _bias_then_act(torch._grouped_mm(xs, experts.w_in, offs=group_ends), sorted_expert, experts)
-    out = _add_out_bias(torch._grouped_mm(h, experts.w_out, offs=group_ends), sorted_expert, experts)
+    pre, act = _bias_then_act(torch._grouped_mm(xs, experts.w_in, offs=group_ends), sorted_expert, experts)
+    g = act(pre)
+    with recomputed_in_backward(g, lambda: act(pre), enabled=experts.recompute_activations):
+        out = torch._grouped_mm(g, experts.w_out, offs=group_ends)
+    out = _add_out_bias(out, sorted_expert, experts)
     out = _GatherRows.apply(out, inverse, order, 1).view(n, k, -1)
     weight = expert_weight.to(out.dtype).unsqueeze(-1)
     if k == 1:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapters import linear_weight
 from . import dispatch
+from .recompute import recomputed_in_backward
 
 
 def ffn_kind(mlp: nn.Module) -> str | None:
@@ -70,13 +71,18 @@ def fast_activation(act):
     return _FUSED_ACTIVATIONS.get(type(act).__name__, act)
 
 
-def ffn_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mlp(x), with the fused activation when the FFN is exactly fc1 -> act -> fc2 (Phi's MLP) and its
-    act has one: the meta expert's fast path (Phi's GELU is 8 kernels in transformers, 1 here).
-    fc1 and fc2 are called as modules, so adapters on them (LoRA) still apply."""
+def ffn_forward(mlp: nn.Module, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """mlp(x), with the fused activation when the FFN is exactly fc1 -> act -> fc2 (Phi's MLP): the
+    meta expert's fast path (Phi's GELU is 8 kernels in transformers, 1 here). fc1 and fc2 are called
+    as modules, so adapters on them (LoRA) still apply. `recompute`: backward recomputes the
+    activation's output instead of keeping it (recompute.py)."""
     if (ffn_kind(mlp) == "mlp" and set(dict(mlp.named_children())) <= {"fc1", "fc2", "activation_fn"}
-            and type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS):
-        return mlp.fc2(fast_activation(mlp.activation_fn)(mlp.fc1(x)))
+            and (recompute or type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS)):
+        act = fast_activation(mlp.activation_fn)
+        h = mlp.fc1(x)
+        g = act(h)
+        with recomputed_in_backward(g, lambda: act(h), enabled=recompute):
+            return mlp.fc2(g)
     return mlp(x)
 
 
@@ -98,6 +104,7 @@ class StackedExperts(nn.Module):
     def __init__(self, kind: str, num_experts: int, hidden_size: int, ffn_size: int, bias_in: bool, bias_out: bool, act, dispatch_mode: str = "auto"):
         super().__init__()
         self.kind, self.num_experts, self.act, self.dispatch_mode = kind, num_experts, act, dispatch_mode
+        self.recompute_activations = False  # backward recomputes hidden_act's output (recompute.py)
         f_in = 2 * ffn_size if kind == "gated" else ffn_size
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, f_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
@@ -137,7 +144,9 @@ class StackedExperts(nn.Module):
         h = x @ self.w_in[e]
         if self.b_in is not None:
             h = h + self.b_in[e]
-        y = self.hidden_act(h) @ self.w_out[e]
+        g = self.hidden_act(h)
+        with recomputed_in_backward(g, lambda: self.hidden_act(h), enabled=self.recompute_activations):
+            y = g @ self.w_out[e]
         return y + self.b_out[e] if self.b_out is not None else y
 
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:

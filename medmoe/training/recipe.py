@@ -17,6 +17,7 @@ from importlib import resources
 
 from ..errors import ConfigError
 from ..files import read_json
+from ..model.recompute import CHECKPOINTING_CHOICES, NAMED_SETTINGS
 
 PHASES = ("1", "2", "router", "3")
 
@@ -41,7 +42,8 @@ class PhaseRecipe:
     max_length: int = 2048  # longer samples are truncated
     max_samples: int = 0  # >0: use only the first N samples (quick runs)
     # true: every layer; n: every n-th layer (less recompute); "selective": every layer, keeping the
-    # matrix products' outputs (almost no recompute, still frees the wide elementwise activations)
+    # matrix products' outputs (almost no recompute, still frees the wide elementwise activations);
+    # "activations": no layer, only the MoE layers' activation outputs recomputed (phase 3)
     grad_checkpointing: bool | int | str = False
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     log_every: int = 10
@@ -142,8 +144,8 @@ class Recipe:
 
 
 def _check_checkpointing(key: str, value) -> None:
-    choices = 'false/0: off, true/1: every layer, n: every n-th layer, "selective": every layer, matrix products kept'
-    if isinstance(value, str) and value != "selective":
+    choices = CHECKPOINTING_CHOICES
+    if isinstance(value, str) and value not in NAMED_SETTINGS:
         raise ConfigError(f"{key}={value!r}: use one of {choices}")
     if not isinstance(value, str) and value < 0:
         raise ConfigError(f"{key}={value}: must be at least 0 ({choices})")

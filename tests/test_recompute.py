@@ -1,0 +1,96 @@
+"""Activation recomputation (moe/recompute.py, grad_checkpointing="activations"): the FFN's
+activation output is not kept for backward, is rebuilt there, and the gradients do not change."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from medmoe.bench import models
+from medmoe.errors import ConfigError
+from medmoe.moe.recompute import recomputed_in_backward
+
+TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+
+
+def ffn_step(recompute: bool, batch_dims=(6,)):
+    """fc2(gelu(fc1(x))) forward; returns (a weak reference to gelu's output after forward, grads)."""
+    torch.manual_seed(0)
+    x = torch.randn(*batch_dims, 8, requires_grad=True)
+    w1, w2 = torch.randn(16, 8, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    h = F.linear(x, w1)
+    g = F.gelu(h, approximate="tanh")
+    with recomputed_in_backward(g, lambda: F.gelu(h, approximate="tanh"), enabled=recompute):
+        y = F.linear(g, w2)
+    ref = weakref.ref(g)
+    del g
+    gc.collect()
+    kept = ref() is not None
+    y.square().sum().backward()
+    return kept, [t.grad for t in (x, w1, w2)]
+
+
+@pytest.mark.parametrize("batch_dims", [(6,), (2, 3)])  # 3-D: linear saves a reshaped view of g
+def test_activation_output_is_not_kept_and_gradients_are_unchanged(batch_dims):
+    kept_plain, plain = ffn_step(False, batch_dims)
+    kept_recomputed, recomputed = ffn_step(True, batch_dims)
+    assert kept_plain and not kept_recomputed  # autograd held g without the hook, not with it
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class CountGelu(TorchDispatchMode):
+    """GELU forward calls: torch's, or the fused bias + GELU kernel on a GPU (kernels.bias_act)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten.gelu.default or func is torch.ops.medmoe.bias_act.default
+        return func(*args, **(kwargs or {}))
+
+
+def phase3_grads(setting, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = models.phi2_medmoe(torch.device(device), dtype, text=TINY_PHI)
+    model.train()
+    if setting:
+        model.gradient_checkpointing_enable(activations=True)
+    ids, mask, pixels = models.image_prompt(model, 2, 6, torch.device(device), seed=1)
+    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, return_logits=False).loss
+    counter = CountGelu()
+    with counter:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.gradient_checkpointing_disable()
+    assert not any(block.recompute_activations or block.experts.recompute_activations for block in model.moe_blocks)
+    return grads, counter.n, len(model.moe_blocks)
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.float32),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])  # on a Hopper GPU the experts take the grouped path with the fused bias + GELU kernel
+def test_moe_layers_recompute_their_activations_with_the_same_gradients(device, dtype):
+    plain, gelus_plain, _ = phase3_grads(None, device, dtype)
+    recomputed, gelus_recomputed, blocks = phase3_grads("activations", device, dtype)
+    # Backward reran GELU forward once per expert FFN and once per meta expert (grouped path: one call).
+    assert gelus_plain == 0 and gelus_recomputed == 2 * blocks
+    assert plain.keys() == recomputed.keys() and any(".experts." in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], recomputed[name], rtol=0, atol=0, msg=name)
+
+
+def test_activation_recompute_needs_moe_layers():
+    from medmoe.model.pretrained import build_model
+
+    model, _ = build_model("tiny")  # dense: before phase 3's upcycling
+    with pytest.raises(ConfigError, match="activations"):
+        model.gradient_checkpointing_enable(activations=True)
