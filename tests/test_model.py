@@ -349,6 +349,8 @@ def test_training_loss_without_full_logits_equals_the_plain_loss(name):
     model.zero_grad()
     lean = model(**batch, return_logits=False)
     assert lean.logits is None
+    assert full.cache is None and lean.cache is None  # a loss builds no KV cache (a copy of every K and V)
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).cache is not None  # generation's default
     torch.testing.assert_close(lean.loss, full.loss)
     lean.loss.backward()
     for n, p in model.named_parameters():

@@ -200,6 +200,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         default the positions without labels), so that an answer never chooses its own expert.
         `cache`: a transformers Cache (`past_key_values=` is accepted too, the name before 5.24)."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        if use_cache is None and cache is None and labels is not None:
+            use_cache = False  # a loss needs no KV cache; building one copies every layer's keys and values
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         new_sequence = cache is None or cache.get_seq_length() == 0
