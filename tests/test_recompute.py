@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medmoe.bench import models
-from medmoe.errors import ConfigError
 from medmoe.moe.recompute import recomputed_in_backward
 
 TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -45,16 +44,27 @@ def test_activation_output_is_not_kept_and_gradients_are_unchanged(batch_dims):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-class CountGelu(TorchDispatchMode):
-    """GELU forward calls: torch's, or the fused bias + GELU kernel on a GPU (kernels.bias_act)."""
+class CountActivations(TorchDispatchMode):
+    """Activation forward calls: GELU (torch's, or the fused bias + GELU kernel on a GPU:
+    kernels.bias_act) and SiLU."""
+
+    OPS = ("aten::gelu", "aten::silu", "medmoe::bias_act")
 
     def __init__(self):
         super().__init__()
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func is torch.ops.aten.gelu.default or func is torch.ops.medmoe.bias_act.default
+        self.n += func._schema.name in self.OPS and func._overloadname == "default"
         return func(*args, **(kwargs or {}))
+
+
+def backward_counting(model, **batch):
+    loss = model(**batch, return_logits=False).loss
+    counter = CountActivations()
+    with counter:
+        loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, counter.n
 
 
 def phase3_grads(setting, device="cpu", dtype=torch.float32):
@@ -64,33 +74,51 @@ def phase3_grads(setting, device="cpu", dtype=torch.float32):
     if setting:
         model.gradient_checkpointing_enable(activations=True)
     ids, mask, pixels = models.image_prompt(model, 2, 6, torch.device(device), seed=1)
-    loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, return_logits=False).loss
-    counter = CountGelu()
-    with counter:
-        loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads, reruns = backward_counting(model, input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)
     model.gradient_checkpointing_disable()
     assert not any(block.recompute_activations or block.experts.recompute_activations for block in model.moe_blocks)
-    return grads, counter.n, len(model.moe_blocks)
+    return grads, reruns, len(model.moe_blocks), model.language_model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("device,dtype", [
     ("cpu", torch.float32),
     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
 ])  # on a Hopper GPU the experts take the grouped path with the fused bias + GELU kernel
-def test_moe_layers_recompute_their_activations_with_the_same_gradients(device, dtype):
-    plain, gelus_plain, _ = phase3_grads(None, device, dtype)
-    recomputed, gelus_recomputed, blocks = phase3_grads("activations", device, dtype)
-    # Backward reran GELU forward once per expert FFN and once per meta expert (grouped path: one call).
-    assert gelus_plain == 0 and gelus_recomputed == 2 * blocks
+def test_every_ffn_of_a_medmoe_model_recomputes_its_activation_with_the_same_gradients(device, dtype):
+    plain, reruns_plain, _, _ = phase3_grads(None, device, dtype)
+    recomputed, reruns, blocks, layers = phase3_grads("activations", device, dtype)
+    # Backward reran the activation once per MoE layer's experts (grouped path: one call), once per
+    # meta expert, and once per dense layer's FFN.
+    assert reruns_plain == 0 and reruns == 2 * blocks + (layers - blocks) and blocks >= 1
     assert plain.keys() == recomputed.keys() and any(".experts." in n for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], recomputed[name], rtol=0, atol=0, msg=name)
 
 
-def test_activation_recompute_needs_moe_layers():
+def test_a_dense_model_with_lora_recomputes_its_gated_ffns_with_the_same_gradients():
+    """Phase 2 of the nano recipe: SmolLM2-like SwiGLU FFNs with LoRA on their projections."""
+    from medmoe.data.templates import Turn
     from medmoe.model.pretrained import build_model
+    from medmoe.moe import decoder_layers
 
-    model, _ = build_model("tiny")  # dense: before phase 3's upcycling
-    with pytest.raises(ConfigError, match="activations"):
-        model.gradient_checkpointing_enable(activations=True)
+    model, processor = build_model("tiny", seed=0)
+    model.add_llm_lora(rank=4, alpha=8)
+    for name, p in model.named_parameters():  # phase 2 trains the adapters, not the LLM's weights
+        p.requires_grad_("lora" in name)
+    model.train()
+    batch = processor.pad([processor.encode([Turn(f"<image>\nq{i}", f"answer {i}" * 3)]) for i in range(2)])
+    size = processor.vision.image_size
+    batch["pixel_values"] = torch.zeros(2, 3, size, size)
+    layers = decoder_layers(model.language_model)
+    plain, reruns_plain = backward_counting(model, **batch)
+    model.zero_grad()
+    model.gradient_checkpointing_enable(activations=True)
+    recomputed, reruns = backward_counting(model, **batch)
+    model.gradient_checkpointing_disable()
+    # SiLU once more per FFN: only the down projection's LoRA factor keeps act(gate) * up (a trained
+    # base weight would keep it too, and backward would rebuild it once for each).
+    assert reruns_plain == 0 and reruns == len(layers)
+    assert not any("forward" in vars(layer.mlp) for layer in layers)  # the dense FFNs handed back
+    assert plain.keys() == recomputed.keys() and any("lora" in n and ".mlp." in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], recomputed[name], rtol=0, atol=0, msg=name)

@@ -4,7 +4,8 @@ Phase 3 trains the experts and the meta expert of every MoE layer (the paper's s
 frozen. Activations are recomputed in backward in every layer (`checkpoint_every=1`), or in every
 n-th layer only: less recomputation for more memory; `"selective"` checkpoints every layer but keeps
 the matrix products' outputs, recomputing only the cheap ops (model/recompute.py); `"activations"`
-checkpoints no layer and recomputes only the MoE layers' activation outputs (moe/recompute.py).
+checkpoints no layer and recomputes only each FFN's activation output (moe/recompute.py; here the
+experts' and meta experts': the dense FFNs are frozen and keep none).
 Model FLOPs count only work an ideal implementation must do, no recomputation:
 forward 2 N_act + 4 L d S per token (S = sequence length, attention scores and values),
 backward 2 N_act + 8 L d S (gradients of activations) + 2 N_train_act (gradients of trained weights),
@@ -53,7 +54,7 @@ def activated_params(model) -> tuple[int, int]:
 def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int = 4, model=None,
         checkpoint_every: int | str = 1, log=print) -> dict:
     """One measurement; `checkpoint_every`: recompute every n-th layer's activations (1: all; 0: none;
-    "selective": all layers, matrix products kept; "activations": no layer, the MoE layers' activation
+    "selective": all layers, matrix products kept; "activations": no layer, the FFNs' activation
     outputs recomputed)."""
     model = model or phi2_medmoe(device)
     model.train()
@@ -100,7 +101,7 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
         "peak_tflops_used": HOPPER_BF16_DENSE_TFLOPS, "measured_matmul_tflops": measured_peak,
         "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    setting = ({"selective": "selective checkpointing", "activations": "MoE activations recomputed"}.get(checkpoint_every)
+    setting = ({"selective": "selective checkpointing", "activations": "FFN activations recomputed"}.get(checkpoint_every)
                or (f"checkpointing every {checkpoint_every} layer(s)" if checkpoint_every else "no checkpointing"))
     log(f"train ({setting}): {result['tokens_per_s']:.0f} tokens/s, step {step_s:.2f} s, MFU {100 * result['mfu']:.1f}% "
         f"(6N convention {100 * result['mfu_conventional_6n']:.1f}%)")

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
-                        "selective: every layer, matrix products kept; activations: no layer, the MoE layers' "
+                        "selective: every layer, matrix products kept; activations: no layer, the FFNs' "
                         "activation outputs recomputed)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, help="cpu: an image file for the prompt (default: a grey square)")

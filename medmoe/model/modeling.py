@@ -21,7 +21,8 @@ from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
 from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, decoder_layers, upcycle_llm
-from ..moe.experts import use_fused_activations
+from ..moe.upcycle import ffn_attribute
+from ..moe.experts import ffn_forward, plain_ffn, use_fused_activations
 from ..moe.router import router_feature
 from ..projector import build_projector
 from ..vision import build_vision_tower
@@ -265,13 +266,10 @@ class MedMoEForCausalLM(PreTrainedModel):
         (1: all of them; 2: every other one, which recomputes half as much and keeps more
         activations). `selective`: keep the matrix products' and attention's outputs and recompute
         only the cheap ops between them (model/recompute.py). `activations`: checkpoint no layer;
-        the MoE layers' experts and meta experts recompute their activation's output, the widest
-        tensor they keep, in backward (moe/recompute.py). transformers 5.24 renamed this
-        "activation checkpointing"; either name works."""
+        every FFN (dense, expert, meta expert) recomputes its activation's output, the widest
+        tensor it keeps, in backward (moe/recompute.py; LoRA experts excepted).
+        transformers 5.24 renamed this "activation checkpointing"; either name works."""
         if activations:
-            if not self.moe_blocks:
-                raise ConfigError('grad_checkpointing="activations" recomputes the MoE layers\' activations and this '
-                                  'model has none (a dense phase): use true, n or "selective"')
             self._recompute_activations(True)
             return
         lm = self.language_model
@@ -293,10 +291,18 @@ class MedMoEForCausalLM(PreTrainedModel):
             lm.gradient_checkpointing_disable()
 
     def _recompute_activations(self, on: bool) -> None:
-        for block in self.moe_blocks:
-            block.recompute_activations = on
-            if hasattr(block.experts, "recompute_activations"):
-                block.experts.recompute_activations = on
+        for layer in decoder_layers(self.language_model):
+            ffn = getattr(layer, ffn_attribute(layer))
+            if isinstance(ffn, MedMoEBlock):
+                ffn.recompute_activations = on
+                if hasattr(ffn.experts, "recompute_activations"):
+                    ffn.experts.recompute_activations = on
+            elif plain_ffn(ffn) is not None:
+                # A dense FFN runs as ffn_forward while this is on (an instance attribute, removed after).
+                if on:
+                    ffn.forward = functools.partial(ffn_forward, ffn, recompute=True)
+                else:
+                    ffn.__dict__.pop("forward", None)
 
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -8,8 +8,8 @@ the wide elementwise intermediates (the FFN's activation output) are still dropp
 
     model.gradient_checkpointing_enable(selective=True)
 
-The third way, `activations` (moe/recompute.py), checkpoints no layer at all: only the MoE layers'
-FFN activation outputs are recomputed.
+The third way, `activations` (moe/recompute.py), checkpoints no layer at all: only every FFN's
+activation output is recomputed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def selective_context_fn():
 
 
 CHECKPOINTING_CHOICES = ('false/0: off, true/1: every layer, n: every n-th layer, "selective": every layer, matrix '
-                         'products kept, "activations": no layer, the MoE layers\' activation outputs recomputed')
+                         'products kept, "activations": no layer, every FFN\'s activation output recomputed')
 NAMED_SETTINGS = ("selective", "activations")
 
 

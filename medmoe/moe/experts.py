@@ -71,18 +71,35 @@ def fast_activation(act):
     return _FUSED_ACTIVATIONS.get(type(act).__name__, act)
 
 
+_PLAIN_FFN_CHILDREN = {"mlp": {"fc1", "fc2", "activation_fn"}, "gated": {"gate_proj", "up_proj", "down_proj", "act_fn"}}
+
+
+def plain_ffn(mlp: nn.Module) -> str | None:
+    """ffn_kind(mlp) when the FFN is nothing but its projections and activation (so ffn_forward
+    can run it from its parts), else None."""
+    kind = ffn_kind(mlp)
+    return kind if kind is not None and set(dict(mlp.named_children())) <= _PLAIN_FFN_CHILDREN[kind] else None
+
+
 def ffn_forward(mlp: nn.Module, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     """mlp(x), with the fused activation when the FFN is exactly fc1 -> act -> fc2 (Phi's MLP): the
-    meta expert's fast path (Phi's GELU is 8 kernels in transformers, 1 here). fc1 and fc2 are called
-    as modules, so adapters on them (LoRA) still apply. `recompute`: backward recomputes the
-    activation's output instead of keeping it (recompute.py)."""
-    if (ffn_kind(mlp) == "mlp" and set(dict(mlp.named_children())) <= {"fc1", "fc2", "activation_fn"}
-            and (recompute or type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS)):
+    meta expert's fast path (Phi's GELU is 8 kernels in transformers, 1 here). The projections are
+    called as modules, so adapters on them (LoRA) still apply. `recompute` (a plain_ffn only):
+    backward recomputes the activation's output (act(fc1(x)), or act(gate) * up) instead of
+    keeping it (recompute.py)."""
+    kind = plain_ffn(mlp)
+    if kind == "mlp" and (recompute or type(mlp.activation_fn).__name__ in _FUSED_ACTIVATIONS):
         act = fast_activation(mlp.activation_fn)
         h = mlp.fc1(x)
         g = act(h)
         with recomputed_in_backward(g, lambda: act(h), enabled=recompute):
             return mlp.fc2(g)
+    if kind == "gated" and recompute:
+        act = fast_activation(mlp.act_fn)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        g = act(gate) * up
+        with recomputed_in_backward(g, lambda: act(gate) * up):
+            return mlp.down_proj(g)
     return mlp(x)
 
 

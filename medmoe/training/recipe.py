@@ -43,7 +43,7 @@ class PhaseRecipe:
     max_samples: int = 0  # >0: use only the first N samples (quick runs)
     # true: every layer; n: every n-th layer (less recompute); "selective": every layer, keeping the
     # matrix products' outputs (almost no recompute, still frees the wide elementwise activations);
-    # "activations": no layer, only the MoE layers' activation outputs recomputed (phase 3)
+    # "activations": no layer, only every FFN's activation output recomputed (no time, less memory)
     grad_checkpointing: bool | int | str = False
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     log_every: int = 10
