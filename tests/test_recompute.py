@@ -122,3 +122,18 @@ def test_a_dense_model_with_lora_recomputes_its_gated_ffns_with_the_same_gradien
     assert plain.keys() == recomputed.keys() and any("lora" in n and ".mlp." in n for n in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], recomputed[name], rtol=0, atol=0, msg=name)
+
+
+def test_layer_checkpointing_and_activation_recompute_replace_each_other():
+    from medmoe.model.pretrained import build_model
+    from medmoe.moe import decoder_layers
+
+    model, _ = build_model("tiny")
+    layers = decoder_layers(model.language_model)
+    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(activations=True)
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    assert all("forward" in vars(layer.mlp) for layer in layers)
+    model.gradient_checkpointing_enable(selective=True)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert not any("forward" in vars(layer.mlp) for layer in layers)

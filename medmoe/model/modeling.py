@@ -269,6 +269,8 @@ class MedMoEForCausalLM(PreTrainedModel):
         every FFN (dense, expert, meta expert) recomputes its activation's output, the widest
         tensor it keeps, in backward (moe/recompute.py; LoRA experts excepted).
         transformers 5.24 renamed this "activation checkpointing"; either name works."""
+        # One way at a time: inside a checkpointed layer, recomputation would keep what checkpointing frees.
+        self.gradient_checkpointing_disable()
         if activations:
             self._recompute_activations(True)
             return
