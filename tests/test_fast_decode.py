@@ -85,3 +85,11 @@ def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
     looped, _ = build_model("tiny")
     looped.upcycle({"dispatch": "loop"})
     assert not graph_safe(looped, torch.float32, torch.device("cpu"))
+
+
+def test_compiled_step_is_built_once_per_mode():
+    from medmoe.generation.fast_decode import compiled_step
+
+    default, autotuned = compiled_step(), compiled_step("max-autotune-no-cudagraphs")
+    assert default is compiled_step(None) and autotuned is compiled_step("max-autotune-no-cudagraphs")
+    assert default is not autotuned  # torch.compile is lazy: nothing is compiled until a step runs

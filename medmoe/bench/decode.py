@@ -55,7 +55,7 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
-        plain_steps: int = 16, compile: bool = False, baselines: bool = True, fuse_qkv: bool = True,
+        plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
         log=print) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="decode: new tokens per sequence")
     p.add_argument("--decode-batches", default="1,8", help="decode: batch sizes")
     p.add_argument("--compile", action="store_true", help="decode: also fuse the step with torch.compile")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="decode: torch.compile's mode for the step (implies --compile), e.g. "
+                        "max-autotune-no-cudagraphs (the step is already captured in a CUDA graph)")
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
                    help="decode: keep the attention's query, key and value projections separate (model/fused_qkv.py)")
@@ -78,7 +81,7 @@ def run(args) -> int:
                 if section == "decode":
                     batches = tuple(int(b) for b in args.decode_batches.split(","))
                     report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
-                                                  compile=args.compile,
+                                                  compile=args.compile_mode or args.compile,
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)

@@ -49,10 +49,12 @@ def _step(lm, cache_name: str, cache, token, bias, position, write_index, temper
 _COMPILED = {}
 
 
-def _compiled_step():
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(_step, dynamic=False)
-    return _COMPILED["step"]
+def compiled_step(mode: str | None = None):
+    """The step through torch.compile, once per process and `mode` (None: the default; our own CUDA
+    graph captures the step, so a mode must leave inductor's off: "max-autotune-no-cudagraphs")."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_step, dynamic=False, mode=mode)
+    return _COMPILED[mode]
 
 
 class _DecodeState:
@@ -86,14 +88,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
            pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64,
            eos_token_id: int | Iterable[int] | None = None,
            temperature: float = 0.0, cuda_graph: bool | None = None, check_every: int = 16,
-           compile: bool = False, stats: dict | None = None) -> torch.Tensor:
+           compile: bool | str = False, stats: dict | None = None) -> torch.Tensor:
     """New tokens [B, max_new_tokens] for a left-padded batch. `eos_token_id`: one id or several
     (any of them ends a sequence); after a sequence's end, its end token repeats.
 
     `stats`, when given, receives prefill_ms, capture_ms and step_ms (the mean time of the steps
     after capture); timing it adds host syncs, so leave it None outside benchmarks.
     `compile=True` also fuses the step's small kernels with torch.compile (compiled once per batch
-    size and cache bucket; the first call takes a minute or more).
+    size and cache bucket; the first call takes a minute or more); a string is torch.compile's
+    `mode` (compiled_step).
     """
     clock = _Clock(stats)
     lm = model.language_model
@@ -121,7 +124,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     model.moe_state.start(None, False, False)
     clock.mark(device, "prefill_ms")
 
-    step_fn = _compiled_step() if compile else _step
+    step_fn = compiled_step(compile if isinstance(compile, str) else None) if compile else _step
 
     def step() -> None:
         step_fn(lm, cache_name, cache, state.token, state.bias, state.position, state.write_index, temperature)
