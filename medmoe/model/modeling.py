@@ -21,9 +21,9 @@ from ..config import MedMoEConfig, MoEConfig
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
 from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, decoder_layers, upcycle_llm
-from ..moe.upcycle import ffn_attribute
 from ..moe.experts import ffn_forward, plain_ffn, use_fused_activations
 from ..moe.router import router_feature
+from ..moe.upcycle import ffn_attribute
 from ..projector import build_projector
 from ..vision import build_vision_tower
 from .fused_qkv import is_fused
