@@ -64,6 +64,15 @@ def test_expert_matvec_picks_each_rows_expert():
         assert rel_err(y[s], x[s] @ w[expert[s]]) < 1e-6
 
 
+def test_expert_matvec_op_agrees_with_its_fake_shapes():
+    """The op returns split-K partial sums whose count the fake kernel predicts (torch.compile
+    traces with the fake); opcheck also runs it under the other checks torch asks of custom ops."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 16, generator=g), torch.randn(E, 16, 24, generator=g)
+    torch.library.opcheck(kernels._expert_matvec, (x, w, torch.tensor([1, 3])))
+    assert kernels.matvec_splits(2, 16, 24, x.device) == (1, 16)
+
+
 @pytest.mark.parametrize("kind", ["gated", "mlp"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_one_token_path_equals_loop(kind, top_k):
@@ -125,3 +134,4 @@ def test_triton_expert_matvec_equals_bmm(s, k, n):
     expert = torch.randint(0, E, (s,), generator=g).cuda()
     ref = torch.bmm(x.float().unsqueeze(1), w.float()[expert]).squeeze(1)
     assert rel_err(kernels.expert_matvec(x, w, expert), ref) < 1e-2
+    torch.library.opcheck(kernels._expert_matvec, (x, w, expert))  # the partials' count and dtype: as faked

@@ -113,21 +113,41 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str 
     return _bias_act(h.contiguous(), bias.contiguous(), group, act)
 
 
+MATVEC_BLOCK_N, MATVEC_BLOCK_K, MATVEC_PROGRAMS_PER_SM = 256, 128, 8
+
+
+def matvec_splits(s: int, k: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, k_per_split): the matrix-vector kernel splits K until about MATVEC_PROGRAMS_PER_SM
+    programs per SM stream weights; one split off CUDA. Shapes only: the fake kernel uses it too."""
+    if device.type != "cuda":
+        return 1, k
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_blocks = ceil(n, MATVEC_BLOCK_N)
+    splits = max(1, min(ceil(MATVEC_PROGRAMS_PER_SM * sms, max(s * n_blocks, 1)), ceil(k, MATVEC_BLOCK_K)))
+    k_per_split = ceil(ceil(k, splits), MATVEC_BLOCK_K) * MATVEC_BLOCK_K
+    return ceil(k, k_per_split), k_per_split
+
+
 @torch.library.custom_op("medmoe::expert_matvec", mutates_args=())
 def _expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     if triton_ready(x):
         return _triton().expert_matvec(x, w, expert)
-    return _matvec_reference(x, w, expert)
+    return _matvec_reference(x, w, expert).unsqueeze(0)
 
 
 @_expert_matvec.register_fake
 def _(x, w, expert):
-    return x.new_empty(x.shape[0], w.shape[2])
+    splits, _ = matvec_splits(x.shape[0], x.shape[1], w.shape[2], x.device)
+    return x.new_empty(splits, x.shape[0], w.shape[2], dtype=x.dtype if splits == 1 else torch.float32)
 
 
 def expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """[S, K] rows times stacked weights [E, K, N] -> [S, N]: row s uses w[expert[s]]. Inference only."""
-    return _expert_matvec(x.contiguous(), w.contiguous(), expert)
+    """[S, K] rows times stacked weights [E, K, N] -> [S, N]: row s uses w[expert[s]]. Inference only.
+    The kernel returns split-K partial sums (fp32); they are added here, outside the custom op, so
+    that torch.compile fuses the sum with what follows (bias, activation, gate weight)."""
+    part = _expert_matvec(x.contiguous(), w.contiguous(), expert)
+    return part[0] if part.shape[0] == 1 else part.sum(0).to(x.dtype)
 
 
 # ----- Triton ----------------------------------------------------------------------------------------
@@ -207,21 +227,16 @@ def _build_kernels():
             return dh
 
         @staticmethod
-        def expert_matvec(x, w, expert, block_n=256, block_k=128, per_sm=8, num_warps=2, num_stages=3):
+        def expert_matvec(x, w, expert, num_warps=2, num_stages=3):
+            """Partial sums [splits, S, N] (fp32; x's dtype when K is not split): see matvec_splits."""
             s, k = x.shape
             n = w.shape[2]
-            n_blocks = triton.cdiv(n, block_n)
-            # Split K until about `per_sm` programs per SM stream weights (partial sums in fp32);
-            # per_sm=0: no split, results written in x's dtype directly.
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(per_sm * sms, max(s * n_blocks, 1)), triton.cdiv(k, block_k)))
-            k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-            splits = triton.cdiv(k, k_per_split)
-            dtype = x.dtype if splits == 1 else torch.float32
-            part = torch.empty(splits, s, n, device=x.device, dtype=dtype)
+            splits, k_per_split = matvec_splits(s, k, n, x.device)
+            part = torch.empty(splits, s, n, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
             if s:
-                matvec[(s, n_blocks, splits)](x, w, expert, part, s, k, n, k_per_split, BLOCK_N=block_n,
-                                              BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-            return part[0] if splits == 1 else part.sum(0).to(x.dtype)
+                matvec[(s, triton.cdiv(n, MATVEC_BLOCK_N), splits)](
+                    x, w, expert, part, s, k, n, k_per_split, BLOCK_N=MATVEC_BLOCK_N, BLOCK_K=MATVEC_BLOCK_K,
+                    num_warps=num_warps, num_stages=num_stages)
+            return part
 
     return Kernels
