@@ -149,3 +149,13 @@ def test_mixture_follows_weights_and_seed():
     assert len(MixtureDataset([a, b])) == 110
     with pytest.raises(Exception, match="weights"):
         MixtureDataset([a, b], weights=[1])
+
+
+def test_augmented_dataset_shows_another_view_each_time(processor):
+    records = sample_records()[:1]
+    plain = VQADataset(records, processor)
+    augmented = VQADataset(records, processor, augment_images=True)
+    assert torch.equal(plain[0]["pixel_values"], plain[0]["pixel_values"])
+    first, second = augmented[0]["pixel_values"], augmented[0]["pixel_values"]
+    assert first.shape == plain[0]["pixel_values"].shape and not torch.equal(first, second)
+    assert augmented[0]["input_ids"] == plain[0]["input_ids"]  # the text is untouched

@@ -103,3 +103,19 @@ def test_preprocess_pads_with_mean_colour():
     assert x.shape == (3, 16, 16)
     assert abs(float(x[0, 0, 0])) < 0.02  # padded corner normalises to ~0
     assert float(x[0, 8, 8]) == pytest.approx((1 - 0.5) / 0.2, abs=1e-4)
+
+
+def test_random_view_crops_rotates_and_never_mirrors():
+    import torch
+
+    arr = np.zeros((120, 160, 3), dtype=np.uint8)
+    arr[:, :50] = 230  # a bright band on the left: a left-sided finding
+    image = Image.fromarray(arr)
+    views = [np.asarray(images.random_view(image, (0.5, 0.5, 0.5), torch.Generator().manual_seed(s)), dtype=np.float32)
+             for s in range(20)]
+    assert all(v.shape[2] == 3 and 0.8 * 160 - 1 <= v.shape[1] <= 160 and 0.8 * 120 - 1 <= v.shape[0] <= 120 for v in views)
+    # Every view keeps the band on the left (a flip would move it right).
+    assert all(v[:, : v.shape[1] // 4].mean() > 3 * v[:, -v.shape[1] // 4:].mean() for v in views)
+    assert len({v.tobytes() for v in views}) == 20  # every draw is another view
+    again = images.random_view(image, (0.5, 0.5, 0.5), torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(again, dtype=np.float32), views[3])  # a seeded draw repeats

@@ -34,6 +34,8 @@ def test_overrides_are_typed():
     assert r.phase2.grad_checkpointing is True and r.phase3.grad_checkpointing == 2
     assert r.phase1.grad_checkpointing == "selective"
     assert load_recipe("tiny", ["phase3.grad_checkpointing=activations"]).phase3.grad_checkpointing == "activations"
+    r = load_recipe("tiny", ["phase2.augment_images=true"])
+    assert r.phase2.augment_images is True and r.phase3.augment_images is False
 
 
 @pytest.mark.parametrize("override,message", [

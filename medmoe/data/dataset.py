@@ -43,13 +43,14 @@ class VQADataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], processor, template: str | None = None, max_length: int | None = None,
-                 allow_mismatch: bool = False, load_images: bool = True):
+                 allow_mismatch: bool = False, load_images: bool = True, augment_images: bool = False):
         self.records = list(records)
         self.processor = processor
         self.template = template or processor.template
         self.max_length = max_length
         self.allow_mismatch = allow_mismatch
         self.load_images = load_images
+        self.augment_images = augment_images  # a random view of each image every time (images.random_view)
         self.mismatched: set[str] = set()
 
     def __len__(self) -> int:
@@ -84,7 +85,7 @@ class VQADataset(Dataset):
         encoded = self.encode(record)
         pixels = None
         if record.image and self.load_images:
-            pixels = self.processor.image_tensor(record.image).unsqueeze(0)
+            pixels = self.processor.image_tensor(record.image, augment=self.augment_images).unsqueeze(0)
         return {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": pixels,
                 "modality": record.modality}
 

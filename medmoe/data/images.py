@@ -1,5 +1,7 @@
 """Image loading and the one preprocessing used by training and evaluation alike:
-pad to square with the tower's mean colour, resize, normalise."""
+pad to square with the tower's mean colour, resize, normalise. Training may first take a random
+view of the image (`random_view`: crop, small rotation, brightness and contrast; never a mirror
+image, since questions ask about left and right)."""
 
 from __future__ import annotations
 
@@ -81,6 +83,28 @@ def pad_to_square(image: Image.Image, fill: Sequence[float]) -> Image.Image:
     canvas = Image.new("RGB", (side, side), colour)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+def random_view(image: Image.Image, fill: Sequence[float], generator: torch.Generator | None = None,
+                min_scale: float = 0.8, max_degrees: float = 10.0, jitter: float = 0.1) -> Image.Image:
+    """A random view of `image` for training: a crop of min_scale to all of each side at a random
+    place, a rotation of up to max_degrees either way (corners filled with `fill`, the tower's mean
+    colour), brightness and contrast each scaled by 1 +- jitter. No flips: a mirrored radiograph
+    turns a left-sided finding into a right-sided one and the answer with it."""
+    u = torch.rand(6, generator=generator).tolist()
+    image = to_rgb(image)
+    w, h = image.size
+    scale = min_scale + (1.0 - min_scale) * u[0]
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    left, top = round((w - cw) * u[1]), round((h - ch) * u[2])
+    image = image.crop((left, top, left + cw, top + ch))
+    colour = tuple(int(round(c * 255)) for c in fill)
+    image = image.rotate((2 * u[3] - 1) * max_degrees, resample=Image.BILINEAR, fillcolor=colour)
+    arr = np.asarray(image, dtype=np.float32)
+    mean = arr.mean()
+    arr = (arr - mean) * (1 + (2 * u[4] - 1) * jitter) + mean  # contrast around the image's mean
+    arr = arr * (1 + (2 * u[5] - 1) * jitter)  # brightness
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
 
 
 def preprocess(image: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import IMAGE_TOKEN, VisionConfig
 from ..errors import DataError
-from .images import load_image, preprocess
+from .images import load_image, preprocess, random_view
 from .templates import IGNORE_INDEX, Encoded, Turn, encode
 
 PROCESSOR_FILE = "processor_config.json"
@@ -42,8 +42,12 @@ class MedMoEProcessor:
     def num_image_tokens(self) -> int:
         return self.vision.num_tokens
 
-    def image_tensor(self, image) -> torch.Tensor:
-        return preprocess(load_image(image), self.vision.image_size, self.vision.image_mean, self.vision.image_std)
+    def image_tensor(self, image, augment: bool = False) -> torch.Tensor:
+        """[3, size, size] for the tower; `augment`: of a random view of the image (training only)."""
+        image = load_image(image)
+        if augment:
+            image = random_view(image, self.vision.image_mean)
+        return preprocess(image, self.vision.image_size, self.vision.image_mean, self.vision.image_std)
 
     def encode(self, turns: list[Turn], template: str | None = None, check: bool = False) -> Encoded:
         """check: also tokenise the full text at once and set `Encoded.aligned` (see templates.py)."""

@@ -77,11 +77,13 @@ def load_records(sources: Sequence[str], split: str = "train") -> list:
     return out
 
 
-def build_dataset(sources: Sequence[str], processor, template: str, max_length: int, split: str = "train") -> VQADataset:
-    return records_dataset(load_records(sources, split), processor, template, max_length)
+def build_dataset(sources: Sequence[str], processor, template: str, max_length: int, split: str = "train",
+                  augment_images: bool = False) -> VQADataset:
+    return records_dataset(load_records(sources, split), processor, template, max_length, augment_images)
 
 
-def records_dataset(records: list, processor, template: str, max_length: int) -> VQADataset:
+def records_dataset(records: list, processor, template: str, max_length: int, augment_images: bool = False) -> VQADataset:
     # A tokenisation mismatch only means the answer's first token merges differently with the
     # prompt; the labels still cover the answer, so training keeps such samples.
-    return VQADataset(records, processor, template=template, max_length=max_length, allow_mismatch=True)
+    return VQADataset(records, processor, template=template, max_length=max_length, allow_mismatch=True,
+                      augment_images=augment_images)

@@ -150,7 +150,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     groups = params.select(model, _groups(model, recipe, phase))
-    dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length)
+    dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
                     wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)

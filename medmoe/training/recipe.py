@@ -41,6 +41,7 @@ class PhaseRecipe:
     grad_clip: float = 1.0  # 0: no clipping
     max_length: int = 2048  # longer samples are truncated
     max_samples: int = 0  # >0: use only the first N samples (quick runs)
+    augment_images: bool = False  # train on a random view of each image (crop, rotation, light; no flips)
     # true: every layer; n: every n-th layer (less recompute); "selective": every layer, keeping the
     # matrix products' outputs (almost no recompute, still frees the wide elementwise activations);
     # "activations": no layer, only every FFN's activation output recomputed (no time, less memory)
