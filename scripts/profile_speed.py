@@ -5,6 +5,7 @@
     python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective)
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
+    python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
 Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled. The
 training step also prints its wall time against the sum of its kernel times: where the first is
@@ -132,8 +133,42 @@ def matvec() -> None:
             print(f"K {k} N {n}, in a CUDA graph: {name} {median_ms(graphed(fn), DEVICE) * 1e3:.1f} us")
 
 
+def cat_callers(setting: str = "0") -> None:
+    """On the CPU, the tiny bench model: each torch.cat of one training step with the transformers or
+    medmoe line that called it (the `CatArrayBatchedCopy` kernels of the GPU profile)."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+    model = phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
+    model.train()
+    setting = parse_checkpointing(setting)
+    if setting:
+        model.gradient_checkpointing_enable(**checkpointing_options(setting))
+    ids, mask, pixels = image_prompt(model, 2, 6, torch.device("cpu"))
+    callers = collections.Counter()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default:
+                frames = [f for f in traceback.extract_stack() if "transformers" in f.filename or "medmoe" in f.filename]
+                callers[" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-2:])
+                        or "autograd (backward)"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, return_logits=False).loss.backward()
+    layers = model.language_model.config.num_hidden_layers
+    print(f"==== torch.cat calls in one training step ({layers} layers), grad_checkpointing={setting}")
+    for caller, count in callers.most_common():
+        print(f"{count:4d}  {caller}")
+
+
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "matvec": matvec}
+    sections = {"moe": moe, "train": train, "decode": decode, "matvec": matvec, "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")
         sections[name](*([value] if value else []))
