@@ -8,6 +8,9 @@
   The expert index is read on the device (no host sync, CUDA-graph safe) and each chosen expert's
   weights are streamed once, split along K so that every SM takes part: a grouped GEMM at one
   row runs at a fraction of the memory bandwidth.
+- `linear_matvec(x, weight)`: the same kernel for one dense `nn.Linear` weight [N, K] (x @ W^T),
+  where cuBLAS's GEMV reaches half the copy bandwidth on the small attention projections.
+  Tile sizes are autotuned per shape on first use (a few seconds, before any graph capture).
 
 Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
 without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
@@ -113,19 +116,30 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str 
     return _bias_act(h.contiguous(), bias.contiguous(), group, act)
 
 
-MATVEC_BLOCK_N, MATVEC_BLOCK_K, MATVEC_PROGRAMS_PER_SM = 256, 128, 8
+MATVEC_PROGRAMS_PER_SM = 8
+# (nominal BLOCK_N the split count is planned with, granule of k_per_split = the largest BLOCK_K)
+# for weights stored [K, N] (stacked experts: N contiguous) and [N, K] (nn.Linear: K contiguous).
+_MATVEC_PLAN = {False: (256, 128), True: (32, 256)}
 
 
-def matvec_splits(s: int, k: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, k_per_split): the matrix-vector kernel splits K until about MATVEC_PROGRAMS_PER_SM
-    programs per SM stream weights; one split off CUDA. Shapes only: the fake kernel uses it too."""
+def matvec_splits(s: int, k: int, n: int, device: torch.device, k_contiguous: bool = False) -> tuple[int, int]:
+    """(splits, k_per_split) for the matrix-vector kernel on `device`: one split off CUDA. Shapes
+    only: the fake kernels use it too, so it must not depend on the tuned tiles."""
     if device.type != "cuda":
         return 1, k
+    return plan_splits(s, k, n, torch.cuda.get_device_properties(device).multi_processor_count, k_contiguous)
+
+
+def plan_splits(s: int, k: int, n: int, sms: int, k_contiguous: bool = False) -> tuple[int, int]:
+    """Split K until about MATVEC_PROGRAMS_PER_SM programs per SM stream weights, in multiples of
+    the plan's granule, preferring a split that divides K (no masked tail)."""
     ceil = lambda a, b: -(-a // b)  # noqa: E731
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    n_blocks = ceil(n, MATVEC_BLOCK_N)
-    splits = max(1, min(ceil(MATVEC_PROGRAMS_PER_SM * sms, max(s * n_blocks, 1)), ceil(k, MATVEC_BLOCK_K)))
-    k_per_split = ceil(ceil(k, splits), MATVEC_BLOCK_K) * MATVEC_BLOCK_K
+    nominal_n, granule = _MATVEC_PLAN[k_contiguous]
+    target = max(1, min(ceil(MATVEC_PROGRAMS_PER_SM * sms, max(s * ceil(n, nominal_n), 1)), ceil(k, granule)))
+    k_per_split = ceil(ceil(k, target), granule) * granule
+    dividing = next((m for m in range(k_per_split, k + 1, granule) if k % m == 0), None)
+    if dividing is not None and dividing <= 2 * k_per_split:
+        k_per_split = dividing
     return ceil(k, k_per_split), k_per_split
 
 
@@ -146,14 +160,42 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> tor
     """[S, K] rows times stacked weights [E, K, N] -> [S, N]: row s uses w[expert[s]]. Inference only.
     The kernel returns split-K partial sums (fp32); they are added here, outside the custom op, so
     that torch.compile fuses the sum with what follows (bias, activation, gate weight)."""
-    part = _expert_matvec(x.contiguous(), w.contiguous(), expert)
-    return part[0] if part.shape[0] == 1 else part.sum(0).to(x.dtype)
+    return _sum_partials(_expert_matvec(x.contiguous(), w.contiguous(), expert), x.dtype)
+
+
+@torch.library.custom_op("medmoe::linear_matvec", mutates_args=())
+def _linear_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if triton_ready(x):
+        return _triton().linear_matvec(x, weight)
+    return (x @ weight.T).unsqueeze(0)
+
+
+@_linear_matvec.register_fake
+def _(x, weight):
+    splits, _ = matvec_splits(x.shape[0], x.shape[1], weight.shape[0], x.device, k_contiguous=True)
+    return x.new_empty(splits, x.shape[0], weight.shape[0], dtype=x.dtype if splits == 1 else torch.float32)
+
+
+def linear_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows x [..., K] and an nn.Linear weight [N, K], by the
+    matrix-vector kernel (split-K partials summed outside the op, as in expert_matvec). Inference only."""
+    lead = x.shape[:-1]
+    y = _sum_partials(_linear_matvec(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()), x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return part[0] if part.shape[0] == 1 else part.sum(0).to(dtype)
 
 
 # ----- Triton ----------------------------------------------------------------------------------------
 
-def _build_kernels():
-    """The Triton kernels and their launchers (built on first use, only where Triton is installed)."""
+def _build_kernels(tile: int | None = None):
+    """The Triton kernels and their launchers (built on first use, only where Triton is installed).
+    `tile` pins the matrix-vector kernels to that entry of their tile lists instead of autotuning
+    (tests under Triton's CPU interpreter, which cannot time kernels)."""
     import triton
     import triton.language as tl
 
@@ -188,27 +230,78 @@ def _build_kernels():
 
     @triton.jit
     def matvec(x_ptr, w_ptr, e_ptr, part_ptr, S, K, N, k_per_split,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               HAS_EXPERT: tl.constexpr, K_CONTIGUOUS: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_2D: tl.constexpr):
+        # Program (row s, block of N, split of K). ACC_2D: a [BLOCK_K, BLOCK_N] accumulator reduced
+        # over K once at the end; else each tile is reduced as it arrives (fewer registers, so
+        # larger tiles: more loads in flight per thread).
         s = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         n_mask = offs_n < N
-        e = tl.load(e_ptr + s).to(tl.int64)
-        w_base = w_ptr + e * K * N
+        w_base = w_ptr
+        if HAS_EXPERT:
+            w_base += tl.load(e_ptr + s).to(tl.int64) * K * N
         k_start = split * k_per_split
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k_per_split, BLOCK_K):
+        if ACC_2D:
+            acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, k_per_split, BLOCK_K):
             offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xk = tl.load(x_ptr + s * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            wt = tl.load(w_base + offs_k[:, None] * N + offs_n[None, :],
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(xk[:, None] * wt, axis=0)
+            if K_CONTIGUOUS:  # nn.Linear weight [N, K]
+                w_ptrs = w_base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+            else:  # stacked experts [E, K, N]
+                w_ptrs = w_base + offs_k[:, None].to(tl.int64) * N + offs_n[None, :]
+            if EVEN:
+                xk = tl.load(x_ptr + s * K + offs_k).to(tl.float32)
+                wt = tl.load(w_ptrs).to(tl.float32)
+            else:
+                k_mask = offs_k < K
+                xk = tl.load(x_ptr + s * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            if ACC_2D:
+                acc2 += xk[:, None] * wt
+            else:
+                acc += tl.sum(xk[:, None] * wt, axis=0)
+        if ACC_2D:
+            acc = tl.sum(acc2, axis=0)
         tl.store(part_ptr + (split * S + s) * N + offs_n, acc, mask=n_mask)
+
+    def configs(tiles):
+        tiles = tiles if tile is None else [tiles[tile % len(tiles)]]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "ACC_2D": acc2}, num_warps=w, num_stages=st)
+                for bn, bk, w, st, acc2 in tiles]
+
+    even = triton.heuristics({"EVEN": lambda a: a["K"] % a["k_per_split"] == 0 and a["k_per_split"] % a["BLOCK_K"] == 0
+                              and a["N"] % a["BLOCK_N"] == 0})
+    # (BLOCK_N, BLOCK_K, warps, stages, ACC_2D); BLOCK_K at most the plan's granule. The first
+    # expert tile is the one measured before autotuning (docs/speed.md, runs D to F).
+    matvec_experts = triton.autotune(configs([
+        (256, 128, 2, 3, False), (256, 64, 2, 3, False), (128, 128, 2, 3, False), (256, 128, 4, 3, False),
+        (512, 64, 4, 3, False), (512, 128, 4, 3, False), (256, 128, 8, 3, False), (128, 128, 1, 3, False),
+        (256, 32, 4, 3, True), (512, 32, 8, 3, True)]), key=["K", "N", "k_per_split"])(even(matvec))
+    matvec_linear = triton.autotune(configs([
+        (32, 256, 2, 3, False), (64, 256, 2, 3, False), (64, 256, 4, 3, False), (128, 256, 4, 3, False),
+        (16, 256, 1, 3, False), (32, 256, 1, 3, False), (128, 128, 4, 3, False), (32, 256, 4, 3, True),
+        (64, 128, 4, 4, True), (16, 256, 4, 3, True), (64, 256, 8, 3, True)]),
+        key=["K", "N", "k_per_split"])(even(matvec))
+
+    def launch(kernel, x, w, expert, n, k_contiguous):
+        s, k = x.shape
+        splits, k_per_split = matvec_splits(s, k, n, x.device, k_contiguous)
+        part = torch.empty(splits, s, n, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+        if s:
+            kernel[lambda meta: (s, triton.cdiv(n, meta["BLOCK_N"]), splits)](
+                x, w, expert if expert is not None else x, part, s, k, n, k_per_split,
+                HAS_EXPERT=expert is not None, K_CONTIGUOUS=k_contiguous)
+        return part
 
     block = 1024
 
     class Kernels:
+        tuners = {"expert_matvec": matvec_experts, "linear_matvec": matvec_linear}  # .cache: the tiles chosen
+
         @staticmethod
         def bias_act(h, bias, group, act):
             y = torch.empty_like(h)
@@ -227,16 +320,12 @@ def _build_kernels():
             return dh
 
         @staticmethod
-        def expert_matvec(x, w, expert, num_warps=2, num_stages=3):
+        def expert_matvec(x, w, expert):
             """Partial sums [splits, S, N] (fp32; x's dtype when K is not split): see matvec_splits."""
-            s, k = x.shape
-            n = w.shape[2]
-            splits, k_per_split = matvec_splits(s, k, n, x.device)
-            part = torch.empty(splits, s, n, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-            if s:
-                matvec[(s, triton.cdiv(n, MATVEC_BLOCK_N), splits)](
-                    x, w, expert, part, s, k, n, k_per_split, BLOCK_N=MATVEC_BLOCK_N, BLOCK_K=MATVEC_BLOCK_K,
-                    num_warps=num_warps, num_stages=num_stages)
-            return part
+            return launch(matvec_experts, x, w, expert, w.shape[2], False)
+
+        @staticmethod
+        def linear_matvec(x, weight):
+            return launch(matvec_linear, x, weight, None, weight.shape[0], True)
 
     return Kernels

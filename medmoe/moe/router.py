@@ -23,6 +23,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [..., num_experts] in fp32."""
+        if x.is_cuda and x.numel() <= self.weight.shape[1] and not torch.is_grad_enabled():
+            # One token (a decode step): a product and a sum that torch.compile fuses with the
+            # softmax and top-1 into one kernel, where an fp32 GEMV is two cuBLAS kernels.
+            return (x.float().unsqueeze(-2) * self.weight.float()).sum(-1) + self.bias.float()
         return F.linear(x.float(), self.weight.float(), self.bias.float())
 
 
@@ -44,7 +48,10 @@ class RoutingDecision:
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> RoutingDecision:
     """Deterministic top-k: no noise at inference or training (the official top-2 path adds noise)."""
     probs = logits.softmax(dim=-1)
-    weight, index = probs.topk(top_k, dim=-1)
+    if top_k == 1:  # a max is a plain reduction (fused by torch.compile); topk launches a sort kernel
+        weight, index = probs.max(dim=-1, keepdim=True)
+    else:
+        weight, index = probs.topk(top_k, dim=-1)
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return RoutingDecision(probs=probs, expert_index=index, expert_weight=weight)
