@@ -4,8 +4,8 @@
     python scripts/profile_speed.py train    # one phase-3 training step at Phi-2 size, checkpointing on
     python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective)
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
-    python scripts/profile_speed.py decode=fused      # ... without the decode kernels (decode=plain: nor fused QKV)
-    python scripts/profile_speed.py matvec   # the one-token kernels (experts, linears, attention) against cuBLAS, SDPA
+    python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
+    python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
 Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled. The
@@ -84,18 +84,15 @@ def train(setting: str = "1") -> None:
           f"{kernels_ms:.1f} ms of kernels\n{table(prof)}")
 
 
-def decode(setting: str = "kernels") -> None:
-    """`kernels`: as `medmoe bench --what decode` runs it (fused QKV, model/decode_kernels.py);
-    `fused`: fused QKV only (run E's path); `plain`: neither."""
+def decode(setting: str = "fused") -> None:
+    """`fused`: the query, key and value projections as one product, as `medmoe bench --what
+    decode` runs the step; `plain`: as transformers has them."""
     import medmoe.generation.fast_decode as fast
-    from medmoe.model.decode_kernels import use_decode_kernels
     from medmoe.model.fused_qkv import fuse_qkv
 
     model = phi2_medmoe(DEVICE)
-    if setting in ("kernels", "fused"):
+    if setting == "fused":
         fuse_qkv(model.language_model)
-    if setting == "kernels":
-        use_decode_kernels(model.language_model)
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
 
@@ -127,7 +124,7 @@ def matvec() -> None:
             fn()
         return graph.replay
 
-    for k, n in ((2560, 10240), (10240, 2560), (2560, 7680), (2560, 2560)):
+    for k, n in ((2560, 10240), (10240, 2560)):
         x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
         w = torch.randn(4, k, n, device=DEVICE, dtype=torch.bfloat16) * 0.02
         dense = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
@@ -135,34 +132,13 @@ def matvec() -> None:
         offs = torch.tensor([0, 0, 1, 1], device=DEVICE, dtype=torch.int32)
         timings = {
             "cuBLAS on a dense weight": lambda: F.linear(x, dense),
-            "linear_matvec on it": lambda: kernels.linear_matvec(x, dense),
             "_grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
             "expert_matvec": lambda: kernels.expert_matvec(x, w, expert),
         }
         for name, fn in timings.items():
-            us = median_ms(graphed(fn), DEVICE) * 1e3
-            print(f"K {k} N {n}, in a CUDA graph: {name} {us:.1f} us ({k * n * 2 / us / 1e3:.0f} GB/s of weights)")
-    for name, tuner in kernels._triton().tuners.items():
-        for key, config in tuner.cache.items():
-            print(f"{name} tuned for {key}: {config}")
-    _attention(graphed)
-
-
-def _attention(graphed) -> None:
-    """One query per head over a 768-slot cache (Phi-2 size: 32 heads of 80), 700 slots unmasked."""
-    from medmoe.model.decode_attention import decode_attention
-
-    q = torch.randn(1, 32, 1, 80, device=DEVICE, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 32, 768, 80, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    mask = torch.full((1, 1, 1, 768), torch.finfo(torch.bfloat16).min, device=DEVICE, dtype=torch.bfloat16)
-    mask[..., :700] = 0
-    merged = torch.compile(decode_attention)  # the merge of the chunks fused, as in a compiled decode step
-    timings = {
-        "SDPA": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        "decode_attention (compiled)": lambda: merged(q, k, v, mask[:, 0, 0].float(), 80 ** -0.5),
-    }
-    for name, fn in timings.items():
-        print(f"attention, 1 x 32 heads x 768 slots, in a CUDA graph: {name} {median_ms(graphed(fn), DEVICE) * 1e3:.1f} us")
+            print(f"K {k} N {n}, in a CUDA graph: {name} {median_ms(graphed(fn), DEVICE) * 1e3:.1f} us")
+    for key, config in kernels._triton().matvec_tuner.cache.items():
+        print(f"expert_matvec's tile for {key}: {config}")
 
 
 def cat_callers(setting: str = "0") -> None:

@@ -73,6 +73,18 @@ def test_expert_matvec_op_agrees_with_its_fake_shapes():
     assert kernels.matvec_splits(2, 16, 24, x.device) == (1, 16)
 
 
+@pytest.mark.parametrize("s,k,n", [(1, 2560, 10240), (1, 10240, 2560), (2, 2560, 7680), (1, 100, 72), (8, 1536, 576)])
+def test_planned_splits_cover_k_in_granules(s, k, n):
+    splits, per_split = kernels.plan_splits(s, k, n, sms=132)
+    assert per_split % kernels.MATVEC_GRANULE == 0
+    assert (splits - 1) * per_split < k <= splits * per_split
+
+
+def test_planned_splits_prefer_one_that_divides_k():
+    # 352 blocks of N ask for 3 splits of K = 1280: 512 each leaves a masked tail; 640 divides it.
+    assert kernels.plan_splits(1, 1280, 352 * 256, sms=132) == (2, 640)
+
+
 @pytest.mark.parametrize("kind", ["gated", "mlp"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_one_token_path_equals_loop(kind, top_k):

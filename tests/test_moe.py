@@ -122,6 +122,22 @@ def test_routing_is_deterministic_and_renormalisation_optional():
     torch.testing.assert_close(route(logits, 2, True).expert_weight.sum(-1), torch.ones(10))
 
 
+def test_top1_routing_picks_the_most_probable_expert_with_its_gate():
+    logits = torch.randn(50, 4)
+    decision = route(logits, 1, False)
+    weight, index = logits.softmax(-1).topk(1, dim=-1)
+    assert decision.expert_index.shape == (50, 1) and torch.equal(decision.expert_index, index)
+    torch.testing.assert_close(decision.expert_weight, weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-token router path runs on a CUDA GPU")
+def test_one_token_router_equals_its_linear_form():
+    router = Router(64, 4).cuda()
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(router(x), nn.functional.linear(x.float(), router.weight, router.bias))
+
+
 def test_per_sample_routing_sends_every_token_of_a_sample_to_one_expert():
     ffn = tiny_ffn("gated")
     state = MoEState()

@@ -1,9 +1,8 @@
 """Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
 
 For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
-attention's query, key and value projections fused and the one-token kernels of
-model/decode_kernels.py, as `load_for_inference` does on a GPU, unless `fuse_qkv=False` or
-`decode_kernels=False`), the same step without the graph, the fusion and the kernels, and a plain
+attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
+`fuse_qkv=False`), the same step without the graph and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
 LM head, the KV cache of the mean context) over the measured copy bandwidth.
@@ -17,7 +16,6 @@ import torch
 from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
-from ..model.decode_kernels import drop_decode_kernels, use_decode_kernels
 from ..model.fused_qkv import fuse_qkv as fuse
 from ..model.fused_qkv import unfuse_qkv
 from .models import image_prompt, param_bytes, phi2_medmoe
@@ -58,7 +56,7 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
         plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
-        decode_kernels: bool = True, log=print) -> dict:
+        log=print) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -69,14 +67,11 @@ def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens
         warm = {}
         if fuse_qkv:
             fuse(model.language_model)
-        if decode_kernels:
-            use_decode_kernels(model.language_model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
         unfuse_qkv(model)  # the baselines run the model as transformers does
-        drop_decode_kernels(model.language_model)
-        row["compile"], row["fused_qkv"], row["decode_kernels"] = compile, fuse_qkv, decode_kernels
+        row["compile"], row["fused_qkv"] = compile, fuse_qkv
         row["warmup"] = warm
         row["graph"] = graph
         if baselines:

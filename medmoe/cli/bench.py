@@ -27,9 +27,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
                    help="decode: keep the attention's query, key and value projections separate (model/fused_qkv.py)")
-    p.add_argument("--no-decode-kernels", dest="decode_kernels", action="store_false",
-                   help="decode: run the one-token step's linears and attention as transformers does "
-                        "(cuBLAS and SDPA) instead of model/decode_kernels.py's")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
@@ -85,8 +82,7 @@ def run(args) -> int:
                     batches = tuple(int(b) for b in args.decode_batches.split(","))
                     report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
                                                   compile=args.compile_mode or args.compile,
-                                                  baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
-                                                  decode_kernels=args.decode_kernels)
+                                                  baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]

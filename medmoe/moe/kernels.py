@@ -8,9 +8,8 @@
   The expert index is read on the device (no host sync, CUDA-graph safe) and each chosen expert's
   weights are streamed once, split along K so that every SM takes part: a grouped GEMM at one
   row runs at a fraction of the memory bandwidth.
-- `linear_matvec(x, weight)`: the same kernel for one dense `nn.Linear` weight [N, K] (x @ W^T),
-  where cuBLAS's GEMV reaches half the copy bandwidth on the small attention projections.
-  Tile sizes are autotuned per shape on first use (a few seconds, before any graph capture).
+  Its tile sizes are autotuned per shape on first use (a few seconds, in the eager steps before
+  a decode step is captured as a CUDA graph).
 
 Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
 without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
@@ -117,24 +116,22 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, act: str 
 
 
 MATVEC_PROGRAMS_PER_SM = 8
-# (nominal BLOCK_N the split count is planned with, granule of k_per_split = the largest BLOCK_K)
-# for weights stored [K, N] (stacked experts: N contiguous) and [N, K] (nn.Linear: K contiguous).
-_MATVEC_PLAN = {False: (256, 128), True: (32, 256)}
+MATVEC_PLAN_BLOCK_N, MATVEC_GRANULE = 256, 128  # the split count is planned with; k_per_split's multiple
 
 
-def matvec_splits(s: int, k: int, n: int, device: torch.device, k_contiguous: bool = False) -> tuple[int, int]:
+def matvec_splits(s: int, k: int, n: int, device: torch.device) -> tuple[int, int]:
     """(splits, k_per_split) for the matrix-vector kernel on `device`: one split off CUDA. Shapes
     only: the fake kernels use it too, so it must not depend on the tuned tiles."""
     if device.type != "cuda":
         return 1, k
-    return plan_splits(s, k, n, torch.cuda.get_device_properties(device).multi_processor_count, k_contiguous)
+    return plan_splits(s, k, n, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def plan_splits(s: int, k: int, n: int, sms: int, k_contiguous: bool = False) -> tuple[int, int]:
+def plan_splits(s: int, k: int, n: int, sms: int) -> tuple[int, int]:
     """Split K until about MATVEC_PROGRAMS_PER_SM programs per SM stream weights, in multiples of
-    the plan's granule, preferring a split that divides K (no masked tail)."""
+    MATVEC_GRANULE (the largest BLOCK_K), preferring a split that divides K (no masked tail)."""
     ceil = lambda a, b: -(-a // b)  # noqa: E731
-    nominal_n, granule = _MATVEC_PLAN[k_contiguous]
+    nominal_n, granule = MATVEC_PLAN_BLOCK_N, MATVEC_GRANULE
     target = max(1, min(ceil(MATVEC_PROGRAMS_PER_SM * sms, max(s * ceil(n, nominal_n), 1)), ceil(k, granule)))
     k_per_split = ceil(ceil(k, target), granule) * granule
     dividing = next((m for m in range(k_per_split, k + 1, granule) if k % m == 0), None)
@@ -160,42 +157,14 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> tor
     """[S, K] rows times stacked weights [E, K, N] -> [S, N]: row s uses w[expert[s]]. Inference only.
     The kernel returns split-K partial sums (fp32); they are added here, outside the custom op, so
     that torch.compile fuses the sum with what follows (bias, activation, gate weight)."""
-    return _sum_partials(_expert_matvec(x.contiguous(), w.contiguous(), expert), x.dtype)
-
-
-@torch.library.custom_op("medmoe::linear_matvec", mutates_args=())
-def _linear_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if triton_ready(x):
-        return _triton().linear_matvec(x, weight)
-    return (x @ weight.T).unsqueeze(0)
-
-
-@_linear_matvec.register_fake
-def _(x, weight):
-    splits, _ = matvec_splits(x.shape[0], x.shape[1], weight.shape[0], x.device, k_contiguous=True)
-    return x.new_empty(splits, x.shape[0], weight.shape[0], dtype=x.dtype if splits == 1 else torch.float32)
-
-
-def linear_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for a few rows x [..., K] and an nn.Linear weight [N, K], by the
-    matrix-vector kernel (split-K partials summed outside the op, as in expert_matvec). Inference only."""
-    lead = x.shape[:-1]
-    y = _sum_partials(_linear_matvec(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()), x.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*lead, weight.shape[0])
-
-
-def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return part[0] if part.shape[0] == 1 else part.sum(0).to(dtype)
+    part = _expert_matvec(x.contiguous(), w.contiguous(), expert)
+    return part[0] if part.shape[0] == 1 else part.sum(0).to(x.dtype)
 
 
 # ----- Triton ----------------------------------------------------------------------------------------
 
-def _build_kernels(tile: int | None = None):
-    """The Triton kernels and their launchers (built on first use, only where Triton is installed).
-    `tile` pins the matrix-vector kernels to that entry of their tile lists instead of autotuning
-    (tests under Triton's CPU interpreter, which cannot time kernels)."""
+def _build_kernels():
+    """The Triton kernels and their launchers (built on first use, only where Triton is installed)."""
     import triton
     import triton.language as tl
 
@@ -230,8 +199,7 @@ def _build_kernels(tile: int | None = None):
 
     @triton.jit
     def matvec(x_ptr, w_ptr, e_ptr, part_ptr, S, K, N, k_per_split,
-               HAS_EXPERT: tl.constexpr, K_CONTIGUOUS: tl.constexpr, EVEN: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_2D: tl.constexpr):
+               EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_2D: tl.constexpr):
         # Program (row s, block of N, split of K). ACC_2D: a [BLOCK_K, BLOCK_N] accumulator reduced
         # over K once at the end; else each tile is reduced as it arrives (fewer registers, so
         # larger tiles: more loads in flight per thread).
@@ -239,9 +207,7 @@ def _build_kernels(tile: int | None = None):
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         n_mask = offs_n < N
-        w_base = w_ptr
-        if HAS_EXPERT:
-            w_base += tl.load(e_ptr + s).to(tl.int64) * K * N
+        w_base = w_ptr + tl.load(e_ptr + s).to(tl.int64) * K * N
         k_start = split * k_per_split
         if ACC_2D:
             acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -249,10 +215,7 @@ def _build_kernels(tile: int | None = None):
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, k_per_split, BLOCK_K):
             offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-            if K_CONTIGUOUS:  # nn.Linear weight [N, K]
-                w_ptrs = w_base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-            else:  # stacked experts [E, K, N]
-                w_ptrs = w_base + offs_k[:, None].to(tl.int64) * N + offs_n[None, :]
+            w_ptrs = w_base + offs_k[:, None].to(tl.int64) * N + offs_n[None, :]
             if EVEN:
                 xk = tl.load(x_ptr + s * K + offs_k).to(tl.float32)
                 wt = tl.load(w_ptrs).to(tl.float32)
@@ -269,38 +232,22 @@ def _build_kernels(tile: int | None = None):
         tl.store(part_ptr + (split * S + s) * N + offs_n, acc, mask=n_mask)
 
     def configs(tiles):
-        tiles = tiles if tile is None else [tiles[tile % len(tiles)]]
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "ACC_2D": acc2}, num_warps=w, num_stages=st)
                 for bn, bk, w, st, acc2 in tiles]
 
     even = triton.heuristics({"EVEN": lambda a: a["K"] % a["k_per_split"] == 0 and a["k_per_split"] % a["BLOCK_K"] == 0
                               and a["N"] % a["BLOCK_N"] == 0})
-    # (BLOCK_N, BLOCK_K, warps, stages, ACC_2D); BLOCK_K at most the plan's granule. The first
-    # expert tile is the one measured before autotuning (docs/speed.md, runs D to F).
+    # (BLOCK_N, BLOCK_K, warps, stages, ACC_2D); BLOCK_K at most MATVEC_GRANULE. The first tile is
+    # the one runs D to F measured before autotuning (docs/speed.md).
     matvec_experts = triton.autotune(configs([
         (256, 128, 2, 3, False), (256, 64, 2, 3, False), (128, 128, 2, 3, False), (256, 128, 4, 3, False),
         (512, 64, 4, 3, False), (512, 128, 4, 3, False), (256, 128, 8, 3, False), (128, 128, 1, 3, False),
         (256, 32, 4, 3, True), (512, 32, 8, 3, True)]), key=["K", "N", "k_per_split"])(even(matvec))
-    matvec_linear = triton.autotune(configs([
-        (32, 256, 2, 3, False), (64, 256, 2, 3, False), (64, 256, 4, 3, False), (128, 256, 4, 3, False),
-        (16, 256, 1, 3, False), (32, 256, 1, 3, False), (128, 128, 4, 3, False), (32, 256, 4, 3, True),
-        (64, 128, 4, 4, True), (16, 256, 4, 3, True), (64, 256, 8, 3, True)]),
-        key=["K", "N", "k_per_split"])(even(matvec))
-
-    def launch(kernel, x, w, expert, n, k_contiguous):
-        s, k = x.shape
-        splits, k_per_split = matvec_splits(s, k, n, x.device, k_contiguous)
-        part = torch.empty(splits, s, n, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-        if s:
-            kernel[lambda meta: (s, triton.cdiv(n, meta["BLOCK_N"]), splits)](
-                x, w, expert if expert is not None else x, part, s, k, n, k_per_split,
-                HAS_EXPERT=expert is not None, K_CONTIGUOUS=k_contiguous)
-        return part
 
     block = 1024
 
     class Kernels:
-        tuners = {"expert_matvec": matvec_experts, "linear_matvec": matvec_linear}  # .cache: the tiles chosen
+        matvec_tuner = matvec_experts  # .cache: the tile chosen per shape
 
         @staticmethod
         def bias_act(h, bias, group, act):
@@ -322,10 +269,13 @@ def _build_kernels(tile: int | None = None):
         @staticmethod
         def expert_matvec(x, w, expert):
             """Partial sums [splits, S, N] (fp32; x's dtype when K is not split): see matvec_splits."""
-            return launch(matvec_experts, x, w, expert, w.shape[2], False)
-
-        @staticmethod
-        def linear_matvec(x, weight):
-            return launch(matvec_linear, x, weight, None, weight.shape[0], True)
+            s, k = x.shape
+            n = w.shape[2]
+            splits, k_per_split = matvec_splits(s, k, n, x.device)
+            part = torch.empty(splits, s, n, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+            if s:
+                matvec_experts[lambda meta: (s, triton.cdiv(n, meta["BLOCK_N"]), splits)](
+                    x, w, expert, part, s, k, n, k_per_split)
+            return part
 
     return Kernels
