@@ -107,6 +107,9 @@ def decode(setting: str = "fused") -> None:
         fast.decode(model, ids, mask, pixels, max_new_tokens=101, compile=True)
         torch.cuda.synchronize()
     print(f"==== prefill + 100 compiled decode steps, batch 1 ({setting})\n{table(prof, 45)}")
+    on_gpu = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # kernels and copies
+    print(f"GPU operations: {sum(e.count for e in on_gpu) / 100:.0f} per step, "
+          f"{sum(e.self_device_time_total for e in on_gpu) / 100 / 1e3:.3f} ms per step (prefill included)")
 
 
 def matvec() -> None:
