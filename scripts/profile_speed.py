@@ -5,6 +5,7 @@
     python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective)
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
+    python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
     python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
@@ -85,14 +86,15 @@ def train(setting: str = "1") -> None:
 
 
 def decode(setting: str = "fused") -> None:
-    """`fused`: the query, key and value projections as one product, as `medmoe bench --what
-    decode` runs the step; `plain`: as transformers has them."""
+    """`fused`: the query, key and value projections as one product, and Phi's FFN projections
+    with them, as `medmoe bench --what decode` runs the step; `qkv`: the first only; `plain`: as
+    transformers has them."""
     import medmoe.generation.fast_decode as fast
     from medmoe.model.fused_qkv import fuse_qkv
 
     model = phi2_medmoe(DEVICE)
-    if setting == "fused":
-        fuse_qkv(model.language_model)
+    if setting != "plain":
+        fuse_qkv(model.language_model, parallel=setting == "fused")
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
 

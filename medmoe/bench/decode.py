@@ -2,7 +2,8 @@
 
 For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
 attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
-`fuse_qkv=False`), the same step without the graph and without the fusion, and a plain
+`fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
+`fuse_parallel=False`), the same step without the graph and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
 LM head, the KV cache of the mean context) over the measured copy bandwidth.
@@ -16,8 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
+from ..model.fused_qkv import count_parallel, unfuse_qkv
 from ..model.fused_qkv import fuse_qkv as fuse
-from ..model.fused_qkv import unfuse_qkv
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync
 
@@ -56,7 +57,7 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
         plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
-        log=print) -> dict:
+        fuse_parallel: bool = True, log=print) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -66,7 +67,8 @@ def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model.language_model)
+            fuse(model.language_model, parallel=fuse_parallel)
+        row["fused_parallel_layers"] = count_parallel(model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)

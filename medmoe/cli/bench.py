@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
                    help="decode: keep the attention's query, key and value projections separate (model/fused_qkv.py)")
+    p.add_argument("--no-fuse-parallel", dest="fuse_parallel", action="store_false",
+                   help="decode: fuse only the query, key and value projections, not Phi's FFN projections with them")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
@@ -82,7 +84,8 @@ def run(args) -> int:
                     batches = tuple(int(b) for b in args.decode_batches.split(","))
                     report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
                                                   compile=args.compile_mode or args.compile,
-                                                  baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv)
+                                                  baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
+                                                  fuse_parallel=args.fuse_parallel)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]
