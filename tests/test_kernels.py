@@ -121,6 +121,37 @@ def test_stacked_experts_know_which_activation_fuses():
     assert (mlp.fused_bias_act(), gated.fused_bias_act(), relu.fused_bias_act()) == ("gelu_tanh", None, None)
 
 
+def test_linear_takes_the_one_row_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+
+    class FakeTriton:  # stands in for the GPU kernel: records the call, computes the reference
+        @staticmethod
+        def linear_matvec(x, weight):
+            calls.append(tuple(x.shape))
+            return x @ weight.T
+
+    monkeypatch.setattr(kernels, "triton_ready", lambda t: True)
+    monkeypatch.setattr(kernels, "_triton", lambda: FakeTriton)
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 512, generator=g).bfloat16(), torch.randn(24, generator=g).bfloat16()
+    for shape, taken in (((1, 1, 512), True), ((512,), True), ((2, 512), False), ((1, 3, 512), False)):
+        x = torch.randn(*shape, generator=g).bfloat16()
+        calls.clear()
+        y = kernels.linear(x, w, b)
+        assert y.shape == (*shape[:-1], 24) and bool(calls) == taken
+        assert rel_err(y, F.linear(x.float(), w.float(), b.float())) < 1e-2
+    calls.clear()
+    kernels.linear(torch.randn(1, 500).bfloat16(), torch.randn(24, 500).bfloat16())  # K not a multiple of 256
+    kernels.linear(torch.randn(1, 512), torch.randn(24, 512))  # fp32: cuBLAS is as good there
+    kernels.linear(torch.randn(1, 512).bfloat16(), torch.randn(512, 24).bfloat16().T)  # not contiguous
+    assert calls == []
+
+
+def test_linear_matvec_op_agrees_with_its_fake_shapes():
+    x, w = torch.randn(1, 512).bfloat16(), torch.randn(24, 512).bfloat16()
+    torch.library.opcheck(kernels._linear_matvec, (x, w))
+
+
 # ----- on a CUDA GPU with Triton: the kernels themselves ----------------------------------------
 
 def _triton_gpu() -> bool:
@@ -147,3 +178,15 @@ def test_triton_expert_matvec_equals_bmm(s, k, n):
     ref = torch.bmm(x.float().unsqueeze(1), w.float()[expert]).squeeze(1)
     assert rel_err(kernels.expert_matvec(x, w, expert), ref) < 1e-2
     torch.library.opcheck(kernels._expert_matvec, (x, w, expert))  # the partials' count and dtype: as faked
+
+
+@needs_triton
+@pytest.mark.parametrize("k,n", [(2560, 17920), (12800, 2560), (256, 3), (768, 1000)])
+def test_triton_linear_matvec_equals_linear(k, n):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, k, generator=g).cuda().bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.02).cuda().bfloat16()
+    b = torch.randn(n, generator=g).cuda().bfloat16()
+    assert kernels.linear_matvec_applies(x, w)
+    assert rel_err(kernels.linear(x, w, b), F.linear(x.float(), w.float(), b.float())) < 1e-2
+    torch.library.opcheck(kernels._linear_matvec, (x, w))

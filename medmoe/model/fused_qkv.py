@@ -17,6 +17,9 @@ bandwidth).
   the layer's MLP or, in a Med-MoE layer, its meta expert (the routed experts stay apart). Six
   products per layer become two.
 
+At one row on a GPU (a batch-1 decode step) the fused products run through a matrix-vector
+kernel (`moe/kernels.py: linear`) that reads their weights nearer the copy bandwidth than cuBLAS.
+
     fuse_qkv(model)     # after merging LoRA adapters; load_for_inference does it on a GPU
     unfuse_qkv(model)   # the separate projections back, e.g. before save_pretrained
 """
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..moe import kernels
 
 
 class _Handoff:
@@ -58,6 +63,12 @@ def _stacked_linear(parts: list[nn.Linear], dim: int) -> nn.Linear:
     return linear
 
 
+def _product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x): a plain nn.Linear through kernels.linear (its one-row kernel on a GPU); anything
+    else (an int8 replacement, serving/quantize.py) as it is."""
+    return kernels.linear(x, linear.weight, linear.bias) if type(linear) is nn.Linear else linear(x)
+
+
 def _split_linear(linear: nn.Linear, sizes: list[int], biases: list[torch.Tensor | None], dim: int) -> list[nn.Linear]:
     """The inverse of _stacked_linear: the parts of the weight along `dim`, each with its bias."""
     out = []
@@ -85,7 +96,7 @@ class FusedQKV(nn.Module):
         self.handoff = handoff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, *rest = self.linear(x).split(self.sizes, dim=-1)
+        q, *rest = _product(self.linear, x).split(self.sizes, dim=-1)
         for name, part in zip(self.names[1:], rest):
             setattr(self.handoff, name, part)
         return q
@@ -137,7 +148,7 @@ class ParallelOut(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         attn = self.handoff.take("attn", "fc2", "the attention's dense")
-        return self.linear(torch.cat([attn.reshape(*h.shape[:-1], attn.shape[-1]), h], dim=-1))
+        return _product(self.linear, torch.cat([attn.reshape(*h.shape[:-1], attn.shape[-1]), h], dim=-1))
 
     def unfused(self) -> list[nn.Linear]:
         return _split_linear(self.linear, self.sizes, [self.dense_bias, self.fc2_bias], dim=1)

@@ -1,4 +1,5 @@
-"""Custom GPU kernels of the MoE block (Triton), each beside the plain PyTorch it must equal.
+"""Custom GPU kernels of the MoE block and the decode step (Triton), each beside the plain PyTorch
+it must equal.
 
 - `bias_act(h, bias, group, act)`: act(h + bias[group[i]]) row by row, for the rows of a grouped
   GEMM (`torch._grouped_mm` has no bias epilogue): one pass over the [N, f] intermediate instead
@@ -10,6 +11,10 @@
   row runs at a fraction of the memory bandwidth.
   Its tile sizes are autotuned per shape on first use (a few seconds, in the eager steps before
   a decode step is captured as a CUDA graph).
+- `linear(x, weight, bias)`: F.linear, where one row on a GPU (a batch-1 decode step) goes through
+  a matrix-vector kernel over the `nn.Linear` weight [N, K]: each program reads whole rows of the
+  weight (K contiguous, the loop over K unrolled, no split), at 4.0 TB/s on the H200 where cuBLAS's
+  GEMV reaches 3.3 (docs/speed.md, run I). Tiles autotuned per shape on first use, as above.
 
 Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
 without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
@@ -161,6 +166,41 @@ def expert_matvec(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> tor
     return part[0] if part.shape[0] == 1 else part.sum(0).to(x.dtype)
 
 
+LINEAR_MATVEC_K_MULTIPLE = 256  # the kernel has no masks: K a multiple of its smallest BLOCK_K
+linear_matvec_enabled = True  # False: one row goes to cuBLAS too (medmoe bench --no-linear-matvec)
+
+
+def linear_matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of x (a batch-1 decode step) on a GPU with Triton, a contiguous 16-bit [N, K] weight in
+    x's dtype, K a multiple of LINEAR_MATVEC_K_MULTIPLE. Shapes and dtypes only: static under compile."""
+    return (linear_matvec_enabled and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.shape[1] % LINEAR_MATVEC_K_MULTIPLE == 0 and weight.is_contiguous()
+            and triton_ready(x))
+
+
+@torch.library.custom_op("medmoe::linear_matvec", mutates_args=())
+def _linear_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if triton_ready(x):
+        return _triton().linear_matvec(x, weight)
+    return x @ weight.T
+
+
+@_linear_matvec.register_fake
+def _(x, weight):
+    return x.new_empty(1, weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); one row on a GPU by the matrix-vector kernel (inference only: the
+    kernel has no backward). The bias is added outside the op, where torch.compile fuses it."""
+    if not linear_matvec_applies(x, weight):
+        return F.linear(x, weight, bias)
+    y = _linear_matvec(x.reshape(1, -1).contiguous(), weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 # ----- Triton ----------------------------------------------------------------------------------------
 
 def _build_kernels():
@@ -244,10 +284,42 @@ def _build_kernels():
         (512, 64, 4, 3, False), (512, 128, 4, 3, False), (256, 128, 8, 3, False), (128, 128, 1, 3, False),
         (256, 32, 4, 3, True), (512, 32, 8, 3, True)]), key=["K", "N", "k_per_split"])(even(matvec))
 
+    @triton.jit
+    def linear_matvec_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program: BLOCK_N whole rows of W [N, K]; the loop over K is unrolled, so every load of a
+        # row is issued before the sums need them (the bytes in flight are what a GEMV runs on).
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            w = tl.load(w_rows + k0 + cols[None, :], eviction_policy="evict_first")  # read once
+            acc += w.to(tl.float32) * tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty))
+
+    def fitting(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return [c for c in configs if args["N"] % c.kwargs["BLOCK_N"] == 0 and args["K"] % c.kwargs["BLOCK_K"] == 0]
+
+    # (BLOCK_N, BLOCK_K, warps): the fastest on the H200 for Phi-2's fused products (run I's probe)
+    # and their neighbours; BLOCK_K 256 fits every K the op accepts.
+    linear_matvec_tuned = triton.autotune(
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
+         for bn, bk, w in ((1, 512, 2), (2, 512, 4), (4, 256, 2), (4, 512, 4), (1, 256, 2), (2, 256, 2))],
+        key=["N", "K"], prune_configs_by={"early_config_prune": fitting})(linear_matvec_kernel)
+
     block = 1024
 
     class Kernels:
         matvec_tuner = matvec_experts  # .cache: the tile chosen per shape
+        linear_matvec_tuner = linear_matvec_tuned
+
+        @staticmethod
+        def linear_matvec(x, weight):
+            n, k = weight.shape
+            y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+            linear_matvec_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, weight, y, n, K=k)
+            return y
 
         @staticmethod
         def bias_act(h, bias, group, act):
