@@ -6,7 +6,7 @@
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
     python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
-    python scripts/profile_speed.py matvec   # the one-token expert kernel against cuBLAS and _grouped_mm
+    python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
 Each prints a kernel table (self CUDA time, number of calls); divide by the steps profiled. The
@@ -146,6 +146,19 @@ def matvec() -> None:
             print(f"K {k} N {n}, in a CUDA graph: {name} {median_ms(graphed(fn), DEVICE) * 1e3:.1f} us")
     for key, config in kernels._triton().matvec_tuner.cache.items():
         print(f"expert_matvec's tile for {key}: {config}")
+
+    # The one-row dense kernel against cuBLAS at the fused products' shapes (Phi-2: input [q; k; v;
+    # fc1], output [dense | fc2]) and an FFN's: eight weights per graph, so that the time is the
+    # weights streaming, not one launch.
+    for k, n in ((2560, 17920), (12800, 2560), (2560, 10240)):
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+        weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        for name, fn in (("cuBLAS", F.linear), ("kernels.linear", kernels.linear)):
+            us = median_ms(graphed(lambda fn=fn: [fn(x, w) for w in weights]), DEVICE) * 1e3 / len(weights)
+            print(f"K {k} N {n}, 8 weights in a CUDA graph: {name} {us:.1f} us per product, "
+                  f"{n * k * 2 / us / 1e6:.2f} TB/s")
+    for key, config in kernels._triton().linear_matvec_tuner.cache.items():
+        print(f"kernels.linear's tile for {key}: {config}")
 
 
 def cat_callers(setting: str = "0") -> None:
