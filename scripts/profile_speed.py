@@ -86,17 +86,15 @@ def train(setting: str = "1") -> None:
 
 
 def decode(setting: str = "fused") -> None:
-    """`fused`: the query, key and value projections as one product, Phi's FFN projections with
-    them and the split-key attention kernel, as `medmoe bench --what decode` runs the step; `qkv`:
-    the first and the attention kernel only; `plain`: as transformers has them."""
+    """`fused`: the query, key and value projections as one product, and Phi's FFN projections
+    with them, as `medmoe bench --what decode` runs the step; `qkv`: the first only; `plain`: as
+    transformers has them."""
     import medmoe.generation.fast_decode as fast
-    from medmoe.model.decode_attention import use_decode_attention
     from medmoe.model.fused_qkv import fuse_qkv
 
     model = phi2_medmoe(DEVICE)
     if setting != "plain":
         fuse_qkv(model.language_model, parallel=setting == "fused")
-        use_decode_attention(model.language_model)
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
 

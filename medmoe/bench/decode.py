@@ -4,8 +4,7 @@ For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode
 attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
-`linear_matvec=False`, attention for one token by the split-key kernel of
-model/decode_attention.py unless `decode_attention=False`), the same step without the graph and without the fusion, and a plain
+`linear_matvec=False`), the same step without the graph and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
 LM head, the KV cache of the mean context) over the measured copy bandwidth.
@@ -19,7 +18,6 @@ import torch
 from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
-from ..model.decode_attention import drop_decode_attention, use_decode_attention
 from ..model.fused_qkv import count_parallel, unfuse_qkv
 from ..moe import kernels
 from ..model.fused_qkv import fuse_qkv as fuse
@@ -61,17 +59,17 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
         plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
-        fuse_parallel: bool = True, linear_matvec: bool = True, decode_attention: bool = True, log=print) -> dict:
+        fuse_parallel: bool = True, linear_matvec: bool = True, log=print) -> dict:
     previous, kernels.linear_matvec_enabled = kernels.linear_matvec_enabled, linear_matvec
     try:
         return _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv,
-                    fuse_parallel, linear_matvec, decode_attention, log)
+                    fuse_parallel, linear_matvec, log)
     finally:
         kernels.linear_matvec_enabled = previous
 
 
 def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv, fuse_parallel,
-         linear_matvec, decode_attention, log) -> dict:
+         linear_matvec, log) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -83,12 +81,10 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         if fuse_qkv:
             fuse(model.language_model, parallel=fuse_parallel)
         row["fused_parallel_layers"] = count_parallel(model)
-        row["decode_attention"] = decode_attention and use_decode_attention(model.language_model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
         unfuse_qkv(model)  # the baselines run the model as transformers does
-        drop_decode_attention(model.language_model)
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
         row["warmup"] = warm
         row["graph"] = graph

@@ -32,8 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-linear-matvec", dest="linear_matvec", action="store_false",
                    help="decode: run the fused products at one row by cuBLAS, not by the matrix-vector kernel "
                         "(moe/kernels.py: linear)")
-    p.add_argument("--no-decode-attention", dest="decode_attention", action="store_false",
-                   help="decode: one token's attention by SDPA, not by the split-key kernel (model/decode_attention.py)")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
@@ -90,8 +88,7 @@ def run(args) -> int:
                     report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
                                                   compile=args.compile_mode or args.compile,
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
-                                                  fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec,
-                                                  decode_attention=args.decode_attention)
+                                                  fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]

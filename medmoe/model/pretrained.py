@@ -225,16 +225,13 @@ def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, M
 
 
 def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
-                       merge_adapters: bool = True, fuse_qkv: bool | None = None,
-                       decode_attention: bool | None = None):
+                       merge_adapters: bool = True, fuse_qkv: bool | None = None):
     """(model, processor) in eval mode on the chosen device (auto: GPU when present) and dtype
     (auto: bfloat16 on a GPU, float32 on a CPU). LLM LoRA adapters are merged into the weights
     (computed in float32): one matmul per projection instead of three, the same outputs.
     `fuse_qkv` (default: on a GPU) makes each attention layer's query, key and value projections
     one product, and in Phi's parallel layers the FFN's projections join them (model/fused_qkv.py):
-    faster small-batch decoding, the same outputs to rounding. `decode_attention` (default: on a
-    GPU) runs a one-token step's attention through a kernel split along the keys
-    (model/decode_attention.py); prefill keeps SDPA."""
+    faster small-batch decoding, the same outputs to rounding."""
     dev = pick_device(device)
     model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
     if merge_adapters and model.config.llm_lora:
@@ -245,10 +242,6 @@ def load_for_inference(path: str, device: str | None = "auto", dtype: str | torc
         from .fused_qkv import fuse_qkv as fuse
 
         fuse(model.language_model)  # the vision tower runs once per image: nothing to gain there
-    if decode_attention if decode_attention is not None else dev.type == "cuda":
-        from .decode_attention import use_decode_attention
-
-        use_decode_attention(model.language_model)
     return model.to(dev).eval(), processor
 
 
