@@ -144,7 +144,11 @@ def test_linear_takes_the_one_row_kernel_only_where_it_applies(monkeypatch):
     kernels.linear(torch.randn(1, 500).bfloat16(), torch.randn(24, 500).bfloat16())  # K not a multiple of 256
     kernels.linear(torch.randn(1, 512), torch.randn(24, 512))  # fp32: cuBLAS is as good there
     kernels.linear(torch.randn(1, 512).bfloat16(), torch.randn(512, 24).bfloat16().T)  # not contiguous
+    kernels.linear(torch.randn(1, 512).bfloat16(), w.clone().requires_grad_())  # a gradient wanted
     assert calls == []
+    with torch.no_grad():
+        kernels.linear(torch.randn(1, 512).bfloat16(), w.clone().requires_grad_())
+    assert len(calls) == 1
 
 
 def test_linear_matvec_op_agrees_with_its_fake_shapes():

@@ -19,8 +19,8 @@ from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
 from ..model.fused_qkv import count_parallel, unfuse_qkv
-from ..moe import kernels
 from ..model.fused_qkv import fuse_qkv as fuse
+from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync
 

@@ -14,7 +14,7 @@ it must equal.
 - `linear(x, weight, bias)`: F.linear, where one row on a GPU (a batch-1 decode step) goes through
   a matrix-vector kernel over the `nn.Linear` weight [N, K]: each program reads whole rows of the
   weight (K contiguous, the loop over K unrolled, no split), at 4.0 TB/s on the H200 where cuBLAS's
-  GEMV reaches 3.3 (docs/speed.md, run I). Tiles autotuned per shape on first use, as above.
+  GEMV reaches 3.3 (docs/speed.md, runs I and J). Tiles autotuned per shape on first use, as above.
 
 Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
 without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
@@ -172,8 +172,10 @@ linear_matvec_enabled = True  # False: one row goes to cuBLAS too (medmoe bench 
 
 def linear_matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row of x (a batch-1 decode step) on a GPU with Triton, a contiguous 16-bit [N, K] weight in
-    x's dtype, K a multiple of LINEAR_MATVEC_K_MULTIPLE. Shapes and dtypes only: static under compile."""
-    return (linear_matvec_enabled and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+    x's dtype, K a multiple of LINEAR_MATVEC_K_MULTIPLE, no gradient wanted (the kernel has no
+    backward). Shapes, dtypes and grad mode only: static under compile."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (linear_matvec_enabled and not wants_grad and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.dim() == 2 and weight.shape[1] % LINEAR_MATVEC_K_MULTIPLE == 0 and weight.is_contiguous()
             and triton_ready(x))
 
@@ -191,8 +193,8 @@ def _(x, weight):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); one row on a GPU by the matrix-vector kernel (inference only: the
-    kernel has no backward). The bias is added outside the op, where torch.compile fuses it."""
+    """F.linear(x, weight, bias); one row on a GPU without gradients by the matrix-vector kernel.
+    The bias is added outside the op, where torch.compile fuses it."""
     if not linear_matvec_applies(x, weight):
         return F.linear(x, weight, bias)
     y = _linear_matvec(x.reshape(1, -1).contiguous(), weight)
