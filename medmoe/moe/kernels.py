@@ -175,8 +175,8 @@ def linear_matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     x's dtype, K a multiple of LINEAR_MATVEC_K_MULTIPLE, no gradient wanted (the kernel has no
     backward). Shapes, dtypes and grad mode only: static under compile."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (linear_matvec_enabled and not wants_grad and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.dim() == 2 and weight.shape[1] % LINEAR_MATVEC_K_MULTIPLE == 0 and weight.is_contiguous()
+    return (linear_matvec_enabled and not wants_grad and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.dim() == 2 and weight.shape[1] % LINEAR_MATVEC_K_MULTIPLE == 0 and weight.is_contiguous()
             and triton_ready(x))
 
 
@@ -303,7 +303,7 @@ def _build_kernels():
         args = {**named_args, **kwargs}
         return [c for c in configs if args["N"] % c.kwargs["BLOCK_N"] == 0 and args["K"] % c.kwargs["BLOCK_K"] == 0]
 
-    # (BLOCK_N, BLOCK_K, warps): the fastest on the H200 for Phi-2's fused products (run I's probe)
+    # (BLOCK_N, BLOCK_K, warps): the fastest on the H200 for Phi-2's fused products (docs/speed.md, run I)
     # and their neighbours; BLOCK_K 256 fits every K the op accepts.
     linear_matvec_tuned = triton.autotune(
         [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
