@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                    help="decode: keep the attention's query, key and value projections separate (model/fused_qkv.py)")
     p.add_argument("--no-fuse-parallel", dest="fuse_parallel", action="store_false",
                    help="decode: fuse only the query, key and value projections, not Phi's FFN projections with them")
+    p.add_argument("--no-overlap-experts", dest="overlap_experts", action="store_false",
+                   help="decode: run a Med-MoE layer's experts after its attention, not beside it on a second CUDA "
+                        "stream (moe/overlap.py)")
     p.add_argument("--no-linear-matvec", dest="linear_matvec", action="store_false",
                    help="decode: run the fused products at one row by cuBLAS, not by the matrix-vector kernel "
                         "(moe/kernels.py: linear)")
@@ -88,7 +91,8 @@ def run(args) -> int:
                     report["decode"] = decode.run(device, batches, new_tokens=args.new_tokens, model=model,
                                                   compile=args.compile_mode or args.compile,
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
-                                                  fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec)
+                                                  fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec,
+                                                  overlap_experts=args.overlap_experts)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]

@@ -15,7 +15,9 @@ bandwidth).
   side by side, `[attn, act(h)] @ [W_dense | W_fc2]^T + (b_dense + b_fc2)`: `dense` hands its input
   to `fc2` and returns zeros, which the block adds as it added the attention output. The FFN is
   the layer's MLP or, in a Med-MoE layer, its meta expert (the routed experts stay apart). Six
-  products per layer become two.
+  products per layer become two. In a Med-MoE layer the fused input product also starts the
+  routed experts on a second CUDA stream (`moe/overlap.py`, `overlap_experts=True`): they read the
+  same input, and run beside the attention instead of after it.
 
 At one row on a GPU (a batch-1 decode step) the fused products run through a matrix-vector
 kernel (`moe/kernels.py: linear`) that reads their weights nearer the copy bandwidth than cuBLAS.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..moe import kernels
+from ..moe import kernels, overlap
 
 
 class _Handoff:
@@ -86,8 +88,10 @@ class FusedQKV(nn.Module):
     """Stands in for `q_proj`: one linear over [W_q; W_k; W_v (; W_fc1)], returns the query part and
     hands the others over."""
 
-    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, handoff: _Handoff, fc1: nn.Linear | None = None):
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, handoff: _Handoff, fc1: nn.Linear | None = None,
+                 moe_block: nn.Module | None = None):
         super().__init__()
+        object.__setattr__(self, "moe_block", moe_block)  # a reference: the layer owns the block
         parts = [q, k, v] + ([fc1] if fc1 is not None else [])
         self.names = ["q", "k", "v", "fc1"][: len(parts)]
         self.sizes = [p.out_features for p in parts]
@@ -96,6 +100,8 @@ class FusedQKV(nn.Module):
         self.handoff = handoff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe_block is not None:
+            self.moe_block.start_routed(x)  # its experts, on a side stream while this layer's attention runs
         q, *rest = _product(self.linear, x).split(self.sizes, dim=-1)
         for name, part in zip(self.names[1:], rest):
             setattr(self.handoff, name, part)
@@ -184,17 +190,21 @@ def _same_mode(module: nn.Module) -> None:
     module.train(module.training)  # the new modules take the train/eval mode of the one they joined
 
 
-def fuse_qkv(model: nn.Module, parallel: bool = True) -> int:
+def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = True) -> int:
     """Fuse every attention layer whose q/k/v projections are plain linears on one input (LoRA-
     wrapped or quantised ones are left alone) and, with `parallel`, the FFN projections of Phi's
-    parallel layers as well; returns how many attention layers were fused."""
+    parallel layers as well, whose Med-MoE experts then start beside the attention unless not
+    `overlap_experts`; returns how many attention layers were fused."""
     fused = 0
     for layer in list(model.modules()) if parallel else []:
         ffn = _parallel_ffn(layer)
         if ffn is None:
             continue
         attn, handoff = layer.self_attn, _Handoff()
-        attn.q_proj = FusedQKV(attn.q_proj, attn.k_proj, attn.v_proj, handoff, fc1=ffn.fc1)
+        block = layer.mlp if overlap_experts and hasattr(layer.mlp, "start_routed") else None
+        if block is not None:
+            block.overlap_key = overlap.register(block)
+        attn.q_proj = FusedQKV(attn.q_proj, attn.k_proj, attn.v_proj, handoff, fc1=ffn.fc1, moe_block=block)
         attn.k_proj, attn.v_proj, ffn.fc1 = HandedOver(handoff, "k"), HandedOver(handoff, "v"), HandedOver(handoff, "fc1")
         ffn.fc2 = ParallelOut(attn.dense, ffn.fc2, handoff)
         attn.dense = DeferredDense(attn.dense.out_features, handoff)
@@ -218,6 +228,8 @@ def unfuse_qkv(model: nn.Module) -> int:
             ffn = layer.mlp.meta if hasattr(layer.mlp, "meta") else layer.mlp
             attn.q_proj, attn.k_proj, attn.v_proj, ffn.fc1 = attn.q_proj.unfused()
             attn.dense, ffn.fc2 = ffn.fc2.unfused()
+            if hasattr(layer.mlp, "overlap_key"):
+                layer.mlp.overlap_key = None
             count += 1
     for module in model.modules():
         if isinstance(getattr(module, "q_proj", None), FusedQKV):
@@ -228,6 +240,11 @@ def unfuse_qkv(model: nn.Module) -> int:
 
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, FusedQKV) for m in model.modules())
+
+
+def count_overlapped(model: nn.Module) -> int:
+    """How many Med-MoE blocks start their experts beside the attention (fuse_qkv(overlap_experts=True))."""
+    return sum(isinstance(m, FusedQKV) and m.moe_block is not None for m in model.modules())
 
 
 def count_parallel(model: nn.Module) -> int:

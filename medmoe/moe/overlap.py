@@ -1,0 +1,117 @@
+"""Inference: a Med-MoE layer's routed experts on a second CUDA stream, beside the layer's attention.
+
+In Phi's parallel layer, `x + attn(ln(x)) + moe(ln(x))`, the experts need nothing but ln(x). At
+batch 1 a decode step's attention runs one program per head (32 of the H200's 132 SMs) amid a
+dozen small kernels, each too short to fill the GPU, while the chosen expert streams 100 MB of
+weights: side by side, the expert's reads fill what the attention leaves idle. The layer's fused
+input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls `finish` where it
+adds the experts' output to the meta expert's.
+
+    key = register(block)              # once, when the layer is fused
+    routed = start(x, key)             # routing + experts launched on the side stream
+    ...                                # the attention, on the main stream
+    y = finish(routed, meta_out, x, key)   # main waits for the side stream: meta_out + routed
+
+Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its own
+when the step around it is). `start` makes the side stream wait for the main one,
+runs the block's routing and experts there (the same code as the block's own forward) and records
+an event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are
+the graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
+
+Memory: `start` allocates its output on the main stream before switching, so the main stream owns
+it; what the side stream allocates stays on the side stream's pool (stream-ordered reuse); `finish`
+takes x as well, so that its memory is not reused while the side stream may still read it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import weakref
+
+import torch
+
+_BLOCKS: dict[int, weakref.ref] = {}
+_KEYS = itertools.count()
+_DONE: dict[int, torch.cuda.Event] = {}  # key -> the event `start` recorded; `finish` waits for it
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def register(block) -> int:
+    """A key for `block` (a MedMoEBlock; held weakly), for the ops below."""
+    key = next(_KEYS)
+    _BLOCKS[key] = weakref.ref(block)
+    return key
+
+
+def _block(key: int):
+    block = _BLOCKS.get(key)
+    block = block() if block is not None else None
+    if block is None:
+        raise RuntimeError(f"MoE block {key} for the overlapped experts is gone; fuse the model again (fuse_qkv)")
+    return block
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def _routed(block, x: torch.Tensor) -> torch.Tensor:
+    return block.routed_experts(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_routed():
+    # Once for all blocks (their weights are inputs to the compiled code, not constants of it).
+    return torch.compile(_routed, dynamic=False)
+
+
+@torch.library.custom_op("medmoe::routed_experts_start", mutates_args=())
+def _start(x: torch.Tensor, key: int, compiled: bool) -> torch.Tensor:
+    block = _block(key)
+    routed = _compiled_routed() if compiled else _routed
+    if not x.is_cuda:
+        return routed(block, x)
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    out = torch.empty_like(x)  # owned by the main stream, written by the side one
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out.copy_(routed(block, x))
+        done = torch.cuda.Event()
+        done.record(side)
+    _DONE[key] = done
+    return out
+
+
+@_start.register_fake
+def _(x, key, compiled):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("medmoe::routed_experts_finish", mutates_args=())
+def _finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+    done = _DONE.pop(key, None)
+    if done is not None:
+        torch.cuda.current_stream(routed.device).wait_event(done)
+    return shared + routed
+
+
+@_finish.register_fake
+def _(routed, shared, x, key):
+    return torch.empty_like(shared)
+
+
+def start(x: torch.Tensor, key: int) -> torch.Tensor:
+    """sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d], launched on the side stream. Inside
+    a torch.compile'd step the experts' code is compiled too (fusing the router's, the bias and
+    activation kernels as in the step itself), once for all blocks."""
+    return _start(x, key, torch.compiler.is_compiling())
+
+
+def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+    """shared + routed, once the side stream has written `routed` (x: the experts' input, kept alive)."""
+    return _finish(routed, shared, x, key)

@@ -1,0 +1,128 @@
+"""A Med-MoE layer's routed experts started beside its attention (moe/overlap.py, through the fused
+input product of Phi's parallel layers): the same outputs as the block's own forward, only where
+that forward would do nothing else; on a GPU on a second stream, in a CUDA graph too."""
+
+import pytest
+import torch
+
+from medmoe.bench import models
+from medmoe.generation.fast_decode import decode
+from medmoe.model.fused_qkv import count_overlapped, fuse_qkv, unfuse_qkv
+from medmoe.moe import MedMoEBlock, overlap
+
+TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+
+
+def medmoe_phi(device="cpu", dtype=torch.float32):
+    """The bench's Phi Med-MoE at tiny width, its experts made different from one another (upcycled
+    copies would hide a wrong routing)."""
+    torch.manual_seed(0)
+    model = models.phi2_medmoe(torch.device(device), dtype, text=TINY_PHI)
+    with torch.no_grad():
+        for block in model.moe_blocks:
+            for w in (block.experts.w_in, block.experts.w_out, block.router.weight if block.router is not None else None):
+                if w is not None:
+                    w.add_(torch.randn_like(w) * 0.5)
+    return model
+
+
+def logits_and_tokens(model, device="cpu"):
+    ids, mask, pixels = models.image_prompt(model, 1, 6, torch.device(device), seed=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    return logits, decode(model, ids, mask, pixels, max_new_tokens=6)
+
+
+def count_starts(monkeypatch) -> list:
+    calls = []
+    routed = MedMoEBlock.routed_experts
+    monkeypatch.setattr(MedMoEBlock, "routed_experts", lambda self, x: calls.append(self.layer_idx) or routed(self, x))
+    return calls
+
+
+def test_experts_started_early_give_the_blocks_outputs(monkeypatch):
+    model = medmoe_phi()
+    fuse_qkv(model.language_model, overlap_experts=False)
+    assert count_overlapped(model) == 0
+    want_logits, want_tokens = logits_and_tokens(model)
+    unfuse_qkv(model)
+    fuse_qkv(model.language_model)
+    assert count_overlapped(model) == len(model.moe_blocks) == 2
+    calls = count_starts(monkeypatch)
+    logits, tokens = logits_and_tokens(model)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-6)
+    assert torch.equal(tokens, want_tokens)
+    # one start per MoE layer and forward: the forward, the prefill and the 5 steps of the decode
+    assert calls == [b.layer_idx for b in model.moe_blocks] * 7
+    assert not overlap._DONE  # every start was finished
+
+
+def test_experts_start_early_only_where_the_forward_does_nothing_else(monkeypatch):
+    model = medmoe_phi()
+    fuse_qkv(model.language_model)
+    ids, mask, pixels = models.image_prompt(model, 1, 6, torch.device("cpu"), seed=1)
+    calls = count_starts(monkeypatch)
+    with torch.no_grad():  # routing records come from the block's own forward
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_routing=True)
+    assert calls == [] and len(out.routing) == len(model.moe_blocks)
+    block = model.moe_blocks[0]
+    x = torch.randn(3, TINY_PHI["hidden_size"])
+    with torch.no_grad():
+        assert not block.can_start_early(x)  # still recording
+        model.moe_state.start(None, record_routing=False, new_sequence=True)
+        assert block.can_start_early(x)
+        block.cfg.routing = "sample"  # per-sample routing pools over the prompt
+        assert not block.can_start_early(x)
+        block.cfg.routing = "token"
+    assert not block.can_start_early(x)  # gradients wanted
+    unfuse_qkv(model)
+    with torch.no_grad():
+        assert block.overlap_key is None and not block.can_start_early(x)
+
+
+def test_a_start_on_other_tokens_is_an_error():
+    model = medmoe_phi()
+    fuse_qkv(model.language_model)
+    block = model.moe_blocks[0]
+    with torch.no_grad():
+        block.start_routed(torch.randn(1, 2, TINY_PHI["hidden_size"]))
+        with pytest.raises(RuntimeError, match="fuse_qkv=False"):
+            block(torch.randn(1, 3, TINY_PHI["hidden_size"]))
+
+
+def test_overlap_ops_agree_with_their_fake_shapes():
+    model = medmoe_phi()
+    fuse_qkv(model.language_model)
+    key = model.moe_blocks[0].overlap_key
+    x = torch.randn(2, TINY_PHI["hidden_size"])
+    with torch.no_grad():
+        torch.library.opcheck(overlap._start, (x, key, False))
+        torch.library.opcheck(overlap._finish, (torch.randn_like(x), torch.randn_like(x), x, key))
+
+
+def test_a_block_that_is_gone_is_named():
+    key = overlap.register(torch.nn.Linear(1, 1))  # dropped at once
+    with pytest.raises(RuntimeError, match="gone"):
+        overlap.start(torch.zeros(1, 4), key)
+
+
+# ----- on a Hopper GPU: the grouped path, a second stream, a CUDA graph ---------------------------
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper (or newer) GPU: the experts' bf16 grouped path")
+def test_experts_on_a_second_stream_equal_the_serial_block_in_a_cuda_graph(monkeypatch):
+    model = medmoe_phi("cuda", torch.bfloat16)
+    fuse_qkv(model.language_model, overlap_experts=False)
+    want_logits, want_tokens = logits_and_tokens(model, "cuda")
+    unfuse_qkv(model)
+    fuse_qkv(model.language_model)
+    calls = count_starts(monkeypatch)
+    logits, tokens = logits_and_tokens(model, "cuda")  # decode captures its step as a CUDA graph
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+    assert torch.equal(tokens, want_tokens)
+    # the graph replays its steps without calling Python: the forward, the prefill, two eager steps, the capture
+    assert len(calls) == len(model.moe_blocks) * 5
