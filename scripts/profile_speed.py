@@ -6,6 +6,7 @@
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
     python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
+    python scripts/profile_speed.py decode-trace=DIR   # graph replays' kernels on each stream, a Chrome trace in DIR
     python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
@@ -114,6 +115,46 @@ def decode(setting: str = "fused") -> None:
           f"{sum(e.self_device_time_total for e in on_gpu) / 100 / 1e3:.3f} ms per step (prefill included)")
 
 
+def decode_trace(out_dir: str = ".") -> None:
+    """Five replays of the compiled batch-1 step's CUDA graph, experts beside the attention and after
+    it: each stream's kernels (busy time, count) per step, and the Chrome traces (decode_*.json)."""
+    import json
+    import os
+
+    import medmoe.generation.fast_decode as fast
+    from medmoe.model.fused_qkv import fuse_qkv, unfuse_qkv
+
+    model = phi2_medmoe(DEVICE)
+    ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
+    for setting in ("overlap", "serial"):
+        fuse_qkv(model.language_model, overlap_experts=setting == "overlap")
+        fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
+        capture = fast._capture
+        graphs = []
+        fast._capture = lambda step: graphs.append(capture(step)) or graphs[-1]
+        fast.decode(model, ids, mask, pixels, max_new_tokens=4, compile=True)
+        fast._capture = capture
+        graph = graphs[-1]
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        path = os.path.join(out_dir, f"decode_{setting}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+        starts = [e["ts"] for e in kernels]
+        wall = (max(e["ts"] + e["dur"] for e in kernels) - min(starts)) / 5
+        streams = sorted({e["args"].get("stream") for e in kernels})
+        busy = {s: sum(e["dur"] for e in kernels if e["args"].get("stream") == s) / 5 for s in streams}
+        count = {s: sum(e["args"].get("stream") == s for e in kernels) / 5 for s in streams}
+        print(f"==== {setting}: {wall / 1e3:.3f} ms per replay (first kernel to last); per stream: " +
+              ", ".join(f"{s}: {count[s]:.0f} kernels, {busy[s] / 1e3:.3f} ms busy" for s in streams))
+        unfuse_qkv(model)
+
+
 def matvec() -> None:
     from medmoe.moe import kernels
 
@@ -194,7 +235,8 @@ def cat_callers(setting: str = "0") -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "matvec": matvec, "cat-callers": cat_callers}
+    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "matvec": matvec,
+                "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")
         sections[name](*([value] if value else []))

@@ -86,9 +86,10 @@ def test_a_start_on_other_tokens_is_an_error():
     fuse_qkv(model.language_model)
     block = model.moe_blocks[0]
     with torch.no_grad():
-        block.start_routed(torch.randn(1, 2, TINY_PHI["hidden_size"]))
+        d = TINY_PHI["hidden_size"]
+        assert block.start_routed(torch.randn(1, 2, d), torch.randn(5, d)).shape == (1, 2, 5)
         with pytest.raises(RuntimeError, match="fuse_qkv=False"):
-            block(torch.randn(1, 3, TINY_PHI["hidden_size"]))
+            block(torch.randn(1, 3, d))
 
 
 def test_overlap_ops_agree_with_their_fake_shapes():
@@ -97,14 +98,14 @@ def test_overlap_ops_agree_with_their_fake_shapes():
     key = model.moe_blocks[0].overlap_key
     x = torch.randn(2, TINY_PHI["hidden_size"])
     with torch.no_grad():
-        torch.library.opcheck(overlap._start, (x, key, False))
+        torch.library.opcheck(overlap._start, (x, torch.randn(5, TINY_PHI["hidden_size"]), key, False))
         torch.library.opcheck(overlap._finish, (torch.randn_like(x), torch.randn_like(x), x, key))
 
 
 def test_a_block_that_is_gone_is_named():
     key = overlap.register(torch.nn.Linear(1, 1))  # dropped at once
     with pytest.raises(RuntimeError, match="gone"):
-        overlap.start(torch.zeros(1, 4), key)
+        overlap.start(torch.zeros(1, 4), key, torch.zeros(2, 4))
 
 
 # ----- on a Hopper GPU: the grouped path, a second stream, a CUDA graph ---------------------------

@@ -100,9 +100,15 @@ class FusedQKV(nn.Module):
         self.handoff = handoff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.moe_block is not None:
-            self.moe_block.start_routed(x)  # its experts, on a side stream while this layer's attention runs
-        q, *rest = _product(self.linear, x).split(self.sizes, dim=-1)
+        product = None
+        if self.moe_block is not None and type(self.linear) is nn.Linear:
+            # the block's experts, launched on a side stream to run beside this layer's attention
+            product = self.moe_block.start_routed(x, self.linear.weight)
+        if product is None:
+            product = _product(self.linear, x)
+        elif self.linear.bias is not None:
+            product = product + self.linear.bias
+        q, *rest = product.split(self.sizes, dim=-1)
         for name, part in zip(self.names[1:], rest):
             setattr(self.handoff, name, part)
         return q

@@ -7,9 +7,9 @@ weights: side by side, the expert's reads fill what the attention leaves idle. T
 input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls `finish` where it
 adds the experts' output to the meta expert's.
 
-    key = register(block)              # once, when the layer is fused
-    routed = start(x, key)             # routing + experts launched on the side stream
-    ...                                # the attention, on the main stream
+    key = register(block)                      # once, when the layer is fused
+    routed, product = start(x, key, weight)    # experts launched on the side stream, then x @ weight^T
+    ...                                        # the attention, on the main stream
     y = finish(routed, meta_out, x, key)   # main waits for the side stream: meta_out + routed
 
 Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its own
@@ -30,6 +30,8 @@ import itertools
 import weakref
 
 import torch
+
+from . import kernels
 
 _BLOCKS: dict[int, weakref.ref] = {}
 _KEYS = itertools.count()
@@ -70,11 +72,11 @@ def _compiled_routed():
 
 
 @torch.library.custom_op("medmoe::routed_experts_start", mutates_args=())
-def _start(x: torch.Tensor, key: int, compiled: bool) -> torch.Tensor:
+def _start(x: torch.Tensor, weight: torch.Tensor, key: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     block = _block(key)
     routed = _compiled_routed() if compiled else _routed
     if not x.is_cuda:
-        return routed(block, x)
+        return routed(block, x), kernels.linear(x, weight)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     out = torch.empty_like(x)  # owned by the main stream, written by the side one
@@ -84,12 +86,12 @@ def _start(x: torch.Tensor, key: int, compiled: bool) -> torch.Tensor:
         done = torch.cuda.Event()
         done.record(side)
     _DONE[key] = done
-    return out
+    return out, kernels.linear(x, weight)
 
 
 @_start.register_fake
-def _(x, key, compiled):
-    return torch.empty_like(x)
+def _(x, weight, key, compiled):
+    return torch.empty_like(x), x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("medmoe::routed_experts_finish", mutates_args=())
@@ -105,11 +107,16 @@ def _(routed, shared, x, key):
     return torch.empty_like(shared)
 
 
-def start(x: torch.Tensor, key: int) -> torch.Tensor:
-    """sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d], launched on the side stream. Inside
-    a torch.compile'd step the experts' code is compiled too (fusing the router's, the bias and
-    activation kernels as in the step itself), once for all blocks."""
-    return _start(x, key, torch.compiler.is_compiling())
+def start(x: torch.Tensor, key: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routed, x @ weight^T): sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d], launched
+    on the side stream, and then the layer's input product on the main stream (kernels.linear).
+
+    The product is in the same op so that the launch comes before it: torch.compile's scheduler
+    moves an op whose output is needed late (the experts') to late in the step, to lower peak
+    memory, and the experts then ran beside the output product instead of the attention. Inside a
+    compiled step the experts' own code is compiled too (the router's, bias and activation kernels
+    fused as in the step), once for all blocks."""
+    return _start(x, weight, key, torch.compiler.is_compiling())
 
 
 def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
