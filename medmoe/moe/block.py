@@ -84,10 +84,12 @@ class MedMoEBlock(nn.Module):
         return self.experts(x, decision.expert_index, decision.expert_weight)
 
     def can_start_early(self, x: torch.Tensor) -> bool:
-        """Whether the forward on x [N, d] would be meta + routed_experts and nothing else: inference,
-        token routing, a meta expert, no records, registered for overlap."""
+        """Whether the forward on x [N, d] would be meta + routed_experts and nothing else (inference,
+        token routing, a meta expert, no records), registered for overlap, and x a decode step's
+        tokens (at most overlap.MAX_TOKENS)."""
         state = self._state
-        return (self.overlap_key is not None and not self.training and not torch.is_grad_enabled()
+        return (self.overlap_key is not None and x.shape[0] <= overlap.MAX_TOKENS
+                and not self.training and not torch.is_grad_enabled()
                 and self.meta is not None and self.cfg.routing == "token" and not state.meta_only
                 and not state.record_routing and getattr(self.experts, "shared", None) is not self.meta)
 

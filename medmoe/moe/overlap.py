@@ -33,6 +33,10 @@ import torch
 
 from . import kernels
 
+# Decode steps only: measured at 1 and 8 tokens (docs/speed.md, run K). A prompt's experts are
+# compute-bound like its attention, and what the side stream allocates is not reused by the main one.
+MAX_TOKENS = 64
+
 _BLOCKS: dict[int, weakref.ref] = {}
 _KEYS = itertools.count()
 _DONE: dict[int, torch.cuda.Event] = {}  # key -> the event `start` recorded; `finish` waits for it
