@@ -95,6 +95,19 @@ def test_a_start_on_other_tokens_is_an_error():
             block(torch.randn(1, 3, d))
 
 
+def test_an_interrupted_start_is_not_taken_by_a_later_forward():
+    model = medmoe_phi()  # not fused: the block alone, registered by hand
+    block = model.moe_blocks[0]
+    block.overlap_key = overlap.register(block)
+    d = TINY_PHI["hidden_size"]
+    x, weight = torch.randn(1, d), torch.randn(5, d)
+    want = block(x)  # gradients on: the block's own forward
+    with torch.no_grad():
+        assert block.start_routed(torch.randn(1, d), weight) is not None  # and no forward: interrupted
+    assert block.start_routed(x, weight) is None  # gradients on: nothing started, nothing kept
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
 def test_overlap_ops_agree_with_their_fake_shapes():
     model = medmoe_phi()
     fuse_qkv(model.language_model)

@@ -100,6 +100,7 @@ class MedMoEBlock(nn.Module):
         experts' result to the meta expert's output. None (nothing launched) where the forward
         must run as it is."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        self._started.routed = None  # nothing left from a forward that did not finish
         if not self.can_start_early(x):
             return None
         self._started.routed, product = overlap.start(x, self.overlap_key, weight)
