@@ -7,6 +7,7 @@
     python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
     python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
     python scripts/profile_speed.py decode-trace=DIR   # graph replays' kernels on each stream, a Chrome trace in DIR
+    python scripts/profile_speed.py trace-summary=FILE # what docs/speed.md reads off one of those traces
     python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
@@ -118,7 +119,6 @@ def decode(setting: str = "fused") -> None:
 def decode_trace(out_dir: str = ".") -> None:
     """Five replays of the compiled batch-1 step's CUDA graph, experts beside the attention and after
     it: each stream's kernels (busy time, count) per step, and the Chrome traces (decode_*.json)."""
-    import json
     import os
 
     import medmoe.generation.fast_decode as fast
@@ -143,16 +143,39 @@ def decode_trace(out_dir: str = ".") -> None:
             torch.cuda.synchronize()
         path = os.path.join(out_dir, f"decode_{setting}.json")
         prof.export_chrome_trace(path)
-        with open(path) as f:
-            kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
-        starts = [e["ts"] for e in kernels]
-        wall = (max(e["ts"] + e["dur"] for e in kernels) - min(starts)) / 5
-        streams = sorted({e["args"].get("stream") for e in kernels})
-        busy = {s: sum(e["dur"] for e in kernels if e["args"].get("stream") == s) / 5 for s in streams}
-        count = {s: sum(e["args"].get("stream") == s for e in kernels) / 5 for s in streams}
-        print(f"==== {setting}: {wall / 1e3:.3f} ms per replay (first kernel to last); per stream: " +
-              ", ".join(f"{s}: {count[s]:.0f} kernels, {busy[s] / 1e3:.3f} ms busy" for s in streams))
+        print(f"==== {setting}")
+        trace_summary(path, replays=5)
         unfuse_qkv(model)
+
+
+def trace_summary(path: str, replays: int = 5) -> None:
+    """What docs/speed.md reads off a decode-trace file: time per replay, each stream's kernels, the
+    median layer (one fused input product's start to the next; MoE layers are those in which an
+    expert kernel starts), and the attention's kernels and the experts' (median, max, us)."""
+    import json
+    import statistics
+
+    with open(path) as f:
+        kernels = sorted((e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    wall = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / replays
+    streams = sorted({e["args"].get("stream") for e in kernels})
+    print(f"{wall / 1e3:.3f} ms per replay (first kernel to last); per stream: " + ", ".join(
+        f"{s}: {sum(e['args'].get('stream') == s for e in kernels) / replays:.0f} kernels, "
+        f"{sum(e['dur'] for e in kernels if e['args'].get('stream') == s) / replays / 1e3:.3f} ms busy" for s in streams))
+    products = [e for e in kernels if e["name"].startswith("linear_matvec")]
+    widest = max(e["args"]["grid"][0] for e in products)
+    starts = [e["ts"] for e in products if e["args"]["grid"][0] == widest]  # the fused input products
+    expert_starts = [e["ts"] for e in kernels if e["name"] == "matvec"]
+    layers = {"MoE": [], "dense": []}
+    for a, b in zip(starts, starts[1:]):
+        if b - a < 2 * statistics.median(b - a for a, b in zip(starts, starts[1:])):  # not across replays
+            layers["MoE" if any(a <= t < b for t in expert_starts) else "dense"].append(b - a)
+    print("layers: " + ", ".join(f"{kind} {statistics.median(d):.1f} us ({len(d)})" for kind, d in layers.items() if d))
+    for label, match in (("attention", lambda n: n.startswith("cudnn_generated") or "flash" in n),
+                         ("its reduction", lambda n: "lean_reduction" in n), ("expert products", lambda n: n == "matvec")):
+        d = [e["dur"] for e in kernels if match(e["name"])]
+        if d:
+            print(f"{label}: {statistics.median(d):.1f} us median, {max(d):.1f} max ({len(d) / replays:.0f} a replay)")
 
 
 def matvec() -> None:
@@ -235,8 +258,8 @@ def cat_callers(setting: str = "0") -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "matvec": matvec,
-                "cat-callers": cat_callers}
+    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace,
+                "trace-summary": trace_summary, "matvec": matvec, "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")
         sections[name](*([value] if value else []))

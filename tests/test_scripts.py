@@ -1,6 +1,6 @@
 """The GPU-run scripts behind docs/RESULTS.md, dry: nano.sh's stages print the medmoe commands they
 would run (MEDMOE="echo medmoe"), gpu_run.sh runs them in the background and gpu_wait.sh brings
-back what they made, and downscale_images.py shrinks only what is too large."""
+back what they made, downscale_images.py shrinks only what is too large, and profile_speed.py summarises a decode trace."""
 
 from __future__ import annotations
 
@@ -96,3 +96,28 @@ def test_finetune_stage_tunes_and_tests_each_benchmark_alone(tmp_path):
     assert [t.split("--data ")[1].split()[0] for t in tunes] == ["data/vqa-rad", "data/slake", "data/pathvqa"]
     assert [e.split("--split ")[1].split()[0] for e in evals] == ["test", "test", "heldout"]
     assert all("--model runs/ft-" in e for e in evals)
+
+
+def test_profile_trace_summary_reads_layers_and_kernels_off_a_trace(tmp_path):
+    import json
+
+    def kernel(name, ts, dur, grid, stream=7):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"grid": [grid, 1, 1], "stream": stream}}
+
+    events = []  # five replays (as decode-trace takes) of an MoE layer, where an expert product starts, and two dense ones
+    for replay in range(5):
+        for start, moe in ((0, True), (90, False), (150, False)):
+            start += 1000 * replay
+            events.append(kernel("linear_matvec_kernel", start, 20, 17920))  # the fused input product
+            events.append(kernel("cudnn_generated_fort_native_sdpa", start + 22, 8, 4))
+            if moe:
+                events.append(kernel("matvec", start + 25, 15, 1, stream=9))
+            events.append(kernel("linear_matvec_kernel", start + 40, 15, 640))  # the output product
+        events.append(kernel("linear_matvec_kernel", 1000 * replay + 210, 20, 17920))  # where the next layer would start
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events + [{"cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]}))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_speed.py"), f"trace-summary={path}"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True).stdout
+    assert "MoE 90.0 us (5), dense 60.0 us (10)" in out  # the gaps between replays are not layers
+    assert "7: 10 kernels" in out and "9: 1 kernels" in out
+    assert "expert products: 15.0 us median" in out and "attention: 8.0 us median" in out
