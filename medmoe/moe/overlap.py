@@ -1,22 +1,23 @@
 """Inference: a Med-MoE layer's routed experts on a second CUDA stream, beside the layer's attention.
 
-In Phi's parallel layer, `x + attn(ln(x)) + moe(ln(x))`, the experts need nothing but ln(x). At
-batch 1 a decode step's attention runs one program per head (32 of the H200's 132 SMs) amid a
-dozen small kernels, each too short to fill the GPU, while the chosen expert streams 100 MB of
-weights: side by side, the expert's reads fill what the attention leaves idle. The layer's fused
-input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls `finish` where it
-adds the experts' output to the meta expert's.
+In Phi's parallel layer, `x + attn(ln(x)) + moe(ln(x))`, the experts need nothing but ln(x). In a
+decode step the attention of one token runs one program per head (32 of the H200's 132 SMs) amid
+a dozen small kernels, each too short to fill the GPU, while the chosen expert streams 105 MB of
+weights: side by side, the expert's reads fill what the attention leaves idle (docs/speed.md, run
+K: 2.51 against 2.63 ms per batch-1 step of a Phi-2-size Med-MoE, 4.62 against 5.42 at batch 8).
+The layer's fused input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls
+`finish` where it adds the experts' output to the meta expert's.
 
     key = register(block)                      # once, when the layer is fused
     routed, product = start(x, key, weight)    # experts launched on the side stream, then x @ weight^T
     ...                                        # the attention, on the main stream
-    y = finish(routed, meta_out, x, key)   # main waits for the side stream: meta_out + routed
+    y = finish(routed, meta_out, x, key)       # main waits for the side stream: meta_out + routed
 
-Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its own
-when the step around it is). `start` makes the side stream wait for the main one,
-runs the block's routing and experts there (the same code as the block's own forward) and records
-an event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are
-the graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
+Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its
+own when the step around it is). `start` makes the side stream wait for the main one, runs the
+block's routing and experts there (the same code as the block's own forward) and records an
+event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are the
+graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
 
 Memory: `start` allocates its output on the main stream before switching, so the main stream owns
 it; what the side stream allocates stays on the side stream's pool (stream-ordered reuse); `finish`
@@ -45,6 +46,8 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def register(block) -> int:
     """A key for `block` (a MedMoEBlock; held weakly), for the ops below."""
+    for gone in [k for k, ref in _BLOCKS.items() if ref() is None]:
+        del _BLOCKS[gone]
     key = next(_KEYS)
     _BLOCKS[key] = weakref.ref(block)
     return key
