@@ -47,17 +47,14 @@ class MoEState:
 
 
 class _Started:
-    """What `start_routed` launched (the routed experts' output and the inputs the side stream
-    reads), until the block's forward takes it."""
+    """The routed experts' output that `start_routed` launched, until the block's forward takes it."""
 
     def __init__(self):
         self.routed = None
-        self.inputs: list[torch.Tensor] = []
 
-    def take(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        taken = self.routed, self.inputs
-        self.routed, self.inputs = None, []
-        return taken
+    def take(self) -> torch.Tensor | None:
+        routed, self.routed = self.routed, None
+        return routed
 
 
 class MedMoEBlock(nn.Module):
@@ -80,8 +77,14 @@ class MedMoEBlock(nn.Module):
         router = self.router if self.router is not None else self._shared_router
         return router(x)
 
+    def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k E_{i_k}(x) for tokens x [N, d] routed one by one: the forward without the meta
+        expert and without records (what `start_routed` runs on the side stream)."""
+        decision = route(self.router_logits(x), self.cfg.top_k, self.cfg.renormalize)
+        return self.experts(x, decision.expert_index, decision.expert_weight)
+
     def can_start_early(self, x: torch.Tensor) -> bool:
-        """Whether the forward on x [N, d] would be meta + routed experts and nothing else (inference,
+        """Whether the forward on x [N, d] would be meta + routed_experts and nothing else (inference,
         token routing, a meta expert, no records), registered for overlap, and x a decode step's
         tokens (at most overlap.MAX_TOKENS)."""
         state = self._state
@@ -91,31 +94,27 @@ class MedMoEBlock(nn.Module):
                 and not state.record_routing and getattr(self.experts, "shared", None) is not self.meta)
 
     def start_routed(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """Route the tokens, launch their experts on a second CUDA stream (overlap.py), then return
+        """Launch the routed experts on a second CUDA stream (overlap.py), then return
         `hidden_states @ weight^T` from the main stream: called by the fused input product of Phi's
         parallel layer, with the block's input, before the layer's attention. The forward adds the
         experts' result to the meta expert's output. None (nothing launched) where the forward
         must run as it is."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self._started.take()  # nothing left from a forward that did not finish
+        self._started.routed = None  # nothing left from a forward that did not finish
         if not self.can_start_early(x):
             return None
-        # Routed here, on the main stream, so that the experts start with the input product.
-        decision = route(self.router_logits(x), self.cfg.top_k, self.cfg.renormalize)
-        index, gate = decision.expert_index, decision.expert_weight
-        self._started.routed, product = overlap.start(x, index, gate, self.overlap_key, weight)
-        self._started.inputs = [x, index, gate]
+        self._started.routed, product = overlap.start(x, self.overlap_key, weight)
         return product.reshape(*hidden_states.shape[:-1], weight.shape[0])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routed, started_inputs = self._started.take()
+        routed = self._started.take()
         if routed is not None:  # started beside the attention: the stream waits here, as late as it can
             if routed.shape != x.shape:
                 raise RuntimeError(f"MoE layer {self.layer_idx}: the experts were started on {tuple(routed.shape)} "
                                    f"but the block runs on {tuple(x.shape)}; load the model with fuse_qkv=False")
-            return overlap.finish(routed, ffn_forward(self.meta, x), started_inputs, self.overlap_key).reshape(shape)
+            return overlap.finish(routed, ffn_forward(self.meta, x), x, self.overlap_key).reshape(shape)
         if self._state.meta_only:
             return ffn_forward(self.meta, x).reshape(shape)
         if self.cfg.routing in ("sample", "pooled") and hidden_states.dim() == 3:

@@ -5,29 +5,23 @@ decode step the attention of one token runs one program per head (32 of the H200
 a dozen small kernels, each too short to fill the GPU, while the chosen expert streams 105 MB of
 weights: side by side, the expert's reads fill what the attention leaves idle (docs/speed.md, run
 K: 2.51 against 2.63 ms per batch-1 step of a Phi-2-size Med-MoE, 4.62 against 5.42 at batch 8).
-The layer's fused input product (`model/fused_qkv.py`) calls the block's `start_routed` with ln(x):
-the block routes the tokens there, on the main stream (torch.compile fuses the router into the
-step's kernels), and `start` launches the chosen experts; the block calls `finish` where it adds
-their output to the meta expert's.
+The layer's fused input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls
+`finish` where it adds the experts' output to the meta expert's.
 
-    decision = route(router(x))                                   # main stream
-    routed, product = start(x, decision.expert_index, decision.expert_weight, key, weight)
-    ...                                                           # the attention, on the main stream
-    y = finish(routed, meta_out, [x, index, gate], key)           # main waits for the side: meta_out + routed
+    key = register(block)                      # once, when the layer is fused
+    routed, product = start(x, key, weight)    # experts launched on the side stream, then x @ weight^T
+    ...                                        # the attention, on the main stream
+    y = finish(routed, meta_out, x, key)       # main waits for the side stream: meta_out + routed
 
 Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its
 own when the step around it is). `start` makes the side stream wait for the main one, runs the
-experts there and records an event, then computes x @ weight^T on the main stream; `finish` makes
-the main stream wait for that event. Captured in a CUDA graph, they are the graph's fork and join.
-Off CUDA, `start` computes the experts at once and `finish` only adds. Routing before the launch
-rather than on the side stream lets the experts start with the input product: the router's small
-kernels, launched on the side stream, waited for the input product's 17,920 programs to drain
-(run L: 2.66 against 2.75 ms per graph replay at batch 1, 4.61 against 4.74 at batch 8).
+block's routing and experts there (the same code as the block's own forward) and records an
+event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are the
+graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
 
 Memory: `start` allocates its output on the main stream before switching, so the main stream owns
 it; what the side stream allocates stays on the side stream's pool (stream-ordered reuse); `finish`
-takes the experts' inputs as well, so that their memory is not reused while the side stream may
-still read them.
+takes x as well, so that its memory is not reused while the side stream may still read it.
 """
 
 from __future__ import annotations
@@ -74,29 +68,28 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
-def _experts(block, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
-    return block.experts(x, expert_index, expert_weight)
+def _routed(block, x: torch.Tensor) -> torch.Tensor:
+    return block.routed_experts(x)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_experts():
+def _compiled_routed():
     # Once for all blocks (their weights are inputs to the compiled code, not constants of it).
-    return torch.compile(_experts, dynamic=False)
+    return torch.compile(_routed, dynamic=False)
 
 
 @torch.library.custom_op("medmoe::routed_experts_start", mutates_args=())
-def _start(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, weight: torch.Tensor,
-           key: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _start(x: torch.Tensor, weight: torch.Tensor, key: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     block = _block(key)
-    experts = _compiled_experts() if compiled else _experts
+    routed = _compiled_routed() if compiled else _routed
     if not x.is_cuda:
-        return experts(block, x, expert_index, expert_weight), kernels.linear(x, weight)
+        return routed(block, x), kernels.linear(x, weight)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     out = torch.empty_like(x)  # owned by the main stream, written by the side one
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        out.copy_(experts(block, x, expert_index, expert_weight))
+        out.copy_(routed(block, x))
         done = torch.cuda.Event()
         done.record(side)
     _DONE[key] = done
@@ -104,12 +97,12 @@ def _start(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Ten
 
 
 @_start.register_fake
-def _(x, expert_index, expert_weight, weight, key, compiled):
+def _(x, weight, key, compiled):
     return torch.empty_like(x), x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("medmoe::routed_experts_finish", mutates_args=())
-def _finish(routed: torch.Tensor, shared: torch.Tensor, inputs: list[torch.Tensor], key: int) -> torch.Tensor:
+def _finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
     done = _DONE.pop(key, None)
     if done is not None:
         torch.cuda.current_stream(routed.device).wait_event(done)
@@ -117,25 +110,22 @@ def _finish(routed: torch.Tensor, shared: torch.Tensor, inputs: list[torch.Tenso
 
 
 @_finish.register_fake
-def _(routed, shared, inputs, key):
+def _(routed, shared, x, key):
     return torch.empty_like(shared)
 
 
-def start(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, key: int,
-          weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(routed, x @ weight^T): sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d] and
-    their routing (expert_index, expert_weight [N, k]), launched on the side stream, and then the
-    layer's input product on the main stream (kernels.linear).
+def start(x: torch.Tensor, key: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routed, x @ weight^T): sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d], launched
+    on the side stream, and then the layer's input product on the main stream (kernels.linear).
 
     The product is in the same op so that the launch comes before it: torch.compile's scheduler
     moves an op whose output is needed late (the experts') to late in the step, to lower peak
     memory, and the experts then ran beside the output product instead of the attention. Inside a
-    compiled step the experts' own code is compiled too (bias and activation kernels fused as in
-    the step), once for all blocks."""
-    return _start(x, expert_index, expert_weight, weight, key, torch.compiler.is_compiling())
+    compiled step the experts' own code is compiled too (the router's, bias and activation kernels
+    fused as in the step), once for all blocks."""
+    return _start(x, weight, key, torch.compiler.is_compiling())
 
 
-def finish(routed: torch.Tensor, shared: torch.Tensor, inputs: list[torch.Tensor], key: int) -> torch.Tensor:
-    """shared + routed, once the side stream has written `routed` (inputs: what `start` read, kept
-    alive until then)."""
-    return _finish(routed, shared, inputs, key)
+def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+    """shared + routed, once the side stream has written `routed` (x: the experts' input, kept alive)."""
+    return _finish(routed, shared, x, key)
