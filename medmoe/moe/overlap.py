@@ -18,6 +18,10 @@ own when the step around it is). `start` makes the side stream wait for the main
 block's routing and experts there (the same code as the block's own forward) and records an
 event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are the
 graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
+The routing runs on the side stream as well, on purpose: routed on the main stream before the
+launch, the experts started with the input product and the step was slower (docs/speed.md, run
+L: 2.71 against 2.57 ms per batch-1 step), likely because they then share the bandwidth of that
+product, on the main stream, which is the step's critical path.
 
 Memory: `start` allocates its output on the main stream before switching, so the main stream owns
 it; what the side stream allocates stays on the side stream's pool (stream-ordered reuse); `finish`
