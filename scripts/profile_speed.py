@@ -171,6 +171,15 @@ def trace_summary(path: str, replays: int = 5) -> None:
         if b - a < 2 * statistics.median(b - a for a, b in zip(starts, starts[1:])):  # not across replays
             layers["MoE" if any(a <= t < b for t in expert_starts) else "dense"].append(b - a)
     print("layers: " + ", ".join(f"{kind} {statistics.median(d):.1f} us ({len(d)})" for kind, d in layers.items() if d))
+    # One layer of each kind, kernel by kernel: start and end (us from the input product's start), stream, name.
+    for kind in ("MoE", "dense"):
+        spans = [(a, b) for a, b in zip(starts, starts[1:]) if b - a in layers[kind]]
+        if spans:
+            a, b = spans[len(spans) // 2]
+            print(f"one {kind} layer, {b - a:.1f} us:")
+            for e in kernels:
+                if a <= e["ts"] < b:
+                    print(f"  {e['ts'] - a:7.1f} {e['ts'] + e['dur'] - a:7.1f}  s{e['args'].get('stream')}  {e['name'][:90]}")
     for label, match in (("attention", lambda n: n.startswith("cudnn_generated") or "flash" in n),
                          ("its reduction", lambda n: "lean_reduction" in n), ("expert products", lambda n: n == "matvec")):
         d = [e["dur"] for e in kernels if match(e["name"])]

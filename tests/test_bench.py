@@ -40,6 +40,7 @@ def test_decode_bench_fuses_qkv_for_its_own_path_only():
     assert fused["fused_qkv"] is True and plain["fused_qkv"] is False
     assert fused["fused_parallel_layers"] == 2 and plain["fused_parallel_layers"] == 0  # Phi's parallel layers
     assert fused["overlapped_moe_layers"] == 1 and plain["overlapped_moe_layers"] == 0  # every other layer is MoE
+    assert fused["decode_rotary_layers"] == 2 and plain["decode_rotary_layers"] == 0
     assert fused["first_tokens"] == plain["first_tokens"] and fused["graph_equals_eager"]
     assert not is_fused(model)  # handed back as it came
     assert fused["step_bytes"] == plain["step_bytes"]

@@ -126,9 +126,9 @@ def test_linear_takes_the_one_row_kernel_only_where_it_applies(monkeypatch):
 
     class FakeTriton:  # stands in for the GPU kernel: records the call, computes the reference
         @staticmethod
-        def linear_matvec(x, weight):
+        def linear_matvec(x, weight, bias):
             calls.append(tuple(x.shape))
-            return x @ weight.T
+            return F.linear(x, weight, bias)
 
     monkeypatch.setattr(kernels, "triton_ready", lambda t: True)
     monkeypatch.setattr(kernels, "_triton", lambda: FakeTriton)
@@ -152,8 +152,9 @@ def test_linear_takes_the_one_row_kernel_only_where_it_applies(monkeypatch):
 
 
 def test_linear_matvec_op_agrees_with_its_fake_shapes():
-    x, w = torch.randn(1, 512).bfloat16(), torch.randn(24, 512).bfloat16()
+    x, w, b = torch.randn(1, 512).bfloat16(), torch.randn(24, 512).bfloat16(), torch.randn(24).bfloat16()
     torch.library.opcheck(kernels._linear_matvec, (x, w))
+    torch.library.opcheck(kernels._linear_matvec, (x, w, b))
 
 
 # ----- on a CUDA GPU with Triton: the kernels themselves ----------------------------------------
@@ -193,4 +194,6 @@ def test_triton_linear_matvec_equals_linear(k, n):
     b = torch.randn(n, generator=g).cuda().bfloat16()
     assert kernels.linear_matvec_applies(x, w)
     assert rel_err(kernels.linear(x, w, b), F.linear(x.float(), w.float(), b.float())) < 1e-2
+    assert rel_err(kernels.linear(x, w), F.linear(x.float(), w.float())) < 1e-2
     torch.library.opcheck(kernels._linear_matvec, (x, w))
+    torch.library.opcheck(kernels._linear_matvec, (x, w, b))

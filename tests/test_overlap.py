@@ -114,8 +114,10 @@ def test_overlap_ops_agree_with_their_fake_shapes():
     key = model.moe_blocks[0].overlap_key
     x = torch.randn(2, TINY_PHI["hidden_size"])
     with torch.no_grad():
-        torch.library.opcheck(overlap._start, (x, torch.randn(5, TINY_PHI["hidden_size"]), key, False))
-        torch.library.opcheck(overlap._finish, (torch.randn_like(x), torch.randn_like(x), x, key))
+        weight = torch.randn(5, TINY_PHI["hidden_size"])
+        torch.library.opcheck(overlap._start, (x, weight, None, key, False))
+        torch.library.opcheck(overlap._start, (x, weight, torch.randn(5), key, False))
+        torch.library.opcheck(overlap._wait, (torch.randn_like(x), x, key))
 
 
 def test_a_block_that_is_gone_is_named():

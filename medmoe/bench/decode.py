@@ -4,8 +4,9 @@ For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode
 attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
-`linear_matvec=False`), a Med-MoE layer's experts beside its attention on a second stream unless
-`overlap_experts=False`), the same step without the graph and without the fusion, and a plain
+`linear_matvec=False`, a Med-MoE layer's experts beside its attention on a second stream unless
+`overlap_experts=False`, Phi's rotary embedding and cache write in one kernel unless
+`decode_rotary=False`), the same step without the graph and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
 LM head, the KV cache of the mean context) over the measured copy bandwidth.
@@ -19,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from ..generation.fast_decode import decode
+from ..model.decode_attention import count_installed
 from ..model.fused_qkv import count_overlapped, count_parallel, unfuse_qkv
 from ..model.fused_qkv import fuse_qkv as fuse
 from ..moe import kernels
@@ -60,17 +62,18 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
         plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
-        fuse_parallel: bool = True, linear_matvec: bool = True, overlap_experts: bool = True, log=print) -> dict:
+        fuse_parallel: bool = True, linear_matvec: bool = True, overlap_experts: bool = True, decode_rotary: bool = True,
+        log=print) -> dict:
     previous, kernels.linear_matvec_enabled = kernels.linear_matvec_enabled, linear_matvec
     try:
         return _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv,
-                    fuse_parallel, linear_matvec, overlap_experts, log)
+                    fuse_parallel, linear_matvec, overlap_experts, decode_rotary, log)
     finally:
         kernels.linear_matvec_enabled = previous
 
 
 def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv, fuse_parallel,
-         linear_matvec, overlap_experts, log) -> dict:
+         linear_matvec, overlap_experts, decode_rotary, log) -> dict:
     model = (model or phi2_medmoe(device)).eval()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
@@ -80,9 +83,11 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model.language_model, parallel=fuse_parallel, overlap_experts=overlap_experts)
+            fuse(model.language_model, parallel=fuse_parallel, overlap_experts=overlap_experts,
+                 decode_attention=decode_rotary)
         row["fused_parallel_layers"] = count_parallel(model)
         row["overlapped_moe_layers"] = count_overlapped(model)
+        row["decode_rotary_layers"] = count_installed(model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)

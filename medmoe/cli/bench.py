@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-overlap-experts", dest="overlap_experts", action="store_false",
                    help="decode: run a Med-MoE layer's experts after its attention, not beside it on a second CUDA "
                         "stream (moe/overlap.py)")
+    p.add_argument("--no-decode-rotary", dest="decode_rotary", action="store_false",
+                   help="decode: rotate and write the cache as transformers' Phi attention does, not in one kernel "
+                        "(model/decode_attention.py)")
     p.add_argument("--no-linear-matvec", dest="linear_matvec", action="store_false",
                    help="decode: run the fused products at one row by cuBLAS, not by the matrix-vector kernel "
                         "(moe/kernels.py: linear)")
@@ -92,7 +95,8 @@ def run(args) -> int:
                                                   compile=args.compile_mode or args.compile,
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
                                                   fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec,
-                                                  overlap_experts=args.overlap_experts)
+                                                  overlap_experts=args.overlap_experts,
+                                                  decode_rotary=args.decode_rotary)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]

@@ -22,6 +22,9 @@ bandwidth).
 At one row on a GPU (a batch-1 decode step) the fused products run through a matrix-vector
 kernel (`moe/kernels.py: linear`) that reads their weights nearer the copy bandwidth than cuBLAS.
 
+Phi's attention also takes its one-token step with a static cache through one kernel for the
+rotary embedding and the cache write (`model/decode_attention.py`, `decode_attention=True`).
+
     fuse_qkv(model)     # after merging LoRA adapters; load_for_inference does it on a GPU
     unfuse_qkv(model)   # the separate projections back, e.g. before save_pretrained
 """
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from ..moe import kernels, overlap
+from . import decode_attention as _decode_attention
 
 
 class _Handoff:
@@ -103,11 +107,9 @@ class FusedQKV(nn.Module):
         product = None
         if self.moe_block is not None and type(self.linear) is nn.Linear:
             # the block's experts, launched on a side stream to run beside this layer's attention
-            product = self.moe_block.start_routed(x, self.linear.weight)
+            product = self.moe_block.start_routed(x, self.linear.weight, self.linear.bias)
         if product is None:
             product = _product(self.linear, x)
-        elif self.linear.bias is not None:
-            product = product + self.linear.bias
         q, *rest = product.split(self.sizes, dim=-1)
         for name, part in zip(self.names[1:], rest):
             setattr(self.handoff, name, part)
@@ -196,11 +198,12 @@ def _same_mode(module: nn.Module) -> None:
     module.train(module.training)  # the new modules take the train/eval mode of the one they joined
 
 
-def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = True) -> int:
+def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = True, decode_attention: bool = True) -> int:
     """Fuse every attention layer whose q/k/v projections are plain linears on one input (LoRA-
     wrapped or quantised ones are left alone) and, with `parallel`, the FFN projections of Phi's
     parallel layers as well, whose Med-MoE experts then start beside the attention unless not
-    `overlap_experts`; returns how many attention layers were fused."""
+    `overlap_experts`; with `decode_attention`, Phi's attention modules take one-token steps through
+    decode_attention.py; returns how many attention layers were fused."""
     fused = 0
     for layer in list(model.modules()) if parallel else []:
         ffn = _parallel_ffn(layer)
@@ -222,11 +225,14 @@ def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = Tr
         attn.k_proj, attn.v_proj = HandedOver(handoff, "k"), HandedOver(handoff, "v")
         _same_mode(attn)
         fused += 1
+    if decode_attention:
+        _decode_attention.install(model)
     return fused
 
 
 def unfuse_qkv(model: nn.Module) -> int:
-    """Undo `fuse_qkv`: every projection with its own weights again."""
+    """Undo `fuse_qkv`: every projection with its own weights again, transformers' attention classes."""
+    _decode_attention.uninstall(model)
     count = 0
     for layer in list(model.modules()):
         attn = getattr(layer, "self_attn", None)

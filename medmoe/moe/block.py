@@ -93,9 +93,10 @@ class MedMoEBlock(nn.Module):
                 and self.meta is not None and self.cfg.routing == "token" and not state.meta_only
                 and not state.record_routing and getattr(self.experts, "shared", None) is not self.meta)
 
-    def start_routed(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    def start_routed(self, hidden_states: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """Launch the routed experts on a second CUDA stream (overlap.py), then return
-        `hidden_states @ weight^T` from the main stream: called by the fused input product of Phi's
+        `hidden_states @ weight^T + bias` from the main stream: called by the fused input product of Phi's
         parallel layer, with the block's input, before the layer's attention. The forward adds the
         experts' result to the meta expert's output. None (nothing launched) where the forward
         must run as it is."""
@@ -103,7 +104,7 @@ class MedMoEBlock(nn.Module):
         self._started.routed = None  # nothing left from a forward that did not finish
         if not self.can_start_early(x):
             return None
-        self._started.routed, product = overlap.start(x, self.overlap_key, weight)
+        self._started.routed, product = overlap.start(x, self.overlap_key, weight, bias)
         return product.reshape(*hidden_states.shape[:-1], weight.shape[0])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

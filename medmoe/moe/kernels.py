@@ -181,25 +181,26 @@ def linear_matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("medmoe::linear_matvec", mutates_args=())
-def _linear_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _linear_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if triton_ready(x):
-        return _triton().linear_matvec(x, weight)
-    return x @ weight.T
+        return _triton().linear_matvec(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 @_linear_matvec.register_fake
-def _(x, weight):
+def _(x, weight, bias=None):
     return x.new_empty(1, weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); one row on a GPU without gradients by the matrix-vector kernel.
-    The bias is added outside the op, where torch.compile fuses it."""
+    """F.linear(x, weight, bias); one row on a GPU without gradients by the matrix-vector kernel,
+    which adds the bias too: a product that feeds another op (the overlapped experts' join, the
+    rotary embedding's) then needs no kernel of its own for the bias (docs/speed.md, run M)."""
     if not linear_matvec_applies(x, weight):
         return F.linear(x, weight, bias)
-    y = _linear_matvec(x.reshape(1, -1).contiguous(), weight)
     if bias is not None:
-        y = y + bias
+        bias = bias.to(x.dtype).contiguous()
+    y = _linear_matvec(x.reshape(1, -1).contiguous(), weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -287,7 +288,8 @@ def _build_kernels():
         (256, 32, 4, 3, True), (512, 32, 8, 3, True)]), key=["K", "N", "k_per_split"])(even(matvec))
 
     @triton.jit
-    def linear_matvec_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def linear_matvec_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Program: BLOCK_N whole rows of W [N, K]; the loop over K is unrolled, so every load of a
         # row is issued before the sums need them (the bytes in flight are what a GEMV runs on).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,7 +299,10 @@ def _build_kernels():
         for k0 in tl.static_range(0, K, BLOCK_K):
             w = tl.load(w_rows + k0 + cols[None, :], eviction_policy="evict_first")  # read once
             acc += w.to(tl.float32) * tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty))
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
 
     def fitting(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -317,10 +322,11 @@ def _build_kernels():
         linear_matvec_tuner = linear_matvec_tuned
 
         @staticmethod
-        def linear_matvec(x, weight):
+        def linear_matvec(x, weight, bias):
             n, k = weight.shape
             y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-            linear_matvec_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, weight, y, n, K=k)
+            linear_matvec_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, weight, bias if bias is not None else y, y, n,
+                                                                      K=k, HAS_BIAS=bias is not None)
             return y
 
         @staticmethod

@@ -9,15 +9,17 @@ The layer's fused input product (`model/fused_qkv.py`) calls `start` with ln(x);
 `finish` where it adds the experts' output to the meta expert's.
 
     key = register(block)                      # once, when the layer is fused
-    routed, product = start(x, key, weight)    # experts launched on the side stream, then x @ weight^T
-    ...                                        # the attention, on the main stream
-    y = finish(routed, meta_out, x, key)       # main waits for the side stream: meta_out + routed
+    routed, product = start(x, key, weight, bias)  # experts launched on the side stream, then x @ weight^T + bias
+    ...                                            # the attention, on the main stream
+    y = finish(routed, meta_out, x, key)           # main waits for the side stream: meta_out + routed
 
 Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its
 own when the step around it is). `start` makes the side stream wait for the main one, runs the
 block's routing and experts there (the same code as the block's own forward) and records an
-event; `finish` makes the main stream wait for that event. Captured in a CUDA graph, they are the
-graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
+event; `finish` makes the main stream wait for that event, in an op that (for torch.compile)
+mutates `routed` and returns nothing, so that the sum after it fuses with the layer's residual
+add and the next norm instead of running as a kernel of its own. Captured in a CUDA graph, they
+are the graph's fork and join. Off CUDA, `start` computes the experts at once and `finish` only adds.
 The routing runs on the side stream as well, on purpose: routed on the main stream before the
 launch, the experts started with the input product and the step was slower (docs/speed.md, run
 L: 2.71 against 2.57 ms per batch-1 step), likely because they then share the bandwidth of that
@@ -83,11 +85,12 @@ def _compiled_routed():
 
 
 @torch.library.custom_op("medmoe::routed_experts_start", mutates_args=())
-def _start(x: torch.Tensor, weight: torch.Tensor, key: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _start(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: int,
+           compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     block = _block(key)
     routed = _compiled_routed() if compiled else _routed
     if not x.is_cuda:
-        return routed(block, x), kernels.linear(x, weight)
+        return routed(block, x), kernels.linear(x, weight, bias)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     out = torch.empty_like(x)  # owned by the main stream, written by the side one
@@ -97,39 +100,41 @@ def _start(x: torch.Tensor, weight: torch.Tensor, key: int, compiled: bool) -> t
         done = torch.cuda.Event()
         done.record(side)
     _DONE[key] = done
-    return out, kernels.linear(x, weight)
+    return out, kernels.linear(x, weight, bias)
 
 
 @_start.register_fake
-def _(x, weight, key, compiled):
+def _(x, weight, bias, key, compiled):
     return torch.empty_like(x), x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("medmoe::routed_experts_finish", mutates_args=())
-def _finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+@torch.library.custom_op("medmoe::routed_experts_wait", mutates_args=("routed",))
+def _wait(routed: torch.Tensor, x: torch.Tensor, key: int) -> None:
+    # Declared as mutating `routed` (the side stream writes it) so that what reads it comes after.
     done = _DONE.pop(key, None)
     if done is not None:
         torch.cuda.current_stream(routed.device).wait_event(done)
-    return shared + routed
 
 
-@_finish.register_fake
-def _(routed, shared, x, key):
-    return torch.empty_like(shared)
+@_wait.register_fake
+def _(routed, x, key):
+    return None
 
 
-def start(x: torch.Tensor, key: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(routed, x @ weight^T): sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d], launched
-    on the side stream, and then the layer's input product on the main stream (kernels.linear).
+def start(x: torch.Tensor, key: int, weight: torch.Tensor,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routed, x @ weight^T + bias): sum_k w_k E_{i_k}(x) of block `key` for the tokens x [N, d],
+    launched on the side stream, and then the layer's input product on the main stream (kernels.linear).
 
     The product is in the same op so that the launch comes before it: torch.compile's scheduler
     moves an op whose output is needed late (the experts') to late in the step, to lower peak
     memory, and the experts then ran beside the output product instead of the attention. Inside a
     compiled step the experts' own code is compiled too (the router's, bias and activation kernels
     fused as in the step), once for all blocks."""
-    return _start(x, weight, key, torch.compiler.is_compiling())
+    return _start(x, weight, bias, key, torch.compiler.is_compiling())
 
 
 def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
     """shared + routed, once the side stream has written `routed` (x: the experts' input, kept alive)."""
-    return _finish(routed, shared, x, key)
+    _wait(routed, x, key)
+    return shared + routed

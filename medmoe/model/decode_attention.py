@@ -1,0 +1,208 @@
+"""Inference only: Phi's attention for one new token with a static cache, rotary embedding and cache
+write in one kernel.
+
+transformers' Phi attention, for each layer of a decode step, splits the query and key into the
+rotated and the passed-through parts, rotates, joins the parts again and writes key and value into
+the cache: torch.compile makes five kernels of that (the rotation, two joins, two cache writes),
+each about a microsecond of work and a launch, 160 per step of Phi-2 on the step's critical path
+(docs/speed.md, run M). Here one op does all of it:
+
+    query = rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter)
+
+reads the projections' outputs as they are ([B, 1, heads * head_dim], views of the fused product
+are fine), rotates the first `cos.shape[-1]` features of each query and key head, writes key and
+value at slot `length` of the layer's cache, advances `length` (transformers' StaticLayer
+`cumulative_length`) and returns the query [B, heads, 1, head_dim]. On a GPU with Triton it is one
+kernel (one program per batch row and head); elsewhere the same in PyTorch.
+
+`PhiDecodeAttention` is transformers' `PhiAttention` with that op on its one-token path with a
+static cache; any other call (a prompt, a dynamic cache, training) runs transformers' forward.
+`fuse_qkv` (model/fused_qkv.py) installs it; `unfuse_qkv` restores the class.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..moe import kernels
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' partial rotary embedding: x [B, H, 1, D], cos/sin [B, 1, R], R <= D."""
+    r = cos.shape[-1]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot, rest = x[..., :r], x[..., r:]
+    half = torch.cat((-rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
+    return torch.cat((rot * c + half * s, rest), dim=-1)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], 1, -1, head_dim).transpose(1, 2)
+
+
+@torch.library.custom_op("medmoe::rotary_cache_write", mutates_args=("keys", "values", "length", "counter"))
+def _rotary_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
+                        counter: torch.Tensor) -> torch.Tensor:
+    if kernels.triton_ready(q):
+        return _triton_rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter)
+    d = keys.shape[-1]
+    slot = length.reshape(1)
+    keys.index_copy_(2, slot, _rotate(_heads(k, d), cos, sin).to(keys.dtype))
+    values.index_copy_(2, slot, _heads(v, d).to(values.dtype))
+    length.add_(1)
+    return _rotate(_heads(q, d), cos, sin).contiguous()
+
+
+@_rotary_cache_write.register_fake
+def _(q, k, v, cos, sin, keys, values, length, counter):
+    d = keys.shape[-1]
+    return q.new_empty(q.shape[0], q.shape[-1] // d, 1, d)
+
+
+def rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter) -> torch.Tensor:
+    """See the module docstring. q [B, 1, Hq * D], k and v [B, 1, Hkv * D] (last dim contiguous),
+    cos and sin [B, 1, R], keys and values [B, Hkv, L, D], length a scalar int64 tensor, counter
+    an int32 [1] of zeros the kernel uses (and leaves zero) to advance length after every read."""
+    cos, sin = cos.reshape(cos.shape[0], 1, -1).contiguous(), sin.reshape(sin.shape[0], 1, -1).contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rotary_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, len_ptr, count_ptr,
+                                  q_stride, k_stride, v_stride, kv_heads, max_len, programs,
+                                  D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        slot = tl.load(len_ptr)
+        d = tl.arange(0, BLOCK_D)
+        in_head = d < D
+        in_rot = d < R
+        partner = tl.where(d < R // 2, d + R // 2, d - R // 2)  # rotate_half: (-x2, x1)
+        sign = tl.where(d < R // 2, -1.0, 1.0)
+        c = tl.load(cos_ptr + b * R + d, mask=in_rot, other=1.0).to(tl.float32)
+        s = tl.load(sin_ptr + b * R + d, mask=in_rot, other=0.0).to(tl.float32)
+        q_row = q_ptr + b * q_stride + h * D
+        x = tl.load(q_row + d, mask=in_head, other=0.0).to(tl.float32)
+        xp = tl.load(q_row + partner, mask=in_rot, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (b * tl.num_programs(1) + h) * D + d, (x * c + sign * xp * s).to(out_ptr.dtype.element_ty),
+                 mask=in_head)
+        if h < kv_heads:
+            cache_at = ((b * kv_heads + h) * max_len + slot) * D + d
+            k_row = k_ptr + b * k_stride + h * D
+            x = tl.load(k_row + d, mask=in_head, other=0.0).to(tl.float32)
+            xp = tl.load(k_row + partner, mask=in_rot, other=0.0).to(tl.float32)
+            tl.store(keys_ptr + cache_at, (x * c + sign * xp * s).to(keys_ptr.dtype.element_ty), mask=in_head)
+            v_row = v_ptr + b * v_stride + h * D
+            tl.store(values_ptr + cache_at, tl.load(v_row + d, mask=in_head, other=0.0).to(values_ptr.dtype.element_ty),
+                     mask=in_head)
+        # The last program to finish advances the length: every program read it before its ticket.
+        ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if ticket == programs - 1:
+            tl.store(len_ptr, slot + 1)
+            tl.store(count_ptr, 0)
+
+    return triton, rotary_cache_write_kernel
+
+
+def _triton_rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter):
+    triton, kernel = _kernel()
+    b, kv_heads, max_len, d = keys.shape
+    heads = q.shape[-1] // d
+    out = q.new_empty(b, heads, 1, d)
+    kernel[(b, heads)](q, k, v, cos, sin, keys, values, out, length, counter,
+                       q.stride(0), k.stride(0), v.stride(0), kv_heads, max_len, b * heads,
+                       D=d, R=cos.shape[-1], BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+    return out
+
+
+def _static_layer(cache, layer_idx: int):
+    """The layer's transformers StaticLayer, once its tensors exist; else None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        return None
+    length = getattr(layer, "cumulative_length", None)
+    return layer if isinstance(length, torch.Tensor) and length.dim() == 0 else None
+
+
+def _attention_function(config):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.phi.modeling_phi import eager_attention_forward
+
+    impl = config._attn_implementation
+    return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _phi_attention_class():
+    try:
+        from transformers.models.phi.modeling_phi import PhiAttention
+    except ImportError:  # pragma: no cover - every transformers release we support has it
+        return None
+    return PhiAttention
+
+
+@functools.lru_cache(maxsize=None)
+def decode_attention_class():
+    """PhiDecodeAttention (built once: it subclasses transformers' PhiAttention)."""
+    base = _phi_attention_class()
+
+    class PhiDecodeAttention(base):
+        """PhiAttention whose one-token step with a static cache runs `rotary_cache_write`."""
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            layer = _static_layer(cache, self.layer_idx)
+            if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or self.training
+                    or self.qk_layernorm or layer.keys.shape[-1] != self.head_dim):
+                return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            cos, sin = position_embeddings
+            query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                       self.decode_counter)
+            rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
+            out, weights = _attention_function(self.config)(self, query, layer.keys, layer.values, attention_mask,
+                                                            dropout=0.0, scaling=self.scaling, **rest)
+            out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+            return self.dense(out), weights
+
+    return PhiDecodeAttention
+
+
+def install(model: nn.Module) -> int:
+    """Every transformers PhiAttention in `model` becomes a PhiDecodeAttention; returns how many."""
+    base = _phi_attention_class()
+    count = 0
+    for module in model.modules():
+        if base is not None and type(module) is base:
+            module.__class__ = decode_attention_class()
+            device = next(module.parameters()).device
+            module.register_buffer("decode_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+            count += 1
+    return count
+
+
+def uninstall(model: nn.Module) -> int:
+    """Undo `install`."""
+    count = 0
+    for module in model.modules():
+        if _phi_attention_class() is not None and type(module) is decode_attention_class():
+            module.__class__ = _phi_attention_class()
+            del module.decode_counter
+            count += 1
+    return count
+
+
+def count_installed(model: nn.Module) -> int:
+    return sum(type(m).__name__ == "PhiDecodeAttention" for m in model.modules())
