@@ -117,7 +117,7 @@ def test_overlap_ops_agree_with_their_fake_shapes():
         weight = torch.randn(5, TINY_PHI["hidden_size"])
         torch.library.opcheck(overlap._start, (x, weight, None, key, False))
         torch.library.opcheck(overlap._start, (x, weight, torch.randn(5), key, False))
-        torch.library.opcheck(overlap._wait, (torch.randn_like(x), x, key))
+        torch.library.opcheck(overlap._wait, (torch.randn_like(x), torch.randn_like(x), x, key))
 
 
 def test_a_block_that_is_gone_is_named():

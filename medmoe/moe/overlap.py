@@ -109,15 +109,17 @@ def _(x, weight, bias, key, compiled):
 
 
 @torch.library.custom_op("medmoe::routed_experts_wait", mutates_args=("routed",))
-def _wait(routed: torch.Tensor, x: torch.Tensor, key: int) -> None:
-    # Declared as mutating `routed` (the side stream writes it) so that what reads it comes after.
+def _wait(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> None:
+    # Declared as mutating `routed` (the side stream writes it) so that what reads it comes after;
+    # `shared` is an input only so that the wait comes after it: scheduled freely, torch.compile put
+    # the wait before the layer's output product, which then no longer ran beside the experts.
     done = _DONE.pop(key, None)
     if done is not None:
         torch.cuda.current_stream(routed.device).wait_event(done)
 
 
 @_wait.register_fake
-def _(routed, x, key):
+def _(routed, shared, x, key):
     return None
 
 
@@ -136,5 +138,5 @@ def start(x: torch.Tensor, key: int, weight: torch.Tensor,
 
 def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
     """shared + routed, once the side stream has written `routed` (x: the experts' input, kept alive)."""
-    _wait(routed, x, key)
+    _wait(routed, shared, x, key)
     return shared + routed
