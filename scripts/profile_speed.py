@@ -224,7 +224,9 @@ def matvec() -> None:
     for k, n in ((2560, 17920), (12800, 2560), (2560, 10240)):
         x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
         weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
-        for name, fn in (("cuBLAS", F.linear), ("kernels.linear", kernels.linear)):
+        bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+        for name, fn in (("cuBLAS", F.linear), ("kernels.linear", kernels.linear),
+                         ("kernels.linear with a bias", lambda x, w: kernels.linear(x, w, bias))):
             us = median_ms(graphed(lambda fn=fn: [fn(x, w) for w in weights]), DEVICE) * 1e3 / len(weights)
             print(f"K {k} N {n}, 8 weights in a CUDA graph: {name} {us:.1f} us per product, "
                   f"{n * k * 2 / us / 1e6:.2f} TB/s")

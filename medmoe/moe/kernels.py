@@ -295,13 +295,15 @@ def _build_kernels():
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        if HAS_BIAS:  # loaded first: at the end its latency would add to every program's
+            bias = tl.load(b_ptr + rows).to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
             w = tl.load(w_rows + k0 + cols[None, :], eviction_policy="evict_first")  # read once
             acc += w.to(tl.float32) * tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows).to(tl.float32)
+            y += bias
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
 
     def fitting(configs, named_args, **kwargs):
