@@ -151,7 +151,8 @@ def decode_trace(out_dir: str = ".") -> None:
 def trace_summary(path: str, replays: int = 5) -> None:
     """What docs/speed.md reads off a decode-trace file: time per replay, each stream's kernels, the
     median layer (one fused input product's start to the next; MoE layers are those in which an
-    expert kernel starts), and the attention's kernels and the experts' (median, max, us)."""
+    expert kernel starts) and one layer of each kind kernel by kernel, and the attention's kernels
+    and the experts' (median, max, us)."""
     import json
     import statistics
 

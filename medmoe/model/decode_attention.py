@@ -26,6 +26,8 @@ import functools
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.phi.modeling_phi import PhiAttention, eager_attention_forward
 
 from ..moe import kernels
 
@@ -138,55 +140,36 @@ def _static_layer(cache, layer_idx: int):
 
 
 def _attention_function(config):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.phi.modeling_phi import eager_attention_forward
-
     impl = config._attn_implementation
     return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
-def _phi_attention_class():
-    try:
-        from transformers.models.phi.modeling_phi import PhiAttention
-    except ImportError:  # pragma: no cover - every transformers release we support has it
-        return None
-    return PhiAttention
+class PhiDecodeAttention(PhiAttention):
+    """PhiAttention whose one-token step with a static cache runs `rotary_cache_write`."""
 
-
-@functools.lru_cache(maxsize=None)
-def decode_attention_class():
-    """PhiDecodeAttention (built once: it subclasses transformers' PhiAttention)."""
-    base = _phi_attention_class()
-
-    class PhiDecodeAttention(base):
-        """PhiAttention whose one-token step with a static cache runs `rotary_cache_write`."""
-
-        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            layer = _static_layer(cache, self.layer_idx)
-            if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or self.training
-                    or self.qk_layernorm or layer.keys.shape[-1] != self.head_dim):
-                return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-            cos, sin = position_embeddings
-            query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                                       self.decode_counter)
-            rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
-            out, weights = _attention_function(self.config)(self, query, layer.keys, layer.values, attention_mask,
-                                                            dropout=0.0, scaling=self.scaling, **rest)
-            out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-            return self.dense(out), weights
-
-    return PhiDecodeAttention
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name since transformers 5.24, and before
+        layer = _static_layer(cache, self.layer_idx)
+        if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or self.training
+                or self.qk_layernorm or layer.keys.shape[-1] != self.head_dim):
+            return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        cos, sin = position_embeddings
+        query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                   self.decode_counter)
+        rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
+        out, weights = _attention_function(self.config)(self, query, layer.keys, layer.values, attention_mask,
+                                                        dropout=0.0, scaling=self.scaling, **rest)
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.dense(out), weights
 
 
 def install(model: nn.Module) -> int:
     """Every transformers PhiAttention in `model` becomes a PhiDecodeAttention; returns how many."""
-    base = _phi_attention_class()
     count = 0
     for module in model.modules():
-        if base is not None and type(module) is base:
-            module.__class__ = decode_attention_class()
+        if type(module) is PhiAttention:
+            module.__class__ = PhiDecodeAttention  # the same module and weights, another forward
             device = next(module.parameters()).device
             module.register_buffer("decode_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
             count += 1
@@ -197,12 +180,12 @@ def uninstall(model: nn.Module) -> int:
     """Undo `install`."""
     count = 0
     for module in model.modules():
-        if _phi_attention_class() is not None and type(module) is decode_attention_class():
-            module.__class__ = _phi_attention_class()
+        if type(module) is PhiDecodeAttention:
+            module.__class__ = PhiAttention
             del module.decode_counter
             count += 1
     return count
 
 
 def count_installed(model: nn.Module) -> int:
-    return sum(type(m).__name__ == "PhiDecodeAttention" for m in model.modules())
+    return sum(type(m) is PhiDecodeAttention for m in model.modules())
