@@ -295,7 +295,7 @@ def _build_kernels():
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None].to(tl.int64) * K
-        if HAS_BIAS:  # loaded first: at the end its latency would add to every program's
+        if HAS_BIAS:  # loaded first, so that its latency overlaps the weights' loads
             bias = tl.load(b_ptr + rows).to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
