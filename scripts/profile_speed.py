@@ -151,8 +151,8 @@ def decode_trace(out_dir: str = ".") -> None:
 def trace_summary(path: str, replays: int = 5) -> None:
     """What docs/speed.md reads off a decode-trace file: time per replay, each stream's kernels, the
     median layer (one fused input product's start to the next; MoE layers are those in which an
-    expert kernel starts) and one layer of each kind kernel by kernel, and the attention's kernels
-    and the experts' (median, max, us)."""
+    expert kernel starts) and one layer of each kind kernel by kernel, and the input products', the
+    attention's, the experts' and the rotary kernel's durations (median, max, us)."""
     import json
     import statistics
 
@@ -160,7 +160,7 @@ def trace_summary(path: str, replays: int = 5) -> None:
         kernels = sorted((e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     wall = (max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]) / replays
     streams = sorted({e["args"].get("stream") for e in kernels})
-    print(f"{wall / 1e3:.3f} ms per replay (first kernel to last); per stream: " + ", ".join(
+    print(f"{wall / 1e3:.3f} ms per replay (first kernel to last), {len(kernels) / replays:.0f} kernels; per stream: " + ", ".join(
         f"{s}: {sum(e['args'].get('stream') == s for e in kernels) / replays:.0f} kernels, "
         f"{sum(e['dur'] for e in kernels if e['args'].get('stream') == s) / replays / 1e3:.3f} ms busy" for s in streams))
     products = [e for e in kernels if e["name"].startswith("linear_matvec")]
@@ -171,6 +171,8 @@ def trace_summary(path: str, replays: int = 5) -> None:
     for a, b in zip(starts, starts[1:]):
         if b - a < 2 * statistics.median(b - a for a, b in zip(starts, starts[1:])):  # not across replays
             layers["MoE" if any(a <= t < b for t in expert_starts) else "dense"].append(b - a)
+    inputs = [e["dur"] for e in products if e["args"]["grid"][0] == widest]
+    print(f"fused input products: {statistics.median(inputs):.1f} us median ({len(inputs) / replays:.0f} a replay)")
     print("layers: " + ", ".join(f"{kind} {statistics.median(d):.1f} us ({len(d)})" for kind, d in layers.items() if d))
     # One layer of each kind, kernel by kernel: start and end (us from the input product's start), stream, name.
     for kind in ("MoE", "dense"):
@@ -182,7 +184,8 @@ def trace_summary(path: str, replays: int = 5) -> None:
                 if a <= e["ts"] < b:
                     print(f"  {e['ts'] - a:7.1f} {e['ts'] + e['dur'] - a:7.1f}  s{e['args'].get('stream')}  {e['name'][:90]}")
     for label, match in (("attention", lambda n: n.startswith("cudnn_generated") or "flash" in n),
-                         ("its reduction", lambda n: "lean_reduction" in n), ("expert products", lambda n: n == "matvec")):
+                         ("its reduction", lambda n: "lean_reduction" in n), ("expert products", lambda n: n == "matvec"),
+                         ("rotary embedding and cache write", lambda n: n.startswith("rotary_cache_write"))):
         d = [e["dur"] for e in kernels if match(e["name"])]
         if d:
             print(f"{label}: {statistics.median(d):.1f} us median, {max(d):.1f} max ({len(d) / replays:.0f} a replay)")

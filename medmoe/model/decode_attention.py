@@ -26,6 +26,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import PhiAttention, eager_attention_forward
 
@@ -133,7 +134,7 @@ def _static_layer(cache, layer_idx: int):
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+    if type(layer) is not StaticLayer or not getattr(layer, "is_initialized", False):  # not a sliding-window one
         return None
     length = getattr(layer, "cumulative_length", None)
     return layer if isinstance(length, torch.Tensor) and length.dim() == 0 else None
