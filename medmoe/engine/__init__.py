@@ -12,6 +12,7 @@ The plain loop of generation/generate.py is the reference the engine is tested a
 
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob, encode_conversation, encode_question
 from .scheduler import Engine, EngineBusy, RequestTooLong
+from .batch import as_generation_output, shared_engine
 
 __all__ = ["Delta", "Engine", "EngineBusy", "Handle", "Prompt", "Request", "RequestTooLong", "Result", "TokenLogprob",
-           "encode_conversation", "encode_question"]
+           "as_generation_output", "encode_conversation", "encode_question", "shared_engine"]

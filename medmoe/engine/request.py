@@ -9,6 +9,7 @@ settings), the pieces it streams (text, tokens, log-probabilities) and its final
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..data.templates import Turn
 from ..errors import DataError
 from ..generation.generate import SamplingConfig
 from ..moe import LayerRouting
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +91,9 @@ class Request:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output_routing: bool = False  # keep the prompt's routing records (routing summaries)
     on_delta: Callable[[Delta], None] | None = None  # called from the engine's thread
+    on_done: Callable[["Result | None", "BaseException | None"], None] | None = None  # likewise, at the end
     deadline: float | None = None  # time.monotonic() past which the request is cancelled
+    is_cancelled: Callable[[], bool] | None = None  # polled every step (e.g. the client has gone)
 
 
 class Handle:
@@ -96,14 +101,19 @@ class Handle:
 
     def __init__(self, request: Request, engine=None):
         self.request, self.engine = request, engine
-        self.cancelled = False
+        self._cancel = False
         self._deltas: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._result: Result | None = None
         self._error: BaseException | None = None
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._cancel = True
+
+    @property
+    def cancelled(self) -> bool:
+        check = self.request.is_cancelled
+        return self._cancel or (check is not None and bool(check()))
 
     @property
     def done(self) -> bool:
@@ -111,13 +121,22 @@ class Handle:
 
     def _emit(self, delta: Delta) -> None:
         if self.request.on_delta is not None:
-            self.request.on_delta(delta)
+            try:
+                self.request.on_delta(delta)
+            except Exception:  # the listener is broken or gone: stop generating for it
+                logger.exception("on_delta failed; cancelling the request")
+                self._cancel = True
         self._deltas.put(delta)
 
     def _finish(self, result: Result | None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._done.set()
         self._deltas.put(None)
+        if self.request.on_done is not None:
+            try:
+                self.request.on_done(result, error)
+            except Exception:
+                logger.exception("on_done failed")
 
     def result(self, timeout: float | None = None) -> Result:
         if self.engine is not None:

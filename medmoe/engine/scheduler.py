@@ -34,8 +34,8 @@ from transformers import DynamicCache
 from ..errors import MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids
 from ..moe import LayerRouting
-from .decode_step import DecodeStep
-from .request import Delta, Handle, Request, Result, TokenLogprob
+from .decode_step import WARMUP_STEPS, DecodeStep
+from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, pick_tokens, token_logprobs
 from .slot_cache import SlotCache
 
@@ -128,6 +128,12 @@ class Engine:
             return
         while not handle.done:
             self.step()
+
+    def warmup(self) -> None:
+        """Run a short text request through prefill and decode steps (kernels, the one-row graph),
+        so that the first user request does not pay for them."""
+        prompt = Prompt(self.processor(["hello"])["input_ids"][0].tolist())
+        self.generate([Request(prompt, SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True))])
 
     # ----- the background runner ----------------------------------------------------------------
     def start(self) -> None:
