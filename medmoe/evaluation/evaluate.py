@@ -216,13 +216,16 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
 
 
 def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
-    from ..generation import SamplingConfig, run_generation
+    from ..engine import Request, as_generation_output, encode_question, shared_engine
+    from ..generation import SamplingConfig
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
-    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
-    out = run_generation(model, processor, [i.gt.question for i in items], [i.image for i in items], cfg,
-                         output_routing=want_routing)
+    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False)
+    engine = shared_engine(model, processor, max_slots=settings.batch_size)
+    results = engine.generate([Request(encode_question(processor, i.gt.question, i.image), cfg, output_routing=want_routing)
+                               for i in items])
+    out = as_generation_output(results, engine.pad_id)
     counts = [None] * len(items)
     if want_routing and out.prompt_routing:
         valid = _prompt_valid_mask(processor, items, out.input_ids)
