@@ -30,7 +30,7 @@ def row_bucket(n: int, slots: int) -> int:
 
 
 class DecodeStep:
-    def __init__(self, model, cache: SlotCache, cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, model, cache: SlotCache, cuda_graphs: bool | None = None, compile: bool | str = False):
         self.model, self.cache = model, cache
         self.lm = model.language_model
         self.cache_name = cache_argument(self.lm)
@@ -49,7 +49,9 @@ class DecodeStep:
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda" and graph_safe(model, cache.dtype, device)
         self.cuda_graphs = cuda_graphs
-        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # A mode must leave inductor's own CUDA graphs off ("max-autotune-no-cudagraphs"): ours capture the step.
+        mode = compile if isinstance(compile, str) else None
+        self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if compile else self._forward
         self.graphs: dict[tuple, tuple] = {}
         self.warm: dict[tuple, int] = {}
         self.pool = None

@@ -42,6 +42,11 @@ from .slot_cache import SlotCache
 logger = logging.getLogger(__name__)
 
 
+def _config_eos(model) -> set[int]:
+    eos = getattr(model.config.llm_config(), "eos_token_id", None)
+    return {eos} if isinstance(eos, int) else set(eos or ())
+
+
 class EngineBusy(MedMoEError):
     """The engine's queue is full."""
 
@@ -68,9 +73,12 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model, processor, max_slots: int = 8, max_len: int | None = None,
+    def __init__(self, model, processor=None, max_slots: int = 8, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, max_waiting: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool | str = False):
+        """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
+        `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
+        decode step through torch.compile (True, or its mode), compiled once per shape at first use."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
@@ -81,8 +89,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
-        self.eos = eos_ids(model, processor)
-        self.pad_id = processor.tokenizer.pad_token_id or 0
+        self.eos = eos_ids(model, processor) if processor is not None else _config_eos(model)
+        self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
         self.active: list[_Running] = []
         self.waiting: collections.deque[Handle] = collections.deque()
         self.incoming: collections.deque[Handle] = collections.deque()
@@ -132,7 +140,8 @@ class Engine:
     def warmup(self) -> None:
         """Run a short text request through prefill and decode steps (kernels, the one-row graph),
         so that the first user request does not pay for them."""
-        prompt = Prompt(self.processor(["hello"])["input_ids"][0].tolist())
+        ids = self.processor(["hello"])["input_ids"][0].tolist() if self.processor is not None else [0] * 8
+        prompt = Prompt(ids)
         self.generate([Request(prompt, SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True))])
 
     # ----- the background runner ----------------------------------------------------------------
@@ -311,7 +320,7 @@ class Engine:
         else:
             run.tokens.append(token)
             new = [token]
-            text = self.processor.decode(run.tokens)
+            text = self.processor.decode(run.tokens) if self.processor is not None else ""
             for stop in cfg.stop:
                 if stop and stop in text:
                     text, run.finish = text[: text.index(stop)], "stop"
@@ -340,7 +349,7 @@ class Engine:
         return TokenLogprob(token, name(token), chosen, [(i, name(i), p) for i, p in top])
 
     def _token_text(self, token: int) -> str:
-        return self.processor.tokenizer.decode([token])
+        return self.processor.tokenizer.decode([token]) if self.processor is not None else str(token)
 
     def _release(self, slot: int) -> None:
         """Finish the request in `slot` and move the last running request into it."""
