@@ -6,8 +6,9 @@ masked. The inputs live in fixed buffers (`tokens`, `positions`, one row per slo
 the step is captured as a CUDA graph per (rows, span) bucket and replayed: rows round up to a
 power of two (the extra rows are free slots, whose results are ignored), span to the cache's
 bucket. Graphs are captured lazily, after two eager steps of the same shape warm the kernels up,
-and dropped when the cache grows. On the CPU (or when a MoE block syncs with the host) the step
-runs eagerly over exactly the running rows and the longest one's length.
+and dropped when the cache grows. On a GPU the step has the bucketed shapes also when it runs
+eagerly (a MoE block that syncs with the host, or cuda_graphs=False), so that the eager step is
+the graph's twin; on the CPU it runs eagerly over exactly the running rows and the longest length.
 
 Phi's one-kernel rotary + cache write (decode_attention.py) assumes one length shared by all
 rows; with the slot cache its attention takes transformers' own path (the slot layer is not a
@@ -59,7 +60,7 @@ class DecodeStep:
 
     def shape(self, n: int, longest: int) -> tuple[int, int]:
         """(rows, span) the step runs at for n rows whose longest has `longest` tokens after this one."""
-        if not self.cuda_graphs:
+        if self.cache.device.type != "cuda":  # the CPU: exactly the running rows and the longest length
             return n, longest
         span = min(-(-longest // BUCKET) * BUCKET, self.cache.capacity)
         return row_bucket(n, self.cache.slots), span
