@@ -54,7 +54,7 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
     decode step of every row with its sampling and hand-out), steps and cuda_graph."""
     batch = ids.shape[0]
     engine = engine or Engine(model, None, max_slots=batch, max_len=ids.shape[1] + new_tokens,
-                              cuda_graphs=cuda_graphs, compile=compile)
+                              max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile)
     per_image = pixels.shape[0] // batch if pixels is not None else 0
     cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
     handles = [engine.submit(Request(Prompt(ids[row].tolist(),
@@ -122,7 +122,8 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row["fused_parallel_layers"] = count_parallel(model)
         row["overlapped_moe_layers"] = count_overlapped(model)
         row["decode_rotary_layers"] = count_installed(model)
-        engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), compile=compile)
+        engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
+                        compile=compile)
         short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs
         graph, eager = {}, {}
         tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)
