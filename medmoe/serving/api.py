@@ -20,7 +20,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..config import IMAGE_TOKEN
-from ..data.images import load_image
 from ..data.templates import Turn
 from ..errors import ConfigError, DataError
 from ..engine import Request, Result, as_generation_output, encode_conversation, shared_engine
@@ -104,29 +103,6 @@ def _as_list(images) -> list:
     if images is None:
         return []
     return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-def conversation_batch(processor, conversations: Sequence[list[Turn]], images: Sequence[list]) -> dict:
-    """Left-padded generation inputs for multi-turn conversations (the last turn unanswered).
-
-    images[i] are conversation i's images in the order of their `<image>` placeholders; when there
-    is exactly one image and no placeholder, it goes in front of the first question (the paper's prompt).
-    """
-    encoded, pixels = [], []
-    for turns, imgs in zip(conversations, images):
-        imgs = [load_image(i) for i in imgs]
-        placeholders = sum(t.question.count(IMAGE_TOKEN) for t in turns)
-        if len(imgs) == 1 and placeholders == 0:
-            turns = [Turn(processor.prompt(turns[0].question, True), turns[0].answer)] + list(turns[1:])
-            placeholders = 1
-        if placeholders != len(imgs):
-            raise DataError(f"the conversation has {placeholders} {IMAGE_TOKEN} placeholders but {len(imgs)} images")
-        encoded.append(processor.encode(list(turns)))
-        pixels.extend(processor.image_tensor(i) for i in imgs)
-    batch = processor.pad(encoded, padding_side="left")
-    batch.pop("labels")
-    batch["pixel_values"] = torch.stack(pixels) if pixels else None
-    return batch
 
 
 def conversation_requests(processor, conversations: Sequence[list[Turn]], images: Sequence[list],
