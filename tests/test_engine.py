@@ -46,6 +46,13 @@ def assert_same(result, expected):
     assert (result.token_ids, result.text, result.finish_reason) == (tokens, text, reason)
 
 
+@pytest.fixture(params=[False, True], ids=["in-turn", "overlapped"])
+def overlap(request):
+    """Engine(overlap_steps=...): hand out a step's tokens after launching the next (a GPU's
+    default), or at once; the answers are the same."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def phi():
     torch.manual_seed(0)
@@ -59,7 +66,7 @@ def test_batch_of_image_and_text_prompts_matches_the_reference(name, routing, ex
     model, processor = moe_model(name, routing, expert_type)
     cfg = SamplingConfig(max_new_tokens=10)
     expected = [reference(model, processor, q, i, cfg) for q, i in zip(QUESTIONS, images())]
-    results = Engine(model, processor, max_slots=4).generate(
+    results = Engine(model, processor, max_slots=4, overlap_steps=routing == "pooled").generate(
         [request(processor, q, i, cfg) for q, i in zip(QUESTIONS, images())])
     for result, want in zip(results, expected):
         assert_same(result, want)
@@ -79,9 +86,9 @@ def test_one_request_and_requests_of_different_lengths(phi):
     assert_same(single, reference(model, processor, QUESTIONS[0], images()[0], cfgs[1]))
 
 
-def test_a_request_joining_mid_generation_gets_the_reference_answer(phi):
+def test_a_request_joining_mid_generation_gets_the_reference_answer(phi, overlap):
     model, processor = phi
-    engine = Engine(model, processor, max_slots=4)
+    engine = Engine(model, processor, max_slots=4, overlap_steps=overlap)
     cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
     first = engine.submit(request(processor, QUESTIONS[0], images()[0], cfg))
     for _ in range(4):
@@ -98,9 +105,9 @@ def test_a_request_joining_mid_generation_gets_the_reference_answer(phi):
     assert engine.largest_batch == 3 and not engine.active
 
 
-def test_the_slots_bound_the_batch_and_a_request_waits_for_one(phi):
+def test_the_slots_bound_the_batch_and_a_request_waits_for_one(phi, overlap):
     model, processor = phi
-    engine = Engine(model, processor, max_slots=2)
+    engine = Engine(model, processor, max_slots=2, overlap_steps=overlap)
     cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True)
     handles = [engine.submit(request(processor, q, None, cfg)) for q in QUESTIONS[:3]]
     engine.step()
@@ -123,9 +130,9 @@ def test_a_request_longer_than_a_slot_is_refused(phi):
         engine.submit(request(processor, QUESTIONS[2], None, SamplingConfig(max_new_tokens=64)))
 
 
-def test_stop_strings_max_tokens_and_ignore_eos(phi, monkeypatch):
+def test_stop_strings_max_tokens_and_ignore_eos(phi, monkeypatch, overlap):
     model, processor = phi
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, overlap_steps=overlap)
     free = engine.generate([request(processor, QUESTIONS[0], None, SamplingConfig(max_new_tokens=8, ignore_eos=True))])[0]
     assert free.finish_reason == "length" and free.completion_tokens == 8
     # A stop string taken from the middle of the free answer cuts it there.
@@ -146,9 +153,9 @@ def test_stop_strings_max_tokens_and_ignore_eos(phi, monkeypatch):
         assert_same(result, reference(model, processor, QUESTIONS[0], None, cfg))
 
 
-def test_seeded_sampling_is_reproducible_and_each_request_has_its_own(phi):
+def test_seeded_sampling_is_reproducible_and_each_request_has_its_own(phi, overlap):
     model, processor = phi
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, overlap_steps=overlap)
     hot = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7,
                          ignore_eos=True)
     other = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0, seed=3, ignore_eos=True)
@@ -163,10 +170,10 @@ def test_seeded_sampling_is_reproducible_and_each_request_has_its_own(phi):
     assert_same(mixed[2], reference(model, processor, QUESTIONS[2], None, other))
 
 
-def test_logprobs_are_the_log_softmax_of_the_reference_logits(phi):
+def test_logprobs_are_the_log_softmax_of_the_reference_logits(phi, overlap):
     model, processor = phi
     cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=3)
-    result = Engine(model, processor).generate([request(processor, QUESTIONS[0], images()[0], cfg)])[0]
+    result = Engine(model, processor, overlap_steps=overlap).generate([request(processor, QUESTIONS[0], images()[0], cfg)])[0]
     assert len(result.logprobs) == 5
     batch = processor([QUESTIONS[0]], [images()[0]])
     ids = torch.cat([batch["input_ids"], torch.tensor([result.token_ids])], 1)
@@ -183,9 +190,9 @@ def test_logprobs_are_the_log_softmax_of_the_reference_logits(phi):
         assert entry.token == processor.tokenizer.decode([entry.token_id])
 
 
-def test_streaming_deltas_add_up_to_the_answer_and_cancel_stops(phi):
+def test_streaming_deltas_add_up_to_the_answer_and_cancel_stops(phi, overlap):
     model, processor = phi
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, overlap_steps=overlap)
     handle = engine.submit(request(processor, QUESTIONS[2], images()[0], SamplingConfig(max_new_tokens=12,
                                                                                          ignore_eos=True)))
     deltas = list(handle)
@@ -212,9 +219,9 @@ def test_prompt_routing_and_the_python_api_through_the_engine(phi):
     assert "".join(pieces).strip() == answers[0].text
 
 
-def test_the_background_runner_serves_concurrent_submissions(phi):
+def test_the_background_runner_serves_concurrent_submissions(phi, overlap):
     model, processor = phi
-    engine = Engine(model, processor, max_slots=4)
+    engine = Engine(model, processor, max_slots=4, overlap_steps=overlap)
     engine.start()
     try:
         cfgs = [SamplingConfig(max_new_tokens=n, ignore_eos=True) for n in (6, 3, 9)]

@@ -24,16 +24,21 @@ def pick_tokens(logits: torch.Tensor, configs: list[SamplingConfig], generators:
     return tokens
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: list[int]
-                   ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
-    """row -> (log p(token), [(id, log p)] of the `top[i]` most likely tokens) for the given rows."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: list[int]):
+    """Device tensors (log p(token) [k], top log-probs [k, K], their ids [k, K]) for the given rows
+    (K the largest of `top`), or None; `logprobs_by_row` reads them once they are on the host."""
     if not rows:
-        return {}
+        return None
     index = torch.tensor(rows, device=logits.device)
     logp = logits.index_select(0, index).float().log_softmax(-1)
-    chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
-    k = min(max(top), logp.shape[-1])
-    best = logp.topk(k, dim=-1) if k > 0 else None
-    values = best.values.tolist() if best is not None else [[] for _ in rows]
-    ids = best.indices.tolist() if best is not None else [[] for _ in rows]
+    chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    best = logp.topk(min(max(top), logp.shape[-1]), dim=-1)
+    return chosen, best.values, best.indices
+
+
+def logprobs_by_row(scores, rows: list[int], top: list[int]) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+    """row -> (log p(token), [(id, log p)] of its `top` most likely tokens, best first)."""
+    if scores is None:
+        return {}
+    chosen, values, ids = (t.tolist() for t in scores)
     return {row: (chosen[i], list(zip(ids[i], values[i]))[: top[i]]) for i, row in enumerate(rows)}

@@ -36,7 +36,7 @@ from ..generation.generate import SamplingConfig, eos_ids
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
-from .sampling import MAX_TOP_LOGPROBS, pick_tokens, token_logprobs
+from .sampling import MAX_TOP_LOGPROBS, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import SlotCache
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class _Running:
     prompt_ids: list[int]
     routing: list[LayerRouting] | None
     tokens: list[int] = field(default_factory=list)
+    pending: int = 0  # steps launched whose token the request has not been handed yet
     text: str = ""
     sent: str = ""
     logprobs: list[TokenLogprob] | None = None
@@ -72,13 +73,27 @@ class _Running:
     finish: str | None = None
 
 
+@dataclass
+class _Picked:
+    """The tokens one step picked (on the host, or on their way there until `done`)."""
+    runs: list[_Running]  # the requests of the step's rows, in row order when it was launched
+    tokens: torch.Tensor
+    scores: tuple | None  # token_logprobs of the rows in `wanted`
+    wanted: list[int]
+    top: list[int]
+    done: torch.cuda.Event | None
+
+
 class Engine:
     def __init__(self, model, processor=None, max_slots: int = 8, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, max_waiting: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | str = False):
+                 cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None):
         """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
         `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
-        decode step through torch.compile (True, or its mode), compiled once per shape at first use."""
+        decode step through torch.compile (True, or its mode), compiled once per shape at first use.
+        `overlap_steps` (default: on a GPU): launch each decode step before handing out the previous
+        step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
+        runs while the device computes; a request that ends then costs its row one extra step."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
@@ -91,6 +106,8 @@ class Engine:
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
         self.eos = eos_ids(model, processor) if processor is not None else _config_eos(model)
         self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
+        self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
+        self.in_flight: _Picked | None = None
         self.active: list[_Running] = []
         self.waiting: collections.deque[Handle] = collections.deque()
         self.incoming: collections.deque[Handle] = collections.deque()
@@ -175,17 +192,23 @@ class Engine:
                 self.incoming.clear()
             self._drop_cancelled()
             admitted = self._admit()
-            if not self.active:
-                return admitted
+            previous, self.in_flight = self.in_flight, None
             try:
-                self._decode()
+                launched = self._decode() if self.active else None
+                if self.overlap_steps:
+                    # The host hands out the previous step's tokens while the device runs this one.
+                    self.in_flight = launched
+                    launched = None
+                for picked in (previous, launched):
+                    if picked is not None:
+                        self._hand_out(picked)
             except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
                 logger.exception("decode step failed for %d requests", len(self.active))
                 for run in self.active:
                     run.handle._finish(None, err)
-                self.active = []
+                self.active, self.in_flight = [], None
                 self.step_fn.positions.zero_()
-            return True
+            return admitted or previous is not None or self.in_flight is not None or bool(self.active)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -281,33 +304,51 @@ class Engine:
             self.active.append(_Running(handle, cfg, generator, lengths[row], list(prompts[row].input_ids), routing,
                                         logprobs=[] if cfg.logprobs else None))
         self.step_fn.positions[first:first + len(take)] = torch.tensor(lengths, device=device)
-        self._advance(logits, first)
+        self._hand_out(self._pick(logits, self.active[first:], first))
 
     # ----- decode ------------------------------------------------------------------------------
-    def _decode(self) -> None:
-        n = len(self.active)
-        self.largest_batch = max(self.largest_batch, n)
+    def _decode(self) -> _Picked | None:
+        """Launch one decode step of every running request and the picking of their tokens (device
+        work, no host sync), unless every one of them has all its tokens already."""
+        runs = list(self.active)
+        if all(r.generated + r.pending >= r.cfg.max_new_tokens for r in runs):
+            return None
+        self.largest_batch = max(self.largest_batch, len(runs))
         self.steps += 1
-        logits = self.step_fn(n, max(r.length for r in self.active) + 1)
-        self.step_fn.positions[:n] += 1
-        for run in self.active:
+        logits = self.step_fn(len(runs), max(r.length for r in runs) + 1)
+        self.step_fn.positions[:len(runs)] += 1
+        for run in runs:
             run.length += 1
-        self._advance(logits, 0)
+        return self._pick(logits, runs, 0)
 
-    def _advance(self, logits: torch.Tensor, first: int) -> None:
-        """Pick the next token of rows first.. (logits [rows, V]), hand them out, release the finished."""
-        runs = self.active[first:]
+    def _pick(self, logits: torch.Tensor, runs: list[_Running], first: int) -> _Picked:
+        """The next token of rows first.. (logits [rows, V]) into the step's token buffer, and their
+        log-probabilities where asked for, copied towards the host without waiting."""
         tokens = pick_tokens(logits, [r.cfg for r in runs], [r.generator for r in runs])
         self.step_fn.tokens[first:first + len(runs)].copy_(tokens)
         wanted = [i for i, r in enumerate(runs) if r.cfg.logprobs]
-        scores = token_logprobs(logits, tokens, wanted,
-                                [min(max(r.cfg.top_logprobs, 0), MAX_TOP_LOGPROBS) for r in runs if r.cfg.logprobs])
-        done = []
-        for i, (run, token) in enumerate(zip(runs, tokens.tolist())):
-            if self._accept(run, token, scores.get(i)):
-                done.append(first + i)
-        for slot in reversed(done):
-            self._release(slot)
+        top = [min(max(r.cfg.top_logprobs, 0), MAX_TOP_LOGPROBS) for r in runs if r.cfg.logprobs]
+        scores = token_logprobs(logits, tokens, wanted, top)
+        for run in runs:
+            run.pending += 1
+        done = None
+        if tokens.is_cuda:
+            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            scores = tuple(t.to("cpu", non_blocking=True) for t in scores) if scores is not None else None
+            done = torch.cuda.Event()
+            done.record()
+        return _Picked(runs, tokens, scores, wanted, top, done)
+
+    def _hand_out(self, picked: _Picked) -> None:
+        """Give each request its token once it is on the host; release the requests that finished.
+        A request that finished (or was cancelled) after the step was launched ignores its token."""
+        if picked.done is not None:
+            picked.done.synchronize()
+        scores = logprobs_by_row(picked.scores, picked.wanted, picked.top)
+        for i, (run, token) in enumerate(zip(picked.runs, picked.tokens.tolist())):
+            run.pending -= 1
+            if run.finish is None and self._accept(run, token, scores.get(i)):
+                self._release(self.active.index(run))
 
     def _accept(self, run: _Running, token: int, score) -> bool:
         """Hand one token to its request; True when the request has finished."""
