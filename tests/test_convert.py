@@ -219,7 +219,8 @@ def clip_tower(monkeypatch):
         return "real"
     except ImportError:
         pass
-    from medmoe.vision.tower import TinyVisionTower, VisionTower
+    from medmoe.vision.base import VisionTower
+    from medmoe.vision.tower import TinyVisionTower
 
     class StandIn(VisionTower):
         def __init__(self, cfg):

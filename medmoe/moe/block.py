@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from . import overlap
+from ..engine import overlap
 from .experts import ffn_forward
 from .router import Router, load_balancing_loss, route, z_loss
 
