@@ -26,7 +26,7 @@ from medmoe.errors import CheckpointError
 VOCAB, D, F_DIM, LAYERS, HEADS, E = 96, 32, 64, 4, 4, 4
 IMAGE_ID = VOCAB  # outside the vocabulary: our model fills those positions with image features
 CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=32,
-            patch_size=8, hidden_act="quick_gelu")  # 64-wide heads, as the converter infers for unknown towers
+            patch_size=8, hidden_act="quick_gelu")
 N_IMG = (CLIP["image_size"] // CLIP["patch_size"]) ** 2
 VISION = "model.image_tower.image_tower.vision_model."  # CLIPVisionModel of transformers 4.x, as saved
 FFN = {"phi": ("fc1", "fc2"), "stablelm": ("gate_proj", "up_proj", "down_proj")}
@@ -118,10 +118,28 @@ def official_state(family: str, layout: str, vision: bool = True, seed: int = 0)
     return sd
 
 
-def write_official(folder, family, layout, vision=True, fmt="safetensors", state=None):
+def write_clip_folder(folder, clip_config=None, state=None):
+    """A local CLIP folder, as `CLIPVisionModel.save_pretrained` writes it: config.json, and the
+    weights when `state` (the checkpoint's) is given."""
+    config = CLIPVisionConfig(**(clip_config or CLIP))
+    if state is None:
+        config.save_pretrained(folder)
+    else:
+        clip = CLIPVisionModel(config)
+        clip.load_state_dict({k[len(VISION):]: v for k, v in state.items() if k.startswith(VISION)})
+        clip.save_pretrained(folder)
+    return str(folder)
+
+
+def write_official(folder, family, layout, vision=True, fmt="safetensors", state=None, tower="config"):
+    """tower: "config": config.json's mm_image_tower names a local folder holding the CLIP's
+    config.json (its weights are the checkpoint's); "absent": it names a folder that is not here."""
     os.makedirs(folder, exist_ok=True)
+    cfg = official_config(family, layout)
+    if tower == "config":
+        cfg["mm_image_tower"] = write_clip_folder(os.path.join(f"{folder}-clip", "tiny-clip"))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(official_config(family, layout), f, indent=2)
+        json.dump(cfg, f, indent=2)
     state = official_state(family, layout, vision) if state is None else state
     if fmt == "safetensors":
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
