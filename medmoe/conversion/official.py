@@ -254,12 +254,9 @@ def local_tower(path: str, source: str = "--vision-tower") -> tuple[dict, dict, 
     if "vision_config" in cfg:
         cfg = {**cfg["vision_config"], "model_type": f"{cfg.get('model_type', 'clip')}_vision_model"}
     weights = {}
-    try:
-        files = load_folder(path)
-    except CheckpointError:
-        if source == "--vision-tower":
-            raise
-        files = {}  # the authors' folder with its config only: the checkpoint's own CLIP weights are used
+    # The folder config.json names may hold the config alone: then the checkpoint's CLIP weights are used.
+    config_only = source != "--vision-tower" and not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path))
+    files = {} if config_only else load_folder(path)
     for key, value in files.items():
         if "vision_model." in key or key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):
             weights[clip_name(key)] = value  # a CLIPModel's text tower and projections are not ours
@@ -539,7 +536,7 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None, vision_dtype:
 
     `dtype` is the LLM's and the projector's (None: the checkpoint's main dtype). The vision tower
     keeps the precision its weights come in (an fp32 CLIP from --vision-tower stays fp32 beside a
-    bf16 LLM, as the official code runs it) unless `vision_dtype` is given.
+    bf16 LLM) unless `vision_dtype` is given; the official loader casts it to fp16.
     The model is built on the meta device and takes the converted tensors as they are (assign), so
     converting a 6B-parameter checkpoint needs about one copy of it in memory, not two.
     """
