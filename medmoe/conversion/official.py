@@ -163,9 +163,10 @@ def moe_settings(cfg: dict, state: dict, num_layers: int, report: Report, drop_t
     if len(set(counts)) != 1:
         raise ConfigError(f"config.json moe.num_experts={counts}: medmoe needs the same number of experts in every layer")
     top_k = moe.get("top_k_experts", 1)
-    if top_k not in (1, 2):  # DeepSpeed's TopKGate: "Only top-1 and top-2 gatings are supported."
+    if isinstance(top_k, bool) or top_k not in (1, 2):  # DeepSpeed's TopKGate: "Only top-1 and top-2 gatings"
         raise ConfigError(f"config.json moe.top_k_experts={top_k!r}: the official gate (DeepSpeed TopKGate) "
                           "supports only 1 or 2; this checkpoint cannot come from it")
+    top_k = int(top_k)
     meta = any(".mlp.meta_moe." in k for k in state)
     known = {"moe_enable", "moe_mode", "moe_layers_idx", "num_experts", "top_k_experts", "use_residual",
              "router_aux_loss_coef", "eval_capacity_factor", "min_capacity"}

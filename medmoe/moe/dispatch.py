@@ -37,9 +37,10 @@ def capacity_weights(expert_index: torch.Tensor, probs: torch.Tensor, renormaliz
     capacity = max(ceil(N / E * factor * k), min_capacity), computed in fp32 as DeepSpeed does. Each
     expert keeps the slots whose place in its queue is below capacity: every token's first choice, in
     position order, then every second choice (DeepSpeed's locations2 start after all first choices).
-    A dropped slot weighs 0; top-2 renormalises over the kept ones (p_kept / (p_kept + eps-clamped)).
-    DeepSpeed's top-1 picks which tokens to keep at random (random token selection); position
-    order is the deterministic rule used here.
+    A dropped slot weighs 0. With `renormalize` (top-2) the kept weights are divided by their sum,
+    clamped at eps as DeepSpeed does: a token whose first choice is dropped gets its second one with
+    weight 1, a token with both dropped gets 0. DeepSpeed's top-1 picks which tokens to keep at
+    random (random token selection); position order is the deterministic rule used here.
     """
     n, k = expert_index.shape
     num_experts = probs.shape[-1]
