@@ -143,9 +143,14 @@ def test_official_numeric_ids_match_prepared_ids(tmp_path, capsys):
     assert "none of its 2 prediction ids" in err and len(err.splitlines()) == 1
 
 
-def test_ambiguous_numeric_id_is_not_guessed(tmp_path):
-    mixed = [{"id": i, "question": "q", "answer": "yes", "answer_type": "CLOSED"} for i in ("vqa-rad-3", "slake-3", "slake-4")]
+def test_ambiguous_or_our_own_numbers_are_not_guessed(tmp_path):
+    """Two datasets share qid 3; PathVQA's prepared ids carry a line number, not the source's id."""
+    mixed = [{"id": i, "question": "q", "answer": "yes", "answer_type": "CLOSED", "dataset": i.rsplit("-", 1)[0]}
+             for i in ("vqa-rad-3", "slake-3", "slake-4")]
+    mixed.append({"id": "pathvqa-test-5", "question": "q", "answer": "yes", "dataset": "pathvqa"})
     gt = write_jsonl(tmp_path / "gt.jsonl", mixed)
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 3, "text": "yes"}, {"question_id": 4, "text": "yes"}])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": n, "text": "yes"} for n in (3, 4, 5)])
     m, _ = score_files(answers, gt)
-    assert m["counts"]["extra_ids"] == ["3"] and m["counts"]["missing_ids"] == ["vqa-rad-3", "slake-3"]
+    assert m["counts"]["mapped_official_ids"] == 1  # 4 -> slake-4 only
+    assert m["counts"]["extra_ids"] == ["3", "5"]
+    assert m["counts"]["missing_ids"] == ["vqa-rad-3", "slake-3", "pathvqa-test-5"]

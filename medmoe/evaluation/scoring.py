@@ -7,8 +7,8 @@ Ground truth: our canonical records JSONL (`id, question, answer, answer_type, m
 answer_type`).
 
 The official answer files number their questions (`question_id` 10) where prepared splits name
-them (`vqa-rad-10`): a numeric id that names no ground-truth item is matched to the one
-ground-truth id that ends in `-<that number>`. When no prediction matches any ground-truth id, the
+them (`vqa-rad-10`, the dataset's own question id after the dataset name): a numeric id that names
+no ground-truth item is matched to the one ground-truth id `<its dataset>-<that number>`. When no prediction matches any ground-truth id, the
 files are for different questions: an error, not a score of 0.
 
 Totals and breakdowns per dataset, answer type, modality and question type, with the metrics of
@@ -173,14 +173,15 @@ def score_predictions(predictions: dict[str, str], ground_truth: list[GroundTrut
 
 def map_official_ids(predictions: dict[str, str], ground_truth: list[GroundTruth]) -> tuple[dict[str, str], int]:
     """(predictions keyed by ground-truth ids, how many were mapped). A numeric id that is no
-    ground-truth id (the official `question_id` 10) takes the only ground-truth id ending in `-10`
-    (`vqa-rad-10`, `slake-10`); an id that ends ambiguously, or whose target already has its own
-    prediction, stays as it is (reported as extra)."""
+    ground-truth id (the official `question_id` 10) takes the only ground-truth id that is its
+    dataset's name and that number (`vqa-rad-10`, `slake-10`: prepare.py keeps the source's qid
+    there). Ids numbered by us (`pathvqa-test-10`, a line number) are never matched; an ambiguous
+    number, or one whose target has its own prediction, stays as it is (reported as extra)."""
     gt_ids = {g.id for g in ground_truth}
     by_number: dict[str, list[str]] = defaultdict(list)
     for g in ground_truth:
         head, _, tail = g.id.rpartition("-")
-        if head and tail.isdigit():
+        if head == g.dataset and tail.isdigit():
             by_number[tail].append(g.id)
     out, mapped = {}, 0
     for pid, text in predictions.items():
