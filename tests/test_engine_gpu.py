@@ -16,7 +16,7 @@ QUESTIONS = ["What modality is this image?", "Any fracture?", "Describe the find
 
 
 def fused_model(routing: str, expert_type: str, dtype=torch.bfloat16):
-    from medmoe.model.fused_qkv import fuse_qkv
+    from medmoe.engine.fused_projections import fuse_qkv
     from medmoe.model.pretrained import build_model
 
     torch.manual_seed(0)

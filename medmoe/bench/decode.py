@@ -22,10 +22,10 @@ import torch
 from transformers import DynamicCache
 
 from ..engine import Engine, Prompt, Request
+from ..engine.decode_attention import count_installed
+from ..engine.fused_projections import count_overlapped, count_parallel, unfuse_qkv
+from ..engine.fused_projections import fuse_qkv as fuse
 from ..generation.generate import SamplingConfig
-from ..model.decode_attention import count_installed
-from ..model.fused_qkv import count_overlapped, count_parallel, unfuse_qkv
-from ..model.fused_qkv import fuse_qkv as fuse
 from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync

@@ -26,15 +26,15 @@ def register(subparsers) -> None:
                         "max-autotune-no-cudagraphs (the step is already captured in a CUDA graph)")
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
-                   help="decode: keep the attention's query, key and value projections separate (model/fused_qkv.py)")
+                   help="decode: keep the attention's query, key and value projections separate (engine/fused_projections.py)")
     p.add_argument("--no-fuse-parallel", dest="fuse_parallel", action="store_false",
                    help="decode: fuse only the query, key and value projections, not Phi's FFN projections with them")
     p.add_argument("--no-overlap-experts", dest="overlap_experts", action="store_false",
                    help="decode: run a Med-MoE layer's experts after its attention, not beside it on a second CUDA "
-                        "stream (moe/overlap.py)")
+                        "stream (engine/overlap.py)")
     p.add_argument("--no-decode-rotary", dest="decode_rotary", action="store_false",
                    help="decode: rotate and write the cache as transformers' Phi attention does, not in one kernel "
-                        "(model/decode_attention.py)")
+                        "(engine/decode_attention.py)")
     p.add_argument("--no-linear-matvec", dest="linear_matvec", action="store_false",
                    help="decode: run the fused products at one row by cuBLAS, not by the matrix-vector kernel "
                         "(moe/kernels.py: linear)")

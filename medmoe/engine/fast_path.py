@@ -1,8 +1,8 @@
-"""The one place the engine reaches the inference speed-ups that live elsewhere (fused projections,
-experts on a side stream, the static decode path's checks): a path change is a one-line fix here."""
+"""The one place the scheduler reaches the speed-ups of the static decode path (its check that a
+model's MoE blocks run without host syncs)."""
 
 from __future__ import annotations
 
-from ..generation.fast_decode import graph_safe
+from .static_decode import graph_safe
 
 __all__ = ["graph_safe"]
