@@ -231,3 +231,22 @@ def test_the_background_runner_serves_concurrent_submissions(phi, overlap):
         engine.stop()
     for result, q, c in zip(results, QUESTIONS, cfgs):
         assert_same(result, reference(model, processor, q, None, c))
+
+
+def test_the_common_start_of_prompts_is_prefilled_once(phi, monkeypatch):
+    import medmoe.engine.scheduler as scheduler
+
+    model, processor = phi
+    calls = []
+    original = scheduler.prefill_shared_prefix
+    monkeypatch.setattr(scheduler, "prefill_shared_prefix", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    shared, alone = (SamplingConfig(max_new_tokens=6, ignore_eos=True, share_prefix=share) for share in (True, False))
+    results = {cfg.share_prefix: Engine(model, processor, max_slots=4).generate(
+        [request(processor, q, i, cfg, output_routing=True) for q, i in zip(QUESTIONS, images())])
+        for cfg in (shared, alone)}
+    assert len(calls) == 1 and calls[0] >= 8  # one prefill, the system prompt shared
+    for a, b, q, i in zip(results[True], results[False], QUESTIONS, images()):
+        assert_same(a, reference(model, processor, q, i, alone))
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.prompt_routing, b.prompt_routing):
+            assert torch.equal(x.expert_index, y.expert_index)

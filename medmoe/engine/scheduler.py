@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import MedMoEError
-from ..generation.generate import SamplingConfig, eos_ids
+from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
@@ -276,9 +276,16 @@ class Engine:
         pixels = torch.cat(pixels).to(device) if pixels else None
         ids, mask = ids.to(device), mask.to(device)
         want_routing = any(h.request.output_routing for h in take) and model.is_moe
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=DynamicCache(), use_cache=True,
-                    output_routing=want_routing, logits_to_keep=1)
+        shared = 0
+        if all(h.request.sampling.share_prefix for h in take):
+            shared = shared_prefix_length(model, ids, mask)
+        if shared:  # the prompts' common start (the template's system prompt) prefilled once
+            out, _, _, routing = prefill_shared_prefix(model, ids, mask, shared, pixels, output_routing=want_routing)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=DynamicCache(), use_cache=True,
+                        output_routing=want_routing, logits_to_keep=1)
+            routing = out.routing
         probs = dict(model.moe_state.sample_probs)
         needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
         needs += [n + h.request.sampling.max_new_tokens for n, h in zip(lengths, take)]
@@ -289,19 +296,23 @@ class Engine:
         first = len(self.active)
         for row, handle in enumerate(take):
             slot, start = first + row, width - lengths[row]
-            self.cache.load(slot, keys[:, row, :, start:], values[:, row, :, start:], lengths[row])
+            if shared:  # row layout [shared prefix][padding][own tokens]
+                self.cache.load(slot, keys[:, row, :, :shared], values[:, row, :, :shared])
+                self.cache.load(slot, keys[:, row, :, shared + start:], values[:, row, :, shared + start:], at=shared)
+            else:  # [padding][prompt]
+                self.cache.load(slot, keys[:, row, :, start:], values[:, row, :, start:])
             for layer, slot_probs in self.step_fn.slot_probs.items():
                 if layer in probs:
                     slot_probs[slot].copy_(probs[layer][row])
-            routing = None
-            if handle.request.output_routing and out.routing:
-                routing = [LayerRouting(r.layer, r.expert_index[row:row + 1, start:], r.probs[row:row + 1, start:])
-                           for r in out.routing]
+            records = None  # in the left-padded layout
+            if handle.request.output_routing and routing:
+                records = [LayerRouting(r.layer, r.expert_index[row:row + 1, start:], r.probs[row:row + 1, start:])
+                           for r in routing]
             cfg = handle.request.sampling
             generator = None
             if cfg.do_sample and cfg.seed is not None:
                 generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            self.active.append(_Running(handle, cfg, generator, lengths[row], list(prompts[row].input_ids), routing,
+            self.active.append(_Running(handle, cfg, generator, lengths[row], list(prompts[row].input_ids), records,
                                         logprobs=[] if cfg.logprobs else None))
         self.step_fn.positions[first:first + len(take)] = torch.tensor(lengths, device=device)
         self._hand_out(self._pick(logits, self.active[first:], first))

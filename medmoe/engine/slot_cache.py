@@ -10,7 +10,7 @@ longer requests arrive; growing reallocates, so the engine drops its captured gr
 
     cache = SlotCache(lm.config, slots=8, max_len=2048, dtype=..., device=...)
     cache.reserve(640)                         # capacity for prompts + answers of 640 tokens
-    cache.load(slot, prefilled_layers, row, start, length)   # a prefilled prompt into a slot
+    cache.load(slot, keys, values)             # a prefilled prompt into a slot
     cache.rows, cache.span, cache.write_at = n, span, positions[:n]
     lm(..., cache=cache)                       # one token per row
 """
@@ -111,10 +111,11 @@ class SlotCache(Cache):
         self.kv, self.capacity = kv, capacity
         self.version += 1
 
-    def load(self, slot: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """A prefilled prompt into `slot`: keys/values [layers, kv_heads, length, head_dim]."""
-        self.kv[0, :, slot, :, :length].copy_(keys)
-        self.kv[1, :, slot, :, :length].copy_(values)
+    def load(self, slot: int, keys: torch.Tensor, values: torch.Tensor, at: int = 0) -> None:
+        """Prefilled keys/values [layers, kv_heads, n, head_dim] into positions at..at+n of `slot`."""
+        n = keys.shape[-2]
+        self.kv[0, :, slot, :, at:at + n].copy_(keys)
+        self.kv[1, :, slot, :, at:at + n].copy_(values)
 
     def move(self, source: int, target: int, length: int) -> None:
         """The first `length` positions of slot `source` into slot `target`."""

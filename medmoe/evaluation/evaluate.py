@@ -221,7 +221,7 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
-    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False)
+    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
     engine = shared_engine(model, processor, max_slots=settings.batch_size)
     results = engine.generate([Request(encode_question(processor, i.gt.question, i.image), cfg, output_routing=want_routing)
                                for i in items])
