@@ -250,3 +250,21 @@ def test_the_common_start_of_prompts_is_prefilled_once(phi, monkeypatch):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.prompt_routing, b.prompt_routing):
             assert torch.equal(x.expert_index, y.expert_index)
+
+
+def test_a_bad_prompt_fails_alone_and_zero_new_tokens_is_empty(phi):
+    from medmoe.engine import Prompt
+
+    model, processor = phi
+    engine = Engine(model, processor)
+    cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
+    good = request(processor, QUESTIONS[0], images()[0], cfg)
+    pixels = good.prompt.pixel_values
+    bad = Request(Prompt(good.prompt.input_ids, torch.cat([pixels, pixels])), cfg)  # one image too many
+    handles = [engine.submit(good), engine.submit(bad)]
+    assert_same(handles[0].result(), reference(model, processor, QUESTIONS[0], images()[0], cfg))
+    with pytest.raises(ValueError, match="image"):
+        handles[1].result()
+    empty = engine.generate([request(processor, "hi", None, SamplingConfig(max_new_tokens=0))])[0]
+    assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
+    assert not engine.active

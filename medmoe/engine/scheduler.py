@@ -135,6 +135,10 @@ class Engine:
                                  f"({request.sampling.max_new_tokens}) exceed the {self.max_len} tokens of an "
                                  "engine slot; shorten the prompt or lower max_new_tokens")
         handle = Handle(request, self)
+        if request.sampling.max_new_tokens <= 0:  # nothing to generate (as the reference loop)
+            ids = list(request.prompt.input_ids)
+            handle._finish(Result("", [], "length", len(ids), ids))
+            return handle
         with self.lock:
             if self.max_waiting is not None and self.queued >= self.max_waiting:
                 raise EngineBusy("server busy: the request queue is full; retry shortly")
@@ -239,9 +243,11 @@ class Engine:
             take.append(self.waiting.popleft())
         if not take:
             return False
+        running = len(self.active)
         try:
             self._prefill(take)
         except Exception as err:
+            del self.active[running:]  # what the failed prefill had placed
             if len(take) > 1:  # one bad prompt must not fail the others: each alone
                 for handle in take:
                     self._prefill_alone(handle)
@@ -250,9 +256,11 @@ class Engine:
         return True
 
     def _prefill_alone(self, handle: Handle) -> None:
+        running = len(self.active)
         try:
             self._prefill([handle])
         except Exception as err:
+            del self.active[running:]
             self._fail(handle, err)
 
     def _fail(self, handle: Handle, err: Exception) -> None:
