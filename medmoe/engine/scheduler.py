@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from ..errors import MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
-from .decode_step import WARMUP_STEPS, DecodeStep
+from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import SlotCache
@@ -159,11 +159,15 @@ class Engine:
             self.step()
 
     def warmup(self) -> None:
-        """Run a short text request through prefill and decode steps (kernels, the one-row graph),
-        so that the first user request does not pay for them."""
+        """Run short text requests through prefill and decode steps, so that the first user
+        requests do not pay for kernel set-up, torch.compile or graph capture: on a GPU, one
+        batch per row bucket (graphs of the first length bucket); longer contexts capture their
+        graphs when they first occur."""
         ids = self.processor(["hello"])["input_ids"][0].tolist() if self.processor is not None else [0] * 8
-        prompt = Prompt(ids)
-        self.generate([Request(prompt, SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True))])
+        cfg = SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True)
+        sizes = sorted({row_bucket(n, self.max_slots) for n in range(1, self.max_slots + 1)})
+        for size in sizes if self.step_fn.cuda_graphs else [1]:
+            self.generate([Request(Prompt(ids), cfg) for _ in range(size)])
 
     # ----- the background runner ----------------------------------------------------------------
     def start(self) -> None:
