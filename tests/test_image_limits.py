@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medmoe.data.bounded_io import inflate
+from medmoe.data.bounded_io import CappedReader, inflate
 from medmoe.data.images import load_image
 from medmoe.data.limits import DEFAULT_LIMITS, DecodeLimits, ImageTooLargeError
 from medmoe.data.medical_images import load_medical
@@ -81,6 +81,17 @@ def test_inflate_is_capped_and_exact():
     assert len(bomb) < 1_000_000
     message, peak = refused(lambda: inflate(bomb, DEFAULT_LIMITS.max_bytes, "bomb.gz"), ImageTooLargeError)
     assert "bomb.gz: inflated data passes 256 MiB" in message and peak < 8 * 2**20
+
+
+def test_capped_reader_stops_at_the_cap():
+    data = bytes(range(256)) * 400  # 102,400 bytes
+    reader = io.BufferedReader(CappedReader(gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(data))), 60_000, "v.gz"))
+    reader.seek(50_000)
+    assert reader.read(10_000) == data[50_000:60_000]
+    with pytest.raises(ImageTooLargeError, match="v.gz: reading it needs more than"):
+        reader.read(1)
+    exact = CappedReader(gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(data))), len(data), "v.gz")
+    assert exact.read() == data  # a stream that ends at the cap reads to its end
 
 
 # --- PNG / TIFF ---------------------------------------------------------------------------------

@@ -71,17 +71,13 @@ class CappedReader(io.RawIOBase):
         self._check(target)
         return self.raw.seek(target)
 
-    def read(self, size: int = -1) -> bytes:
-        room = self.cap - self.raw.tell()
-        if size is None or size < 0:  # to the end, which must come within the cap
-            data = self.raw.read(room + 1)
-            self._check(self.raw.tell())
-            return data
-        self._check(self.raw.tell() + size)
-        return self.raw.read(size)
-
     def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
+        room = self.cap - self.raw.tell()
+        if room <= 0 < len(buffer):  # at the cap: the end of the stream, or a read past the budget
+            if self.raw.read(1):
+                self._check(self.cap + 1)
+            return 0
+        data = self.raw.read(min(len(buffer), room))  # read-ahead stops at the cap without failing
         buffer[:len(data)] = data
         return len(data)
 
