@@ -203,6 +203,24 @@ def test_dicom_header_size_is_checked_before_decoding(tmp_path):
         load_image(str(path))
 
 
+@pytest.mark.parametrize("name", ["MR_small_padded.dcm", "image_dfl.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm",
+                                  "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_jpeg_dcmtk.dcm", "rtdose_1frame.dcm"])
+def test_pydicom_example_files_still_load(name):
+    """Padding, deflate, RLE, JPEG 2000, YBR 4:2:2 and 1-frame files pass the checks unchanged."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    image = load_medical(get_testdata_file(name))
+    assert image.size == (ds.Columns, ds.Rows) and image.mode == "RGB"
+
+
+def test_pydicom_truncated_example_is_a_clean_error():
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(ImageError, match="MR_truncated.dcm: the pixel data holds 8,130 bytes"):
+        load_medical(get_testdata_file("MR_truncated.dcm"))
+
+
 def encapsulated(tmp_path, syntax, frame: bytes, rows: int, cols: int) -> str:
     path = write_dicom(tmp_path / "enc.dcm", np.zeros((rows, cols), np.uint16))
     ds = pydicom.dcmread(path)

@@ -110,17 +110,20 @@ def native_size(rows: int, cols: int, samples: int, bits: int, frames: int) -> i
 
 def check_native(ds, label: str, limits: DecodeLimits, geometry) -> None:
     """Uncompressed pixel data: the size the header promises is within the budget and is what the
-    file holds (more or fewer frames than NumberOfFrames is a damaged file, not a guess)."""
+    file holds (more or fewer frames than NumberOfFrames is a damaged file, not a guess; padding
+    short of one more frame is ignored, as pydicom does)."""
     expected = native_size(*geometry)
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":  # two chroma samples per pixel pair
+        expected = expected * 2 // 3
     limits.check_bytes(expected, label, "the pixel data the header describes")
     key = next(k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
     held = len(ds[key].value or b"")
     if key != "PixelData":
         expected = geometry[0] * geometry[1] * geometry[2] * geometry[4] * (4 if key == "FloatPixelData" else 8)
-    if not expected <= held <= expected + 1:  # one byte of padding to an even length
-        rows, cols, samples, bits, frames = geometry
-        per_frame = native_size(rows, cols, samples, bits, 1)
-        holds = f"{held / per_frame:.4g} frames" if per_frame else f"{held} bytes"
+    rows, cols, samples, bits, frames = geometry
+    per_frame = max(expected // frames, 1)
+    if not expected <= held < expected + per_frame:  # trailing padding short of one more frame is allowed
+        holds = f"{held / per_frame:.4g} frames"
         raise ImageError(f"{label}: the pixel data holds {held:,} bytes ({holds}) but the header says {frames} "
                          f"frame(s) of {cols}x{rows} x {samples} sample(s) at {bits} bits ({expected:,} bytes); "
                          "the file is damaged or its Number of Frames is wrong")
@@ -136,8 +139,7 @@ def check_compressed_frame(frame: bytes, syntax: str, label: str, limits: Decode
                 raise ImageError(f"{label}: an RLE segment decodes past its {cols}x{rows} frame; the file is damaged")
         return
     size = codestream_size(frame)
-    if size is not None and size != (cols, rows):
-        limits.check_pixels(*size, label, "a compressed frame")
+    if size is not None and size != (cols, rows):  # the header's size is the one within the budget
         raise ImageError(f"{label}: a compressed frame is {size[0]}x{size[1]} pixels but the header says "
                          f"{cols}x{rows}; the file is damaged")
 
