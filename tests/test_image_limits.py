@@ -129,6 +129,18 @@ def test_server_upload_limits_and_messages():
     assert message.startswith("the uploaded image: not a readable image") and "PNG, JPEG, TIFF, BMP, DICOM" in message
 
 
+def test_server_upload_of_damaged_medical_files_is_400(tmp_path):
+    from medmoe.serving.server import HTTPProblem, Limits, open_upload
+
+    frames = np.stack([np.full((8, 8), 100 * i, dtype=np.uint16) for i in range(3)])
+    cine = open(write_dicom(tmp_path / "cine.dcm", frames, modality="MR"), "rb").read()  # no NumberOfFrames
+    for data, name, expected in ((cine, "upload.dcm", "the pixel data holds"),
+                                 (open(truncated_nifti(tmp_path), "rb").read(), "upload.nii.gz", "truncated or corrupt")):
+        with pytest.raises(HTTPProblem) as err:
+            open_upload(data, name, Limits())
+        assert err.value.status == 400 and expected in err.value.message
+
+
 def test_multipage_tiff_decodes_the_first_page_only(tmp_path):
     limits = DecodeLimits(max_pixels=100 * 100)
     small_first = tmp_path / "small_first.tiff"
