@@ -7,9 +7,12 @@ inverted. The window is, in order of preference: the one asked for (a CT preset 
 file's own VOI LUT or WindowCenter/WindowWidth (MR, CR, DX, ...); else the robust min-max of the
 pixels. Multi-frame files are reduced to one frame (the middle one unless `frame` is given).
 
-NIfTI (nibabel): the volume is reoriented to RAS+, one slice is taken (middle axial by default;
-`plane` and `slice_index` choose another; 4-D series use volume `volume`, 0 by default), and shown
-in neurological convention (patient right on the image right, anterior up).
+NIfTI (nibabel): one slice of the volume in RAS+ orientation (middle axial by default; `plane`
+and `slice_index` choose another; 4-D series use volume `volume`, 0 by default), shown in
+neurological convention (patient right on the image right, anterior up). Only that slice is read,
+reoriented and scaled.
+
+Both are decoded within a budget (`limits`, see limits.py) checked from their headers first.
 
 How a multi-frame or volume input was reduced is written to `image.info["medmoe_reduction"]` and
 logged. Nothing from the DICOM header other than the modality ever reaches a log or an error:
@@ -31,7 +34,7 @@ from PIL import Image
 from ..errors import ImageError
 from .dicom_io import check_compressed_frame, check_native, frame_geometry, read_dicom
 from .limits import DEFAULT_LIMITS, DecodeLimits
-from .nifti_io import PLANES, stored_axis, check_header, open_nifti, read_slice
+from .nifti_io import PLANES, check_header, open_nifti, read_slice, stored_axis
 
 logger = logging.getLogger(__name__)
 
