@@ -252,6 +252,8 @@ def _decode_frame(ds, index: int, label: str, limits: DecodeLimits, geometry) ->
     from pydicom.encaps import get_frame
 
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_transfer_syntax:
+        raise ImageError(f"{label}: the DICOM transfer syntax is not one pydicom knows; the file is damaged")
     compressed = bool(syntax is not None and syntax.is_compressed and "PixelData" in ds)
     name = getattr(syntax, "name", "unknown transfer syntax")
     try:
