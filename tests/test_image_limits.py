@@ -351,3 +351,42 @@ def test_cli_ask_bad_medical_files_are_one_line_exit_2(tmp_path, capsys):
         assert main(["ask", "--image", path, "What is shown?"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err
+
+
+# --- mutated files --------------------------------------------------------------------------------
+
+def seed_files() -> list[tuple[str, bytes]]:
+    from pydicom.data import get_testdata_file
+
+    seeds = []
+    for fmt in ("PNG", "JPEG", "TIFF", "BMP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (10, 200, 30)).save(buf, fmt)
+        seeds.append((f"x.{fmt.lower()}", buf.getvalue()))
+    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm"):
+        seeds.append((name, open(get_testdata_file(name), "rb").read()))
+    img = nib.Nifti1Image(np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10), np.diag([-1.0, 1, 2, 1]))
+    img.header.set_slope_inter(2.0, 1.0)
+    return seeds + [("v.nii", img.to_bytes()), ("v.nii.gz", gzip.compress(img.to_bytes()))]
+
+
+def test_mutated_files_give_one_line_image_errors():
+    """Flipped bytes, truncations and insertions in every format: an ImageError of one line, or an image."""
+    rng = np.random.default_rng(0)
+    seeds = seed_files()
+    for case in range(200):
+        name, data = seeds[case % len(seeds)]
+        data = bytearray(data)
+        op = case // len(seeds) % 3
+        if op == 0:
+            for at in rng.integers(len(data), size=4):
+                data[int(at)] = int(rng.integers(256))
+        elif op == 1:
+            data = data[:int(rng.integers(len(data)))]
+        else:
+            at = int(rng.integers(len(data)))
+            data[at:at] = rng.integers(256, size=int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+        try:
+            load_image(bytes(data), name=name)
+        except ImageError as err:
+            assert "\n" not in str(err) and " at 0x" not in str(err) and str(err).startswith(name)
