@@ -98,8 +98,7 @@ def frame_geometry(ds, label: str, limits: DecodeLimits) -> tuple[int, int, int,
         raise ImageError(f"{label}: the DICOM header gives an impossible image size ({rows} rows, {cols} columns, "
                          f"{samples} samples, {bits} bits, {frames} frames); the file is damaged")
     limits.check_pixels(cols, rows, label, "each DICOM frame")
-    # The frame as decoded, then as float64 physical values (the modality LUT) and a float32 copy.
-    limits.check_bytes(rows * cols * samples * (max(bits, 8) // 8 + 12), label, f"one decoded {cols}x{rows} frame")
+    limits.check_bytes(rows * cols * samples * max(bits, 8) // 8, label, f"one decoded {cols}x{rows} frame")
     return rows, cols, samples, bits, frames
 
 

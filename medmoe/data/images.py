@@ -23,7 +23,7 @@ from .medical_images import load_if_medical
 # checks the budget it is given itself, from the header, so this global never decides alone.
 Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_pixels
 FORMATS = "PNG, JPEG, TIFF, BMP, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
-# Bytes per pixel of each PIL mode once decoded, plus the RGB copy load_image makes (to_rgb).
+# Bytes per pixel of each PIL mode once decoded.
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
                "RGBA": 4, "RGBX": 4, "CMYK": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
 
@@ -56,7 +56,7 @@ def _open(source, label: str, limits: DecodeLimits) -> Image.Image:
             image = Image.open(fp)  # the header only
             width, height = image.size
             limits.check_pixels(width, height, label)
-            limits.check_bytes(width * height * (_MODE_BYTES.get(image.mode, 4) + 3), label,
+            limits.check_bytes(width * height * _MODE_BYTES.get(image.mode, 4), label,
                                f"the decoded {width}x{height} {image.mode} image")
             image.load()
     except FileNotFoundError:
