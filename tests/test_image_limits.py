@@ -141,6 +141,14 @@ def test_server_upload_of_damaged_medical_files_is_400(tmp_path):
         assert err.value.status == 400 and expected in err.value.message
 
 
+def test_byte_budget_counts_the_decoded_image():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "PNG")
+    assert load_image(buf.getvalue(), limits=DecodeLimits(max_bytes=40 * 30 * 3)).size == (40, 30)
+    with pytest.raises(ImageTooLargeError, match="the uploaded image: the decoded 40x30 RGB image would be"):
+        load_image(buf.getvalue(), limits=DecodeLimits(max_bytes=40 * 30 * 3 - 1))
+
+
 def test_multipage_tiff_decodes_the_first_page_only(tmp_path):
     limits = DecodeLimits(max_pixels=100 * 100)
     small_first = tmp_path / "small_first.tiff"
