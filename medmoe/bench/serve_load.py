@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -193,7 +194,8 @@ async def drive(base: str, clients: int, requests_per_client: int, max_tokens: i
         results = await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
         wall = time.perf_counter() - t0
     report = summarize([r for rs in results for r in rs], wall)
-    return {"clients": clients, "requests_per_client": requests_per_client, "max_tokens": max_tokens, **report}
+    return {"clients": clients, "requests_per_client": requests_per_client, "max_tokens": max_tokens,
+            "load_average_1min": os.getloadavg()[0], **report}  # other work on the machine slows this down
 
 
 async def run_async(base: str, clients: list[int], requests_per_client: int = 4, max_tokens: int = 64,

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import time
 from collections import Counter
 
@@ -178,7 +179,7 @@ async def soak_async(base: str, pid: int, clients: int = 64, seconds: float = 60
         stop.set()
         await sampler
     report = summarize(plan, good, disconnects, bad, samples, load_start, load_end, idle_s, settle_s)
-    report.update(seconds=seconds, max_tokens=max_tokens, disconnect_fraction=disconnect_fraction,
+    report.update(load_average_1min=os.getloadavg()[0], seconds=seconds, max_tokens=max_tokens, disconnect_fraction=disconnect_fraction,
                   bad_fraction=bad_fraction)
     log(table(report))
     return report
