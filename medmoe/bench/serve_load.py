@@ -213,7 +213,9 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
         run = await drive(base, n, requests_per_client, max_tokens, words, image)
         runs.append(run)
         log(row(run))
-    return {"server": health, "prompt_words": words, "image": image, "runs": runs}
+    async with httpx.AsyncClient(timeout=60) as client:  # how the server batched the runs' requests
+        after = (await client.get(f"{base}/health")).json()
+    return {"server": health, "server_after": after, "prompt_words": words, "image": image, "runs": runs}
 
 
 def run(base: str, clients: list[int], **kwargs) -> dict:
