@@ -78,7 +78,9 @@ def plot_soak(report: dict, path: str) -> bool:
         return False
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot([t for t, _ in samples], [mb for _, mb in samples])
-    ax.axvspan(*report["load_window_s"], alpha=0.15, color="tab:orange", label="load")
+    start_s, end_s = report["load_window_s"]
+    ax.axvspan(start_s, end_s, alpha=0.15, color="tab:orange", label="load (then requests in flight finish)")
+    ax.axvline(start_s + report["seconds"], lw=0.8, color="tab:orange", label="clients stop starting requests")
     start = report["rss_mb"]["start"]
     ax.axhline(start * 1.1, ls="--", lw=0.8, color="grey", label="start + 10%")
     ax.set(xlabel="s", ylabel="server RSS (MiB)", title="server memory")
