@@ -97,9 +97,11 @@ def test_soak_counts_bad_inputs_and_disconnects_apart_from_good_failures(served,
     outcomes = bad["outcomes"]
     assert bad["requests"] == sum(sum(v.values()) for v in outcomes.values()) > 0
     assert set(outcomes.get("invalid_json", {"400": 1})) == {"400"}
-    assert bad["unexpected"] == sum(n for v in outcomes.values() for o, n in v.items() if not o.startswith("4"))
+    assert bad["unexpected"] == sum(n for v in outcomes.values() for o, n in v.items()
+                                    if not o.startswith("4") or "not the OpenAI" in o)
     assert report["statuses"].get("200", 0) >= good["requests"]  # every good answer was a 200
-    assert report["rss_samples"] and report["rss_mb"]["start"] > 0 and report["rss_mb"]["peak"] >= report["rss_mb"]["end"]
+    rss = report["rss_mb"]
+    assert report["rss_samples"] and rss["start"] > 0 and rss["peak"] >= rss["end"]
     assert isinstance(report["rss_mb"]["within_10_percent"], bool)
     report.update(model="tiny", device="cpu")
     picture = tmp_path / "soak.png"

@@ -60,7 +60,8 @@ def plot_serve(report: dict, path: str) -> bool:
     axes[0].set(xlabel="time to first token (ms)", ylabel="fraction of requests", title="TTFT CDF")
     axes[1].set(xlabel="inter-token latency (ms)", ylabel="fraction of gaps", title="ITL CDF", xscale="log")
     for ax in axes[:2]:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # runs without answers draw no curve
+            ax.legend(fontsize=8)
     axes[2].bar([str(r["clients"]) for r in runs], [r["tokens_per_s"] for r in runs])
     axes[2].set(xlabel="concurrent clients", ylabel="completion tokens/s (aggregate)", title="throughput")
     fig.suptitle(f"{report.get('model', '')} on {report.get('device', '')}, {runs[0]['max_tokens']}-token answers",

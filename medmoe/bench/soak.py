@@ -179,8 +179,8 @@ async def soak_async(base: str, pid: int, clients: int = 64, seconds: float = 60
         stop.set()
         await sampler
     report = summarize(plan, good, disconnects, bad, samples, load_start, load_end, idle_s, settle_s)
-    report.update(load_average_1min=os.getloadavg()[0], seconds=seconds, max_tokens=max_tokens, disconnect_fraction=disconnect_fraction,
-                  bad_fraction=bad_fraction)
+    report.update(load_average_1min=os.getloadavg()[0], seconds=seconds, max_tokens=max_tokens,
+                  disconnect_fraction=disconnect_fraction, bad_fraction=bad_fraction)
     log(table(report))
     return report
 
@@ -192,6 +192,9 @@ def summarize(plan, good, disconnects, bad, samples, load_start, load_end, idle_
     rss_end = percentile(after, 50) or (samples[-1][1] if samples else 0.0)
     failed_good = [r for r in good if not r.ok]
     unexpected_bad = [(k, o) for k, o in bad if not o.startswith("4") or "not the OpenAI" in o]
+    outcomes: dict[str, Counter] = {}
+    for kind, outcome in bad:
+        outcomes.setdefault(kind, Counter())[outcome] += 1
     statuses = Counter(str(r.status or r.error) for r in good + disconnects) + Counter(o for _, o in bad)
     return {
         "clients": {role: plan.count(role) for role in ("good", "disconnect", "bad")},
@@ -206,7 +209,7 @@ def summarize(plan, good, disconnects, bad, samples, load_start, load_end, idle_
                        "finished_first": sum(r.ok for r in disconnects),
                        "other": dict(Counter(r.error for r in disconnects if r.error not in (None, "disconnected")))},
         "bad": {"requests": len(bad), "unexpected": len(unexpected_bad),
-                "outcomes": {kind: dict(Counter(o for k, o in bad if k == kind)) for kind in dict.fromkeys(k for k, _ in bad)}},
+                "outcomes": {kind: dict(counts) for kind, counts in outcomes.items()}},
         "statuses": dict(statuses),
         "rss_mb": {"start": rss_start, "peak": max((mb for _, mb in samples), default=0.0), "end": rss_end,
                    "end_over_start": rss_end / rss_start if rss_start else None,
