@@ -139,7 +139,10 @@ async def stream_request(client, base: str, body: dict, t0: float, stop_after_fi
 async def prompt_usage(client, base: str, body: dict) -> int:
     body = {**body, "stream": False, "max_tokens": 1}
     resp = await client.post(f"{base}/v1/chat/completions", json=body)
-    resp.raise_for_status()
+    if resp.status_code != 200:
+        from .servers import ServerError
+
+        raise ServerError(f"the server answered the calibration request with {resp.status_code}: {resp.text[:300]}")
     return resp.json()["usage"]["prompt_tokens"]
 
 
