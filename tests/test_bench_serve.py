@@ -143,3 +143,13 @@ def test_random_phi2_folder_serves_image_prompts(tmp_path):
     answer = m.ask(Image.new("RGB", (64, 64), (90, 90, 90)), "What is shown?")
     assert answer.prompt_tokens > 576 and answer.routing.image_tokens == 576
     assert servers.is_random_preset("phi2") and not servers.is_random_preset("nano")
+
+
+def test_a_server_that_does_not_start_is_a_one_line_error(tmp_path, capsys):
+    from medmoe.cli import main
+
+    missing = str(tmp_path / "missing")
+    assert main(["bench", "--what", "serve", "--model", missing, "--device", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exited with code 2" in err and "not a model folder" in err
+    assert (tmp_path / "serve-server.log").exists()  # the server's own output, for the details

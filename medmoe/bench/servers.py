@@ -124,8 +124,10 @@ def serve_process(model: str, device: str | None = None, serve_args: list[str] =
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                tail = log.read()[-2000:].decode(errors="replace")
-                raise ServerError(f"`{' '.join(cmd)}` exited with {proc.returncode}:\n{tail}")
+                lines = [line for line in log.read()[-4000:].decode(errors="replace").splitlines() if line.strip()]
+                where = f" (log: {log_path})" if log_path else ""
+                raise ServerError(f"`medmoe serve --model {model}` exited with code {proc.returncode}{where}: "
+                                  f"{lines[-1] if lines else 'no output'}")
             if time.monotonic() > deadline:
                 raise ServerError(f"`{' '.join(cmd)}` did not answer /health within {start_timeout_s:g} s")
             with contextlib.suppress(httpx.HTTPError):
