@@ -91,8 +91,8 @@ def decode(setting: str = "fused") -> None:
     """`fused`: the query, key and value projections as one product, and Phi's FFN projections
     with them, as `medmoe bench --what decode` runs the step; `qkv`: the first only; `plain`: as
     transformers has them."""
-    import medmoe.generation.fast_decode as fast
-    from medmoe.model.fused_qkv import fuse_qkv
+    import medmoe.engine.static_decode as fast
+    from medmoe.engine.fused_projections import fuse_qkv
 
     model = phi2_medmoe(DEVICE)
     if setting != "plain":
@@ -121,8 +121,8 @@ def decode_trace(out_dir: str = ".") -> None:
     it: each stream's kernels (busy time, count) per step, and the Chrome traces (decode_*.json)."""
     import os
 
-    import medmoe.generation.fast_decode as fast
-    from medmoe.model.fused_qkv import fuse_qkv, unfuse_qkv
+    import medmoe.engine.static_decode as fast
+    from medmoe.engine.fused_projections import fuse_qkv, unfuse_qkv
 
     model = phi2_medmoe(DEVICE)
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)

@@ -1,5 +1,5 @@
 """Phi's one-token attention step with the rotary embedding and the cache write in one op
-(model/decode_attention.py): the same logits, cache and cache length as transformers' attention, on
+(engine/decode_attention.py): the same logits, cache and cache length as transformers' attention, on
 the CPU by the op's PyTorch form, on a CUDA GPU by its Triton kernel."""
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 from transformers import StaticCache
 
 from medmoe.bench import models
-from medmoe.generation.fast_decode import decode
-from medmoe.model import decode_attention
-from medmoe.model.fused_qkv import fuse_qkv, unfuse_qkv
+from medmoe.engine.static_decode import decode
+from medmoe.engine import decode_attention
+from medmoe.engine.fused_projections import fuse_qkv, unfuse_qkv
 from medmoe.model.modeling import cache_argument
 from medmoe.moe import kernels
 

@@ -1,4 +1,4 @@
-"""Fused query/key/value projections (model/fused_qkv.py): the same outputs as the three
+"""Fused query/key/value projections (engine/fused_projections.py): the same outputs as the three
 projections, for every tiny architecture, in the forward pass, the fast decode and int8; on Phi's
 parallel layers the FFN's projections (the MLP's, or a Med-MoE block's meta expert's) join them."""
 
@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from medmoe.errors import ConfigError
-from medmoe.generation.fast_decode import decode
-from medmoe.model.fused_qkv import (DeferredDense, FusedQKV, HandedOver, ParallelOut, _Handoff, count_parallel, fuse_qkv,
+from medmoe.engine.static_decode import decode
+from medmoe.engine.fused_projections import (DeferredDense, FusedQKV, HandedOver, ParallelOut, _Handoff, count_parallel, fuse_qkv,
                                     is_fused, unfuse_qkv)
 from medmoe.model.pretrained import build_model
 

@@ -1,4 +1,4 @@
-"""A Med-MoE layer's routed experts started beside its attention (moe/overlap.py, through the fused
+"""A Med-MoE layer's routed experts started beside its attention (engine/overlap.py, through the fused
 input product of Phi's parallel layers): the same outputs as the block's own forward, only where
 that forward would do nothing else; on a GPU on a second stream, in a CUDA graph too."""
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from medmoe.bench import models
-from medmoe.generation.fast_decode import decode
-from medmoe.model.fused_qkv import count_overlapped, fuse_qkv, unfuse_qkv
-from medmoe.moe import MedMoEBlock, overlap
+from medmoe.engine.static_decode import decode
+from medmoe.engine.fused_projections import count_overlapped, fuse_qkv, unfuse_qkv
+from medmoe.engine import overlap
+from medmoe.moe import MedMoEBlock
 
 TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=256)

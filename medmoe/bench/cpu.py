@@ -3,7 +3,7 @@
 The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` runs) when its base
 weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
 vision tower if EfficientNet-Lite0 is missing. Decoded by the static-cache decoder
-(generation/fast_decode.py; `ask`, `serve` and `eval` use the cached loop of generation/generate.py,
+(engine/static_decode.py; `ask`, `serve` and `eval` use the cached loop of generation/generate.py,
 which stops at the end of the answer). Measured: time to the first token (prefill, image
 included) and the whole answer (a fixed number of new tokens, so every run does the same work);
 for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`), and for
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
-from ..generation.fast_decode import generate_fast
+from ..engine.static_decode import generate_fast
 
 BUNDLED = "(bundled)"
 

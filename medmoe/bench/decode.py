@@ -1,6 +1,6 @@
 """Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
 
-For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
+For each batch size: the static-cache + CUDA-graph path (`engine.static_decode.decode`, with the
 attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
@@ -19,10 +19,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..generation.fast_decode import decode
-from ..model.decode_attention import count_installed
-from ..model.fused_qkv import count_overlapped, count_parallel, unfuse_qkv
-from ..model.fused_qkv import fuse_qkv as fuse
+from ..engine.static_decode import decode
+from ..engine.decode_attention import count_installed
+from ..engine.fused_projections import count_overlapped, count_parallel, unfuse_qkv
+from ..engine.fused_projections import fuse_qkv as fuse
 from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync

@@ -26,7 +26,7 @@ from ..moe.router import router_feature
 from ..moe.upcycle import ffn_attribute
 from ..projector import build_projector
 from ..vision import build_vision_tower
-from .fused_qkv import is_fused
+from ..engine.fused_projections import is_fused
 from .recompute import checkpoint_kwargs
 
 WEIGHTS_NAME = "model.safetensors"
@@ -310,7 +310,7 @@ class MedMoEForCausalLM(PreTrainedModel):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         if is_fused(self):
             raise ConfigError("this model's attention projections are fused for inference (fuse_qkv): call "
-                              "medmoe.model.fused_qkv.unfuse_qkv(model) before saving, or save the model as loaded")
+                              "medmoe.engine.fused_projections.unfuse_qkv(model) before saving, or save the model as loaded")
         os.makedirs(save_directory, exist_ok=True)
         source = self.config.vision.get("name_or_path")
         if source and os.path.isabs(source):  # a saved model must not point into one machine's folders

@@ -230,9 +230,9 @@ def load_for_inference(path: str, device: str | None = "auto", dtype: str | torc
     (auto: bfloat16 on a GPU, float32 on a CPU). LLM LoRA adapters are merged into the weights
     (computed in float32): one matmul per projection instead of three, the same outputs.
     `fuse_qkv` (default: on a GPU) makes each attention layer's query, key and value projections
-    one product, and in Phi's parallel layers the FFN's projections join them (model/fused_qkv.py)
+    one product, and in Phi's parallel layers the FFN's projections join them (engine/fused_projections.py)
     and a Med-MoE layer's experts run beside the attention on a second CUDA stream at decode
-    (moe/overlap.py): faster small-batch decoding, the same outputs to rounding."""
+    (engine/overlap.py): faster small-batch decoding, the same outputs to rounding."""
     dev = pick_device(device)
     model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
     if merge_adapters and model.config.llm_lora:
@@ -240,7 +240,7 @@ def load_for_inference(path: str, device: str | None = "auto", dtype: str | torc
     if fuse_qkv is None:
         fuse_qkv = dev.type == "cuda"
     if fuse_qkv:
-        from .fused_qkv import fuse_qkv as fuse
+        from ..engine.fused_projections import fuse_qkv as fuse
 
         fuse(model.language_model)  # the vision tower runs once per image: nothing to gain there
     return model.to(dev).eval(), processor

@@ -5,7 +5,7 @@ decode step the attention of one token runs one program per head (32 of the H200
 a dozen small kernels, each too short to fill the GPU, while the chosen expert streams 105 MB of
 weights: side by side, the expert's reads fill what the attention leaves idle (docs/speed.md, run
 K: 2.51 against 2.63 ms per batch-1 step of a Phi-2-size Med-MoE, 4.62 against 5.42 at batch 8).
-The layer's fused input product (`model/fused_qkv.py`) calls `start` with ln(x); the block calls
+The layer's fused input product (`engine/fused_projections.py`) calls `start` with ln(x); the block calls
 `finish` where it adds the experts' output to the meta expert's.
 
     key = register(block)                      # once, when the layer is fused
@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from . import kernels
+from ..moe import kernels
 
 # Decode steps only: measured at 1 and 8 tokens (docs/speed.md, run K). A prompt's experts are
 # compute-bound like its attention, and what the side stream allocates is not reused by the main one.

@@ -16,14 +16,14 @@ bandwidth).
   to `fc2` and returns zeros, which the block adds as it added the attention output. The FFN is
   the layer's MLP or, in a Med-MoE layer, its meta expert (the routed experts stay apart). Six
   products per layer become two. In a Med-MoE layer the fused input product also starts the
-  routed experts on a second CUDA stream (`moe/overlap.py`, `overlap_experts=True`): they read the
+  routed experts on a second CUDA stream (`engine/overlap.py`, `overlap_experts=True`): they read the
   same input, and run beside the attention instead of after it.
 
 At one row on a GPU (a batch-1 decode step) the fused products run through a matrix-vector
 kernel (`moe/kernels.py: linear`) that reads their weights nearer the copy bandwidth than cuBLAS.
 
 Phi's attention also takes its one-token step with a static cache through one kernel for the
-rotary embedding and the cache write (`model/decode_attention.py`, `decode_attention=True`).
+rotary embedding and the cache write (`engine/decode_attention.py`, `decode_attention=True`).
 
     fuse_qkv(model)     # after merging LoRA adapters; load_for_inference does it on a GPU
     unfuse_qkv(model)   # the separate projections back, e.g. before save_pretrained
@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..moe import kernels, overlap
+from ..moe import kernels
+from . import overlap
 from . import decode_attention as _decode_attention
 
 

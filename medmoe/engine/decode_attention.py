@@ -17,7 +17,7 @@ kernel (one program per batch row and head); elsewhere the same in PyTorch.
 
 `PhiDecodeAttention` is transformers' `PhiAttention` with that op on its one-token path with a
 static cache; any other call (a prompt, a dynamic cache, training) runs transformers' forward.
-`fuse_qkv` (model/fused_qkv.py) installs it; `unfuse_qkv` restores the class.
+`fuse_qkv` (engine/fused_projections.py) installs it; `unfuse_qkv` restores the class.
 """
 
 from __future__ import annotations
