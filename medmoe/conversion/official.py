@@ -513,6 +513,16 @@ def attach_tokenizer(model, folder: str, report: Report):
     return processor
 
 
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (its config.json: `is_official_config`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and is_official_config(cfg)
+
+
 def load_official(path: str, vision_tower: str | None = None, dtype: torch.dtype | str | None = None,
                   device: str | torch.device | None = None, expect: str | None = None, with_report: bool = False):
     """An official Med-MoE / MoE-LLaVA folder -> MedMoEForCausalLM (and the Report when with_report)."""
