@@ -79,9 +79,20 @@ class MoEConfig:
     lora_alpha: float = 256.0
     dispatch: str = "auto"  # "auto", "loop", "grouped": how tokens reach their experts (same result)
     modalities: tuple[str, ...] = MODALITIES
+    # DeepSpeed's capacity at inference, for converted MoE-LLaVA checkpoints (docs/convert.md). None: no
+    # token is ever dropped. A factor f: per forward, each expert takes at most
+    # max(ceil(tokens / num_experts * f * top_k), min_capacity_at_inference) (token, choice) slots,
+    # first choices before second ones, in position order; a dropped slot gets no expert output.
+    capacity_factor_at_inference: float | None = None
+    min_capacity_at_inference: int = 0
 
     def __post_init__(self):
         self.modalities = tuple(self.modalities)
+        if self.capacity_factor_at_inference is not None and not self.capacity_factor_at_inference > 0:
+            raise ConfigError(f"moe.capacity_factor_at_inference={self.capacity_factor_at_inference}: use a positive "
+                              "number, or null to never drop tokens")
+        if self.capacity_factor_at_inference is not None and self.routing != "token":
+            raise ConfigError("moe.capacity_factor_at_inference needs moe.routing='token' (capacity limits tokens routed one by one)")
         if isinstance(self.layers, str) and self.layers not in ("sparse", "all"):
             raise ConfigError(f"moe.layers={self.layers!r}: use 'sparse', 'all' or a list of layer indices")
         if self.num_experts < 1:

@@ -35,8 +35,10 @@ def is_delta_folder(path: str) -> bool:
     return isinstance(cfg, dict) and bool(cfg.get("base_model")) and not is_official_folder(path)
 
 
-def _official(path: str, dtype=None, device=None, vision_tower: str | None = None, **_) -> MedMoEForCausalLM:
-    return load_official(path, vision_tower=vision_tower, dtype=dtype, device=device)
+def _official(path: str, dtype=None, device=None, vision_tower: str | None = None, vision_dtype=None,
+              drop_tokens_like_official: bool = False, **_) -> MedMoEForCausalLM:
+    return load_official(path, vision_tower=vision_tower, dtype=dtype, device=device, vision_dtype=vision_dtype,
+                         drop_tokens_like_official=drop_tokens_like_official)
 
 
 def _delta(path: str, dtype=None, device=None, **_) -> MedMoEForCausalLM:

@@ -265,6 +265,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 # ----- scoring the rows --------------------------------------------------------------------
 def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
     from .classification import classification_metrics, parse_choice, plot_confusion
+    from .intervals import calibration, plot_calibration
     from .report import METHODS
 
     groups: dict[str, list[EvalItem]] = {}
@@ -284,10 +285,18 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
         generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
         results[dataset] = {"loglik": classification_metrics(truth, loglik, classes),
                             "generate": classification_metrics(truth, generated, classes)}
+        # Confidence of a label-likelihood answer: its probability among the labels.
+        probs = [torch.tensor(rows[i.gt.id]["choice_logprobs"]).softmax(-1) for i in keep]
+        confidence = [float(p[c]) for p, c in zip(probs, loglik)]
+        calib = calibration(confidence, [float(t == p) for t, p in zip(truth, loglik)])
+        results[dataset]["loglik"]["calibration"] = calib
         for method, m in results[dataset].items():
             name = f"confusion_{dataset}_{method}.png".replace("/", "_")
             plot_confusion(m, out / name, title=f"{dataset}, {METHODS[method]}")
             figures[f"confusion_{dataset}_{method}"] = name
+        name = f"calibration_{dataset}_loglik.png".replace("/", "_")
+        if calib and plot_calibration(calib, out / name, title=f"{dataset}, {METHODS['loglik']}"):
+            figures[f"calibration_{dataset}_loglik"] = name
     return results, figures
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
+from .dispatch import capacity_weights
 from .experts import ffn_forward
 from .router import Router, load_balancing_loss, route, z_loss
 
@@ -70,8 +71,16 @@ class MedMoEBlock(nn.Module):
     def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
         """sum_k w_k E_{i_k}(x) for tokens x [N, d] routed one by one: the forward without the meta
         expert and without records (see `is_meta_plus_routed`)."""
-        decision = route(self.router_logits(x), self.cfg.top_k, self.cfg.renormalize)
+        decision = self._route_tokens(self.router_logits(x))
         return self.experts(x, decision.expert_index, decision.expert_weight)
+
+    def _route_tokens(self, logits: torch.Tensor):
+        decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
+        if self.cfg.capacity_factor_at_inference is not None and not self.training:  # opt-in, MoE-LLaVA's eval
+            decision.expert_weight = capacity_weights(decision.expert_index, decision.probs, self.cfg.renormalize,
+                                                      self.cfg.capacity_factor_at_inference,
+                                                      self.cfg.min_capacity_at_inference)
+        return decision
 
     def is_meta_plus_routed(self) -> bool:
         """Whether `forward(x)` is `ffn_forward(self.meta, x) + self.routed_experts(x)` for tokens x
@@ -92,7 +101,7 @@ class MedMoEBlock(nn.Module):
             logits, decision = self._route_per_sample(hidden_states)
         else:
             logits = self.router_logits(x)
-            decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
+            decision = self._route_tokens(logits)
         if (self.meta is not None and getattr(self.experts, "shared", None) is self.meta
                 and self.experts.fuse_with_shared):
             # LoRA experts are deltas on the meta FFN: one pass of it serves both (experts.py).
