@@ -322,7 +322,8 @@ def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
 
 def test_delta_keeps_a_changed_image_size(tmp_path):
     from medmoe.model.presets import preset
-    from medmoe.model.pretrained import load_model, save_delta
+    from medmoe.loading import load_model
+    from medmoe.model.pretrained import save_delta
 
     config = preset("tiny")
     config.vision = {**config.vision, "image_size": 64}
@@ -345,7 +346,8 @@ def test_delta_with_another_efficientnet_takes_its_weights_from_that_package(tmp
     from safetensors import safe_open
 
     from medmoe.model.presets import preset
-    from medmoe.model.pretrained import load_model, save_delta
+    from medmoe.loading import load_model
+    from medmoe.model.pretrained import save_delta
 
     config = preset("tiny")
     config.vision = {**config.vision, "kind": "efficientnet_lite1", "image_size": 64}
@@ -402,7 +404,8 @@ def test_answers_end_at_every_special_token_but_the_image():
 def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
     from medmoe.adapters import LoRALinear
     from medmoe.model import MedMoEForCausalLM
-    from medmoe.model.pretrained import load_for_inference, save_delta
+    from medmoe.loading import load_for_inference
+    from medmoe.model.pretrained import save_delta
 
     model, processor = build_model(name)
     model.add_llm_lora(rank=4, alpha=8)

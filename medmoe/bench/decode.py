@@ -1,7 +1,7 @@
 """Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
 
 For each batch size: the static-cache + CUDA-graph path (`engine.static_decode.decode`, with the
-attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
+attention's query, key and value projections fused as `engine.prepare` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
 `linear_matvec=False`, a Med-MoE layer's experts beside its attention on a second stream unless
@@ -19,10 +19,11 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..engine.static_decode import decode
 from ..engine.decode_attention import count_installed
-from ..engine.fused_projections import count_overlapped, count_parallel, unfuse_qkv
-from ..engine.fused_projections import fuse_qkv as fuse
+from ..engine.fused_projections import count_parallel
+from ..engine.overlap import count_overlapped
+from ..engine.prepare import prepare, unprepare
+from ..engine.static_decode import decode
 from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync
@@ -83,15 +84,14 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model.language_model, parallel=fuse_parallel, overlap_experts=overlap_experts,
-                 decode_attention=decode_rotary)
+            prepare(model, parallel=fuse_parallel, overlap_experts=overlap_experts, decode_attention_kernel=decode_rotary)
         row["fused_parallel_layers"] = count_parallel(model)
         row["overlapped_moe_layers"] = count_overlapped(model)
         row["decode_rotary_layers"] = count_installed(model)
         short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
         graph, eager = {}, {}
         tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
-        unfuse_qkv(model)  # the baselines run the model as transformers does
+        unprepare(model)  # the baselines run the model as transformers does
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
         row["warmup"] = warm
         row["graph"] = graph

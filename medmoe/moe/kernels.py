@@ -281,7 +281,7 @@ def _build_kernels():
     even = triton.heuristics({"EVEN": lambda a: a["K"] % a["k_per_split"] == 0 and a["k_per_split"] % a["BLOCK_K"] == 0
                               and a["N"] % a["BLOCK_N"] == 0})
     # (BLOCK_N, BLOCK_K, warps, stages, ACC_2D); BLOCK_K at most MATVEC_GRANULE. The first tile is
-    # the fixed one used before autotuning, kept among the candidates.
+    # the one the kernel had before autotuning, kept as a candidate.
     matvec_experts = triton.autotune(configs([
         (256, 128, 2, 3, False), (256, 64, 2, 3, False), (128, 128, 2, 3, False), (256, 128, 4, 3, False),
         (512, 64, 4, 3, False), (512, 128, 4, 3, False), (256, 128, 8, 3, False), (128, 128, 1, 3, False),
