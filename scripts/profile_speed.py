@@ -92,11 +92,11 @@ def decode(setting: str = "fused") -> None:
     with them, as `medmoe bench --what decode` runs the step; `qkv`: the first only; `plain`: as
     transformers has them."""
     import medmoe.engine.static_decode as fast
-    from medmoe.engine.fused_projections import fuse_qkv
+    from medmoe.engine.prepare import prepare
 
     model = phi2_medmoe(DEVICE)
     if setting != "plain":
-        fuse_qkv(model.language_model, parallel=setting == "fused")
+        prepare(model, parallel=setting == "fused")
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
 
@@ -122,12 +122,12 @@ def decode_trace(out_dir: str = ".") -> None:
     import os
 
     import medmoe.engine.static_decode as fast
-    from medmoe.engine.fused_projections import fuse_qkv, unfuse_qkv
+    from medmoe.engine.prepare import prepare, unprepare
 
     model = phi2_medmoe(DEVICE)
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     for setting in ("overlap", "serial"):
-        fuse_qkv(model.language_model, overlap_experts=setting == "overlap")
+        prepare(model, overlap_experts=setting == "overlap")
         fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
         capture = fast._capture
         graphs = []
@@ -145,7 +145,7 @@ def decode_trace(out_dir: str = ".") -> None:
         prof.export_chrome_trace(path)
         print(f"==== {setting}")
         trace_summary(path, replays=5)
-        unfuse_qkv(model)
+        unprepare(model)
 
 
 def trace_summary(path: str, replays: int = 5) -> None:

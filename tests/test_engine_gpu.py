@@ -16,7 +16,7 @@ QUESTIONS = ["What modality is this image?", "Any fracture?", "Describe the find
 
 
 def fused_model(routing: str, expert_type: str, dtype=torch.bfloat16):
-    from medmoe.engine.fused_projections import fuse_qkv
+    from medmoe.engine.prepare import prepare
     from medmoe.model.pretrained import build_model
 
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def fused_model(routing: str, expert_type: str, dtype=torch.bfloat16):
             for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):
                 weight.add_(torch.randn_like(weight) * 0.05)
     model = model.to("cuda", dtype).eval()
-    fuse_qkv(model.language_model)
+    prepare(model)
     return model, processor
 
 

@@ -54,7 +54,7 @@ def test_bias_of_each_part_is_kept_and_unfuse_restores_the_weights():
 def test_a_fused_model_is_not_saved(tmp_path):
     model, _ = build_model("tiny")
     fuse_qkv(model)
-    with pytest.raises(ConfigError, match="unfuse_qkv"):
+    with pytest.raises(ConfigError, match="unprepare"):
         model.save_pretrained(str(tmp_path / "m"))
 
 
@@ -83,7 +83,7 @@ def test_int8_quantisation_reaches_the_fused_product():
 
 
 def test_load_for_inference_fuses_on_request_and_by_default_on_a_gpu_only(tmp_path):
-    from medmoe.model.pretrained import load_for_inference
+    from medmoe.loading import load_for_inference
 
     model, processor = build_model("tiny")
     model.save_pretrained(str(tmp_path / "m"))

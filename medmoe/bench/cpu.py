@@ -29,7 +29,8 @@ BUNDLED = "(bundled)"
 def nano_model():
     """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in."""
     from ..model.presets import preset
-    from ..model.pretrained import build_model, load_for_inference
+    from ..loading import load_for_inference
+    from ..model.pretrained import build_model
 
     try:
         model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32)
@@ -86,7 +87,7 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
         result["lora_loop"] = {"first_token_ms": first, "answer_ms": total}
         log(f"cpu, LoRA experts by the per-expert loop: first token {first:.0f} ms, answer {total:.0f} ms")
     if BUNDLED in description:  # the reference: the LLM's LoRA adapters beside its weights, as trained
-        from ..model.pretrained import load_for_inference
+        from ..loading import load_for_inference
 
         model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32, merge_adapters=False)
         model.eval()

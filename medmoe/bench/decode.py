@@ -2,7 +2,7 @@
 
 For each batch size: the inference engine every user path runs (`medmoe.engine.Engine`: per-slot
 KV cache, one batched decode step per iteration, CUDA graphs on a GPU), with the
-attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
+attention's query, key and value projections fused as `engine.prepare` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
 `linear_matvec=False`, a Med-MoE layer's experts beside its attention on a second stream unless
@@ -21,10 +21,12 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..engine import Engine, Prompt, Request
 from ..engine.decode_attention import count_installed
-from ..engine.fused_projections import count_overlapped, count_parallel, unfuse_qkv
-from ..engine.fused_projections import fuse_qkv as fuse
+from ..engine.fused_projections import count_parallel
+from ..engine.overlap import count_overlapped
+from ..engine.prepare import prepare, unprepare
+from ..engine.request import Prompt, Request
+from ..engine.scheduler import Engine
 from ..generation.generate import SamplingConfig
 from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
@@ -117,8 +119,7 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model.language_model, parallel=fuse_parallel, overlap_experts=overlap_experts,
-                 decode_attention=decode_rotary)
+            prepare(model, parallel=fuse_parallel, overlap_experts=overlap_experts, decode_attention_kernel=decode_rotary)
         row["fused_parallel_layers"] = count_parallel(model)
         row["overlapped_moe_layers"] = count_overlapped(model)
         row["decode_rotary_layers"] = count_installed(model)
@@ -128,7 +129,7 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         graph, eager = {}, {}
         tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)
         del engine
-        unfuse_qkv(model)  # the baselines run the model as transformers does
+        unprepare(model)  # the baselines run the model as transformers does
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
         row["warmup"] = warm
         row["graph"] = graph

@@ -598,6 +598,16 @@ def attach_tokenizer(model, folder: str, report: Report):
     return processor
 
 
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (its config.json: `is_official_config`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and is_official_config(cfg)
+
+
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, str):
         return None if dtype == "auto" else getattr(torch, dtype)

@@ -97,8 +97,8 @@ class Engine:
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
-        limit = getattr(lm.config, "max_position_embeddings", None) or 4096
-        self.max_len = min(max_len or limit, limit)
+        # The cache grows on demand, so a generous default costs nothing until a request needs it.
+        self.max_len = max_len or max(getattr(lm.config, "max_position_embeddings", None) or 0, 4096)
         self.max_slots = max_slots
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting

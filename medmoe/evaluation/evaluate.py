@@ -178,7 +178,7 @@ def check_same_run(out: Path, settings: EvalSettings) -> None:
 
 
 def _weights_of(model: str) -> str | None:
-    from ..model.pretrained import resolve_model_path
+    from ..loading import resolve_model_path
 
     try:
         return weights_fingerprint(resolve_model_path(model))
@@ -320,7 +320,7 @@ def routing_results(items: list[EvalItem], rows: dict[str, dict], layers: list[i
 
 def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     """Run (or resume) an evaluation; returns the metrics written to OUT/metrics.json."""
-    from .. import __version__
+    from ..version import __version__
     from .report import write_reports
 
     out = Path(settings.out)
@@ -331,7 +331,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
         items = shuffle_images(items)
     check_same_run(out, settings)
     if model is None:
-        from ..model.pretrained import load_for_inference
+        from ..loading import load_for_inference
 
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")

@@ -143,7 +143,7 @@ def generate_conversations(model, processor, conversations: Sequence[list[Turn]]
 def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
                quantize: str | None = None):
     """(model, processor) from a model folder, on the chosen device and dtype, optionally int8."""
-    from ..model.pretrained import load_for_inference
+    from ..loading import load_for_inference
 
     model, processor = load_for_inference(path, device, dtype)
     if quantize not in (None, "none"):

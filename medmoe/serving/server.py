@@ -96,31 +96,25 @@ def decode_data_url(url: str, limits: Limits) -> tuple[bytes, str]:
 
 
 def open_upload(data: bytes, name: str, limits: Limits, window=None):
-    """Decode uploaded bytes to a PIL RGB image within the pixel limit (size checked before decoding)."""
-    from PIL import Image
-
+    """Decode uploaded bytes to a PIL RGB image within the decoding budget: sizes come from the
+    headers and are checked before any pixel is decoded or any stream inflated (413 when over)."""
     from ..data.images import load_image
+    from ..data.limits import DEFAULT_LIMITS, ImageTooLargeError
     from ..data.medical_images import load_medical, medical_kind
 
+    budget = DEFAULT_LIMITS.with_pixels(limits.max_image_pixels)
+    label = f"the uploaded image ({name})" if name != "upload" else "the uploaded image"
     try:
-        if medical_kind(data, name) is not None:
-            image = load_medical(data, name=name, window=window)
-        else:
-            if window is not None:
-                raise HTTPProblem(400, "window applies to DICOM and NIfTI images only")
-            try:
-                w, h = Image.open(io.BytesIO(data)).size  # reads the header only
-            except Exception:
-                w = h = 0  # load_image below gives the clear error
-            if w * h > limits.max_image_pixels:
-                raise HTTPProblem(413, f"image is {w}x{h} pixels, above the limit of {limits.max_image_pixels:,}; resize it")
-            image = load_image(data, name=name)
+        kind = medical_kind(data, name)
+        if kind is not None:
+            return load_medical(data, name=label, kind=kind, window=window, limits=budget)
+        if window is not None:
+            raise HTTPProblem(400, "window applies to DICOM and NIfTI images only")
+        return load_image(data, name=label, limits=budget)
+    except ImageTooLargeError as err:
+        raise HTTPProblem(413, str(err)) from None
     except MedMoEError as err:
         raise HTTPProblem(400, str(err)) from None
-    if image.width * image.height > limits.max_image_pixels:
-        raise HTTPProblem(413, f"image is {image.width}x{image.height} pixels, above the limit of "
-                               f"{limits.max_image_pixels:,}; resize it")
-    return image
 
 
 def parse_messages(messages, limits: Limits) -> tuple[list[Turn], list]:
