@@ -268,3 +268,23 @@ def test_a_bad_prompt_fails_alone_and_zero_new_tokens_is_empty(phi):
     empty = engine.generate([request(processor, "hi", None, SamplingConfig(max_new_tokens=0))])[0]
     assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
     assert not engine.active
+
+
+@pytest.mark.parametrize("routing", ["token", "pooled"])
+def test_a_prepared_model_gives_the_reference_answers(routing):
+    """With the inference modules engine.prepare installs (fused projections, experts beside the
+    attention, Phi's one-token attention, which falls back to transformers' path on the slot cache)."""
+    from medmoe.engine.prepare import prepare, unprepare
+
+    model, processor = moe_model("tiny-phi", routing)
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)
+    expected = [reference(model, processor, q, i, cfg) for q, i in zip(QUESTIONS, images())]
+    prepared = prepare(model)
+    assert prepared.fused_layers > 0 and prepared.decode_attention_layers > 0
+    try:
+        results = Engine(model, processor, max_slots=4).generate(
+            [request(processor, q, i, cfg) for q, i in zip(QUESTIONS, images())])
+    finally:
+        unprepare(model)
+    for result, want in zip(results, expected):
+        assert result.token_ids == want[0]
