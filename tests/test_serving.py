@@ -271,7 +271,8 @@ def test_size_limits(client):
     r = client.post("/v1/chat/completions", content=b"{" + b" " * 2_100_000 + b"}",
                     headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert client.post("/v1/chat/completions", content=b"not json").status_code == 400
+    r = client.post("/v1/chat/completions", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "must be JSON" in r.json()["error"]["message"]
 
 
 def test_prompt_token_limit(medmoe):
