@@ -344,7 +344,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         engine.stop()
 
     app = FastAPI(title="medmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.model_name, app.state.auth = engine, model_name, bool(api_key)
     install_error_handlers(app)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)

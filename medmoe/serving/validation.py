@@ -173,6 +173,8 @@ def sampling_config(body: dict, limits) -> SamplingConfig:
 def check_model(body: dict, accepted) -> None:
     """A request naming a model other than the one served is a 404, as OpenAI answers it."""
     name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise bad("model", f"must be a string, not {short(name)}")
     if name is not None and name not in accepted:
         served = sorted(accepted)[0] if len(accepted) == 1 else " or ".join(sorted(accepted))
         raise HTTPProblem(404, f"the model {short(name, 80)} does not exist here; this server serves {served} "
