@@ -304,7 +304,8 @@ def load_images(specs, limits: Limits) -> list:
         except (HTTPProblem, MemoryError):
             raise
         except Exception as err:
-            logger.warning("image %d of a request could not be decoded", i, exc_info=True)
+            # The type only: a decoder's message may quote header fields (patient data in DICOM).
+            logger.warning("image %d of a request could not be decoded (%s)", i + 1, type(err).__name__)
             raise HTTPProblem(400, f"image {i + 1} could not be decoded ({type(err).__name__}); "
                                    "check that it is a whole, valid file") from None
     return images
