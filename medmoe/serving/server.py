@@ -300,7 +300,7 @@ def load_images(specs, limits: Limits) -> list:
     for i, (url, window) in enumerate(specs):
         data, name = decode_data_url(url, limits)
         try:
-            images.append(open_upload(data, name, limits, window))
+            image = open_upload(data, name, limits, window)
         except (HTTPProblem, MemoryError):
             raise
         except Exception as err:
@@ -308,6 +308,9 @@ def load_images(specs, limits: Limits) -> list:
             logger.warning("image %d of a request could not be decoded (%s)", i + 1, type(err).__name__)
             raise HTTPProblem(400, f"image {i + 1} could not be decoded ({type(err).__name__}); "
                                    "check that it is a whole, valid file") from None
+        if image.width < 1 or image.height < 1:
+            raise HTTPProblem(400, f"image {i + 1} has no pixels ({image.width}x{image.height})")
+        images.append(image)
     return images
 
 
