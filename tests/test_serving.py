@@ -171,12 +171,12 @@ def test_cli_chat_refuses_unknown_commands(model_dir, monkeypatch, capsys):
     sent = []
     real_stream = ChatSession.stream
     monkeypatch.setattr(ChatSession, "stream", lambda self, q, *a, **k: sent.append(q) or real_stream(self, q, *a, **k))
-    lines = iter(["/bogus", "/imagine a cat", "//etc is a folder", "/quit"])
+    lines = iter(["/bogus", "/imagine a cat", "/image", "//etc is a folder", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--model", model_dir, "--max-new-tokens", "1"]) == 0
     err = capsys.readouterr().err
     assert "unknown command /bogus; commands: /image PATH, /reset, /quit" in err
-    assert "unknown command /imagine;" in err  # not taken for /image
+    assert "unknown command /imagine;" in err and "usage: /image PATH" in err  # not taken for /image
     assert sent == ["/etc is a folder"]  # "//" sends the line with one "/"
 
 
@@ -328,6 +328,19 @@ def test_prompt_token_limit(medmoe):
         assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
         assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                     "max_tokens": 1}).status_code == 200
+
+
+def test_an_error_after_the_stream_started_is_an_openai_error_event(medmoe):
+    from fastapi.testclient import TestClient
+
+    from medmoe.serving.server import Limits, create_app
+
+    c = TestClient(create_app(medmoe.model, medmoe.processor, Limits(timeout_s=0.2)))  # no worker: it times out
+    with c.stream("POST", "/v1/chat/completions", json={"messages": HI, "max_tokens": 1, "stream": True}) as s:
+        assert s.status_code == 200
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    error = events[-1]["error"]
+    assert set(error) == ERROR_KEYS and error["code"] == "timeout"
 
 
 def test_queue_full_is_503_and_timeout_is_504(medmoe):

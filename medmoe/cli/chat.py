@@ -45,6 +45,9 @@ def run(args) -> int:
             continue
         command, *rest = line.split(maxsplit=1)
         if command == "/image":
+            if not rest:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
             try:
                 pending = open_image(rest[0] if rest else "", args)
                 print("(image attached to the next question)", file=sys.stderr)
