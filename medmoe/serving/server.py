@@ -337,7 +337,6 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         if processor is None:
             raise ValueError("create_app(model, processor): a loaded model needs its processor")
     model_name = model_name or "medmoe"
-    accepted.add(model_name)
     engine = Engine(model, processor, limits)
     created = int(time.time())
 
@@ -382,7 +381,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request, limits)
-        check_model(body, accepted)
+        check_model(body, model_name, accepted)
         cfg = sampling_config(body, limits)
         turns, specs = parse_messages(body.get("messages"), limits)
         images = await run_in_threadpool(load_images, specs, limits)

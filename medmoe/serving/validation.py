@@ -117,9 +117,9 @@ def stop_strings(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
-# Fields of the OpenAI API this server does not implement: accepted only at their neutral value,
-# so a client never gets an answer computed without what it asked for.
-# Other fields: their JSON type and the values accepted (None: any of that type).
+# The other OpenAI fields: JSON type and the values accepted (None: any). Those this server does not
+# implement are accepted only at their neutral value: an answer is never computed without what the
+# client asked for.
 NEUTRAL = {"logprobs": (bool, (False,)), "top_logprobs": (int, (0,)), "frequency_penalty": (float, (0,)),
            "presence_penalty": (float, (0,)), "logit_bias": (dict, ({},)), "tools": (list, ([],)),
            "functions": (list, ([],)), "tool_choice": (str, ("none", "auto")), "user": (str, None),
@@ -170,13 +170,13 @@ def sampling_config(body: dict, limits) -> SamplingConfig:
                           top_k=top_k, top_p=top_p, stop=stop_strings(body.get("stop")), seed=seed)
 
 
-def check_model(body: dict, accepted) -> None:
-    """A request naming a model other than the one served is a 404, as OpenAI answers it."""
+def check_model(body: dict, served: str, accepted) -> None:
+    """A request naming a model other than the one served (or one of its `accepted` aliases) is a
+    404, as OpenAI answers it."""
     name = body.get("model")
     if name is not None and not isinstance(name, str):
         raise bad("model", f"must be a string, not {short(name)}")
-    if name is not None and name not in accepted:
-        served = sorted(accepted)[0] if len(accepted) == 1 else " or ".join(sorted(accepted))
+    if name is not None and name != served and name not in accepted:
         raise HTTPProblem(404, f"the model {short(name, 80)} does not exist here; this server serves {served} "
                                "(GET /v1/models)", param="model", code="model_not_found")
 
@@ -194,12 +194,18 @@ def parse_window(value, param: str):
 
 # --- messages ---------------------------------------------------------------------------------
 
-class TextBudget:
-    """Counts the UTF-8 bytes of a prompt's text and refuses it (413) past `limit`; text with lone
-    surrogates (JSON `\\ud800`) is not Unicode and is refused (400)."""
+class PromptBudget:
+    """Counts a prompt's content parts and the UTF-8 bytes of its text, refusing it past the
+    limits (413 for text); text with lone surrogates (JSON `\\ud800`) is not Unicode (400)."""
 
-    def __init__(self, limit: int, max_prompt_tokens: int):
-        self.limit, self.max_prompt_tokens, self.used = limit, max_prompt_tokens, 0
+    def __init__(self, limits):
+        self.limit, self.max_prompt_tokens, self.used = limits.text_bytes, limits.max_prompt_tokens, 0
+        self.max_parts, self.parts = limits.max_content_parts, 0
+
+    def count_parts(self, n: int, param: str) -> None:
+        self.parts += n
+        if self.parts > self.max_parts:
+            raise bad(param, f"takes the request over {self.max_parts} content parts")
 
     def take(self, text: str, param: str) -> str:
         if len(text) + self.used <= self.limit:  # a character is at least one byte: no encoding past the limit
@@ -223,8 +229,7 @@ def parse_messages(messages, limits) -> tuple[list[Turn], list]:
         raise bad("messages", f"must be a non-empty list, not {short(messages) if messages != [] else 'empty'}")
     if len(messages) > limits.max_messages:
         raise bad("messages", f"holds {len(messages)} messages; at most {limits.max_messages}")
-    budget = TextBudget(limits.text_bytes, limits.max_prompt_tokens)
-    parts = [0]
+    budget = PromptBudget(limits)
     turns: list[Turn] = []
     images: list = []
     question: list[str] = []
@@ -238,11 +243,11 @@ def parse_messages(messages, limits) -> tuple[list[Turn], list]:
         if role in ("system", "developer"):
             continue
         if role == "user":
-            question.append(_user_text(content, images, limits, budget, parts, f"{where}.content"))
+            question.append(_user_text(content, images, limits, budget, f"{where}.content"))
         elif not question:
             raise bad(where, "is an assistant message; an assistant message must follow a user message")
         else:
-            turns.append(Turn("\n".join(question), _plain_text(content, budget, parts, limits, f"{where}.content")))
+            turns.append(Turn("\n".join(question), _plain_text(content, budget, f"{where}.content")))
             question = []
     if not question:
         raise bad("messages", "must end with a user message")
@@ -250,10 +255,8 @@ def parse_messages(messages, limits) -> tuple[list[Turn], list]:
     return turns, images
 
 
-def _content_parts(content: list, parts: list, limits, where: str):
-    parts[0] += len(content)
-    if parts[0] > limits.max_content_parts:
-        raise bad(where, f"takes the request over {limits.max_content_parts} content parts")
+def _content_parts(content: list, budget: PromptBudget, where: str):
+    budget.count_parts(len(content), where)
     for j, part in enumerate(content):
         if not isinstance(part, dict):
             raise bad(f"{where}[{j}]", f"must be an object with a type, not {short(part)}")
@@ -267,24 +270,24 @@ def _text_of(part: dict, where: str) -> str:
     return text
 
 
-def _plain_text(content, budget: TextBudget, parts: list, limits, where: str) -> str:
+def _plain_text(content, budget: PromptBudget, where: str) -> str:
     if isinstance(content, str):
         return budget.take(content, where)
     if content is None:
         return ""
     if not isinstance(content, list):
         raise bad(where, f"must be a string or a list of parts, not {short(content)}")
-    return "".join(budget.take(_text_of(part, at), at) for at, kind, part in _content_parts(content, parts, limits, where)
+    return "".join(budget.take(_text_of(part, at), at) for at, kind, part in _content_parts(content, budget, where)
                    if kind == "text")
 
 
-def _user_text(content, images: list, limits, budget: TextBudget, parts: list, where: str) -> str:
+def _user_text(content, images: list, limits, budget: PromptBudget, where: str) -> str:
     if isinstance(content, str):
         return budget.take(content, where).replace(IMAGE_TOKEN, "[image]")  # a typed "<image>" is text
     if not isinstance(content, list):
         raise bad(where, f"must be a string or a list of parts, not {short(content)}")
     pieces = []
-    for at, kind, part in _content_parts(content, parts, limits, where):
+    for at, kind, part in _content_parts(content, budget, where):
         if kind == "text":
             pieces.append(budget.take(_text_of(part, at), at).replace(IMAGE_TOKEN, "[image]"))
         elif kind == "image_url":
