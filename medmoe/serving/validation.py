@@ -7,6 +7,7 @@ never a tokenizer pass. Errors are `HTTPProblem`s naming the field (`param`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -120,7 +121,7 @@ def stop_strings(value) -> tuple[str, ...]:
 # The other OpenAI fields: JSON type and the values accepted (None: any). Those this server does not
 # implement are accepted only at their neutral value: an answer is never computed without what the
 # client asked for.
-NEUTRAL = {"logprobs": (bool, (False,)), "top_logprobs": (int, (0,)), "frequency_penalty": (float, (0,)),
+NEUTRAL = {"frequency_penalty": (float, (0,)),
            "presence_penalty": (float, (0,)), "logit_bias": (dict, ({},)), "tools": (list, ([],)),
            "functions": (list, ([],)), "tool_choice": (str, ("none", "auto")), "user": (str, None),
            "stream_options": (dict, None), "response_format": (dict, ({"type": "text"},)), "model": (str, None)}
@@ -145,9 +146,29 @@ def check_unsupported(body: dict) -> None:
             raise bad(name, f"= {short(value)} is not supported by this server; leave {name} out")
 
 
+# Options the generation engine may implement (SamplingConfig fields): passed on when it does,
+# else accepted only at their neutral value like the fields above.
+ENGINE_OPTIONS = {"logprobs", "top_logprobs", "ignore_eos"}
+
+
+def engine_options(body: dict) -> dict:
+    """SamplingConfig keyword arguments for `logprobs`, `top_logprobs` (0 to 20, needs logprobs)
+    and `ignore_eos`, checked."""
+    options = {"logprobs": boolean(body, "logprobs"), "top_logprobs": integer(body, "top_logprobs", 0, 0, 20),
+               "ignore_eos": boolean(body, "ignore_eos")}
+    if options["top_logprobs"] and not options["logprobs"]:
+        raise bad("top_logprobs", "needs logprobs: true")
+    known = {f.name for f in dataclasses.fields(SamplingConfig)}
+    for name in sorted(ENGINE_OPTIONS - known):
+        if options.pop(name):
+            raise bad(name, f"is not supported by this server; leave {name} out")
+    return options
+
+
 def sampling_config(body: dict, limits) -> SamplingConfig:
     """The generation settings of a request, every field checked."""
     check_unsupported(body)
+    options = engine_options(body)
     if integer(body, "n", 1) != 1:
         raise bad("n", "must be 1 (one answer per request)")
     boolean(body, "stream")
@@ -167,7 +188,7 @@ def sampling_config(body: dict, limits) -> SamplingConfig:
     top_k = integer(body, "top_k", 0, 0, 1_000_000)
     seed = integer(body, "seed", None, 0, MAX_SEED)
     return SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                          top_k=top_k, top_p=top_p, stop=stop_strings(body.get("stop")), seed=seed)
+                          top_k=top_k, top_p=top_p, stop=stop_strings(body.get("stop")), seed=seed, **options)
 
 
 def check_model(body: dict, served: str, accepted) -> None:
