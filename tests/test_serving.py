@@ -272,6 +272,13 @@ def test_dicom_upload_and_preview(client, tmp_path):
     assert r.status_code == 200
 
 
+def test_an_error_quoting_a_lone_surrogate_is_still_json():
+    from medmoe.serving.http_errors import HTTPProblem
+
+    response = HTTPProblem(400, "unknown window '\ud800'", param="window").response()  # as a decoder may quote it
+    assert json.loads(response.body)["error"]["message"] == "unknown window '\\ud800'"
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/x.png", "https://example.org/a.png", "file:///etc/passwd",
                                  "/etc/passwd", "ftp://host/x"])
 def test_never_opens_urls_or_server_paths(client, url, monkeypatch):

@@ -28,6 +28,8 @@ class HTTPProblem(Exception):
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
+        # A message quoting request text may hold lone surrogates, which UTF-8 JSON cannot carry.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
         self.code = code if code is not None else STATUS_CODES.get(status)

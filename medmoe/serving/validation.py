@@ -49,8 +49,8 @@ def bad(param: str, message: str, status: int = 400) -> HTTPProblem:
 def check_content_type(header: str | None) -> None:
     media = (header or "").split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise HTTPProblem(415, f"Content-Type must be application/json, not {header[:60] if header else 'missing'}; "
-                               "send the request as JSON")
+        sent = f"not {header[:60]}" if header else "it is missing"
+        raise HTTPProblem(415, f"Content-Type must be application/json ({sent}); send the request as JSON")
 
 
 def _refuse_constant(name: str):
