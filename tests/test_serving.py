@@ -164,6 +164,45 @@ def test_cli_chat_multi_turn(model_dir, tmp_path, monkeypatch, capsys):
     assert out.count("medmoe> ") == 2 and "routing:" in err and "/no/such/file.png" in err
 
 
+def test_cli_chat_refuses_unknown_commands(model_dir, monkeypatch, capsys):
+    from medmoe.cli import main
+    from medmoe.serving.api import ChatSession
+
+    sent = []
+    real_stream = ChatSession.stream
+    monkeypatch.setattr(ChatSession, "stream", lambda self, q, *a, **k: sent.append(q) or real_stream(self, q, *a, **k))
+    lines = iter(["/bogus", "/imagine a cat", "/image", "//etc is a folder", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", model_dir, "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "unknown command /bogus; commands: /image PATH, /reset, /quit" in err
+    assert "unknown command /imagine;" in err and "usage: /image PATH" in err  # not taken for /image
+    assert sent == ["/etc is a folder"]  # "//" sends the line with one "/"
+
+
+def test_cli_serve_names_the_model_asks_for_a_key_and_warns(model_dir, monkeypatch, capsys):
+    import os
+
+    import medmoe.serving.server as server
+    from medmoe.cli import main
+
+    apps = []
+    monkeypatch.setattr(server, "serve", lambda app, host, port: apps.append(app))
+    monkeypatch.delenv("MEDMOE_API_KEY", raising=False)
+    assert main(["serve", "--model", model_dir, "--host", "0.0.0.0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0 without an API key" in err
+    assert apps[-1].state.model_name == os.path.basename(model_dir) and not apps[-1].state.auth
+    assert main(["serve", "--model", model_dir, "--host", "0.0.0.0", "--api-key", "k", "--served-model-name", "m"]) == 0
+    assert "warning" not in capsys.readouterr().err and apps[-1].state.auth and apps[-1].state.model_name == "m"
+    monkeypatch.setenv("MEDMOE_API_KEY", "from-env")
+    assert main(["serve", "--model", model_dir, "--host", "::"]) == 0
+    assert "warning" not in capsys.readouterr().err and apps[-1].state.auth
+    monkeypatch.delenv("MEDMOE_API_KEY")
+    assert main(["serve", "--model", model_dir, "--host", "127.0.0.1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 # --- HTTP server ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -233,6 +272,13 @@ def test_dicom_upload_and_preview(client, tmp_path):
     assert r.status_code == 200
 
 
+def test_an_error_quoting_a_lone_surrogate_is_still_json():
+    from medmoe.serving.http_errors import HTTPProblem
+
+    response = HTTPProblem(400, "unknown window '\ud800'", param="window").response()  # as a decoder may quote it
+    assert json.loads(response.body)["error"]["message"] == "unknown window '\\ud800'"
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/x.png", "https://example.org/a.png", "file:///etc/passwd",
                                  "/etc/passwd", "ftp://host/x"])
 def test_never_opens_urls_or_server_paths(client, url, monkeypatch):
@@ -271,7 +317,8 @@ def test_size_limits(client):
     r = client.post("/v1/chat/completions", content=b"{" + b" " * 2_100_000 + b"}",
                     headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert client.post("/v1/chat/completions", content=b"not json").status_code == 400
+    r = client.post("/v1/chat/completions", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "must be JSON" in r.json()["error"]["message"]
 
 
 def test_prompt_token_limit(medmoe):
@@ -290,6 +337,19 @@ def test_prompt_token_limit(medmoe):
                                                     "max_tokens": 1}).status_code == 200
 
 
+def test_an_error_after_the_stream_started_is_an_openai_error_event(medmoe):
+    from fastapi.testclient import TestClient
+
+    from medmoe.serving.server import Limits, create_app
+
+    c = TestClient(create_app(medmoe.model, medmoe.processor, Limits(timeout_s=0.2)))  # no worker: it times out
+    with c.stream("POST", "/v1/chat/completions", json={"messages": HI, "max_tokens": 1, "stream": True}) as s:
+        assert s.status_code == 200
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    error = events[-1]["error"]
+    assert set(error) == ERROR_KEYS and error["code"] == "timeout"
+
+
 def test_queue_full_is_503_and_timeout_is_504(medmoe):
     from fastapi.testclient import TestClient
 
@@ -302,6 +362,208 @@ def test_queue_full_is_503_and_timeout_is_504(medmoe):
     assert first.status_code == 504 and first.json()["error"]["type"] == "timeout"
     second = c.post("/v1/chat/completions", json=body)  # the first is still in the queue
     assert second.status_code == 503 and second.headers["retry-after"] == "1"
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def openai_error(r, status: int) -> dict:
+    """The error object of a response, checked to be in the OpenAI shape."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == ERROR_KEYS and isinstance(error["message"], str) and error["message"]
+    return error
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("temperature", "hot", "temperature"), ("top_p", "x", "top_p"), ("seed", "abc", "seed"), ("stop", 5, "stop"),
+    ("seed", 2**70, "seed"), ("seed", -1, "seed"), ("seed", True, "seed"), ("seed", 1.5, "seed"),
+    ("max_tokens", 0, "max_tokens"), ("max_tokens", True, "max_tokens"), ("max_tokens", 2.0, "max_tokens"),
+    ("max_tokens", "4", "max_tokens"), ("max_completion_tokens", -3, "max_completion_tokens"),
+    ("temperature", True, "temperature"), ("temperature", 2.5, "temperature"), ("temperature", [1], "temperature"),
+    ("top_p", 0, "top_p"), ("top_k", -1, "top_k"), ("n", "1", "n"), ("n", True, "n"), ("n", 2, "n"),
+    ("stream", "yes", "stream"), ("stream", 1, "stream"), ("stop", ["a", 3], "stop"), ("stop", ["a"] * 5, "stop"),
+    ("stop", [""], "stop"), ("logprobs", "x", "logprobs"), ("logprobs", 1, "logprobs"),
+    ("top_logprobs", "x", "top_logprobs"), ("top_logprobs", 3, "top_logprobs"), ("top_logprobs", 21, "top_logprobs"),
+    ("ignore_eos", "yes", "ignore_eos"),
+    ("presence_penalty", "x", "presence_penalty"), ("frequency_penalty", 1.0, "frequency_penalty"),
+    ("logit_bias", {"1": 5}, "logit_bias"), ("tools", [{"type": "function"}], "tools"),
+    ("response_format", {"type": "json_object"}, "response_format"), ("user", 5, "user"), ("model", 5, "model"),
+    ("stream_options", "x", "stream_options"),
+    ("messages", "hi", "messages"), ("messages", {"role": "user"}, "messages"), ("messages", [5], "messages[0]"),
+    ("messages", [{"role": 5, "content": "hi"}], "messages[0].role"),
+    ("messages", [{"role": "user", "content": 5}], "messages[0].content"),
+    ("messages", [{"role": "user", "content": None}], "messages[0].content"),
+    ("messages", [{"role": "user", "content": [5]}], "messages[0].content[0]"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
+    ("messages", [{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+    ("messages", [{"role": "user", "content": [{"type": 7}]}], "messages[0].content[0].type"),
+    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}],
+     "messages[0].content[0].image_url.url"),
+    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,", "window": 5}}]}],
+     "messages[0].content[0].image_url.window"),
+    ("messages", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}, {"role": "user", "content": "x"}],
+     "messages[1].content"),
+    ("messages", [{"role": "user", "content": "\ud800 lone surrogate"}], "messages[0].content"),
+])
+def test_wrong_types_and_values_are_400_naming_the_field(client, field, value, param):
+    body = json.dumps({"messages": HI, "max_tokens": 2, field: value})  # ASCII: a lone surrogate stays escaped
+    error = openai_error(client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}),
+                         400)
+    assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_seed_range_and_json_constants(client):
+    body = {"messages": HI, "max_tokens": 1, "temperature": 0.7}
+    assert client.post("/v1/chat/completions", json={**body, "seed": 2**63 - 1}).status_code == 200
+    assert client.post("/v1/chat/completions", json={**body, "seed": 0}).status_code == 200
+    openai_error(client.post("/v1/chat/completions", json={**body, "seed": 2**63}), 400)
+    # NaN and Infinity are not JSON (Python's parser would take them)
+    for raw in (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}'):
+        r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert "is not JSON" in openai_error(r, 400)["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx", "json"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/preview"])
+def test_json_endpoints_want_json_content_type(client, path, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post(path, content=json.dumps({"messages": HI, "max_tokens": 1}), headers=headers)
+    assert openai_error(r, 415)["code"] == "unsupported_media_type"
+
+
+def test_json_with_a_charset_is_json(client):
+    r = client.post("/v1/chat/completions", content=json.dumps({"messages": HI, "max_tokens": 1}),
+                    headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_framework_errors_and_unexpected_500s_are_openai_shaped(client, monkeypatch, caplog):
+    import medmoe.serving.server as server
+
+    assert openai_error(client.get("/no/such/page"), 404)["code"] == "not_found"
+    assert openai_error(client.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+    assert openai_error(client.put("/v1/models"), 405)["type"] == "invalid_request_error"
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server, "check_model", broken)
+    with caplog.at_level("ERROR"):
+        error = openai_error(client.post("/v1/chat/completions", json={"messages": HI}), 500)
+    assert error["type"] == "server_error" and "a bug" not in error["message"]
+    assert "unhandled error" in caplog.text and "RuntimeError: a bug" in caplog.text
+
+
+def test_framework_422_is_openai_shaped():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from medmoe.serving.http_errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/n")
+    def n(count: int):
+        return {"count": count}
+
+    error = openai_error(TestClient(app).get("/n?count=many"), 422)
+    assert error["param"] == "query.count"
+
+
+def test_prompt_text_is_capped_in_bytes_before_tokenizing(medmoe, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from medmoe.serving.server import Limits, create_app
+
+    tokenized = []
+    encode = medmoe.processor.encode
+    monkeypatch.setattr(medmoe.processor, "encode", lambda *a, **k: tokenized.append(a) or encode(*a, **k))
+    limits = Limits(max_prompt_tokens=64, timeout_s=0.5)
+    assert limits.text_bytes == 1024
+    c = TestClient(create_app(medmoe.model, medmoe.processor, limits))  # no worker: a queued request would time out
+    for text in ["x" * 1025, "€" * 400, "y" * 3_000_000]:  # 400 characters but 1,200 bytes
+        messages = [{"role": "user", "content": [{"type": "text", "text": text[:10]}, {"type": "text", "text": text}]}]
+        error = openai_error(c.post("/v1/chat/completions", json={"messages": messages}), 413)
+        assert "over 1,024 bytes" in error["message"] and error["param"] == "messages[0].content[1]"
+    history = [{"role": "user", "content": "a" * 600}, {"role": "assistant", "content": "b" * 600}] + HI
+    assert openai_error(c.post("/v1/chat/completions", json={"messages": history}), 413)["param"] == "messages[1].content"
+    assert tokenized == []
+    # Within the byte budget, the text reaches the tokenizer once (in the handler), whose count
+    # then refuses it: 1,000 bytes are 1,000 tokens of the byte tokenizer, above 64.
+    error = openai_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "é" * 500}]}), 400)
+    assert "tokens" in error["message"] and len(tokenized) == 1
+
+
+def test_model_name_must_be_the_served_one(client, medmoe):
+    from fastapi.testclient import TestClient
+
+    from medmoe.serving.server import create_app
+
+    error = openai_error(client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HI}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "tiny-moe" in error["message"]
+    for name in ("tiny-moe", None):
+        assert client.post("/v1/chat/completions", json={"model": name, "messages": HI, "max_tokens": 1}).status_code == 200
+    with TestClient(create_app(medmoe.model, medmoe.processor, model_name="m", model_aliases=["alias"])) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "m"
+        assert c.post("/v1/chat/completions", json={"model": "alias", "messages": HI, "max_tokens": 1}).status_code == 200
+        assert c.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": HI}).status_code == 404
+
+
+def test_served_name_of_the_bundled_model_matches_the_docs(model_dir):
+    import os
+    import re
+
+    from medmoe.serving.server import served_model_name
+
+    assert served_model_name("nano") == "medmoe-nano"
+    assert served_model_name(model_dir) == os.path.basename(model_dir)
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "serving.md"), encoding="utf-8").read()
+    assert set(re.findall(r'model="([^"]+)"', docs)) == {"medmoe-nano"}
+
+
+def test_api_key(medmoe, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import medmoe.serving.auth as auth
+    from medmoe.serving.server import create_app
+
+    compared = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    with TestClient(create_app(medmoe.model, medmoe.processor, api_key="s3cret")) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret-and-more"}):
+            for method, path in (("get", "/v1/models"), ("post", "/v1/chat/completions"), ("post", "/v1/preview"),
+                                 ("get", "/v1/anything")):
+                r = getattr(c, method)(path, headers=headers)
+                assert openai_error(r, 401)["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/").status_code == 200 and c.get("/health").status_code == 200  # the page asks for the key
+        key = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=key).status_code == 200
+        assert c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, headers=key).status_code == 200
+    assert compared
+
+
+def test_an_undecodable_image_is_a_400(client, monkeypatch):
+    import zlib
+
+    import medmoe.serving.server as server
+
+    def corrupt(*args, **kwargs):
+        raise zlib.error("Error -3 while decompressing data: invalid distance too far back")
+
+    monkeypatch.setattr(server, "open_upload", corrupt)
+    error = openai_error(client.post("/v1/chat/completions", json={"messages": user(data_url(picture()), "q")}), 400)
+    assert "image 1 could not be decoded (error)" in error["message"]
 
 
 def test_web_page_is_offline(client):

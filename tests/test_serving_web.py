@@ -84,3 +84,71 @@ def test_upload_ask_stream_and_routing_bar(browser_page, base_url, tmp_path):
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('status').className === 'error'")
     assert "broken.dcm" in page.inner_text("#status")
+
+
+def test_page_asks_for_the_api_key_once(browser_page, tmp_path):
+    from PIL import Image
+
+    from medmoe.model.pretrained import build_model
+    from medmoe.serving.server import Limits, create_app, serve_in_thread
+
+    model, processor = build_model("tiny")
+    asked = []
+    page = browser_page
+    page.set_default_timeout(60_000)
+    page.on("dialog", lambda dialog: asked.append(dialog.message) or dialog.accept("s3cret"))
+    with serve_in_thread(create_app(model, processor, Limits(max_tokens=8), api_key="s3cret")) as base:
+        page.goto(base + "/")
+        png = tmp_path / "x.png"
+        Image.new("RGB", (64, 48), (30, 120, 200)).save(png)
+        page.set_input_files("#file", str(png))  # the preview gets 401, the page asks, then retries
+        page.wait_for_function("document.getElementById('previewNote').textContent.startsWith('64x48')")
+        page.fill("#question", "What is it?")
+        page.click("#ask")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        assert len(asked) == 1 and "API key" in asked[0]
+        assert page.evaluate("sessionStorage.getItem('medmoe-api-key')") == "s3cret"
+
+
+# The page's postJson run by Node against a fake fetch (no browser needed): the key is asked once,
+# kept in sessionStorage and sent from then on.
+KEY_CHECK_JS = r"""
+// Runs the page's postJson against a fake fetch: the key is asked once, kept, and sent.
+const fs = require("fs");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const script = html.slice(html.indexOf("<script>") + 8, html.indexOf("</script>"));
+const store = {};
+global.sessionStorage = { getItem: (k) => (k in store ? store[k] : null), setItem: (k, v) => { store[k] = String(v); }, removeItem: (k) => { delete store[k]; } };
+let prompts = 0;
+global.window = { prompt: (m) => { prompts++; console.log("prompt:", m); return "s3cret"; } };
+const calls = [];
+global.fetch = async (path, opts) => {
+  calls.push(opts.headers["Authorization"] || null);
+  const ok = opts.headers["Authorization"] === "Bearer s3cret";
+  return { ok, status: ok ? 200 : 401, statusText: ok ? "OK" : "Unauthorized", json: async () => (ok ? {} : { error: { message: "invalid API key" } }) };
+};
+const elements = {};
+global.document = { getElementById: (id) => (elements[id] ||= { addEventListener() {}, style: {}, value: "", files: [], textContent: "" }) };
+eval(script + "\n;globalThis.postJson = postJson;");
+(async () => {
+  await postJson("/v1/preview", {});
+  await postJson("/v1/chat/completions", {});
+  console.log("prompts", prompts, "calls", JSON.stringify(calls), "stored", store["medmoe-api-key"]);
+  if (prompts !== 1 || calls.length !== 3 || calls[0] !== null || calls[2] !== "Bearer s3cret") process.exit(1);
+})();
+"""
+
+
+def test_page_key_logic_in_node(tmp_path):
+    import subprocess
+
+    from medmoe.serving.server import WEB_PAGE
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed")
+    script = tmp_path / "check.js"
+    script.write_text(KEY_CHECK_JS)
+    run = subprocess.run([node, str(script), str(WEB_PAGE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "prompts 1" in run.stdout and "stored s3cret" in run.stdout

@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medmoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None:  # not a file the user named: a bug or the system's, keep the traceback
+            raise
+        print(f"medmoe {args.command}: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except (RuntimeError, MemoryError) as err:
         if not (isinstance(err, MemoryError) or is_out_of_memory(err)):
             raise

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 
 def add_model_args(p) -> None:
     p.add_argument("--model", default="nano",
@@ -25,9 +28,24 @@ def add_image_args(p) -> None:
 
 
 def open_image(path: str | None, args):
-    """The image for a path, honouring the DICOM/NIfTI options; None for no image."""
+    """The image for a path, honouring the DICOM/NIfTI options; None for no image. A decoder's own
+    exception on a corrupt file (PIL's OSError, EOFError, zlib.error, pydicom's and nibabel's
+    errors) becomes an ImageError naming the file: the CLI prints one line, not a traceback."""
     if not path:
         return None
+    from ..errors import ImageError, MedMoEError
+
+    try:
+        return _open_image(path, args)
+    except (MedMoEError, MemoryError):
+        raise
+    except Exception as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ImageError(f"{path}: cannot read the image ({type(err).__name__}{': ' + detail if detail else ''}); "
+                         "check that it is a whole, valid PNG/JPEG/TIFF/BMP/DICOM/NIfTI file") from err
+
+
+def _open_image(path: str, args):
     from ..data.images import load_image
     from ..data.medical_images import load_medical, medical_kind
 
@@ -42,5 +60,19 @@ def open_image(path: str | None, args):
 def load(args):
     from ..serving.api import MedMoE
 
-    return MedMoE.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       max_new_tokens=args.max_new_tokens)
+    with loading(args.model):
+        return MedMoE.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                           max_new_tokens=args.max_new_tokens)
+
+
+@contextlib.contextmanager
+def loading(model: str):
+    """An unreadable file in a model folder (transformers raises a bare OSError for a broken
+    config.json) becomes a CheckpointError naming the folder."""
+    from ..errors import CheckpointError
+
+    try:
+        yield
+    except (OSError, json.JSONDecodeError) as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise CheckpointError(f"{model}: cannot load the model ({detail}); check the folder's files") from err

@@ -1,13 +1,16 @@
 """`medmoe chat`: a multi-turn conversation in the terminal, answers streamed as they are produced.
 
 Commands at the prompt: `/image PATH` attaches an image to the next question, `/reset` starts over,
-`/quit` (or Ctrl-D) leaves."""
+`/quit` (or Ctrl-D) leaves. Any other line starting with "/" is refused as an unknown command rather
+than sent to the model; start a question with "//" to send it with one "/"."""
 
 from __future__ import annotations
 
 import sys
 
 from ._model_args import add_image_args, add_model_args, load, open_image
+
+COMMANDS = "/image PATH, /reset, /quit"
 
 
 def register(sub) -> None:
@@ -40,12 +43,21 @@ def run(args) -> int:
             pending = None
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if line.startswith("/image"):
+        command, *rest = line.split(maxsplit=1)
+        if command == "/image":
+            if not rest:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
             try:
-                pending = open_image(line[len("/image"):].strip(), args)
+                pending = open_image(rest[0] if rest else "", args)
                 print("(image attached to the next question)", file=sys.stderr)
             except MedMoEError as err:
                 print(f"error: {err}", file=sys.stderr)
+            continue
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            print(f"unknown command {command}; commands: {COMMANDS}", file=sys.stderr)
             continue
         print("medmoe> ", end="", flush=True)
         for piece in session.stream(line, pending):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from ._model_args import add_model_args
+from ._model_args import add_model_args, loading
 
 
 def register(sub) -> None:
@@ -12,7 +13,12 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
+    p.add_argument("--served-model-name", "--name", dest="name", default=None,
+                   help="model id reported by /v1/models and accepted in requests (default: medmoe-nano for the "
+                        "bundled model, else the folder name)")
+    p.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer KEY on /v1/ endpoints (default: $MEDMOE_API_KEY; the "
+                        "environment variable keeps the key out of the process list)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the engine's KV-cache slots; more wait in the queue)")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests; more are answered 503")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a 504")
@@ -24,15 +30,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..serving.auth import is_loopback
     from ..serving.server import Limits, create_app, serve
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout)
-    app = create_app(args.model, limits=limits, model_name=args.name, device=args.device, dtype=args.dtype,
-                     quantize=args.quantize)
-    print(f"medmoe serve: http://{args.host}:{args.port}/ (web page), /v1/chat/completions, /v1/models, /health",
-          file=sys.stderr)
+    api_key = args.api_key or os.environ.get("MEDMOE_API_KEY") or None
+    if api_key is None and not is_loopback(args.host):
+        print(f"medmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+              "port can use the model; set MEDMOE_API_KEY or --api-key", file=sys.stderr)
+    with loading(args.model):
+        app = create_app(args.model, limits=limits, model_name=args.name, device=args.device, dtype=args.dtype,
+                         quantize=args.quantize, api_key=api_key)
+    print(f"medmoe serve: {app.state.model_name} on http://{args.host}:{args.port}/ (web page), /v1/chat/completions, "
+          f"/v1/models, /health{'; API key required on /v1/' if api_key else ''}", file=sys.stderr)
     serve(app, host=args.host, port=args.port)
     return 0

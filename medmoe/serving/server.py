@@ -15,6 +15,9 @@ and leaves when it ends. Every request has a deadline (504 past it).
 
 The server only reads what a request carries: images must be base64 `data:` URLs. It never
 opens a path or fetches a URL named in a request (http(s) image URLs get a 400 saying so).
+Every field of a request is type- and range-checked and its text capped in bytes before anything
+is tokenized (validation.py); every error, the framework's own 404/405/422 and any unexpected
+500 included, is an OpenAI error object; `api_key` makes every /v1/ endpoint ask for it.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from ..config import IMAGE_TOKEN
 from ..data.templates import Turn
 from ..errors import MedMoEError
 from ..generation import SamplingConfig
+from .auth import BearerAuth
+from .http_errors import HTTPProblem, install_error_handlers
+from .validation import check_content_type, check_model, parse_json, parse_messages, preview_spec, sampling_config
 
 logger = logging.getLogger(__name__)
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
@@ -57,14 +63,14 @@ class Limits:
     max_batch: int = 8  # requests decoded together (the engine's slots)
     queue_size: int = 64  # requests waiting; more get 503
     timeout_s: float = 120.0  # from arrival to the last token; 504 past it
+    max_text_bytes: int | None = None  # UTF-8 bytes of a prompt's text; None: 16 per prompt token
+    max_content_parts: int = 256  # text and image parts of all messages together
 
-
-class HTTPProblem(Exception):
-    """An error answered with `status` and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+    @property
+    def text_bytes(self) -> int:
+        """The text cap, checked before tokenizing: generous (a token is rarely over 4 bytes of
+        UTF-8) yet small enough that the tokenizer's time and memory stay bounded."""
+        return self.max_text_bytes if self.max_text_bytes is not None else 16 * self.max_prompt_tokens
 
 
 # --- requests -> conversations ----------------------------------------------------------------
@@ -115,99 +121,6 @@ def open_upload(data: bytes, name: str, limits: Limits, window=None):
         raise HTTPProblem(413, str(err)) from None
     except MedMoEError as err:
         raise HTTPProblem(400, str(err)) from None
-
-
-def parse_messages(messages, limits: Limits) -> tuple[list[Turn], list]:
-    """OpenAI messages -> (turns with `<image>` placeholders, images in placeholder order).
-
-    System messages are ignored (the model's own template sets the system prompt)."""
-    if not isinstance(messages, list) or not messages:
-        raise HTTPProblem(400, "messages must be a non-empty list")
-    if len(messages) > limits.max_messages:
-        raise HTTPProblem(400, f"{len(messages)} messages; at most {limits.max_messages}")
-    turns: list[Turn] = []
-    images: list = []
-    question: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise HTTPProblem(400, "each message must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
-        if role == "system":
-            continue
-        if role == "user":
-            question.append(_user_text(content, images, limits))
-        elif role == "assistant":
-            if not question:
-                raise HTTPProblem(400, "an assistant message must follow a user message")
-            turns.append(Turn("\n".join(question), _plain_text(content)))
-            question = []
-        else:
-            raise HTTPProblem(400, f"unsupported role {role!r}; use system, user or assistant")
-    if not question:
-        raise HTTPProblem(400, "the last message must be from the user")
-    turns.append(Turn("\n".join(question)))
-    return turns, images
-
-
-def _plain_text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    if content is None:
-        return ""
-    raise HTTPProblem(400, "message content must be a string or a list of parts")
-
-
-def _user_text(content, images: list, limits: Limits) -> str:
-    if isinstance(content, str):
-        return content.replace(IMAGE_TOKEN, "[image]")  # a typed "<image>" is text, not a placeholder
-    if not isinstance(content, list):
-        raise HTTPProblem(400, "user content must be a string or a list of parts")
-    pieces = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            pieces.append(str(part.get("text", "")).replace(IMAGE_TOKEN, "[image]"))
-        elif kind == "image_url":
-            spec = part.get("image_url")
-            spec = spec if isinstance(spec, dict) else {"url": spec}
-            if len(images) >= limits.max_images:
-                raise HTTPProblem(400, f"at most {limits.max_images} images per request")
-            images.append((spec.get("url"), spec.get("window")))
-            pieces.append(IMAGE_TOKEN + "\n")
-        else:
-            raise HTTPProblem(400, f"unsupported content part type {kind!r}; use text or image_url")
-    return "".join(pieces)
-
-
-def sampling_config(body: dict, limits: Limits) -> SamplingConfig:
-    if body.get("n", 1) != 1:
-        raise HTTPProblem(400, "n must be 1")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or limits.default_max_tokens
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise HTTPProblem(400, "max_tokens must be a positive integer")
-    if max_tokens > limits.max_tokens:
-        raise HTTPProblem(400, f"max_tokens={max_tokens} is above this server's limit of {limits.max_tokens}")
-    temperature = float(body.get("temperature", 0.0) or 0.0)
-    top_p = float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0)
-    if not 0.0 <= temperature <= 2.0 or not 0.0 < top_p <= 1.0:
-        raise HTTPProblem(400, "temperature must be in [0, 2] and top_p in (0, 1]")
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)[:4]
-    seed = body.get("seed")
-    top_k = body.get("top_k") or 0
-    top_logprobs = body.get("top_logprobs") or 0
-    if not isinstance(top_k, int) or top_k < 0:
-        raise HTTPProblem(400, "top_k must be a non-negative integer")
-    if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
-        raise HTTPProblem(400, "top_logprobs must be an integer from 0 to 20")
-    if top_logprobs and not body.get("logprobs"):
-        raise HTTPProblem(400, "top_logprobs needs logprobs: true")
-    return SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                          top_p=top_p, top_k=top_k, stop=stop, seed=int(seed) if seed is not None else None,
-                          ignore_eos=bool(body.get("ignore_eos", False)), logprobs=bool(body.get("logprobs", False)),
-                          top_logprobs=top_logprobs)
 
 
 # --- the worker -------------------------------------------------------------------------------
@@ -316,16 +229,76 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def served_model_name(path: str) -> str:
+    """The id /v1/models reports for a model folder: `medmoe-nano` for the bundled `nano`, else
+    the folder's name."""
+    from ..model.pretrained import BUNDLED_MODELS, resolve_model_path
+
+    if path in BUNDLED_MODELS and resolve_model_path(path) != path:
+        return f"medmoe-{path}"
+    return Path(path).resolve().name or "medmoe"
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request's JSON object: Content-Type checked, size counted as the body arrives."""
+    check_content_type(request.headers.get("content-type"))
+    too_large = HTTPProblem(413, f"request body over {limits.max_body_bytes:,} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():  # counted as it arrives: no trust in the header
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPProblem(400, "the client left before sending the whole body") from None
+    raw = b"".join(chunks)
+    if len(raw) > 1 << 20:  # a large body is parsed off the event loop, which keeps serving others
+        return await run_in_threadpool(parse_json, raw)
+    return parse_json(raw)
+
+
+def load_images(specs, limits: Limits) -> list:
+    """Decoded images of (data URL, window) specs. A decoder failing in a way it does not name
+    (a library's own exception on a corrupt file) is the file's fault: a 400, logged."""
+    images = []
+    for i, (url, window) in enumerate(specs):
+        data, name = decode_data_url(url, limits)
+        try:
+            image = open_upload(data, name, limits, window)
+        except (HTTPProblem, MemoryError):
+            raise
+        except Exception as err:
+            # The type only: a decoder's message may quote header fields (patient data in DICOM).
+            logger.warning("image %d of a request could not be decoded (%s)", i + 1, type(err).__name__)
+            raise HTTPProblem(400, f"image {i + 1} could not be decoded ({type(err).__name__}); "
+                                   "check that it is a whole, valid file") from None
+        if image.width < 1 or image.height < 1:
+            raise HTTPProblem(400, f"image {i + 1} has no pixels ({image.width}x{image.height})")
+        images.append(image)
+    return images
+
+
 def create_app(model_or_path, processor=None, limits: Limits | None = None, model_name: str | None = None,
-               device: str | None = None, dtype: str | None = None, quantize: str | None = None):
-    """The FastAPI app serving a model folder (or an already loaded model + processor)."""
+               device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+               api_key: str | None = None, model_aliases=()):
+    """The FastAPI app serving a model folder (or an already loaded model + processor).
+
+    Requests may name the model `model_name` (default: `served_model_name` of the folder) or one
+    of `model_aliases` (a folder given by path also answers to that path); `api_key` makes every
+    /v1/ endpoint require `Authorization: Bearer <api_key>`."""
     from contextlib import asynccontextmanager
 
     from .api import load_model
 
     limits = limits or Limits()
+    accepted = set(model_aliases)
     if isinstance(model_or_path, (str, Path)):
-        model_name = model_name or Path(model_or_path).name
+        model_name = model_name or served_model_name(str(model_or_path))
+        accepted.add(str(model_or_path))
         model, processor = load_model(str(model_or_path), device, dtype, quantize)
     else:
         model = model_or_path
@@ -342,38 +315,10 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         engine.stop()
 
     app = FastAPI(title="medmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-
-    @app.exception_handler(HTTPProblem)
-    async def problem(request, err: HTTPProblem):
-        headers = {"Retry-After": "1"} if err.status == 503 else None
-        return JSONResponse({"error": {"message": err.message, "type": err.kind, "code": err.status}},
-                            status_code=err.status, headers=headers)
-
-    async def read_json(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise HTTPProblem(413, f"request body over {limits.max_body_bytes:,} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: no trust in the header
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise HTTPProblem(413, f"request body over {limits.max_body_bytes:,} bytes")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPProblem(400, "request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPProblem(400, "request body must be a JSON object")
-        return body
-
-    def load_images(specs) -> list:
-        images = []
-        for url, window in specs:
-            data, name = decode_data_url(url, limits)
-            images.append(open_upload(data, name, limits, window))
-        return images
+    app.state.engine, app.state.model_name, app.state.auth = engine, model_name, bool(api_key)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -393,8 +338,8 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
 
     @app.post("/v1/preview")
     async def preview(request: Request):
-        body = await read_json(request)
-        image = (await run_in_threadpool(load_images, [(body.get("image_url"), body.get("window"))]))[0]
+        body = await read_json(request, limits)
+        image = (await run_in_threadpool(load_images, [preview_spec(body)], limits))[0]
         out = io.BytesIO()
         image.save(out, format="PNG")
         return {"data_url": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode(),
@@ -403,10 +348,11 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, limits)
+        check_model(body, model_name, accepted)
         cfg = sampling_config(body, limits)
         turns, specs = parse_messages(body.get("messages"), limits)
-        images = await run_in_threadpool(load_images, specs)
+        images = await run_in_threadpool(load_images, specs, limits)
         loop = asyncio.get_running_loop()
         job = Job(turns, images, cfg, loop, asyncio.Queue(), time.monotonic() + limits.timeout_s)
         await run_in_threadpool(engine.submit, job)  # tokenising and image preprocessing off the event loop
@@ -469,7 +415,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                     if payload.text or (job.cfg.logprobs and payload.logprobs):
                         yield chunk(job, {"content": payload.text}, logprobs=payload.logprobs if job.cfg.logprobs else None)
                 elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': payload.message, 'type': payload.kind, 'code': payload.status}})}\n\n"
+                    yield payload.event()
                     break
                 else:
                     answer = payload
