@@ -4,6 +4,7 @@ prompts, per-sample routing, LoRA experts; and its own sampling, stop, length an
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -188,6 +189,13 @@ def test_logprobs_are_the_log_softmax_of_the_reference_logits(phi, overlap):
         assert [t for t, _, _ in entry.top] == best.indices.tolist()
         assert [p for _, _, p in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
         assert entry.token == processor.tokenizer.decode([entry.token_id])
+    # The answer's confidence: the geometric mean of its tokens' probabilities, computed for every
+    # request (also without logprobs), from the same distribution.
+    mean = sum(e.logprob for e in result.logprobs) / 5
+    assert 0 < result.confidence < 1 and result.confidence == pytest.approx(math.exp(mean), rel=1e-4)
+    plain = Engine(model, processor, overlap_steps=overlap).generate(
+        [request(processor, QUESTIONS[0], images()[0], SamplingConfig(max_new_tokens=5, ignore_eos=True))])[0]
+    assert plain.logprobs is None and plain.confidence == pytest.approx(result.confidence, rel=1e-4)
 
 
 def test_streaming_deltas_add_up_to_the_answer_and_cancel_stops(phi, overlap):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -75,5 +76,8 @@ def test_logprobs_in_a_plain_response_and_bad_values(served):
     assert choice["logprobs"]["content"][0]["top_logprobs"] == []
     assert client.post("/v1/chat/completions", json={**body, "top_logprobs": 50}).status_code == 400
     assert client.post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": 2}).status_code == 400
-    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()["choices"][0]
-    assert "logprobs" not in plain
+    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()
+    assert "logprobs" not in plain["choices"][0]
+    # The answer's confidence comes with every response: the geometric mean of its tokens' probabilities.
+    mean = sum(e["logprob"] for e in choice["logprobs"]["content"]) / 4
+    assert plain["confidence"] == pytest.approx(math.exp(mean), rel=1e-3) == r.json()["confidence"]

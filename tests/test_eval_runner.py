@@ -56,7 +56,12 @@ def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
     assert sorted(p["id"] for p in preds) == ["c0", "c1", "c2", "q0", "q1", "q2", "q3", "q4"]  # no train row
     assert all(len(p["routing"]["image"]) == len(p["routing"]["text"]) for p in preds)
     assert len(preds[-1]["choice_logprobs"]) == 2
+    assert all(0 < p["confidence"] <= 1 for p in preds if p["prediction"])  # every generated answer has one
     m = json.loads((out / "metrics.json").read_text())
+    calib = m["calibration"]  # the answers' confidences against their scores, per question kind
+    assert (calib["closed"]["n"], calib["open"]["n"]) == (2, 3) and calib["open"]["scored_by"] == "recall"
+    assert 0 <= calib["closed"]["ece"] <= 100 and (out / "calibration_closed.png").stat().st_size > 0
+    assert m["classification"]["pneumonia"]["loglik"]["calibration"]["n"] == 3
     assert m["vqa"]["counts"] == {**m["vqa"]["counts"], "ground_truth": 5, "missing": 0, "extra": 0}
     assert (m["vqa"]["total"]["closed"]["n"], m["vqa"]["total"]["open"]["n"]) == (2, 3)
     assert set(m["classification"]["pneumonia"]) == {"loglik", "generate"}
@@ -89,6 +94,7 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     model, processor = tiny
     settings = EvalSettings(model="tiny", data=str(records), out=str(tmp_path / "out"), batch_size=2,
                             max_new_tokens=3, routing=False)
+    monkeypatch.setattr(ev, "CHUNK_BATCHES", 1)  # rows are appended per chunk of batches: one batch here
     real = ev.run_batch
     seen = []
 

@@ -32,6 +32,8 @@ def run(args) -> int:
         print(json.dumps(record, indent=2))
         return 0
     print(answer.text)
+    if answer.confidence is not None:
+        print(f"confidence: {answer.confidence:.0%} (geometric mean of the answer tokens' probabilities)", file=sys.stderr)
     if answer.routing is not None:
         r = answer.routing
         print(f"\nrouting: the {r.expert} expert handled the image ({r.shares[r.expert]:.0%} of "

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="records file (JSONL / LLaVA json), prepared dataset folder, or 'sample'")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="questions decoded together (the engine's slots; default 64 on a GPU, 8 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default 64)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (quick checks)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -34,7 +35,7 @@ def run(args) -> int:
     from ..evaluation.evaluate import DEFAULT_MAX_NEW_TOKENS, EvalSettings, evaluate
     from ..evaluation.report import score_text
 
-    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+    if (args.batch_size is not None and args.batch_size < 1) or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
     settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
@@ -45,6 +46,11 @@ def run(args) -> int:
         print(score_text(metrics["vqa"]))
     for dataset, methods in (metrics["classification"] or {}).items():
         print(f"{dataset}: " + ", ".join(_classification_line(m, r) for m, r in methods.items()))
+    for kind, calib in (metrics.get("calibration") or {}).items():
+        at80 = next((c for c in calib["coverage"] if c["coverage"] == 0.8), None)
+        print(f"{kind} answers: confidence ECE {calib['ece']:.2f}"
+              + (f"; {at80['accuracy']:.2f} ({calib['scored_by']}) on the 80% most confident "
+                 f"(confidence >= {at80['threshold']:.3f}) against {calib['accuracy']:.2f} on all" if at80 else ""))
     acc = (metrics["routing"] or {}).get("router_accuracy") or {}
     if acc.get("samples"):
         print(f"router modality accuracy: {acc['sample_accuracy']:.2f}% of {acc['samples']} samples")

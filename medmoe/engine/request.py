@@ -79,6 +79,9 @@ class Result:
     prompt_ids: list[int]
     prompt_routing: list[LayerRouting] | None = None  # per MoE layer, [1, prompt_tokens, ...], when asked for
     logprobs: list[TokenLogprob] | None = None
+    # The geometric mean of the answer tokens' probabilities under the model (None: no answer token).
+    # A one-token answer ("yes") gets that token's probability; see docs/serving.md.
+    confidence: float | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -24,6 +24,12 @@ def pick_tokens(logits: torch.Tensor, configs: list[SamplingConfig], generators:
     return tokens
 
 
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[n] log p of each row's token under the model's distribution (for answer confidences)."""
+    logits = logits.float()
+    return logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: list[int]):
     """Device tensors (log p(token) [k], top log-probs [k, K], their ids [k, K]) for the given rows
     (K the largest of `top`), or None; `logprobs_by_row` reads them once they are on the host."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
-from .sampling import MAX_TOP_LOGPROBS, logprobs_by_row, pick_tokens, token_logprobs
+from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import SlotCache
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class _Running:
     text: str = ""
     sent: str = ""
     logprobs: list[TokenLogprob] | None = None
+    logprob_sum: float = 0.0  # of the answer tokens, for the answer's confidence
     generated: int = 0
     finish: str | None = None
 
@@ -78,6 +80,7 @@ class _Picked:
     """The tokens one step picked (on the host, or on their way there until `done`)."""
     runs: list[_Running]  # the requests of the step's rows, in row order when it was launched
     tokens: torch.Tensor
+    chosen: torch.Tensor  # log p of each row's token, for every row
     scores: tuple | None  # token_logprobs of the rows in `wanted`
     wanted: list[int]
     top: list[int]
@@ -352,15 +355,17 @@ class Engine:
         wanted = [i for i, r in enumerate(runs) if r.cfg.logprobs]
         top = [min(max(r.cfg.top_logprobs, 0), MAX_TOP_LOGPROBS) for r in runs if r.cfg.logprobs]
         scores = token_logprobs(logits, tokens, wanted, top)
+        chosen = chosen_logprobs(logits, tokens)
         for run in runs:
             run.pending += 1
         done = None
         if tokens.is_cuda:
             tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            chosen = chosen.to("cpu", non_blocking=True)
             scores = tuple(t.to("cpu", non_blocking=True) for t in scores) if scores is not None else None
             done = torch.cuda.Event()
             done.record()
-        return _Picked(runs, tokens, scores, wanted, top, done)
+        return _Picked(runs, tokens, chosen, scores, wanted, top, done)
 
     def _hand_out(self, picked: _Picked) -> None:
         """Give each request its token once it is on the host; release the requests that finished.
@@ -368,12 +373,12 @@ class Engine:
         if picked.done is not None:
             picked.done.synchronize()
         scores = logprobs_by_row(picked.scores, picked.wanted, picked.top)
-        for i, (run, token) in enumerate(zip(picked.runs, picked.tokens.tolist())):
+        for i, (run, token, logp) in enumerate(zip(picked.runs, picked.tokens.tolist(), picked.chosen.tolist())):
             run.pending -= 1
-            if run.finish is None and self._accept(run, token, scores.get(i)):
+            if run.finish is None and self._accept(run, token, logp, scores.get(i)):
                 self._release(self.active.index(run))
 
-    def _accept(self, run: _Running, token: int, score) -> bool:
+    def _accept(self, run: _Running, token: int, logp: float, score) -> bool:
         """Hand one token to its request; True when the request has finished."""
         cfg = run.cfg
         run.generated += 1
@@ -383,6 +388,7 @@ class Engine:
             run.finish = "eos"
         else:
             run.tokens.append(token)
+            run.logprob_sum += logp
             new = [token]
             text = self.processor.decode(run.tokens) if self.processor is not None else ""
             for stop in cfg.stop:
@@ -428,6 +434,7 @@ class Engine:
         self.active.pop()
         self.step_fn.positions[last] = 0
         request = run.handle.request
+        confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
-                        run.routing, run.logprobs)
+                        run.routing, run.logprobs, confidence)
         run.handle._finish(result)

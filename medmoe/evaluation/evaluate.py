@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class EvalSettings:
     data: str
     out: str
     split: str | None = "test"
-    batch_size: int = 8
+    batch_size: int | None = None  # engine slots; None: 64 on a GPU, 8 on a CPU (resolved by `evaluate`)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     limit: int | None = None
     device: str = "auto"
@@ -52,7 +52,9 @@ class EvalSettings:
         parts = ["medmoe", "eval", "--model", self.model, "--data", self.data, "--out", self.out]
         if self.split:
             parts += ["--split", self.split]
-        parts += ["--batch-size", str(self.batch_size), "--max-new-tokens", str(self.max_new_tokens)]
+        if self.batch_size is not None:
+            parts += ["--batch-size", str(self.batch_size)]
+        parts += ["--max-new-tokens", str(self.max_new_tokens)]
         if self.limit:
             parts += ["--limit", str(self.limit)]
         if not self.routing:
@@ -215,6 +217,10 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
     return scores
 
 
+CHUNK_BATCHES = 4
+GPU_SLOTS, CPU_SLOTS = 64, 8
+
+
 def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
     from ..engine import Request, as_generation_output, encode_question, shared_engine
     from ..generation import SamplingConfig
@@ -232,9 +238,10 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
         counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
     scores = choice_scores(model, processor, items, settings.share_prefix)
     rows = []
-    for item, text, reason, routing in zip(items, out.texts, out.finish_reasons, counts):
+    for item, text, reason, routing, result in zip(items, out.texts, out.finish_reasons, counts, results):
         row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,
-               "dataset": item.gt.dataset, "modality": item.gt.modality, "finish": reason}
+               "dataset": item.gt.dataset, "modality": item.gt.modality, "finish": reason,
+               "confidence": None if result.confidence is None else round(result.confidence, 5)}
         if item.choices:
             row["choice_logprobs"] = [round(float(s), 5) for s in scores[item.gt.id]]
         if routing is not None:
@@ -254,8 +261,11 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
         print(f"medmoe eval: resuming, {len(items) - len(todo)} of {len(items)} items already in {pred_path}", flush=True)
     start_time = time.perf_counter()
     with tqdm(total=len(todo), desc="eval", unit="q") as bar:
-        for start in range(0, len(todo), settings.batch_size):
-            batch = todo[start:start + settings.batch_size]
+        # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
+        # slots stay full; each chunk's rows are appended at once (what a resumed run keeps).
+        chunk = settings.batch_size * CHUNK_BATCHES
+        for start in range(0, len(todo), chunk):
+            batch = todo[start:start + chunk]
             rows = run_batch(model, processor, batch, settings)
             append_jsonl(pred_path, rows)
             done.update((r["id"], r) for r in rows)
@@ -303,6 +313,26 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
     return results, figures
 
 
+def vqa_calibration(scored: list[dict], rows: dict[str, dict], out: Path) -> tuple[dict | None, dict]:
+    """Calibration of the generated answers' confidences: closed questions against the official
+    (substring) accuracy, open ones against token recall; with the reliability diagrams."""
+    from .intervals import calibration, plot_calibration
+
+    result, figures = {}, {}
+    for kind, metric in (("CLOSED", "accuracy"), ("OPEN", "recall")):
+        pairs = [(rows[r["id"]].get("confidence"), r["scores"][metric]) for r in scored
+                 if r["answer_type"] == kind and not r.get("missing") and rows.get(r["id"], {}).get("confidence") is not None]
+        calib = calibration([c for c, _ in pairs], [score for _, score in pairs]) if pairs else None
+        if calib is None:
+            continue
+        calib["scored_by"] = metric
+        result[kind.lower()] = calib
+        name = f"calibration_{kind.lower()}.png"
+        if plot_calibration(calib, out / name, title=f"{kind.lower()} questions ({metric})"):
+            figures[f"calibration_{kind.lower()}"] = name
+    return result or None, figures
+
+
 def routing_results(items: list[EvalItem], rows: dict[str, dict], layers: list[int], out: Path):
     from .routing import RoutingStats, plot_routing
 
@@ -334,12 +364,16 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
         from ..loading import load_for_inference
 
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
+    if settings.batch_size is None:
+        settings = replace(settings, batch_size=GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
     rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")
 
     vqa_items = [i for i in items if not i.choices]
     predictions = {i.gt.id: rows[i.gt.id]["prediction"] for i in vqa_items}
     vqa, scored = score_predictions(predictions, [i.gt for i in vqa_items]) if vqa_items else (None, [])
     classification, figures = classification_results(items, rows, out)
+    answer_calibration, calibration_figures = vqa_calibration(scored, rows, out)
+    figures.update(calibration_figures)
     layers = model.config.moe_layer_indices() if model.is_moe else []
     routing, routing_fig = routing_results(items, rows, layers, out) if settings.routing else (None, {})
     metrics = {
@@ -348,7 +382,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
                 "max_new_tokens": settings.max_new_tokens, "decoding": "greedy", "batch_size": settings.batch_size,
                 "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                 "this_call": speed, "medmoe": __version__, "command": settings.command()},
-        "vqa": vqa, "classification": classification or None, "routing": routing,
+        "vqa": vqa, "calibration": answer_calibration, "classification": classification or None, "routing": routing,
         "figures": {**figures, **routing_fig},
     }
     write_json(out / "metrics.json", metrics)

@@ -139,6 +139,9 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
                    ("table", list(COLUMNS), metric_rows(vqa))]
         if interval_line(vqa["total"]):
             blocks.append(("p", interval_line(vqa["total"])))
+    for kind, calib in (metrics.get("calibration") or {}).items():
+        blocks += [("h", 3, f"Confidence of {kind} answers (scored by {calib.get('scored_by', 'accuracy')})")]
+        blocks += _calibration_blocks(calib, fig(f"calibration_{kind}"))
     cls = metrics.get("classification")
     if cls:
         blocks.append(("h", 2, "Classification"))

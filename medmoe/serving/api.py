@@ -89,6 +89,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list | None = None  # engine.TokenLogprob per answer token, when asked for (SamplingConfig.logprobs)
+    confidence: float | None = None  # geometric mean of the answer tokens' probabilities (docs/serving.md)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,7 +125,7 @@ def conversation_requests(processor, conversations: Sequence[list[Turn]], images
 def answers_from(model, results: list[Result], pad_id: int = 0) -> list[Answer]:
     """Answers with routing summaries from the engine's results."""
     summaries = routing_summaries(model, as_generation_output(results, pad_id))
-    return [Answer(r.text, routing, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.logprobs)
+    return [Answer(r.text, routing, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.logprobs, r.confidence)
             for r, routing in zip(results, summaries)]
 
 

@@ -393,7 +393,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                 "choices": [choice],
                 "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                           "total_tokens": answer.prompt_tokens + answer.completion_tokens},
-                "routing": answer.routing.to_dict() if answer.routing else None}
+                "routing": answer.routing.to_dict() if answer.routing else None, "confidence": answer.confidence}
 
     def chunk(job: Job, delta: dict, finish: str | None = None, logprobs=None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -422,7 +422,8 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                     usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                              "total_tokens": answer.prompt_tokens + answer.completion_tokens}
                     yield chunk(job, {}, _finish_reason(answer.finish_reason), usage=usage,
-                                routing=answer.routing.to_dict() if answer.routing else None)
+                                routing=answer.routing.to_dict() if answer.routing else None,
+                                confidence=answer.confidence)
                     break
             yield "data: [DONE]\n\n"
         finally:
