@@ -19,7 +19,9 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY on /v1/ endpoints (default: $MEDMOE_API_KEY; the "
                         "environment variable keeps the key out of the process list)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the engine's KV-cache slots; more wait in the queue)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together (the engine's KV-cache slots; more wait in the queue; "
+                        "default 32 on a GPU, 8 on a CPU)")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests; more are answered 503")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a 504")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")

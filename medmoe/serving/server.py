@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
 
 
+GPU_SLOTS, CPU_SLOTS = 32, 8  # default engine slots: a GPU step costs about the same for 1 or 32 rows
+
+
 @dataclass
 class Limits:
     max_body_bytes: int = 32 * 1024 * 1024  # a whole request, base64 images included
@@ -60,7 +63,7 @@ class Limits:
     max_prompt_tokens: int = 4096  # after image tokens are expanded
     max_tokens: int = 512  # cap on a request's max_tokens
     default_max_tokens: int = 128
-    max_batch: int = 8  # requests decoded together (the engine's slots)
+    max_batch: int | None = None  # requests decoded together (the engine's slots); None: 32 on a GPU, 8 on a CPU
     queue_size: int = 64  # requests waiting; more get 503
     timeout_s: float = 120.0  # from arrival to the last token; 504 past it
     max_text_bytes: int | None = None  # UTF-8 bytes of a prompt's text; None: 16 per prompt token
@@ -153,7 +156,8 @@ class Worker:
         from ..engine import Engine as InferenceEngine
 
         self.model, self.processor, self.limits = model, processor, limits
-        self.engine = InferenceEngine(model, processor, max_slots=limits.max_batch,
+        slots = limits.max_batch or (GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
+        self.engine = InferenceEngine(model, processor, max_slots=slots,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
                                       max_waiting=limits.queue_size)
 
