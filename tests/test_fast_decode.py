@@ -83,7 +83,8 @@ def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
     lora.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
     assert graph_safe(lora, torch.float32, torch.device("cpu"))
     looped, _ = build_model("tiny")
-    looped.upcycle({"dispatch": "loop"})
+    looped.upcycle()
+    looped.set_dispatch("loop")
     assert not graph_safe(looped, torch.float32, torch.device("cpu"))
 
 

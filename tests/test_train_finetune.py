@@ -68,7 +68,7 @@ def test_finetune_settings_are_checked():
     assert phase.lr == 1e-4 and phase.grad_accum == 4 and phase.epochs == 2.0
     with pytest.raises(ConfigError, match="flat keys"):
         phase_recipe({}, ["phase3.lr=1e-4"])
-    with pytest.raises(ConfigError, match="unknown recipe key 'learning_rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         phase_recipe({}, ["learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="grad_accum"):
         phase_recipe({}, ["grad_accum=many"])
