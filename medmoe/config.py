@@ -54,7 +54,7 @@ class LoRAConfig:
 
     PREFIX = "lora."
 
-    rank: int = setting(doc="inner width of the adapters (required)")
+    rank: int = setting(doc="inner width of the adapters")
     alpha: float | None = setting(None, "scale numerator (the delta is scaled by alpha / rank); unset: 2 x rank")
     targets: tuple[str, ...] | None = setting(None, "names of the linear layers that get adapters; unset: every "
                                               "attention and FFN projection (adapters.DEFAULT_TARGETS)")
@@ -183,8 +183,8 @@ DISPATCH = ("auto", "loop", "grouped")
 
 @dataclass
 class RuntimeOptions:
-    """Speed choices: how a loaded model runs, never what it computes (outputs agree to rounding).
-    They are not saved in config.json; each is set where the model is loaded or run."""
+    """Speed choices: how a loaded model runs, not what it computes (outputs agree to rounding; int8
+    weights excepted). They are not saved in config.json; each is set where the model is loaded or run."""
 
     dispatch: str = setting("auto", 'how tokens reach their experts: "grouped" (sorted tokens, one grouped product), '
                             '"loop" (one product per expert), "auto" (grouped where supported); model.set_dispatch',
@@ -201,15 +201,16 @@ class RuntimeOptions:
                                   "(fuse_qkv(decode_attention=...); medmoe bench --no-decode-rotary)")
     linear_matvec: bool = setting(True, "one-row products by the matrix-vector kernel, not cuBLAS "
                                   "(moe.kernels.linear_matvec_enabled; medmoe bench --no-linear-matvec)")
-    cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU "
-                                      "(fast_decode.decode(cuda_graph=...))")
+    cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "
+                                      "model allows it (fast_decode.decode(cuda_graph=...))")
     compile: bool | str = setting(False, "also fuse the decode step with torch.compile; a string is its mode "
                                   "(fast_decode.decode(compile=...); medmoe bench --compile, --compile-mode)")
     check_every: int = setting(16, "decode steps between reads of the device for ended rows "
                                "(fast_decode.decode(check_every=...))")
     share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "
                                  "(SamplingConfig.share_prefix; medmoe eval --no-share-prefix)")
-    quantize: str = setting("none", 'weights as stored for inference: "int8" (weight-only) or "none" (--quantize)',
+    quantize: str = setting("none", '"int8": weight-only int8 linears and experts, about 3x less weight memory '
+                            "for a small accuracy cost (docs/serving.md); medmoe ask, chat, serve --quantize",
                             ("none", "int8"))
 
     def __post_init__(self):

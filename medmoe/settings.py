@@ -157,28 +157,28 @@ def _default_text(f) -> str:
     else:
         return "required"
     if dataclasses.is_dataclass(value):
+        if len(dataclasses.fields(value)) > 4:
+            return "its section's defaults"
         value = dataclasses.asdict(value)
-    return json.dumps(value).replace("|", "\\|")
+    return f"`{json.dumps(value)}`".replace("|", "\\|")
 
 
-def rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for each field of `cls`."""
+def rows(cls, prefix: str = "", skip=None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for each field of `cls`, less those of the dataclass `skip` (a base)."""
     hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in dataclasses.fields(skip)} if skip else set()
     out = []
-    for f in dataclasses.fields(cls):
+    for f in [f for f in dataclasses.fields(cls) if f.name not in inherited]:
         choices = f.metadata.get("choices")
         kind = " or ".join(json.dumps(c) for c in choices) if choices else type_name(hints[f.name])
-        out.append((f"`{prefix}{f.name}`", kind.replace("|", "\\|"), f"`{_default_text(f)}`",
+        out.append((f"`{prefix}{f.name}`", kind.replace("|", "\\|"), _default_text(f),
                     f.metadata.get("doc", "").replace("|", "\\|")))
     return out
 
 
-def markdown(sections: list[tuple[str, str, type, str]]) -> str:
-    """Markdown for `sections`: (heading, text, dataclass, key prefix) each."""
-    lines = []
-    for heading, text, cls, prefix in sections:
-        lines += [f"## {heading}", "", text, "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| {' | '.join(row)} |" for row in rows(cls, prefix)]
-        lines.append("")
+def markdown_table(cls, prefix: str = "", skip=None) -> str:
+    """The markdown table of `cls`'s settings (see `rows`)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows(cls, prefix, skip)]
     return "\n".join(lines)
 

@@ -454,7 +454,7 @@ def test_pooled_routing_needs_the_shared_router_and_the_meta_expert():
     from medmoe.config import MoEConfig
     from medmoe.errors import ConfigError
 
-    for bad in ({"router": "per_layer"}, {"meta_expert": False}):
+    for bad in ({"router_sharing": "per_layer"}, {"meta_expert": False}):
         with pytest.raises(ConfigError, match="pooled"):
             MoEConfig(enabled=True, routing="pooled", **bad)
 
