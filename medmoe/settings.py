@@ -6,7 +6,7 @@ A setting is a dataclass field with a one-line doc and, where the values are a f
 choices. `build` makes a dataclass from a dict (a recipe section, a config.json part): each value
 is checked against the field's type, unknown keys and wrong values raise `ConfigError` naming the
 key and what it accepts, and old key names are mapped to new ones by the class's `upgrade`.
-`markdown` writes the table of docs/settings.md from the same fields.
+`markdown_table` writes the tables of docs/settings.md from the same fields.
 """
 
 from __future__ import annotations

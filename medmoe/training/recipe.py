@@ -3,7 +3,8 @@
 A recipe file (`medmoe/recipes/<name>.json` or any path) holds the top-level fields of `Recipe`
 and one section per phase. Overrides use dotted keys (`phase2.lr=1e-4`, `phase3.moe.expert_type=lora`)
 and are type-checked against the dataclasses below: a wrong key or value raises `ConfigError`
-naming the key and the valid ones.
+naming the key and the valid ones. docs/settings.md lists every key (scripts/settings_table.py
+writes it from these classes); older key names are mapped by each class's `upgrade`.
 """
 
 from __future__ import annotations
