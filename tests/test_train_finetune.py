@@ -20,7 +20,7 @@ QUICK = ["--data", "sample", "--batch-size", "2", "max_steps=2", "save_every=1"]
 def saved(tmp_path, moe: bool):
     model, processor = build_model("tiny")
     if moe:
-        model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+        model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     folder = tmp_path / "start"
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))

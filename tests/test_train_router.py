@@ -68,7 +68,7 @@ def test_per_layer_router_weights_go_to_each_block(tiny, tmp_path):
     from safetensors.torch import save_file
 
     model, _ = tiny
-    model.upcycle({"router": "per_layer"})
+    model.upcycle({"router_sharing": "per_layer"})
     d = model.config.hidden_size
     tensors = {"weight": torch.zeros(4, d), "bias": torch.zeros(4)}
     for block in model.moe_blocks:
