@@ -2,12 +2,12 @@
 
 from .config import IMAGE_TOKEN, MODALITIES, MedMoEConfig, MoEConfig, VisionConfig
 from .errors import MedMoEError
+from .loading import load_model
 from .model import MedMoEForCausalLM, MedMoEOutput
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["IMAGE_TOKEN", "MODALITIES", "MedMoEConfig", "MoEConfig", "VisionConfig", "MedMoEError",
-           "MedMoEForCausalLM", "MedMoEOutput", "__version__"]
+           "MedMoEForCausalLM", "MedMoEOutput", "load_model", "__version__"]
 
 
 def __getattr__(name):  # `from medmoe import MedMoE` without importing the serving stack up front

@@ -105,9 +105,20 @@ class MoEConfig:
     expert_lora: LoRAConfig = setting(doc='rank and alpha of the LoRA experts (expert_type "lora"); targets stay '
                                       "unset", factory=lambda: LoRAConfig(rank=128, alpha=256.0))
     modalities: tuple[str, ...] = setting(MODALITIES, "router output j is modalities[j]")
+    capacity_factor_at_inference: float | None = setting(
+        None, "DeepSpeed's capacity at inference, for converted MoE-LLaVA checkpoints (docs/convert.md); unset: "
+        "no token is ever dropped. A factor f: per forward, each expert takes at most max(ceil(tokens / "
+        "num_experts x f x top_k), min_capacity_at_inference) (token, choice) slots, first choices before second "
+        "ones, in position order; a dropped slot gets no expert output")
+    min_capacity_at_inference: int = setting(0, "the least capacity per expert when capacity_factor_at_inference is set")
 
     def __post_init__(self):
         self.modalities = tuple(self.modalities)
+        if self.capacity_factor_at_inference is not None and not self.capacity_factor_at_inference > 0:
+            raise ConfigError(f"moe.capacity_factor_at_inference={self.capacity_factor_at_inference}: use a positive "
+                              "number, or null to never drop tokens")
+        if self.capacity_factor_at_inference is not None and self.routing != "token":
+            raise ConfigError("moe.capacity_factor_at_inference needs moe.routing='token' (capacity limits tokens routed one by one)")
         if isinstance(self.expert_lora, dict):
             self.expert_lora = build(LoRAConfig, self.expert_lora, "moe.expert_lora.")
         check_choices(self, self.PREFIX)
@@ -198,15 +209,15 @@ class RuntimeOptions:
     overlap_experts: bool = setting(True, "a Med-MoE layer's experts run beside its attention on a second CUDA "
                                     "stream (fuse_qkv(overlap_experts=...); medmoe bench --no-overlap-experts)")
     decode_rotary: bool = setting(True, "Phi's rotary embedding and cache write in one kernel at decode "
-                                  "(fuse_qkv(decode_attention=...); medmoe bench --no-decode-rotary)")
+                                  "(engine/decode_attention.py; medmoe bench --no-decode-rotary)")
     linear_matvec: bool = setting(True, "one-row products by the matrix-vector kernel, not cuBLAS "
                                   "(moe.kernels.linear_matvec_enabled; medmoe bench --no-linear-matvec)")
     cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "
-                                      "model allows it (fast_decode.decode(cuda_graph=...))")
+                                      "model allows it (engine.static_decode.decode(cuda_graph=...))")
     compile: bool | str = setting(False, "also fuse the decode step with torch.compile; a string is its mode "
-                                  "(fast_decode.decode(compile=...); medmoe bench --compile, --compile-mode)")
+                                  "(engine.static_decode.decode(compile=...); medmoe bench --compile, --compile-mode)")
     check_every: int = setting(16, "decode steps between reads of the device for ended rows "
-                               "(fast_decode.decode(check_every=...))")
+                               "(engine.static_decode.decode(check_every=...))")
     share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "
                                  "(SamplingConfig.share_prefix; medmoe eval --no-share-prefix)")
     quantize: str = setting("none", '"int8": weight-only int8 linears and experts, about 3x less weight memory '

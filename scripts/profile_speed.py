@@ -92,12 +92,12 @@ def decode(setting: str = "fused") -> None:
     """`fused`: the query, key and value projections as one product, and Phi's FFN projections
     with them, as `medmoe bench --what decode` runs the step; `qkv`: the first only; `plain`: as
     transformers has them."""
-    import medmoe.generation.fast_decode as fast
-    from medmoe.model.fused_qkv import fuse_qkv
+    import medmoe.engine.static_decode as fast
+    from medmoe.engine.prepare import prepare
 
     model = phi2_medmoe(DEVICE)
     if setting != "plain":
-        fuse_qkv(model.language_model, parallel=setting == "fused")
+        prepare(model, parallel=setting == "fused")
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
 
@@ -122,13 +122,13 @@ def decode_trace(out_dir: str = ".") -> None:
     it: each stream's kernels (busy time, count) per step, and the Chrome traces (decode_*.json)."""
     import os
 
-    import medmoe.generation.fast_decode as fast
-    from medmoe.model.fused_qkv import fuse_qkv, unfuse_qkv
+    import medmoe.engine.static_decode as fast
+    from medmoe.engine.prepare import prepare, unprepare
 
     model = phi2_medmoe(DEVICE)
     ids, mask, pixels = image_prompt(model, 1, 64, DEVICE)
     for setting in ("overlap", "serial"):
-        fuse_qkv(model.language_model, overlap_experts=setting == "overlap")
+        prepare(model, overlap_experts=setting == "overlap")
         fast.decode(model, ids, mask, pixels, max_new_tokens=16, compile=True)  # compile once
         capture = fast._capture
         graphs = []
@@ -146,7 +146,7 @@ def decode_trace(out_dir: str = ".") -> None:
         prof.export_chrome_trace(path)
         print(f"==== {setting}")
         trace_summary(path, replays=5)
-        unfuse_qkv(model)
+        unprepare(model)
 
 
 def trace_summary(path: str, replays: int = 5) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import require_efficientnet, require_smollm2
@@ -49,24 +50,63 @@ def test_a_local_folder_named_like_a_bundled_model_wins_only_if_it_holds_a_model
     assert resolve_model_path("nano") == "nano"
 
 
-def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu():
+@pytest.fixture(scope="module")
+def nano():
     require_smollm2()
     require_efficientnet()
     from medmoe.serving.api import MedMoE
 
-    records = [json.loads(line) for line in open(SAMPLE / "test.jsonl")]
     torch.manual_seed(0)
     bot = MedMoE.load("nano", device="cpu", max_new_tokens=32)
+    records = [json.loads(line) for line in open(SAMPLE / "test.jsonl")]
+    return bot, records, gpu_answer_margins(bot, records)
+
+
+def gpu_answer_margins(bot, records) -> list[list[float]]:
+    """Per record, per token of its GPU answer (the end token included), teacher-forced on the
+    CPU: how far the GPU's token lies below the CPU model's best logit there (0: the CPU would
+    have chosen it too)."""
+    from medmoe.data.images import load_image
+    from medmoe.data.templates import Turn
+
+    processor = bot.processor
+    encoded = [processor.encode([Turn(processor.prompt(r["question"], True), GPU_ANSWERS[r["id"]])]) for r in records]
+    batch = processor.pad(encoded)
+    batch["pixel_values"] = torch.stack([processor.image_tensor(load_image(str(SAMPLE / r["image"]))) for r in records])
+    with torch.no_grad():
+        logits = bot.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    margins = []
+    for row, labels in enumerate(batch["labels"].tolist()):
+        steps = [t for t in range(1, len(labels)) if labels[t] != -100]
+        margins.append([float(logits[row, t - 1].max() - logits[row, t - 1, labels[t]]) for t in steps])
+    return margins
+
+
+def test_bundled_nano_ranks_the_gpu_answers_first_on_the_cpu(nano):
+    """float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): the
+    CPU model's best token is the GPU's at almost every step, and where it is not the two are
+    near a tie. Measured on the CPU: 5 of the 65 answer tokens are not the CPU's first choice,
+    each within 0.37 logits of it (answers then part, as 4 of these 19 do); a loading or
+    numerics bug puts the GPU's tokens whole logits down."""
+    bot, records, margins = nano
     assert bot.model.is_moe and len(bot.model.moe_blocks) == 15
+    assert all(len(row) >= 2 for row in margins)  # at least one answer token and the end
+    flat = [m for row in margins for m in row]
+    shown = [(r["id"], [round(m, 2) for m in row]) for r, row in zip(records, margins)]
+    assert max(flat) < 1.0, shown
+    assert sum(m > 0 for m in flat) <= 8, shown
+
+
+def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu_except_at_near_ties(nano):
+    """Greedy answers on the CPU equal the GPU's wherever the CPU ranks every GPU token first;
+    an answer may differ only where one of its tokens was a near tie (the test above)."""
+    bot, records, margins = nano
     answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
-    differ = [(r["id"], r["answer_type"], a.text) for r, a in zip(records, answers) if a.text != GPU_ANSWERS[r["id"]]]
-    # float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): answers
-    # near a tie may flip (one closed answer of the sample did for run 5, as 9 of VQA-RAD's 272
-    # did in the full evaluation, docs/RESULTS.md); a few free-text answers may part after their
-    # first tokens. More than that is a loading or numerics bug.
-    assert len([d for d in differ if d[1] == "CLOSED"]) <= 1, differ
-    assert len(differ) <= 5, differ
-    assert all(a.finish_reason == "eos" for r, a in zip(records, answers) if r["answer_type"] == "CLOSED")
+    for r, a, row in zip(records, answers, margins):
+        if max(row) == 0:  # the CPU's first choice all the way
+            assert a.text == GPU_ANSWERS[r["id"]], (r["id"], a.text, row)
+            assert a.finish_reason == "eos"
+    assert sum(a.text == GPU_ANSWERS[r["id"]] for r, a in zip(records, answers)) >= 14
 
 
 def test_demo_compares_with_the_bundled_model(tmp_path):

@@ -26,7 +26,7 @@ from medmoe.errors import CheckpointError
 VOCAB, D, F_DIM, LAYERS, HEADS, E = 96, 32, 64, 4, 4, 4
 IMAGE_ID = VOCAB  # outside the vocabulary: our model fills those positions with image features
 CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=32,
-            patch_size=8, hidden_act="quick_gelu")  # 64-wide heads, as the converter infers for unknown towers
+            patch_size=8, hidden_act="quick_gelu")
 N_IMG = (CLIP["image_size"] // CLIP["patch_size"]) ** 2
 VISION = "model.image_tower.image_tower.vision_model."  # CLIPVisionModel of transformers 4.x, as saved
 FFN = {"phi": ("fc1", "fc2"), "stablelm": ("gate_proj", "up_proj", "down_proj")}
@@ -58,7 +58,7 @@ def official_config(family: str, layout: str, tower: str = "/mnt/data/authors/ch
     return cfg
 
 
-def official_state(family: str, layout: str, vision: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+def official_state(family: str, layout: str, vision: bool = True, seed: int = 0, clip: dict = CLIP) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, s=0.15: torch.randn(*shape, generator=g) * s  # noqa: E731
     sd = {}
@@ -108,20 +108,38 @@ def official_state(family: str, layout: str, vision: bool = True, seed: int = 0)
             ffn(p + "mlp.meta_moe.")
     norm("model.final_layernorm" if family == "phi" else "model.norm")
     sd["lm_head.weight"] = rand(VOCAB, D, s=0.5)  # the LLaVA wrappers build lm_head with bias=False
-    linear("model.mm_projector.image_spatial_proj.0", D, CLIP["hidden_size"])
+    linear("model.mm_projector.image_spatial_proj.0", D, clip["hidden_size"])
     linear("model.mm_projector.image_spatial_proj.2", D, D)
     if vision:
         torch.manual_seed(seed + 1)
-        clip = CLIPVisionModel(CLIPVisionConfig(**CLIP))
-        for k, v in clip.state_dict().items():
+        tower = CLIPVisionModel(CLIPVisionConfig(**clip))
+        for k, v in tower.state_dict().items():
             sd["model.image_tower.image_tower.vision_model." + k.removeprefix("vision_model.")] = v.clone()
     return sd
 
 
-def write_official(folder, family, layout, vision=True, fmt="safetensors", state=None):
+def write_clip_folder(folder, clip_config=None, state=None):
+    """A local CLIP folder, as `CLIPVisionModel.save_pretrained` writes it: config.json, and the
+    weights when `state` (the checkpoint's) is given."""
+    config = CLIPVisionConfig(**(clip_config or CLIP))
+    if state is None:
+        config.save_pretrained(folder)
+    else:
+        clip = CLIPVisionModel(config)
+        clip.load_state_dict({k[len(VISION):]: v for k, v in state.items() if k.startswith(VISION)})
+        clip.save_pretrained(folder)
+    return str(folder)
+
+
+def write_official(folder, family, layout, vision=True, fmt="safetensors", state=None, tower="config", cfg=None):
+    """tower: "config": config.json's mm_image_tower names a local folder holding the CLIP's
+    config.json (its weights are the checkpoint's); "absent": it names a folder that is not here."""
     os.makedirs(folder, exist_ok=True)
+    cfg = official_config(family, layout) if cfg is None else cfg
+    if tower == "config":
+        cfg["mm_image_tower"] = write_clip_folder(os.path.join(f"{folder}-clip", "tiny-clip"))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(official_config(family, layout), f, indent=2)
+        json.dump(cfg, f, indent=2)
     state = official_state(family, layout, vision) if state is None else state
     if fmt == "safetensors":
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
@@ -134,9 +152,10 @@ def write_official(folder, family, layout, vision=True, fmt="safetensors", state
 class OfficialMoE(nn.Module):
     """deepspeed_moe (gate.wg + experts.deepspeed_experts) + meta_moe, combined the GShard way (no capacity limit)."""
 
-    def __init__(self, mlp, top_k, meta, gate_bias):
+    def __init__(self, mlp, top_k, meta, gate_bias, capacity_factor=None, min_capacity=0):
         super().__init__()
         self.top_k = top_k
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity  # None: DeepSpeed drop_tokens=False
         self.deepspeed_moe = nn.Module()
         self.deepspeed_moe.gate = nn.Module()
         self.deepspeed_moe.gate.wg = nn.Linear(D, E, bias=gate_bias)
@@ -150,11 +169,20 @@ class OfficialMoE(nn.Module):
         gates = F.softmax(logits, dim=1)
         idx1 = gates.argmax(dim=1)
         mask1 = F.one_hot(idx1, E).float()
+        if self.top_k == 2:
+            idx2 = logits.masked_fill(mask1.bool(), float("-inf")).argmax(dim=1)
+            mask2 = F.one_hot(idx2, E).float()
+        if self.capacity_factor is not None:  # DeepSpeed's _capacity and its locations in the capacity buffers
+            cap = torch.ceil((x.shape[0] / E) * torch.tensor(self.capacity_factor * self.top_k)).to(torch.int64)
+            cap = max(int(cap), self.min_capacity)
+            locations1 = torch.cumsum(mask1, dim=0) - 1
+            if self.top_k == 2:  # second choices queue behind every first choice
+                locations2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
+                mask2 = mask2 * (locations2 < cap)
+            mask1 = mask1 * (locations1 < cap)
         if self.top_k == 1:  # top1gating: gates * mask1, no renormalisation
             combine = gates * mask1
         else:  # top2gating with the noise-free second choice, normalised by g1 + g2
-            idx2 = logits.masked_fill(mask1.bool(), float("-inf")).argmax(dim=1)
-            mask2 = F.one_hot(idx2, E).float()
             g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
             denom = (g1 + g2).clamp(min=torch.finfo(g1.dtype).eps)
             combine = (g1 / denom)[:, None] * mask1 + (g2 / denom)[:, None] * mask2
@@ -165,7 +193,7 @@ class OfficialMoE(nn.Module):
         return out.reshape(hidden.shape)
 
 
-def reference_lm(family, layout, state):
+def reference_lm(family, layout, state, capacity_factor=None, min_capacity=0):
     """A plain transformers LM with the official weights and official MoE layers, loaded strictly."""
     common = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=F_DIM, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=128,
@@ -179,18 +207,18 @@ def reference_lm(family, layout, state):
         for i in (0, 2):
             layer = lm.model.layers[i]
             medmoe = layout.startswith("medmoe")
-            layer.mlp = OfficialMoE(layer.mlp, 1 if layout == "medmoe" else 2, medmoe, medmoe)
+            layer.mlp = OfficialMoE(layer.mlp, 1 if layout == "medmoe" else 2, medmoe, medmoe, capacity_factor, min_capacity)
     llm_state = {k: v for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.image_tower."))}
     lm.load_state_dict(llm_state, strict=True)
     return lm.eval()
 
 
-def reference_logits(family, layout, state, input_ids, pixel_values):
+def reference_logits(family, layout, state, input_ids, pixel_values, clip_config=CLIP, **capacity):
     """LLaVA's prepare_inputs_labels_for_multimodal, reduced: image features replace the image positions."""
-    lm = reference_lm(family, layout, state)
-    clip = CLIPVisionModel(CLIPVisionConfig(**CLIP)).eval()
+    lm = reference_lm(family, layout, state, **capacity)
+    clip = CLIPVisionModel(CLIPVisionConfig(**clip_config)).eval()
     clip.load_state_dict({k[len(VISION):]: v for k, v in state.items() if k.startswith(VISION)})
-    proj = nn.Sequential(nn.Linear(CLIP["hidden_size"], D), nn.GELU(), nn.Linear(D, D))
+    proj = nn.Sequential(nn.Linear(clip_config["hidden_size"], D), nn.GELU(), nn.Linear(D, D))
     proj.load_state_dict({k[len("model.mm_projector.image_spatial_proj."):]: v for k, v in state.items()
                           if k.startswith("model.mm_projector.")})
     with torch.no_grad():
@@ -219,7 +247,8 @@ def clip_tower(monkeypatch):
         return "real"
     except ImportError:
         pass
-    from medmoe.vision.tower import TinyVisionTower, VisionTower
+    from medmoe.vision.base import VisionTower
+    from medmoe.vision.tower import TinyVisionTower
 
     class StandIn(VisionTower):
         def __init__(self, cfg):
@@ -484,3 +513,201 @@ def test_fp16_checkpoint_with_fp32_gate(tmp_path, clip_tower):
     theirs = reference_logits("phi", "medmoe", {k: v.float() for k, v in half.items()}, ids, pixels)
     ours = our_logits(model, ids, pixels.half()).float()
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+# ----- towers, dtypes, bad tensors, capacity ----------------------------------------------------------
+CLIP_32 = {**CLIP, "num_attention_heads": 2}  # 32-wide heads: hidden // 64 would say 1 head
+CLIP_NARROW = {**CLIP, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}  # hidden // 64 = 0
+
+
+@pytest.mark.parametrize("clip_config", [CLIP_32, CLIP_NARROW], ids=["32-wide-heads", "narrow"])
+def test_unknown_tower_read_from_its_local_folder(tmp_path, clip_tower, clip_config):
+    """config.json's mm_image_tower exists here: config and weights come from exactly that folder."""
+    from medmoe.conversion import load_official
+
+    state = official_state("phi", "medmoe", clip=clip_config)
+    cfg = official_config("phi", "medmoe")
+    cfg["mm_image_tower"] = write_clip_folder(tmp_path / "models" / "my-clip", clip_config, state)
+    model, report = load_official(write_official(tmp_path / "ckpt", "phi", "medmoe", state=state, tower="here", cfg=cfg),
+                                  with_report=True)
+    assert model.config.vision["model_config"]["num_attention_heads"] == 2
+    assert any("my-clip" in d for d in report.dropped)  # the checkpoint's copy is replaced, as the official code does
+    ids, pixels = random_inputs()
+    theirs = reference_logits("phi", "medmoe", state, ids, pixels, clip_config=clip_config)
+    assert torch.allclose(our_logits(model, ids, pixels), theirs, atol=1e-4)
+
+
+def test_unknown_tower_not_here_is_refused(tmp_path, clip_tower, capsys):
+    from medmoe.cli import main
+    from medmoe.conversion import load_official
+
+    folder = write_official(tmp_path / "ckpt", "phi", "medmoe", state=official_state("phi", "medmoe", clip=CLIP_32),
+                            tower="absent")
+    with pytest.raises(CheckpointError, match="--vision-tower") as err:
+        load_official(folder)
+    assert "tiny-clip" in str(err.value) and "\n" not in str(err.value)
+    assert main(["convert", "--from", "official-medmoe", folder, str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert "--vision-tower" in printed and len(printed.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_text_only_refusal_wording(tmp_path, clip_tower):
+    from medmoe.conversion import load_official
+
+    cfg = official_config("phi", "medmoe")
+    cfg["mm_image_tower"] = None
+    with pytest.raises(CheckpointError, match="names no vision tower") as err:
+        load_official(write_official(tmp_path / "ckpt", "phi", "medmoe", vision=False, tower="none", cfg=cfg))
+    assert "None" not in str(err.value) and "--vision-tower" in str(err.value)
+
+
+def test_vision_tower_keeps_its_precision(tmp_path, clip_tower):
+    """A bf16 checkpoint converted with an fp32 CLIP folder: the tower stays fp32 unless asked."""
+    from safetensors import safe_open
+
+    from medmoe.cli import main
+    from medmoe.conversion import load_official
+
+    state = official_state("phi", "medmoe")
+    clip = write_clip_folder(tmp_path / "clip", CLIP, state)
+    half = {k: (v if ".gate.wg." in k else v.bfloat16()) for k, v in state.items() if not k.startswith(VISION)}
+    folder = write_official(tmp_path / "ckpt", "phi", "medmoe", state=half, tower="absent")
+    model = load_official(folder, vision_tower=clip)
+    assert model.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.vision_tower.parameters()} == {torch.float32}
+    ids, pixels = random_inputs()
+    reference = load_official(folder, vision_tower=clip, dtype="bfloat16", vision_dtype="float32")
+    assert torch.equal(our_logits(model, ids, pixels), our_logits(reference, ids, pixels))
+    assert main(["convert", "--from", "official-medmoe", folder, str(tmp_path / "out"), "--vision-tower", clip]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {k.split(".")[0]: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["vision_tower"] == "F32" and dtypes["language_model"] == "BF16"
+    assert main(["convert", "--from", "official-medmoe", folder, str(tmp_path / "out16"), "--vision-tower", clip,
+                 "--vision-dtype", "bfloat16"]) == 0
+    with safe_open(str(tmp_path / "out16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("vision_tower.")} == {"BF16"}
+
+
+def test_top_k_beyond_two_is_refused(tmp_path, clip_tower):
+    from medmoe.conversion import load_official
+    from medmoe.errors import ConfigError
+
+    cfg = official_config("phi", "moe-llava")
+    cfg["moe"]["top_k_experts"] = 3
+    with pytest.raises(ConfigError, match=r"top_k_experts=3.*1 or 2"):
+        load_official(write_official(tmp_path / "ckpt", "phi", "moe-llava", cfg=cfg))
+
+
+def test_bad_expert_tensors_and_truncated_shards_are_named(tmp_path, clip_tower, capsys):
+    from medmoe.cli import main
+    from medmoe.conversion import load_official
+
+    key = "model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.1."
+    state = official_state("phi", "medmoe")
+    state[key + "fc1.weight"] = state[key + "fc1.weight"].T.contiguous()  # transposed
+    with pytest.raises(CheckpointError, match=r"deepspeed_experts\.1\.fc1\.weight has shape \(32, 64\)"):
+        load_official(write_official(tmp_path / "t", "phi", "medmoe", state=state))
+    state = official_state("stablelm", "medmoe")
+    state[key + "down_proj.weight"] = torch.zeros(D, F_DIM + 1)
+    with pytest.raises(CheckpointError, match=r"deepspeed_experts\.1\.down_proj\.weight has shape"):
+        load_official(write_official(tmp_path / "w", "stablelm", "medmoe", state=state))
+    # a shard cut off in the middle, as an interrupted download leaves it
+    folder = write_official(tmp_path / "cut", "phi", "medmoe")
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        load_official(folder)
+    assert main(["convert", "--from", "official-medmoe", folder, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors" in err and len(err.splitlines()) == 1
+    binary = write_official(tmp_path / "bin", "phi", "medmoe", fmt="bin")
+    path = os.path.join(binary, "pytorch_model.bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*truncated"):
+        load_official(binary)
+
+
+def _capacity_config(factor, min_capacity=0):
+    cfg = official_config("phi", "moe-llava")
+    cfg["moe"].update(eval_capacity_factor=factor, min_capacity=min_capacity)
+    return cfg
+
+
+def test_moe_llava_capacity_warned_and_reproduced(tmp_path, clip_tower, capsys):
+    """eval_capacity_factor 1.0 with 4 experts at top-2: DeepSpeed drops tokens at inference."""
+    from medmoe.cli import main
+    from medmoe.conversion import load_official
+
+    state = official_state("phi", "moe-llava")
+    folder = write_official(tmp_path / "ckpt", "phi", "moe-llava", state=state, cfg=_capacity_config(1.0))
+    with pytest.warns(UserWarning, match="drops tokens at inference"):
+        dropless = load_official(folder)
+    model, report = load_official(folder, drop_tokens_like_official=True, with_report=True)
+    assert not report.warnings and model.config.moe_config.capacity_factor_at_inference == 1.0
+    ids, pixels = random_inputs()
+    official = reference_logits("phi", "moe-llava", state, ids, pixels, capacity_factor=1.0)
+    assert not torch.allclose(official, reference_logits("phi", "moe-llava", state, ids, pixels), atol=1e-3)  # drops
+    assert torch.allclose(our_logits(model, ids, pixels), official, atol=1e-4)
+    assert not torch.allclose(our_logits(dropless, ids, pixels), official, atol=1e-3)
+    ref = reference_lm("phi", "moe-llava", state, capacity_factor=1.0)
+    x = torch.randn(3, 7, D)
+    with torch.no_grad():  # 21 tokens: capacity ceil(21 / 4 * 2) = 11 slots per expert
+        assert torch.allclose(model.language_model.model.layers[2].mlp(x), ref.model.layers[2].mlp(x), atol=1e-5)
+    # the CLI warns on stderr without the option and says what it reproduces with it
+    assert main(["convert", "--from", "moe-llava", folder, str(tmp_path / "a")]) == 0
+    assert "warning: the official gate drops tokens" in capsys.readouterr().err
+    assert main(["convert", "--from", "moe-llava", folder, str(tmp_path / "b"), "--drop-tokens-like-official"]) == 0
+    assert "dropped as in the official gate" in capsys.readouterr().out
+    from medmoe.model.modeling import MedMoEForCausalLM
+
+    assert torch.allclose(our_logits(MedMoEForCausalLM.from_pretrained(str(tmp_path / "b")), ids, pixels), official, atol=1e-4)
+
+
+def test_no_capacity_warning_where_nothing_drops(tmp_path, clip_tower):
+    from medmoe.conversion import load_official
+
+    # top-2 x 2.0 = 4 experts: never drops; Med-MoE's code hard-codes factor 4 and drop_tokens=False
+    _, report = load_official(write_official(tmp_path / "a", "phi", "moe-llava", cfg=_capacity_config(2.0)), with_report=True)
+    cfg = official_config("phi", "medmoe")
+    cfg["moe"]["eval_capacity_factor"] = 0.5
+    _, medmoe = load_official(write_official(tmp_path / "b", "phi", "medmoe", cfg=cfg), with_report=True,
+                              drop_tokens_like_official=True)
+    assert not report.warnings and not medmoe.warnings
+    assert any("never drops tokens" in n for n in medmoe.notes)
+
+
+@pytest.mark.parametrize("min_capacity", [0, 12])
+def test_capacity_top1_with_meta_keeps_meta_only(tmp_path, clip_tower, min_capacity):
+    """The block's capacity on a top-1 + meta layer: tokens past capacity (in position order) get the
+    meta expert alone, as top1gating's cumsum locations give; min_capacity raises the limit."""
+    from medmoe.conversion import load_official
+
+    state = official_state("phi", "medmoe")
+    model = load_official(write_official(tmp_path / "ckpt", "phi", "medmoe", state=state))
+    block = model.language_model.model.layers[0].mlp
+    block.cfg.capacity_factor_at_inference, block.cfg.min_capacity_at_inference = 1.0, min_capacity
+    official = OfficialMoE(nn.Linear(D, F_DIM), 1, True, True, capacity_factor=1.0, min_capacity=min_capacity)
+    official.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(_phi_mlp() for _ in range(E))
+    official.meta_moe = _phi_mlp()
+    prefix = "model.layers.0.mlp."
+    official.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    x = torch.randn(2, 9, D)  # 18 tokens, capacity ceil(18 / 4) = 5 per expert (or 12)
+    with torch.no_grad():
+        ours, theirs = block(x), official(x)
+        dropless = OfficialMoE.forward(_without_capacity(official), x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(ours, dropless, atol=1e-5) == (min_capacity == 12)  # 12 >= the busiest expert's count here
+
+
+def _phi_mlp():
+    from transformers.models.phi.modeling_phi import PhiMLP
+
+    return PhiMLP(PhiConfig(hidden_size=D, intermediate_size=F_DIM, hidden_act="gelu_new"))
+
+
+def _without_capacity(moe):
+    moe = copy.deepcopy(moe)
+    moe.capacity_factor = None
+    return moe

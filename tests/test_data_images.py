@@ -8,6 +8,7 @@ from PIL import Image
 
 from medmoe.data import images
 from medmoe.data.images import load_image, pad_to_square, preprocess
+from medmoe.data.limits import DecodeLimits, ImageTooLargeError
 from medmoe.errors import ImageError
 
 
@@ -51,19 +52,18 @@ def test_truncated_jpeg(tmp_path):
         load_image(path)
 
 
-def test_decompression_bomb_refused_before_decoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
+def test_pixel_budget_refused_from_the_header(tmp_path):
+    limits = DecodeLimits(max_pixels=100 * 100)
     path = save(Image.new("L", (120, 120)), tmp_path / "bomb.png")
-    with pytest.raises(ImageError, match=r"bomb.png: refused as a possible decompression bomb"):
-        load_image(path)
-    assert load_image(save(Image.new("L", (100, 100)), tmp_path / "ok.png")).size == (100, 100)
+    with pytest.raises(ImageTooLargeError, match=r"bomb.png: image is 120x120 pixels, above the limit of 10,000"):
+        load_image(path, limits=limits)
+    assert load_image(save(Image.new("L", (100, 100)), tmp_path / "ok.png"), limits=limits).size == (100, 100)
 
 
-def test_pil_bomb_limit_also_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)  # PIL's own warning becomes our error
+def test_budget_above_pils_guard_is_the_one_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)  # PIL's guard alone would refuse 80x80
     path = save(Image.new("L", (80, 80)), tmp_path / "big.png")
-    with pytest.raises(ImageError, match=r"big.png: refused"):
-        load_image(path)
+    assert load_image(path, limits=DecodeLimits(max_pixels=100 * 100)).size == (80, 80)
 
 
 def test_sixteen_bit_png_uses_full_range(tmp_path):

@@ -1,5 +1,5 @@
 """Phi's one-token attention step with the rotary embedding and the cache write in one op
-(model/decode_attention.py): the same logits, cache and cache length as transformers' attention, on
+(engine/decode_attention.py): the same logits, cache and cache length as transformers' attention, on
 the CPU by the op's PyTorch form, on a CUDA GPU by its Triton kernel."""
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 from transformers import StaticCache
 
 from medmoe.bench import models
-from medmoe.generation.fast_decode import decode
-from medmoe.model import decode_attention
-from medmoe.model.fused_qkv import fuse_qkv, unfuse_qkv
+from medmoe.engine.static_decode import decode
+from medmoe.engine import decode_attention
+from medmoe.engine.prepare import prepare, unprepare
 from medmoe.model.modeling import cache_argument
 from medmoe.moe import kernels
 
@@ -42,7 +42,7 @@ def test_one_token_step_equals_transformers_attention(kv_heads, fused, monkeypat
     prompt, token = torch.randint(0, 250, (2, 5), generator=g), torch.randint(0, 250, (2, 1), generator=g)
     want_logits, want_cache = step_after_prompt(lm, prompt, token)
     if fused:  # the products fused too, as a GPU runs it (the MoE experts' overlap included)
-        fuse_qkv(lm)
+        prepare(lm)
     else:
         assert decode_attention.install(lm) == TINY_PHI["num_hidden_layers"]
     assert decode_attention.count_installed(lm) == TINY_PHI["num_hidden_layers"]
@@ -55,19 +55,21 @@ def test_one_token_step_equals_transformers_attention(kv_heads, fused, monkeypat
         torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)
 
 
-def test_decode_tokens_are_transformers_and_uninstall_restores_the_class():
+def test_decode_tokens_are_transformers_and_uninstall_restores_the_modules():
     model = tiny_phi()
     ids, mask, pixels = models.image_prompt(model, 2, 4, torch.device("cpu"), seed=2)
     keys = set(model.state_dict())
     want = decode(model, ids, mask, pixels, max_new_tokens=6)
-    fuse_qkv(model.language_model)
+    attentions = [layer.self_attn for layer in model.language_model.model.layers]
+    prepare(model)
     assert decode_attention.count_installed(model) == TINY_PHI["num_hidden_layers"]
     assert torch.equal(decode(model, ids, mask, pixels, max_new_tokens=6), want)
-    unfuse_qkv(model)
+    unprepare(model)
     assert decode_attention.count_installed(model) == 0
+    assert [layer.self_attn for layer in model.language_model.model.layers] == attentions  # the same modules back
     assert not any(hasattr(m, "decode_counter") for m in model.modules())
     assert set(model.state_dict()) == keys
-    fuse_qkv(model.language_model, decode_attention=False)
+    prepare(model, decode_attention_kernel=False)
     assert decode_attention.count_installed(model) == 0
 
 
@@ -144,6 +146,6 @@ def test_gpu_decode_tokens_are_transformers():
     model = tiny_phi(device="cuda")
     ids, mask, pixels = models.image_prompt(model, 2, 4, torch.device("cuda"), seed=2)
     want = decode(model, ids, mask, pixels, max_new_tokens=8)
-    fuse_qkv(model.language_model)
+    prepare(model)
     assert decode_attention.count_installed(model) == TINY_PHI["num_hidden_layers"]
     assert torch.equal(decode(model, ids, mask, pixels, max_new_tokens=8), want)

@@ -10,7 +10,7 @@ from transformers.activations import ACT2FN
 from medmoe.config import MoEConfig
 from medmoe.moe import MedMoEBlock, MoEState, Router, StackedExperts, dispatch
 from medmoe.moe.experts import ffn_forward
-from medmoe.moe.official_dispatch import einsum_dispatch
+from medmoe.bench.official_dispatch import einsum_dispatch
 from medmoe.moe.router import route
 
 D, F_SIZE, E = 16, 24, 4

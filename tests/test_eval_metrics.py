@@ -57,6 +57,23 @@ def test_open_multiplicities():
     assert ems("lung lung liver", "lung heart") == pytest.approx(1 / 3)  # 1 distinct gt word / 3 words
 
 
+def test_open_precision_and_recall_are_not_swapped():
+    # pred {left, lung}, gt {left, lower, lung}: tp = 2, fp = 0, fn = 1 -> precision 1, recall 2/3
+    f1, p, r = token_prf("left lung", "left lower lung")
+    assert (p, r) == (1.0, pytest.approx(2 / 3)) and f1 == pytest.approx(0.8)
+    assert open_recall("left lung", "left lower lung") == pytest.approx(2 / 3)
+    # pred {there, are, 2, kidneys}, gt {2}: precision 1/4, recall 1 (the paper's score forgives extra words)
+    assert open_recall("There are two kidneys", "2") == 1.0
+    short = score_item("left lung", "left lower lung", "OPEN")
+    wordy = score_item("There are two kidneys", "2", "OPEN")
+    assert (short["precision"], short["recall"]) == (1.0, pytest.approx(2 / 3))
+    assert (wordy["precision"], wordy["recall"]) == (0.25, 1.0)
+    agg = aggregate([("OPEN", short), ("OPEN", wordy)])["open"]
+    assert agg["precision"] == pytest.approx(100 * (1 + 0.25) / 2)  # 62.5
+    assert agg["recall"] == pytest.approx(100 * (2 / 3 + 1) / 2)     # 83.3
+    assert agg["f1"] == pytest.approx(100 * (0.8 + 0.4) / 2)
+
+
 def test_open_empty_and_no_overlap():
     assert token_prf("", "lung") == (0.0, 0.0, 0.0)
     assert token_prf("lung", "") == (0.0, 0.0, 0.0)

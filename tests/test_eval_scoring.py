@@ -116,3 +116,41 @@ def test_real_slake_english_test(tmp_path):
     expected = 100 * sum(r["answer"].lower() in "yes" for r in closed) / len(closed)
     assert m["total"]["closed"]["accuracy"] == pytest.approx(expected)
     assert 0 < expected < 100
+
+
+def test_official_numeric_ids_match_prepared_ids(tmp_path, capsys):
+    """An official answer file (`question_id` 10) against a prepared split (`vqa-rad-10`)."""
+    prepared = [{"id": f"vqa-rad-{q}", "image": "x.jpg", "question": "Is it normal?", "answer": a,
+                 "answer_type": t, "dataset": "vqa-rad", "split": "test"}
+                for q, a, t in [(10, "yes", "CLOSED"), (11, "no", "CLOSED"), (110, "liver", "OPEN")]]
+    gt = write_jsonl(tmp_path / "test.jsonl", prepared)
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 10, "prompt": "x", "text": "Yes", "answer_id": "a", "model_id": "m"},
+        {"question_id": 11, "text": "yes"}, {"question_id": 110, "text": "the liver"}, {"question_id": 7, "text": "no"}])
+    m, rows = score_files(answers, gt)
+    assert m["counts"]["missing"] == 0 and m["counts"]["extra_ids"] == ["7"]
+    assert m["counts"]["mapped_official_ids"] == 3
+    assert m["total"]["closed"]["accuracy"] == 50.0 and m["total"]["open"]["recall"] == 100.0
+    assert {r["id"]: r["prediction"] for r in rows}["vqa-rad-110"] == "the liver"
+    assert main(["score", "--pred", str(answers), "--gt", str(gt)]) == 0
+    assert "3 numeric question ids" in capsys.readouterr().err
+    # nothing matches at all: exit 2 with one line, not 0.0 scores
+    other = write_jsonl(tmp_path / "other.jsonl", [{"question_id": 5, "text": "yes"}, {"id": "slake-1", "prediction": "no"}])
+    with pytest.raises(DataError, match="none of its 2 prediction ids"):
+        score_files(other, gt)
+    assert main(["score", "--pred", str(other), "--gt", str(gt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none of its 2 prediction ids" in err and len(err.splitlines()) == 1
+
+
+def test_ambiguous_or_our_own_numbers_are_not_guessed(tmp_path):
+    """Two datasets share qid 3; PathVQA's prepared ids carry a line number, not the source's id."""
+    mixed = [{"id": i, "question": "q", "answer": "yes", "answer_type": "CLOSED", "dataset": i.rsplit("-", 1)[0]}
+             for i in ("vqa-rad-3", "slake-3", "slake-4")]
+    mixed.append({"id": "pathvqa-test-5", "question": "q", "answer": "yes", "dataset": "pathvqa"})
+    gt = write_jsonl(tmp_path / "gt.jsonl", mixed)
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": n, "text": "yes"} for n in (3, 4, 5)])
+    m, _ = score_files(answers, gt)
+    assert m["counts"]["mapped_official_ids"] == 1  # 4 -> slake-4 only
+    assert m["counts"]["extra_ids"] == ["3", "5"]
+    assert m["counts"]["missing_ids"] == ["vqa-rad-3", "slake-3", "pathvqa-test-5"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medmoe.generation.fast_decode import decode, generate_fast
+from medmoe.engine.static_decode import decode, generate_fast
 from medmoe.model.pretrained import build_model
 
 
@@ -77,7 +77,7 @@ def test_any_of_several_end_tokens_ends_a_row():
 
 
 def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
-    from medmoe.generation.fast_decode import graph_safe
+    from medmoe.engine.static_decode import graph_safe
 
     lora, _ = build_model("tiny")
     lora.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
@@ -89,7 +89,7 @@ def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
 
 
 def test_compiled_step_is_built_once_per_mode():
-    from medmoe.generation.fast_decode import compiled_step
+    from medmoe.engine.static_decode import compiled_step
 
     default, autotuned = compiled_step(), compiled_step("max-autotune-no-cudagraphs")
     assert default is compiled_step(None) and autotuned is compiled_step("max-autotune-no-cudagraphs")

@@ -1,4 +1,4 @@
-"""Fused query/key/value projections (model/fused_qkv.py): the same outputs as the three
+"""Fused query/key/value projections (engine/fused_projections.py): the same outputs as the three
 projections, for every tiny architecture, in the forward pass, the fast decode and int8; on Phi's
 parallel layers the FFN's projections (the MLP's, or a Med-MoE block's meta expert's) join them."""
 
@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from medmoe.errors import ConfigError
-from medmoe.generation.fast_decode import decode
-from medmoe.model.fused_qkv import (DeferredDense, FusedQKV, HandedOver, ParallelOut, _Handoff, count_parallel, fuse_qkv,
+from medmoe.engine.static_decode import decode
+from medmoe.engine.fused_projections import (DeferredDense, FusedQKV, HandedOver, ParallelOut, _Handoff, count_parallel, fuse_qkv,
                                     is_fused, unfuse_qkv)
 from medmoe.model.pretrained import build_model
 
@@ -54,7 +54,7 @@ def test_bias_of_each_part_is_kept_and_unfuse_restores_the_weights():
 def test_a_fused_model_is_not_saved(tmp_path):
     model, _ = build_model("tiny")
     fuse_qkv(model)
-    with pytest.raises(ConfigError, match="unfuse_qkv"):
+    with pytest.raises(ConfigError, match="unprepare"):
         model.save_pretrained(str(tmp_path / "m"))
 
 
@@ -83,7 +83,7 @@ def test_int8_quantisation_reaches_the_fused_product():
 
 
 def test_load_for_inference_fuses_on_request_and_by_default_on_a_gpu_only(tmp_path):
-    from medmoe.model.pretrained import load_for_inference
+    from medmoe.loading import load_for_inference
 
     model, processor = build_model("tiny")
     model.save_pretrained(str(tmp_path / "m"))

@@ -50,11 +50,23 @@ def test_generic_ffn_path_is_used_for_unknown_ffn_types(tiny):
 
 def test_images_are_spliced_in_order_and_several_per_prompt_work(tiny):
     model, processor = tiny
-    two = processor(["<image> left and <image> right"], [[image((255, 0, 0)), image((0, 0, 255))]])
-    swapped = processor(["<image> left and <image> right"], [[image((0, 0, 255)), image((255, 0, 0))]])
+    red, blue = image((255, 0, 0)), image((0, 0, 255))
+    two = processor(["<image> left and <image> right"], [[red, blue]])
+    swapped = processor(["<image> left and <image> right"], [[blue, red]])
     assert two["pixel_values"].shape[0] == 2
     n = processor.num_image_tokens
-    assert int((two["input_ids"] == processor.image_token_id).sum()) == 2 * n
+    ids = two["input_ids"]
+    positions = (ids[0] == processor.image_token_id).nonzero().flatten().tolist()
+    assert len(positions) == 2 * n
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, two["pixel_values"])[0]
+        tokens = model.encode_images(two["pixel_values"])  # [2, n, d]
+        text = model.get_input_embeddings()(ids[0])
+    # Image i's j-th token sits at the (i*n + j)-th placeholder; every other position is its text embedding.
+    torch.testing.assert_close(embeds[positions], tokens.reshape(2 * n, -1), rtol=0, atol=0)
+    others = [i for i in range(ids.shape[1]) if i not in positions]
+    torch.testing.assert_close(embeds[others], text[others], rtol=0, atol=0)
+    assert not torch.allclose(tokens[0], tokens[1])  # the two images give different tokens
     a, b = model(**two).logits, model(**swapped).logits
     assert not torch.allclose(a, b)  # order matters: each image lands at its own placeholder
 
@@ -87,15 +99,25 @@ def test_loss_is_on_answer_tokens_only(tiny):
 
     model, processor = tiny
     enc = processor.encode([Turn("<image>\nwhat?", "a lesion")])
-    assert any(label != -100 for label in enc.labels)
+    labelled = [t for t in enc.labels if t != -100]
+    assert processor.decode(labelled).strip().startswith("a lesion")  # the answer, nothing of the prompt
     image_positions = [i for i, t in enumerate(enc.input_ids) if t == processor.image_token_id]
     assert all(enc.labels[i] == -100 for i in image_positions)
     batch = processor.pad([enc])
     batch["pixel_values"] = processor.image_tensor(image())[None]
-    out = model(**batch)
-    assert out.loss is not None and torch.isfinite(out.loss)
-    no_labels = dict(batch, labels=torch.full_like(batch["labels"], -100))
-    assert float(model(**no_labels).loss) == 0.0
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
+        # By hand: the logits at position t-1 predict the label at t, averaged over labelled t.
+        labels = batch["labels"][0].tolist()
+        terms = [-logits[t - 1].log_softmax(-1)[labels[t]] for t in range(1, len(labels)) if labels[t] != -100]
+        expected = torch.stack(terms).mean()
+        unshifted = torch.stack([-logits[t].log_softmax(-1)[labels[t]] for t in range(len(labels))
+                                 if labels[t] != -100]).mean()
+        assert not torch.allclose(expected, unshifted)  # the check below can tell a missing shift
+        torch.testing.assert_close(model(**batch).lm_loss, expected)
+        torch.testing.assert_close(model(**batch, return_logits=False).lm_loss, expected)
+        no_labels = dict(batch, labels=torch.full_like(batch["labels"], -100))
+        assert float(model(**no_labels).loss) == 0.0
 
 
 def test_gradients_reach_llm_projector_router_experts_but_not_the_frozen_tower(tiny):
@@ -107,15 +129,20 @@ def test_gradients_reach_llm_projector_router_experts_but_not_the_frozen_tower(t
     enc = [processor.encode([Turn(f"<image>\nq{i}", f"answer {i}" * 3)]) for i in range(4)]
     batch = processor.pad(enc)
     batch["pixel_values"] = torch.stack([processor.image_tensor(image((60 * i, 90, 30))) for i in range(4)])
-    for block in model.moe_blocks:  # send tokens to every expert so each one gets a gradient
-        with torch.no_grad():
-            pass
-    model(**batch).loss.backward()
+    with torch.no_grad():  # a router with large weights spreads the tokens over every expert
+        torch.nn.init.normal_(model.router.weight, std=2.0)
+    out = model(**batch, output_routing=True)
+    real = batch["attention_mask"].bool()
+    for layer in out.routing:
+        assert set(layer.expert_index[real].flatten().tolist()) == set(range(4)), layer.layer
+    out.loss.backward()
     assert all(p.grad is None for p in model.vision_tower.parameters())
     assert all(p.grad is not None for p in model.projector.parameters())
     assert model.router.weight.grad is not None and model.router.weight.grad.abs().sum() > 0
     assert model.moe_blocks[0].meta.gate_proj.weight.grad is not None
-    assert model.moe_blocks[0].experts.w_in.grad.abs().sum() > 0
+    for block in model.moe_blocks:  # every expert of every MoE layer learns from its tokens
+        assert all(block.experts.w_in.grad[e].abs().sum() > 0 for e in range(4))
+        assert all(block.experts.w_out.grad[e].abs().sum() > 0 for e in range(4))
 
 
 def test_cached_generation_equals_uncached(tiny):
@@ -295,7 +322,8 @@ def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
 
 def test_delta_keeps_a_changed_image_size(tmp_path):
     from medmoe.model.presets import preset
-    from medmoe.model.pretrained import load_model, save_delta
+    from medmoe.loading import load_model
+    from medmoe.model.pretrained import save_delta
 
     config = preset("tiny")
     config.vision = {**config.vision, "image_size": 64}
@@ -318,7 +346,8 @@ def test_delta_with_another_efficientnet_takes_its_weights_from_that_package(tmp
     from safetensors import safe_open
 
     from medmoe.model.presets import preset
-    from medmoe.model.pretrained import load_model, save_delta
+    from medmoe.loading import load_model
+    from medmoe.model.pretrained import save_delta
 
     config = preset("tiny")
     config.vision = {**config.vision, "kind": "efficientnet_lite1", "image_size": 64}
@@ -375,7 +404,8 @@ def test_answers_end_at_every_special_token_but_the_image():
 def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
     from medmoe.adapters import LoRALinear
     from medmoe.model import MedMoEForCausalLM
-    from medmoe.model.pretrained import load_for_inference, save_delta
+    from medmoe.loading import load_for_inference
+    from medmoe.model.pretrained import save_delta
 
     model, processor = build_model(name)
     model.add_llm_lora(rank=4, alpha=8)

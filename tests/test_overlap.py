@@ -1,4 +1,4 @@
-"""A Med-MoE layer's routed experts started beside its attention (moe/overlap.py, through the fused
+"""A Med-MoE layer's routed experts started beside its attention (engine/overlap.py, through the fused
 input product of Phi's parallel layers): the same outputs as the block's own forward, only where
 that forward would do nothing else; on a GPU on a second stream, in a CUDA graph too."""
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from medmoe.bench import models
-from medmoe.generation.fast_decode import decode
-from medmoe.model.fused_qkv import count_overlapped, fuse_qkv, unfuse_qkv
-from medmoe.moe import MedMoEBlock, overlap
+from medmoe.engine.static_decode import decode
+from medmoe.engine import overlap
+from medmoe.engine.fused_projections import fuse_qkv, unfuse_qkv
+from medmoe.engine.overlap import OverlappedMoE, count_overlapped
+from medmoe.moe import MedMoEBlock
 
 TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=256)
@@ -34,6 +36,10 @@ def logits_and_tokens(model, device="cpu"):
     return logits, decode(model, ids, mask, pixels, max_new_tokens=6)
 
 
+def overlapped(model) -> list[OverlappedMoE]:
+    return [m for m in model.modules() if isinstance(m, OverlappedMoE)]
+
+
 def count_starts(monkeypatch) -> list:
     calls = []
     routed = MedMoEBlock.routed_experts
@@ -57,7 +63,7 @@ def test_experts_started_early_give_the_blocks_outputs(monkeypatch):
     assert calls == [b.layer_idx for b in model.moe_blocks] * 5
     x = torch.randn(overlap.MAX_TOKENS + 1, TINY_PHI["hidden_size"])
     with torch.no_grad():  # a long prompt's experts run after the attention, as before
-        assert not model.moe_blocks[0].can_start_early(x) and model.moe_blocks[0].can_start_early(x[:-1])
+        assert not overlapped(model)[0].can_start(x) and overlapped(model)[0].can_start(x[:-1])
     assert not overlap._DONE  # every start was finished
 
 
@@ -69,49 +75,53 @@ def test_experts_start_early_only_where_the_forward_does_nothing_else(monkeypatc
     with torch.no_grad():  # routing records come from the block's own forward
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_routing=True)
     assert calls == [] and len(out.routing) == len(model.moe_blocks)
-    block = model.moe_blocks[0]
+    block, moe = model.moe_blocks[0], overlapped(model)[0]
+    assert moe.block is block
     x = torch.randn(3, TINY_PHI["hidden_size"])
     with torch.no_grad():
-        assert not block.can_start_early(x)  # still recording
+        assert not moe.can_start(x) and not block.is_meta_plus_routed()  # still recording
         model.moe_state.start(None, record_routing=False, new_sequence=True)
-        assert block.can_start_early(x)
+        assert moe.can_start(x)
         block.cfg.routing = "sample"  # per-sample routing pools over the prompt
-        assert not block.can_start_early(x)
+        assert not moe.can_start(x)
         block.cfg.routing = "token"
-    assert not block.can_start_early(x)  # gradients wanted
+        block.train()
+        assert not moe.can_start(x)  # training: the block's own forward, with its losses
+        block.eval()
+    assert not moe.can_start(x)  # gradients wanted
     unfuse_qkv(model)
-    with torch.no_grad():
-        assert block.overlap_key is None and not block.can_start_early(x)
+    assert count_overlapped(model) == 0
+    assert sum(isinstance(m, MedMoEBlock) for m in model.language_model.modules()) == len(model.moe_blocks)
 
 
 def test_a_start_on_other_tokens_is_an_error():
     model = medmoe_phi()
     fuse_qkv(model.language_model)
-    block = model.moe_blocks[0]
+    moe = overlapped(model)[0]
     with torch.no_grad():
         d = TINY_PHI["hidden_size"]
-        assert block.start_routed(torch.randn(1, 2, d), torch.randn(5, d)).shape == (1, 2, 5)
+        assert moe.start(torch.randn(1, 2, d), torch.randn(5, d)).shape == (1, 2, 5)
         with pytest.raises(RuntimeError, match="fuse_qkv=False"):
-            block(torch.randn(1, 3, d))
+            moe(torch.randn(1, 3, d))
 
 
 def test_an_interrupted_start_is_not_taken_by_a_later_forward():
-    model = medmoe_phi()  # not fused: the block alone, registered by hand
+    model = medmoe_phi()  # not fused: the block alone, wrapped by hand
     block = model.moe_blocks[0]
-    block.overlap_key = overlap.register(block)
+    moe = OverlappedMoE(block)
     d = TINY_PHI["hidden_size"]
     x, weight = torch.randn(1, d), torch.randn(5, d)
     want = block(x)  # gradients on: the block's own forward
     with torch.no_grad():
-        assert block.start_routed(torch.randn(1, d), weight) is not None  # and no forward: interrupted
-    assert block.start_routed(x, weight) is None  # gradients on: nothing started, nothing kept
-    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+        assert moe.start(torch.randn(1, d), weight) is not None  # and no forward: interrupted
+    assert moe.start(x, weight) is None  # gradients on: nothing started, nothing kept
+    torch.testing.assert_close(moe(x), want, rtol=0, atol=0)
 
 
 def test_overlap_ops_agree_with_their_fake_shapes():
     model = medmoe_phi()
     fuse_qkv(model.language_model)
-    key = model.moe_blocks[0].overlap_key
+    key = overlapped(model)[0].key
     x = torch.randn(2, TINY_PHI["hidden_size"])
     with torch.no_grad():
         weight = torch.randn(5, TINY_PHI["hidden_size"])

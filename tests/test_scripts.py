@@ -59,18 +59,18 @@ def test_gpu_run_detached_then_gpu_wait_brings_back_its_output(tmp_path):
     (stage / "data").mkdir(parents=True)
     (stage / "ready").touch()  # the payload is in place
     env = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe"}
-    run = subprocess.run(["bash", "scripts/gpu_run.sh", "eval-dense"], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run(["bash", "scripts/lab/gpu_run.sh", "eval-dense"], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "DETACH": "1", "OUT": str(tmp_path / "call1")}, timeout=60)
     assert run.returncode == 0 and "started stages eval-dense in the background" in run.stdout
     assert (stage / "repo" / "scripts" / "nano.sh").is_file() and not (stage / "repo" / ".venv").exists()
     (tmp_path / "call2").mkdir()
-    wait = subprocess.run(["bash", "scripts/gpu_wait.sh", "60"], cwd=ROOT, capture_output=True, text=True,
+    wait = subprocess.run(["bash", "scripts/lab/gpu_wait.sh", "60"], cwd=ROOT, capture_output=True, text=True,
                           env={**env, "OUT": str(tmp_path / "call2")}, timeout=90)
     assert wait.returncode == 0, wait.stdout + wait.stderr
     log = (tmp_path / "call2" / "log.txt").read_text()
     assert "medmoe eval --model runs/nano/phase2/model" in log and "stages eval-dense rc=0" in log
     (stage / "run.pid").unlink()
-    nothing = subprocess.run(["bash", "scripts/gpu_wait.sh", "1"], cwd=ROOT, capture_output=True, text=True,
+    nothing = subprocess.run(["bash", "scripts/lab/gpu_wait.sh", "1"], cwd=ROOT, capture_output=True, text=True,
                              env={**env, "OUT": str(tmp_path / "call2")}, timeout=30)
     assert nothing.returncode == 3 and "DETACH=1" in nothing.stdout
 

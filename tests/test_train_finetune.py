@@ -11,7 +11,8 @@ from train_helpers import one_thread
 
 from medmoe.cli import main
 from medmoe.errors import ConfigError
-from medmoe.model.pretrained import build_model, load_model
+from medmoe.loading import load_model
+from medmoe.model.pretrained import build_model
 from medmoe.training.recipe import phase_recipe
 
 QUICK = ["--data", "sample", "--batch-size", "2", "max_steps=2", "save_every=1"]

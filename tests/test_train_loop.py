@@ -1,5 +1,6 @@
 """The training loop: overfits 8 samples; a run killed with SIGKILL and resumed ends bit-identical
-to an uninterrupted one; schedule, accumulation and logs."""
+to an uninterrupted one (dropout included, so the random state must be restored too); schedule,
+accumulation and logs."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ RESUME_SCRIPT = textwrap.dedent("""
 
     run_dir, mode = sys.argv[1], sys.argv[2]
     model, processor = build_model("tiny", seed=0)
+    # Dropout on the projector's output draws from the torch generator at every step: a resume
+    # that does not restore the random state ends on different weights.
+    model.projector.register_forward_hook(lambda mod, args, out: torch.nn.functional.dropout(out, 0.3, mod.training))
     groups = params.select(model, params.phase2_groups(model))
     phase = PhaseRecipe(lr=3e-3, max_steps=8, batch_size=2, grad_accum=2, save_every=2, keep_last=2, log_every=1,
                         warmup_ratio=0.25)

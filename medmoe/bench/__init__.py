@@ -6,4 +6,8 @@
   prompt, beside the memory floor.
 - `train`: phase-3 training tokens/s and MFU at Phi-2 size, gradient checkpointing on.
 - `cpu`: latency of one short answer from the nano model on a few CPU cores.
+- `serve`: concurrent streaming OpenAI clients against `medmoe serve` on loopback (serve_load.py,
+  servers.py): aggregate tokens/s, time to first token, inter-token latency, errors.
+- `soak`: many clients for a fixed time, some leaving mid-stream or sending bad inputs, with the
+  server's memory sampled (soak.py).
 """

@@ -2,9 +2,9 @@
 
 The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` runs) when its base
 weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
-vision tower if EfficientNet-Lite0 is missing. Decoded by the static-cache decoder
-(generation/fast_decode.py; `ask`, `serve` and `eval` use the cached loop of generation/generate.py,
-which stops at the end of the answer). Measured: time to the first token (prefill, image
+vision tower if EfficientNet-Lite0 is missing. Decoded by the inference engine that `ask`,
+`serve` and `eval` run (medmoe.engine), with the end-of-sequence token ignored so that every run
+produces the same number of tokens. Measured: time to the first token (prefill, image
 included) and the whole answer (a fixed number of new tokens, so every run does the same work);
 for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`), and for
 the bundled model also with its LLM LoRA adapters kept apart instead of merged (`adapters_unmerged`).
@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
-from ..generation.fast_decode import generate_fast
+from ..engine import Engine, Request, encode_question
+from ..generation.generate import SamplingConfig
 
 BUNDLED = "(bundled)"
 
@@ -28,7 +29,8 @@ BUNDLED = "(bundled)"
 def nano_model():
     """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in."""
     from ..model.presets import preset
-    from ..model.pretrained import build_model, load_for_inference
+    from ..loading import load_for_inference
+    from ..model.pretrained import build_model
 
     try:
         model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32)
@@ -53,11 +55,14 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
     model.eval()
     img = Image.open(image).convert("RGB") if image else Image.new("RGB", (256, 256), (90, 90, 90))
     question = ["What imaging modality is shown?"]
+    engine = Engine(model, processor, max_slots=1)
 
     def answer(max_new):
         t0 = time.perf_counter()
-        text = generate_fast(model, processor, question, [img], max_new_tokens=max_new, cuda_graph=False)
-        return (time.perf_counter() - t0) * 1e3, text[0]
+        request = Request(encode_question(processor, question[0], img), SamplingConfig(max_new_tokens=max_new,
+                                                                                        ignore_eos=True))
+        text = engine.generate([request])[0].text
+        return (time.perf_counter() - t0) * 1e3, text
 
     def timed() -> tuple[float, float, str]:
         answer(2)  # warm-up
@@ -82,10 +87,11 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
         result["lora_loop"] = {"first_token_ms": first, "answer_ms": total}
         log(f"cpu, LoRA experts by the per-expert loop: first token {first:.0f} ms, answer {total:.0f} ms")
     if BUNDLED in description:  # the reference: the LLM's LoRA adapters beside its weights, as trained
-        from ..model.pretrained import load_for_inference
+        from ..loading import load_for_inference
 
         model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32, merge_adapters=False)
         model.eval()
+        engine = Engine(model, processor, max_slots=1)
         first, total, _ = timed()
         result["adapters_unmerged"] = {"first_token_ms": first, "answer_ms": total}
         log(f"cpu, LLM LoRA adapters not merged: first token {first:.0f} ms, answer {total:.0f} ms")

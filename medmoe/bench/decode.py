@@ -1,12 +1,14 @@
 """Decode speed of a Phi-2-size Med-MoE (random weights) with a 576-token image prompt.
 
-For each batch size: the static-cache + CUDA-graph path (`generation.fast_decode.decode`, with the
-attention's query, key and value projections fused as `load_for_inference` does on a GPU unless
+For each batch size: the inference engine every user path runs (`medmoe.engine.Engine`: per-slot
+KV cache, one batched decode step per iteration, CUDA graphs on a GPU), with the
+attention's query, key and value projections fused as `engine.prepare` does on a GPU unless
 `fuse_qkv=False`, and Phi's parallel layers' FFN projections with them unless
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
 `linear_matvec=False`, a Med-MoE layer's experts beside its attention on a second stream unless
-`overlap_experts=False`, Phi's rotary embedding and cache write in one kernel unless
-`decode_rotary=False`), the same step without the graph and without the fusion, and a plain
+`overlap_experts=False`; Phi's one-kernel rotary embedding and cache write is installed unless
+`decode_rotary=False` but the engine's per-row cache does not take it), the engine without graphs
+and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
 LM head, the KV cache of the mean context) over the measured copy bandwidth.
@@ -19,10 +21,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..generation.fast_decode import decode
-from ..model.decode_attention import count_installed
-from ..model.fused_qkv import count_overlapped, count_parallel, unfuse_qkv
-from ..model.fused_qkv import fuse_qkv as fuse
+from ..engine.decode_attention import count_installed
+from ..engine.fused_projections import count_parallel
+from ..engine.overlap import count_overlapped
+from ..engine.prepare import prepare, unprepare
+from ..engine.request import Prompt, Request
+from ..engine.scheduler import Engine
+from ..generation.generate import SamplingConfig
 from ..moe import kernels
 from .models import image_prompt, param_bytes, phi2_medmoe
 from .timing import copy_bandwidth_gbs, sync
@@ -41,6 +46,37 @@ def step_bytes(model, batch: int, context: int) -> dict:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * batch * context * kv_heads * head_dim * model.dtype.itemsize
     return {"weights": int(weights), "kv_cache": int(kv)}
+
+
+def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: bool | str = False,
+                  cuda_graphs: bool | None = None, engine: Engine | None = None) -> torch.Tensor:
+    """New tokens [B, new_tokens] of one request per row of `ids`, all admitted at once, through the
+    engine (answers of a fixed length: EOS ignored). `stats` receives prefill_ms (the first
+    iteration: prefill and first decode step), step_ms (the mean of the later iterations, each one
+    decode step of every row with its sampling and hand-out), steps and cuda_graph."""
+    batch = ids.shape[0]
+    engine = engine or Engine(model, None, max_slots=batch, max_len=ids.shape[1] + new_tokens,
+                              max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile)
+    per_image = pixels.shape[0] // batch if pixels is not None else 0
+    cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    handles = [engine.submit(Request(Prompt(ids[row].tolist(),
+                                            pixels[row * per_image:(row + 1) * per_image] if per_image else None), cfg))
+               for row in range(batch)]
+    device = ids.device
+    sync(device)
+    t0 = time.perf_counter()
+    engine.step()
+    sync(device)
+    t1 = time.perf_counter()
+    steps = 0
+    while not all(h.done for h in handles):
+        engine.step()
+        steps += 1
+    sync(device)
+    t2 = time.perf_counter()
+    stats.update(prefill_ms=(t1 - t0) * 1e3, steps=steps, step_ms=(t2 - t1) * 1e3 / max(steps, 1),
+                 cuda_graph=bool(engine.step_fn.graphs))
+    return torch.tensor([h.result().token_ids for h in handles])
 
 
 @torch.no_grad()
@@ -83,20 +119,22 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
         if fuse_qkv:
-            fuse(model.language_model, parallel=fuse_parallel, overlap_experts=overlap_experts,
-                 decode_attention=decode_rotary)
+            prepare(model, parallel=fuse_parallel, overlap_experts=overlap_experts, decode_attention_kernel=decode_rotary)
         row["fused_parallel_layers"] = count_parallel(model)
         row["overlapped_moe_layers"] = count_overlapped(model)
         row["decode_rotary_layers"] = count_installed(model)
-        short = decode(model, ids, mask, pixels, max_new_tokens=16, compile=compile, stats=warm)  # warm-up
+        engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
+                        compile=compile)
+        short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs
         graph, eager = {}, {}
-        tokens = decode(model, ids, mask, pixels, max_new_tokens=new_tokens, compile=compile, stats=graph)
-        unfuse_qkv(model)  # the baselines run the model as transformers does
+        tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)
+        del engine
+        unprepare(model)  # the baselines run the model as transformers does
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
         row["warmup"] = warm
         row["graph"] = graph
         if baselines:
-            eager_tokens = decode(model, ids, mask, pixels, max_new_tokens=16, stats=eager, cuda_graph=False)
+            eager_tokens = engine_decode(model, ids, pixels, 16, eager, cuda_graphs=False)
             row["graph_equals_eager"] = bool(torch.equal(short, eager_tokens))
             row["plain_ms_per_step"] = plain_step_ms(model, ids, mask, pixels, plain_steps)
         else:
@@ -110,8 +148,8 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
                    plain_tokens_per_s=batch / row["plain_ms_per_step"] * 1e3,
                    first_tokens=tokens[0, :8].tolist())
         row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
-        log(f"decode batch {batch}: {row['tokens_per_s']:.0f} tok/s (graph, {graph['step_ms']:.2f} ms/step), "
-            f"eager static {row['eager_static_tokens_per_s']:.0f}, plain {row['plain_tokens_per_s']:.0f}, "
+        log(f"decode batch {batch}: {row['tokens_per_s']:.0f} tok/s (engine, {graph['step_ms']:.2f} ms/step, "
+            f"CUDA graph {graph['cuda_graph']}), engine eager {row['eager_static_tokens_per_s']:.0f}, plain {row['plain_tokens_per_s']:.0f}, "
             f"floor {row['floor_tokens_per_s']:.0f} tok/s -> {100 * row['fraction_of_floor']:.0f}% of floor")
         rows.append(row)
     return {"copy_bandwidth_gbs": bandwidth, "params": sum(p.numel() for p in model.parameters()), "rows": rows}

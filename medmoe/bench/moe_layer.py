@@ -22,7 +22,7 @@ from ..config import MoEConfig
 from ..moe import MedMoEBlock, MoEState, Router, StackedExperts
 from ..moe.dispatch import add_group_bias, sort_by_expert
 from ..moe.experts import ffn_forward
-from ..moe.official_dispatch import einsum_dispatch
+from .official_dispatch import einsum_dispatch
 from ..moe.router import route
 from .timing import median_ms
 

@@ -24,7 +24,12 @@ def register(subparsers) -> None:
                    help="local CLIP folder (config.json + weights) to use when the checkpoint has no vision-tower "
                         "weights, or to replace them")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype of the written weights; auto keeps the checkpoint's")
+                   help="dtype of the written LLM and projector weights; auto keeps the checkpoint's")
+    p.add_argument("--vision-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the written vision tower; auto keeps the precision its weights come in")
+    p.add_argument("--drop-tokens-like-official", action="store_true",
+                   help="MoE-LLaVA: drop the tokens DeepSpeed's gate drops at inference (eval_capacity_factor, "
+                        "min_capacity), to reproduce the official outputs; by default no token is dropped")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
@@ -41,7 +46,10 @@ def run(args) -> int:
         print(f"wrote {path}")
         return 0
 
-    from ..conversion.official import attach_tokenizer, build_model, convert_checkpoint, read_config, report_lines
+    import sys
+
+    from ..conversion.official import (as_dtype, attach_tokenizer, build_model, convert_checkpoint, read_config,
+                                       report_lines)
     from ..conversion.files import load_folder
 
     if not os.path.isdir(args.src):
@@ -49,9 +57,9 @@ def run(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise CheckpointError(f"{args.out} exists; pass --overwrite to replace it")
     expect = "medmoe" if args.source == "official-medmoe" else "moe-llava"
-    conv = convert_checkpoint(read_config(args.src), load_folder(args.src), vision_tower=args.vision_tower, expect=expect)
-    dtype = None if args.dtype == "auto" else getattr(__import__("torch"), args.dtype)
-    model = build_model(conv, dtype)
+    conv = convert_checkpoint(read_config(args.src), load_folder(args.src), vision_tower=args.vision_tower, expect=expect,
+                              drop_tokens_like_official=args.drop_tokens_like_official)
+    model = build_model(conv, as_dtype(args.dtype), as_dtype(args.vision_dtype))
     processor = attach_tokenizer(model, args.src, conv.report)
     # Write next to OUT, then move into place: an interrupted conversion never leaves a half folder.
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -70,4 +78,6 @@ def run(args) -> int:
     for line in report_lines(conv.report, model):
         print(line)
     print(f"wrote {args.out}" + ("" if processor is not None else " (no tokenizer: see note above)"))
+    for message in conv.report.warnings:
+        print(f"warning: {message}", file=sys.stderr)
     return 0

@@ -143,7 +143,7 @@ def loss_trend(metrics_path: str) -> tuple[float | None, float | None]:
 def bundled_comparison(question: str, image: str, out: str) -> dict:
     """The bundled Med-MoE-Nano on the sample's test questions and the demo's question."""
     from ..generation import generate
-    from ..model.pretrained import DEFAULT_MODEL, load_for_inference
+    from ..loading import DEFAULT_MODEL, load_for_inference
 
     model, processor = load_for_inference(DEFAULT_MODEL, "cpu", "float32")
     return {"eval": evaluate_sample(model, processor, DEFAULT_MODEL, out),

@@ -44,9 +44,19 @@ def run(args) -> int:
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))
     for dataset, methods in (metrics["classification"] or {}).items():
-        print(f"{dataset}: " + ", ".join(f"{m} accuracy {r['accuracy']:.2f}%" for m, r in methods.items()))
+        print(f"{dataset}: " + ", ".join(_classification_line(m, r) for m, r in methods.items()))
     acc = (metrics["routing"] or {}).get("router_accuracy") or {}
     if acc.get("samples"):
         print(f"router modality accuracy: {acc['sample_accuracy']:.2f}% of {acc['samples']} samples")
     print(f"report: {args.out}/report.html")
     return 0
+
+
+def _classification_line(method: str, r: dict) -> str:
+    ci = lambda key: f" [{r[key][0]:.2f}, {r[key][1]:.2f}]" if r.get(key) else ""
+    line = f"{method} accuracy {r['accuracy']:.2f}%{ci('accuracy_ci95')}"
+    if r.get("balanced_accuracy") is not None:
+        line += f", balanced {r['balanced_accuracy']:.2f}%{ci('balanced_accuracy_ci95')}"
+    if r.get("calibration"):
+        line += f", ECE {r['calibration']['ece']:.2f}"
+    return line

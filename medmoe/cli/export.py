@@ -18,7 +18,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..model.pretrained import load_model, save_delta
+    from ..loading import load_model
+    from ..model.pretrained import save_delta
 
     model, processor = load_model(args.model)
     summary = save_delta(model, processor, args.out, base=args.base, dtype=getattr(torch, args.dtype))

@@ -36,6 +36,9 @@ def run(args) -> int:
         write_json(Path(args.report) / "metrics.json", {"vqa": metrics, "files": metrics["files"]})
         write_reports({"vqa": metrics, "files": metrics["files"]}, args.report, rows)
     print(json.dumps(metrics, indent=2) if args.json else score_text(metrics))
+    if metrics["counts"].get("mapped_official_ids"):
+        print(f"note: {metrics['counts']['mapped_official_ids']} numeric question ids (the official answer files') "
+              "were matched to the ground-truth ids ending in them", file=sys.stderr)
     if metrics["counts"]["missing"] or metrics["counts"]["extra"]:
         c = metrics["counts"]
         print(f"warning: {c['missing']} ground-truth ids have no prediction, {c['extra']} predictions match no "

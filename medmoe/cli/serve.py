@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests answered together in one generation")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the engine's KV-cache slots; more wait in the queue)")
     p.add_argument("--queue-size", type=int, default=64, help="waiting requests; more are answered 503")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a 504")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")

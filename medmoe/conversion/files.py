@@ -9,6 +9,7 @@ import os
 import pickle
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
@@ -17,17 +18,23 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def _unreadable(path: str, err: Exception) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{path}: cannot be read ({reason}); the file is truncated or corrupt: copy or download it again")
+
+
 def load_pickle(path: str) -> dict[str, torch.Tensor]:
     """A plain dict of tensors from a torch pickle, with weights_only=True (no code runs)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused. Loading this pickle would need to run code it names ({reason}); medmoe only loads "
-            "pickles that hold plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its "
-            "tensors as safetensors yourself (safetensors.torch.save_file(state_dict, 'model.safetensors')) "
-            "and convert that.") from None
+    except EOFError as err:
+        raise _unreadable(path, err) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" in str(err) or "zip archive" in str(err):  # a cut-off torch.save zip
+            raise _unreadable(path, err) from None
+        raise _refused(path, err) from None
+    except (pickle.UnpicklingError, AttributeError, TypeError) as err:
+        raise _refused(path, err) from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]  # torch.save({'state_dict': ...}) wrappers
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -35,9 +42,21 @@ def load_pickle(path: str) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
+def _refused(path: str, err: Exception) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(
+        f"{path}: refused. Loading this pickle would need to run code it names ({reason}); medmoe only loads "
+        "pickles that hold plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its "
+        "tensors as safetensors yourself (safetensors.torch.save_file(state_dict, 'model.safetensors')) "
+        "and convert that.")
+
+
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as err:  # a cut-off download: header or data shorter than it says
+            raise _unreadable(path, err) from None
     return load_pickle(path)
 
 

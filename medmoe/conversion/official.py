@@ -18,17 +18,18 @@ What the official forward computes, and we reproduce (tests/test_convert.py chec
 - top-1 (Med-MoE): p = softmax(wg(x)) in fp32, y = p_top1 * E_top1(x) + meta(x), not renormalised.
 - top-2 (MoE-LLaVA, DeepSpeed top2gating): y = (p1 E1(x) + p2 E2(x)) / (p1 + p2). DeepSpeed picks the
   second expert with Gumbel noise even at inference; we take the noise-free second choice, so answers
-  are deterministic. Capacity limits are not reproduced: we never drop tokens (Med-MoE sets capacity
-  high enough that it drops none either).
+  are deterministic.
+- capacity: Med-MoE never drops tokens; MoE-LLaVA's DeepSpeed gate can (eval_capacity_factor). We drop
+  none unless asked (drop_tokens_like_official: moe.capacity_factor_at_inference), and warn.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,7 @@ class Report:
     dropped: list[str] = field(default_factory=list)  # official tensors recomputed or unused, by name
     ignored_config: list[str] = field(default_factory=list)  # official config keys with no meaning for us
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the converted model can answer differently from the official
 
     def count(self, category: str, n: int = 1) -> None:
         self.mapped[category] = self.mapped.get(category, 0) + n
@@ -134,10 +136,13 @@ def text_config(cfg: dict, family: str) -> dict:
         key = RENAMED.get(key, key)
         if key in keys and value is not None:
             out[key] = value
+    lacking = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in out]
+    if lacking:
+        raise ConfigError(f"config.json lacks {', '.join(lacking)}: an official checkpoint's config.json holds the LLM's config")
     return out
 
 
-def moe_settings(cfg: dict, state: dict, num_layers: int, report: Report) -> dict:
+def moe_settings(cfg: dict, state: dict, num_layers: int, report: Report, drop_tokens: bool = False) -> dict:
     """The official `moe` dict (plus what the weights show) -> our MoEConfig dict."""
     moe = cfg.get("moe") or {}
     if not moe.get("moe_enable", False):
@@ -157,15 +162,48 @@ def moe_settings(cfg: dict, state: dict, num_layers: int, report: Report) -> dic
     counts = list(counts) if isinstance(counts, (list, tuple)) else [counts] * len(layers)
     if len(set(counts)) != 1:
         raise ConfigError(f"config.json moe.num_experts={counts}: medmoe needs the same number of experts in every layer")
-    top_k = int(moe.get("top_k_experts", 1))
+    top_k = moe.get("top_k_experts", 1)
+    if isinstance(top_k, bool) or top_k not in (1, 2):  # DeepSpeed's TopKGate: "Only top-1 and top-2 gatings"
+        raise ConfigError(f"config.json moe.top_k_experts={top_k!r}: the official gate (DeepSpeed TopKGate) "
+                          "supports only 1 or 2; this checkpoint cannot come from it")
+    top_k = int(top_k)
     meta = any(".mlp.meta_moe." in k for k in state)
     known = {"moe_enable", "moe_mode", "moe_layers_idx", "num_experts", "top_k_experts", "use_residual",
-             "router_aux_loss_coef"}
-    report.ignored_config += [f"moe.{k}" for k in moe if k not in known]  # capacity, ep_size, train_modules: we never drop tokens
-    return {"enabled": True, "layers": layers, "num_experts": int(counts[0]), "top_k": top_k, "meta_expert": meta,
-            # DeepSpeed's top2gating divides by p1 + p2; top-1 (Med-MoE) keeps the raw softmax probability
-            "renormalize": top_k == 2, "router_sharing": "shared",
-            "aux_loss_coef": float(moe.get("router_aux_loss_coef", 0.0) or 0.0)}
+             "router_aux_loss_coef", "eval_capacity_factor", "min_capacity"}
+    report.ignored_config += [f"moe.{k}" for k in moe if k not in known]  # capacity_factor, ep_size, train_modules
+    out = {"enabled": True, "layers": layers, "num_experts": int(counts[0]), "top_k": top_k, "meta_expert": meta,
+           # DeepSpeed's top2gating divides by p1 + p2; top-1 (Med-MoE) keeps the raw softmax probability
+           "renormalize": top_k == 2, "router_sharing": "shared",
+           "aux_loss_coef": float(moe.get("router_aux_loss_coef", 0.0) or 0.0)}
+    return {**out, **inference_capacity(moe, top_k, int(counts[0]), meta, drop_tokens, report)}
+
+
+def inference_capacity(moe: dict, top_k: int, num_experts: int, meta: bool, drop_tokens: bool, report: Report) -> dict:
+    """DeepSpeed's capacity at inference, as the official code sets it up.
+
+    Med-MoE's model class hard-codes capacity factor 4 and drop_tokens=False whatever config.json
+    says: it never drops a token. MoE-LLaVA's passes config.json's eval_capacity_factor and
+    min_capacity to DeepSpeed, which drops tokens once an expert gets more than
+    ceil(k * tokens / experts * factor) of a forward's tokens: possible whenever k * factor < experts.
+    """
+    if meta:
+        if drop_tokens:
+            report.notes.append("Med-MoE's code never drops tokens (capacity factor 4 and drop_tokens=False, whatever "
+                                "config.json says): --drop-tokens-like-official changes nothing")
+        return {}
+    factor = float(moe.get("eval_capacity_factor", 1.0))  # MoELLaVAConfig's defaults
+    min_capacity = int(moe.get("min_capacity", 4))
+    if drop_tokens:
+        report.notes.append(f"tokens over capacity are dropped as in the official gate: eval_capacity_factor {factor}, "
+                            f"min_capacity {min_capacity} (moe.capacity_factor_at_inference)")
+        return {"capacity_factor_at_inference": factor, "min_capacity_at_inference": min_capacity}
+    if top_k * factor < num_experts:
+        report.warnings.append(
+            f"the official gate drops tokens at inference here (moe.eval_capacity_factor {factor} x top-{top_k} < "
+            f"{num_experts} experts: an expert takes at most ceil({top_k} x tokens / {num_experts} x {factor}) of a "
+            "forward's tokens); this conversion drops none, so answers can differ from the official ones. "
+            "--drop-tokens-like-official reproduces the dropping")
+    return {}
 
 
 def chat_template(cfg: dict, report: Report) -> str:
@@ -200,31 +238,31 @@ def split_vision(state: dict) -> dict:
     return out
 
 
-def infer_clip_config(vision: dict) -> dict:
-    """A CLIP vision config from weight shapes (head width 64, as every OpenAI CLIP ViT)."""
-    patch = vision["embeddings.patch_embedding.weight"]
-    hidden, size = patch.shape[0], patch.shape[-1]
-    positions = vision["embeddings.position_embedding.weight"].shape[0]
-    layers = 1 + max(int(m.group(1)) for k in vision if (m := re.search(r"encoder\.layers\.(\d+)\.", k)))
-    ffn = vision["encoder.layers.0.mlp.fc1.weight"].shape[0]
-    return dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                num_attention_heads=hidden // 64, image_size=int(math.isqrt(positions - 1)) * size, patch_size=size,
-                hidden_act="quick_gelu")
+TOWER_KEYS = ("mm_image_tower", "image_tower", "mm_vision_tower")  # MoE-LLaVA's name first, then LLaVA's
 
 
-def local_tower(path: str) -> tuple[dict, dict, dict]:
-    """(vision model_config, CLIP vision weights, preprocessing) from a local CLIP folder."""
+def tower_path_in(cfg: dict) -> str | None:
+    """The CLIP path config.json names (an absolute path on the authors' machine, usually)."""
+    return next((str(cfg[k]) for k in TOWER_KEYS if cfg.get(k)), None)
+
+
+def local_tower(path: str, source: str = "--vision-tower") -> tuple[dict, dict, dict]:
+    """(vision model_config, CLIP vision weights, preprocessing) from a local CLIP folder.
+    The weights are empty when the folder holds a config only."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"--vision-tower {path}: not a folder (expected a local CLIP folder with config.json and weights)")
+        raise CheckpointError(f"{source} {path}: not a folder (expected a local CLIP folder with config.json and weights)")
     cfg = read_config(path)
     if "vision_config" in cfg:
         cfg = {**cfg["vision_config"], "model_type": f"{cfg.get('model_type', 'clip')}_vision_model"}
     weights = {}
-    for key, value in load_folder(path).items():
+    # The folder config.json names may hold the config alone: then the checkpoint's CLIP weights are used.
+    config_only = source != "--vision-tower" and not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path))
+    files = {} if config_only else load_folder(path)
+    for key, value in files.items():
         if "vision_model." in key or key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):
             weights[clip_name(key)] = value  # a CLIPModel's text tower and projections are not ours
-    if not weights:
-        raise CheckpointError(f"--vision-tower {path}: its weights hold no CLIP vision tensors (vision_model.*)")
+    if files and not weights:
+        raise CheckpointError(f"{source} {path}: its weights hold no CLIP vision tensors (vision_model.*)")
     pre = {}
     pre_path = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(pre_path):
@@ -236,25 +274,46 @@ def local_tower(path: str) -> tuple[dict, dict, dict]:
 
 
 def vision_settings(cfg: dict, vision: dict, tower_path: str | None, report: Report) -> tuple[dict, dict]:
-    """Our VisionConfig dict and the CLIP weights to load into it."""
-    name = tower_name(cfg.get("mm_image_tower"))
+    """Our VisionConfig dict and the CLIP weights to load into it.
+
+    The CLIP config comes from --vision-tower; else, as in the official code (CLIPVisionTower
+    loads config and weights from exactly the path config.json names), from that folder when it
+    exists here; else from the two known OpenAI CLIPs. Any other tower is refused: its head count
+    cannot be read from weight shapes, and a wrong one changes the image features silently.
+    """
+    named = tower_path_in(cfg)
+    name = tower_name(named)
     pre = {}
-    if tower_path is not None:
+    if tower_path is None and named and os.path.isdir(named):
+        model_config, weights, pre = local_tower(named, source=f"config.json {TOWER_KEYS[0]}")
+        if weights:
+            if vision:
+                report.dropped.append(f"{len(vision)} vision-tower tensors of the checkpoint (the official code loads "
+                                      f"the CLIP weights from {named}, as we do)")
+            vision = weights
+        elif not vision:
+            raise CheckpointError(f"neither the checkpoint nor {named} (config.json's {TOWER_KEYS[0]}) holds CLIP weights: "
+                                  "pass --vision-tower PATH (vision_tower=PATH in Python) with a local copy of the CLIP "
+                                  "model (config.json + weights)")
+        report.notes.append(f"vision tower config read from {named} (config.json's {TOWER_KEYS[0]}, found here)")
+    elif tower_path is not None:
         if vision:
             report.dropped.append(f"{len(vision)} vision-tower tensors of the checkpoint (replaced by --vision-tower {tower_path})")
         model_config, vision, pre = local_tower(tower_path)
         name = name or os.path.basename(os.path.normpath(tower_path))
     elif not vision:
+        where = (f"config.json names {named!r}, a folder that is not on this machine" if named
+                 else "config.json names no vision tower (mm_image_tower)")
         raise CheckpointError(
-            f"the checkpoint holds no vision-tower weights (model.image_tower.*); config.json names "
-            f"{cfg.get('mm_image_tower')!r}, a folder on the authors' machine. Pass --vision-tower PATH "
-            f"(vision_tower=PATH in Python) with a local copy of {name or 'the CLIP model'} (config.json + weights).")
+            f"the checkpoint holds no vision-tower weights (model.image_tower.*) and {where}. Pass --vision-tower PATH "
+            f"(vision_tower=PATH in Python) with a local copy of {name or 'its CLIP model'} (config.json + weights).")
     elif name and name.split("/")[-1] in KNOWN_TOWERS:
         model_config = dict(KNOWN_TOWERS[name.split("/")[-1]])
     else:
-        model_config = infer_clip_config(vision)
-        report.notes.append(f"vision tower {name!r} is not a known CLIP; its config was inferred from weight shapes "
-                            "(64-wide heads): pass --vision-tower to use its own config.json")
+        raise CheckpointError(
+            f"config.json's vision tower {named!r} is neither a CLIP medmoe knows ({', '.join(KNOWN_TOWERS)}) nor a "
+            "folder on this machine, and its config (head count) cannot be read from the weights: pass "
+            f"--vision-tower PATH (vision_tower=PATH in Python) with a local copy of {name or 'it'} (config.json + weights)")
     mean = tuple(pre.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(pre.get("image_std", OPENAI_CLIP_STD))
     select = cfg.get("mm_vision_select_feature", "patch")
@@ -277,11 +336,24 @@ def projector_kind(cfg: dict) -> str:
 
 
 # ----- state dict ----------------------------------------------------------------------------------
-def _stack_experts(tensors: dict, family: str, layer: int, num: int) -> dict[str, torch.Tensor]:
-    """Per-expert nn.Linear weights -> our stacked [E, ...] input-major tensors (x @ w)."""
+def _stack_experts(tensors: dict, family: str, layer: int, num: int, hidden: int, ffn: int) -> dict[str, torch.Tensor]:
+    """Per-expert nn.Linear weights -> our stacked [E, ...] input-major tensors (x @ w).
+
+    Every tensor's shape is checked against config.json's hidden_size / intermediate_size first,
+    so a wrong-shaped or transposed one is named instead of failing inside torch.stack."""
+    shapes = {"fc1.weight": (ffn, hidden), "fc1.bias": (ffn,), "fc2.weight": (hidden, ffn), "fc2.bias": (hidden,),
+              "gate_proj.weight": (ffn, hidden), "up_proj.weight": (ffn, hidden), "gate_proj.bias": (ffn,),
+              "up_proj.bias": (ffn,), "down_proj.weight": (hidden, ffn), "down_proj.bias": (hidden,)}
+
     def get(j, name):
         key = f"model.layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{j}.{name}"
-        return tensors.pop(key) if key in tensors else None
+        if key not in tensors:
+            return None
+        tensor = tensors.pop(key)
+        if tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, config.json (hidden_size {hidden}, "
+                                  f"intermediate_size {ffn}) needs {shapes[name]}")
+        return tensor
 
     w_in, b_in, w_out, b_out = [], [], [], []
     for j in range(num):
@@ -310,7 +382,7 @@ def _stack_experts(tensors: dict, family: str, layer: int, num: int) -> dict[str
     return out
 
 
-def map_state(official: dict, family: str, moe: dict, report: Report) -> dict[str, torch.Tensor]:
+def map_state(official: dict, family: str, moe: dict, report: Report, text: dict) -> dict[str, torch.Tensor]:
     """Official LLM + projector tensors -> our names. Consumes `official`; leftovers are reported by the caller."""
     if any(".mixer.Wqkv." in k or k.startswith("transformer.h.") for k in official):
         raise CheckpointError(PHI_MSFT)
@@ -332,7 +404,8 @@ def map_state(official: dict, family: str, moe: dict, report: Report) -> dict[st
         if weight.shape[0] != moe["num_experts"]:
             raise CheckpointError(f"{base}deepspeed_moe.gate.wg.weight has {weight.shape[0]} experts, config.json says {moe['num_experts']}")
         gates[i] = (weight, bias)
-        stacked = _stack_experts(official, family, i, moe["num_experts"])
+        stacked = _stack_experts(official, family, i, moe["num_experts"], int(text["hidden_size"]),
+                                 int(text["intermediate_size"]))
         for name, tensor in stacked.items():
             ours[f"language_model.model.layers.{i}.mlp.experts.{name}"] = tensor
         report.count("experts", moe["num_experts"] * len(FFN_PARAMS[family]))
@@ -398,17 +471,18 @@ class Converted:
     report: Report
 
 
-def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, expect: str | None = None) -> Converted:
+def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, expect: str | None = None,
+                       drop_tokens_like_official: bool = False) -> Converted:
     """Official config + tensors -> our config and tensors (no model is built here)."""
     state = dict(state)
     report = Report()
     family = llm_family(cfg)
     text = text_config(cfg, family)
     num_layers = int(text["num_hidden_layers"])
-    moe = moe_settings(cfg, state, num_layers, report)
+    moe = moe_settings(cfg, state, num_layers, report, drop_tokens_like_official)
     vision_state = split_vision(state)
     vision, vision_state = vision_settings(cfg, vision_state, vision_tower, report)
-    ours = map_state(state, family, moe, report)
+    ours = map_state(state, family, moe, report, text)
     report.layout = "dense" if not moe["enabled"] else ("medmoe" if moe["meta_expert"] else "moe-llava")
     if expect and report.layout != "dense" and expect != report.layout:
         report.notes.append(f"--from {expect} but the weights look like a {report.layout} checkpoint "
@@ -417,7 +491,7 @@ def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, 
     if moe["enabled"]:
         report.moe_layers, report.num_experts, report.top_k = moe["layers"], moe["num_experts"], moe["top_k"]
         report.meta_expert, report.router = moe["meta_expert"], moe["router_sharing"]
-    known = set(text) | set(RENAMED) | {"moe", "mm_image_tower", "mm_vision_select_layer", "mm_vision_select_feature",
+    known = set(text) | set(RENAMED) | set(TOWER_KEYS) | {"moe", "mm_vision_select_layer", "mm_vision_select_feature",
                                         "image_projector_type", "mm_projector_type", "model_type", "conv_mode",
                                         "mm_hidden_size", "image_aspect_ratio", "rope_scaling"}
     report.ignored_config += sorted(k for k in cfg if k not in known and k not in HF_BOOKKEEPING)
@@ -450,9 +524,20 @@ def _materialise_buffers(model) -> bool:
     return not any(b.is_meta for b in model.buffers())
 
 
-def build_model(conv: Converted, dtype: torch.dtype | None = None):
+def _cast(key: str, tensor: torch.Tensor, target: torch.dtype, vision_dtype: torch.dtype | None) -> torch.Tensor:
+    if key.endswith(("router.weight", "router.bias")):
+        return tensor.to(torch.float32)
+    if key.startswith("vision_tower."):
+        return tensor if vision_dtype is None else tensor.to(vision_dtype)
+    return tensor.to(target)
+
+
+def build_model(conv: Converted, dtype: torch.dtype | None = None, vision_dtype: torch.dtype | None = None):
     """Our model with the converted tensors; every tensor is accounted for, by name.
 
+    `dtype` is the LLM's and the projector's (None: the checkpoint's main dtype). The vision tower
+    keeps the precision its weights come in (an fp32 CLIP from --vision-tower stays fp32 beside a
+    bf16 LLM) unless `vision_dtype` is given; the official loader casts it to fp16.
     The model is built on the meta device and takes the converted tensors as they are (assign), so
     converting a 6B-parameter checkpoint needs about one copy of it in memory, not two.
     """
@@ -482,7 +567,7 @@ def build_model(conv: Converted, dtype: torch.dtype | None = None):
     if bad:
         raise CheckpointError(f"shape mismatch between checkpoint and config.json: {bad[:10]}")
     # Routers stay fp32 (DeepSpeed's gate ran in fp32 and was often saved so): no round trip through fp16.
-    state = {k: v.to(torch.float32 if k.endswith(("router.weight", "router.bias")) else target) for k, v in state.items()}
+    state = {k: _cast(k, v, target, vision_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if not _materialise_buffers(model):  # a module we do not know how to rebuild: build on CPU instead
         model = MedMoEForCausalLM(conv.config)
@@ -513,14 +598,33 @@ def attach_tokenizer(model, folder: str, report: Report):
     return processor
 
 
-def load_official(path: str, vision_tower: str | None = None, dtype: torch.dtype | str | None = None,
-                  device: str | torch.device | None = None, expect: str | None = None, with_report: bool = False):
-    """An official Med-MoE / MoE-LLaVA folder -> MedMoEForCausalLM (and the Report when with_report)."""
+def is_official_folder(path: str) -> bool:
+    """A folder saved by the official Med-MoE / MoE-LLaVA code (its config.json: `is_official_config`)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and is_official_config(cfg)
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, str):
-        dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return None if dtype == "auto" else getattr(torch, dtype)
+    return dtype
+
+
+def load_official(path: str, vision_tower: str | None = None, dtype: torch.dtype | str | None = None,
+                  device: str | torch.device | None = None, expect: str | None = None, with_report: bool = False,
+                  vision_dtype: torch.dtype | str | None = None, drop_tokens_like_official: bool = False):
+    """An official Med-MoE / MoE-LLaVA folder -> MedMoEForCausalLM (and the Report when with_report).
+    `dtype` is the LLM's; the vision tower keeps its own precision unless `vision_dtype` is given."""
     cfg = read_config(path)
-    conv = convert_checkpoint(cfg, load_folder(path), vision_tower=vision_tower, expect=expect)
-    model = build_model(conv, dtype)
+    conv = convert_checkpoint(cfg, load_folder(path), vision_tower=vision_tower, expect=expect,
+                              drop_tokens_like_official=drop_tokens_like_official)
+    for message in conv.report.warnings:
+        warnings.warn(message, stacklevel=2)
+    model = build_model(conv, as_dtype(dtype), as_dtype(vision_dtype))
     attach_tokenizer(model, path, conv.report)
     if device is not None:
         model.to(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from typing import Sequence
 
@@ -15,49 +16,73 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from .limits import DEFAULT_LIMITS, DecodeLimits, ImageTooLargeError
 from .medical_images import load_if_medical
 
-MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# PIL's own guard (for any Image.open in the process) follows the default budget; load_image
+# checks the budget it is given itself, from the header, so this global never decides alone.
+Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_pixels
+FORMATS = "PNG, JPEG, TIFF, BMP, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
+# Bytes per pixel of each PIL mode once decoded.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "RGBA": 4, "RGBX": 4, "CMYK": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
 
 
-def load_image(source, name: str | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image as RGB. Errors name the file and say what to do."""
-    medical = None if isinstance(source, Image.Image) else load_if_medical(source, name)  # DICOM / NIfTI
+def load_image(source, name: str | None = None, limits: DecodeLimits | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image as RGB within the decoding budget (`limits`, default
+    DEFAULT_LIMITS). Errors name the file and say what to do."""
+    limits = limits or DEFAULT_LIMITS
+    medical = None if isinstance(source, Image.Image) else load_if_medical(source, name, limits)  # DICOM / NIfTI
     if medical is not None:
         return medical
-    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "the uploaded image")
     if isinstance(source, Image.Image):
         image = source
     else:
-        image = _open(source, label)
+        image = _open(source, label, limits)
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)
 
 
-def _open(source, label: str) -> Image.Image:
-    """Decode fully now, so a bad file fails here with its name rather than deep in a batch."""
+def _open(source, label: str, limits: DecodeLimits) -> Image.Image:
+    """Decode fully now, so a bad file fails here with its name rather than deep in a batch.
+    Only the first frame of a multi-page TIFF or GIF is decoded, after its size is checked."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels  # PIL's guard never tighter than the budget asked for
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(fp)
-            width, height = image.size  # header only: refuse bombs before decoding them
-            if width * height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{width}x{height} pixels")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            image = Image.open(fp)  # the header only
+            width, height = image.size
+            limits.check_pixels(width, height, label)
+            limits.check_bytes(width * height * _MODE_BYTES.get(image.mode, 4), label,
+                               f"the decoded {width}x{height} {image.mode} image")
             image.load()
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found; check the path") from None
     except IsADirectoryError:
         raise ImageError(f"{label}: is a folder, not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{label}: refused as a possible decompression bomb ({err}); "
-                         f"resize it below {MAX_PIXELS // 1_000_000} megapixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+    except Image.DecompressionBombError as err:  # past twice PIL's guard, which reports the size
+        found = re.search(r"(\d+) pixels", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageTooLargeError(f"{label}: image has {size}, above the limit of {limits.max_pixels:,} pixels; "
+                                 "downsample it first") from None
+    except (ImageError, MemoryError):
+        raise
+    except UnidentifiedImageError:  # PIL's message names the stream object, not the file
+        raise ImageError(f"{label}: not a readable image (unknown format); use {FORMATS}") from None
+    except Exception as err:  # PIL raises many kinds on a malformed file (OSError, SyntaxError, ...)
         if "truncated" in str(err).lower() or isinstance(err, EOFError):
-            raise ImageError(f"{label}: the file is truncated ({err}); re-download or re-export it") from None
-        raise ImageError(f"{label}: not a readable image ({err}); use PNG, JPEG, TIFF or BMP") from None
+            raise ImageError(f"{label}: the file is truncated; re-download or re-export it") from None
+        raise ImageError(f"{label}: not a readable image ({type(err).__name__}: {_clean(err)}); use {FORMATS}") from None
     return image
+
+
+def _clean(err: BaseException) -> str:
+    """PIL's message without object reprs (`<_io.BytesIO object at 0x...>`), on one line."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(err)).splitlines()
+    return text[0][:200] if text else "no details"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

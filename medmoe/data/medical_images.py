@@ -7,9 +7,12 @@ inverted. The window is, in order of preference: the one asked for (a CT preset 
 file's own VOI LUT or WindowCenter/WindowWidth (MR, CR, DX, ...); else the robust min-max of the
 pixels. Multi-frame files are reduced to one frame (the middle one unless `frame` is given).
 
-NIfTI (nibabel): the volume is reoriented to RAS+, one slice is taken (middle axial by default;
-`plane` and `slice_index` choose another; 4-D series use volume `volume`, 0 by default), and shown
-in neurological convention (patient right on the image right, anterior up).
+NIfTI (nibabel): one slice of the volume in RAS+ orientation (middle axial by default; `plane`
+and `slice_index` choose another; 4-D series use volume `volume`, 0 by default), shown in
+neurological convention (patient right on the image right, anterior up). Only that slice is read,
+reoriented and scaled.
+
+Both are decoded within a budget (`limits`, see limits.py) checked from their headers first.
 
 How a multi-frame or volume input was reduced is written to `image.info["medmoe_reduction"]` and
 logged. Nothing from the DICOM header other than the modality ever reaches a log or an error:
@@ -22,17 +25,19 @@ import gzip
 import io
 import logging
 import os
-import struct
+import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
+from .dicom_io import check_compressed_frame, check_native, frame_geometry, read_dicom
+from .limits import DEFAULT_LIMITS, DecodeLimits
+from .nifti_io import PLANES, check_header, open_nifti, read_slice, stored_axis
 
 logger = logging.getLogger(__name__)
 
-MAX_PIXELS = 100_000_000  # same bound as PIL's decompression-bomb guard, per frame/slice
-MAX_NIFTI_BYTES = 1 << 30  # a gzipped upload may not inflate past this (decompression bombs)
 
 # (center, width) in Hounsfield units; the usual radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -90,7 +95,7 @@ def medical_kind(source, name: str | None = None) -> str | None:
     if head[:2] == b"\x1f\x8b":  # gzip: look inside for a NIfTI header
         try:
             head = gzip.GzipFile(fileobj=io.BytesIO(_head(source, 4096))).read(352)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):
             head = b""
     if _nifti_header_magic(head):
         return "nifti"
@@ -102,28 +107,30 @@ def medical_kind(source, name: str | None = None) -> str | None:
     return None
 
 
-def load_if_medical(source, name: str | None = None) -> Image.Image | None:
+def load_if_medical(source, name: str | None = None, limits: DecodeLimits | None = None) -> Image.Image | None:
     """The RGB image when `source` is a DICOM or NIfTI file, else None (used by `load_image`)."""
     kind = medical_kind(source, name)
     if kind is None:
         return None
-    return load_medical(source, name=name, kind=kind)
+    return load_medical(source, name=name, kind=kind, limits=limits)
 
 
 def load_medical(source, name: str | None = None, kind: str | None = None, *, window=None,
                  frame: int | None = None, slice_index: int | None = None, plane: str = "axial",
-                 volume: int | None = None) -> Image.Image:
+                 volume: int | None = None, limits: DecodeLimits | None = None) -> Image.Image:
     """Open a DICOM or NIfTI file (path, bytes or file) as an 8-bit RGB image.
 
     window: None (the file's own), a preset name from CT_WINDOWS, "rgb", or (center, width).
     frame: DICOM frame to keep (default middle). slice_index/plane/volume: the NIfTI slice.
+    limits: the decoding budget (DEFAULT_LIMITS when None), checked from the header first.
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image data>")
     kind = kind or medical_kind(source, name)
     if kind == "dicom":
-        return load_dicom(source, label, window=window, frame=frame)
+        return load_dicom(source, label, window=window, frame=frame, limits=limits)
     if kind == "nifti":
-        return load_nifti(source, label, window=window, slice_index=slice_index, plane=plane, volume=volume)
+        return load_nifti(source, label, window=window, slice_index=slice_index, plane=plane, volume=volume,
+                          limits=limits)
     raise ImageError(f"{label}: neither DICOM nor NIfTI; use .dcm or .nii/.nii.gz files")
 
 
@@ -174,11 +181,6 @@ def unit_to_rgb(unit: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-def _check_size(shape, label: str) -> None:
-    if int(np.prod(shape[:2])) > MAX_PIXELS:
-        raise ImageError(f"{label}: {shape[1]}x{shape[0]} pixels is above the {MAX_PIXELS:,} limit; downsample it first")
-
-
 # --- DICOM ------------------------------------------------------------------------------------
 
 def _pydicom():
@@ -190,37 +192,33 @@ def _pydicom():
     return pydicom
 
 
-def load_dicom(source, label: str, window=None, frame: int | None = None) -> Image.Image:
-    pydicom = _pydicom()
+def load_dicom(source, label: str, window=None, frame: int | None = None,
+               limits: DecodeLimits | None = None) -> Image.Image:
+    _pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    limits = limits or DEFAULT_LIMITS
     try:
-        ds = pydicom.dcmread(fp, force=True)
+        ds = read_dicom(source, label, limits)
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found; check the path") from None
+    except (ImageError, MemoryError):
+        raise
     except Exception as err:  # pydicom raises many kinds; none of them carry header values we show
         raise ImageError(f"{label}: not a readable DICOM file ({type(err).__name__}); check the file is complete") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(f"{label}: DICOM file has no pixel data (a report or structured document?); "
                          "pass an image series file")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_size((rows, cols), label)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    geometry = frame_geometry(ds, label, limits)
+    frames = geometry[4]
     reduction = ""
-    index = None
+    index = 0
     if frames > 1:
         index = frames // 2 if frame is None else int(frame)
         if not 0 <= index < frames:
             raise ImageError(f"{label}: frame {index} asked for but the file has {frames} frames (0..{frames - 1})")
         reduction = f"frame {index} of {frames} ({'middle frame' if frame is None else 'chosen frame'})"
-    try:
-        pixels = pydicom.pixels.pixel_array(ds, index=index) if index is not None else ds.pixel_array
-    except Exception as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", "unknown transfer syntax")
-        raise ImageError(f"{label}: cannot decode DICOM pixel data ({name}: {type(err).__name__}); compressed "
-                         "files need a decoder plugin (pip install pylibjpeg pylibjpeg-libjpeg or python-gdcm)") from None
+    pixels = _decode_frame(ds, index, label, limits, geometry)
 
     modality = str(ds.get("Modality", "") or "")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
@@ -245,6 +243,39 @@ def load_dicom(source, label: str, window=None, frame: int | None = None) -> Ima
         image = unit_to_rgb(unit)
     _note(image, label, "dicom", reduction, modality=modality, window=how)
     return image
+
+
+def _decode_frame(ds, index: int, label: str, limits: DecodeLimits, geometry) -> np.ndarray:
+    """One frame, decoded only after its size (and for compressed data its codestream header)
+    has been checked against the budget and against the bytes the file holds."""
+    import pydicom
+    from pydicom.encaps import get_frame
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_transfer_syntax:
+        raise ImageError(f"{label}: the DICOM transfer syntax is not one pydicom knows; the file is damaged")
+    compressed = bool(syntax is not None and syntax.is_compressed and "PixelData" in ds)
+    name = getattr(syntax, "name", "unknown transfer syntax")
+    try:
+        if compressed:
+            encoded = get_frame(ds.PixelData, index, number_of_frames=geometry[4])
+            check_compressed_frame(encoded, str(syntax), label, limits, geometry)
+        else:
+            check_native(ds, label, limits, geometry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+            pixels = pydicom.pixels.pixel_array(ds, index=index)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as err:
+        hint = ("compressed files may need a decoder plugin (pip install pylibjpeg pylibjpeg-libjpeg or "
+                "python-gdcm)" if compressed else "the file is damaged; re-export it")
+        raise ImageError(f"{label}: cannot decode DICOM pixel data ({name}: {type(err).__name__}); {hint}") from None
+    rows, cols, samples = geometry[:3]
+    if pixels.shape[:2] != (rows, cols) or pixels.ndim != (2 if samples == 1 else 3):
+        raise ImageError(f"{label}: a decoded frame has shape {pixels.shape}, not the {cols}x{rows} x {samples} "
+                         "the header says; the file is damaged")
+    return pixels
 
 
 def _voi_to_unit(voi: np.ndarray, ds) -> np.ndarray:
@@ -272,78 +303,30 @@ def _voi_to_unit(voi: np.ndarray, ds) -> np.ndarray:
 
 # --- NIfTI ------------------------------------------------------------------------------------
 
-PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
-
-
-def _nibabel():
-    try:
-        import nibabel
-    except ImportError:
-        raise ImageError("NIfTI input needs nibabel: pip install 'medmoe[medical]'") from None
-    return nibabel
-
-
-def _open_nifti(source, label: str):
-    nib = _nibabel()
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            if not os.path.exists(source):
-                raise ImageError(f"{label}: file not found; check the path")
-            return nib.load(os.fspath(source))
-        data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(MAX_NIFTI_BYTES + 1)
-            if len(data) > MAX_NIFTI_BYTES:
-                raise ImageError(f"{label}: inflates to more than {MAX_NIFTI_BYTES >> 20} MiB; refused")
-        size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else 0
-        cls = nib.Nifti2Image if size in (540, int.from_bytes((540).to_bytes(4, "big"), "little")) else nib.Nifti1Image
-        return cls.from_bytes(data)
-    except ImageError:
-        raise
-    except Exception as err:
-        raise ImageError(f"{label}: not a readable NIfTI file ({type(err).__name__}: {err}); check it is a complete "
-                         ".nii or .nii.gz") from None
-
-
 def load_nifti(source, label: str, window=None, slice_index: int | None = None, plane: str = "axial",
-               volume: int | None = None) -> Image.Image:
-    nib = _nibabel()
+               volume: int | None = None, limits: DecodeLimits | None = None) -> Image.Image:
     if plane not in PLANES:
         raise ImageError(f"{label}: plane {plane!r} unknown; use axial, coronal or sagittal")
-    img = _open_nifti(source, label)
-    if len(img.shape) < 2:
-        raise ImageError(f"{label}: NIfTI image has shape {img.shape}; need at least 2 dimensions")
-    try:
-        img = nib.as_closest_canonical(img)  # RAS+: axis 2 runs inferior -> superior
-    except Exception:
-        pass  # an unusual affine: keep the stored axis order
-    shape = img.shape
+    limits = limits or DEFAULT_LIMITS
+    v = 0 if volume is None else int(volume)
     notes = []
-    data = img.dataobj
-    if len(shape) == 2:
-        arr = np.asarray(data, dtype=np.float32)
-    else:
-        axis = PLANES[plane]
-        n = shape[axis]
-        k = n // 2 if slice_index is None else int(slice_index)
-        if not 0 <= k < n:
-            raise ImageError(f"{label}: {plane} slice {k} asked for but there are {n} (0..{n - 1})")
-        index = [slice(None)] * len(shape)
-        index[axis] = k
+    with open_nifti(source, label, limits) as img:
+        shape = tuple(int(n) for n in img.header.get_data_shape())
         if len(shape) > 3:  # a 4-D series: one volume of it (higher dimensions: their first entry)
-            count = int(shape[3])
-            v = 0 if volume is None else int(volume)
+            count = shape[3]
             if not 0 <= v < count:
                 raise ImageError(f"{label}: volume {v} asked for but the series has {count} (0..{count - 1})")
-            index[3:] = [v] + [0] * (len(shape) - 4)
             if count > 1:
                 notes.append(f"volume {v} of {count}")
-        arr = np.asarray(data[tuple(index)], dtype=np.float32)
-        notes.insert(0, f"{plane} slice {k} of {n} ({'middle slice' if slice_index is None else 'chosen slice'})")
-    arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise ImageError(f"{label}: could not reduce NIfTI shape {shape} to one 2-D slice")
-    _check_size(arr.shape, label)
+        shape = check_header(img, label, limits, plane, v if len(shape) > 3 else 0)
+        k = 0
+        if len(shape) > 2:
+            n = shape[stored_axis(img, PLANES[plane])]
+            k = n // 2 if slice_index is None else int(slice_index)
+            if not 0 <= k < n:
+                raise ImageError(f"{label}: {plane} slice {k} asked for but there are {n} (0..{n - 1})")
+            notes.insert(0, f"{plane} slice {k} of {n} ({'middle slice' if slice_index is None else 'chosen slice'})")
+        arr = read_slice(img, label, shape, plane, k, v)
     arr = np.rot90(arr)  # RAS array [x, y] -> rows run anterior (top) to posterior
     unit, how = apply_window(arr, window, label) if window is not None else (robust_unit(arr), "min-max")
     image = unit_to_rgb(unit)

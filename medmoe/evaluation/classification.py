@@ -18,6 +18,7 @@ import torch
 
 from ..data.templates import IGNORE_INDEX, Turn
 from ..generation.generate import prefill_shared_prefix, shared_prefix_length
+from .intervals import balanced_accuracy, bootstrap_ci, bootstrap_ci_paired
 from .metrics import normalize
 
 UNPARSED = -1
@@ -127,7 +128,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes
     correct = sum(confusion[i][i] for i in range(k))
     recall = {c: (100.0 * confusion[i][i] / sum(confusion[i]) if sum(confusion[i]) else None)
               for i, c in enumerate(classes)}
-    return {"n": n, "accuracy": 100.0 * correct / n if n else 0.0, "per_class_recall": recall,
+    truth, pred = list(y_true), [p if 0 <= p < k else k for p in y_pred]
+    return {"n": n, "accuracy": 100.0 * correct / n if n else 0.0,
+            "accuracy_ci95": bootstrap_ci([float(t == p) for t, p in zip(truth, pred)], scale=100.0),
+            "balanced_accuracy": balanced_accuracy(truth, pred, k),
+            "balanced_accuracy_ci95": bootstrap_ci_paired(lambda t, p: balanced_accuracy(t, p, k), truth, pred),
+            "per_class_recall": recall,
             "classes": list(classes), "confusion": confusion, "unparsed": sum(row[k] for row in confusion)}
 
 

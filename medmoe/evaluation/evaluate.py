@@ -178,7 +178,7 @@ def check_same_run(out: Path, settings: EvalSettings) -> None:
 
 
 def _weights_of(model: str) -> str | None:
-    from ..model.pretrained import resolve_model_path
+    from ..loading import resolve_model_path
 
     try:
         return weights_fingerprint(resolve_model_path(model))
@@ -216,13 +216,16 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
 
 
 def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
-    from ..generation import SamplingConfig, run_generation
+    from ..engine import Request, as_generation_output, encode_question, shared_engine
+    from ..generation import SamplingConfig
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
     cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
-    out = run_generation(model, processor, [i.gt.question for i in items], [i.image for i in items], cfg,
-                         output_routing=want_routing)
+    engine = shared_engine(model, processor, max_slots=settings.batch_size)
+    results = engine.generate([Request(encode_question(processor, i.gt.question, i.image), cfg, output_routing=want_routing)
+                               for i in items])
+    out = as_generation_output(results, engine.pad_id)
     counts = [None] * len(items)
     if want_routing and out.prompt_routing:
         valid = _prompt_valid_mask(processor, items, out.input_ids)
@@ -265,6 +268,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 # ----- scoring the rows --------------------------------------------------------------------
 def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
     from .classification import classification_metrics, parse_choice, plot_confusion
+    from .intervals import calibration, plot_calibration
     from .report import METHODS
 
     groups: dict[str, list[EvalItem]] = {}
@@ -284,10 +288,18 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
         generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
         results[dataset] = {"loglik": classification_metrics(truth, loglik, classes),
                             "generate": classification_metrics(truth, generated, classes)}
+        # Confidence of a label-likelihood answer: its probability among the labels.
+        probs = [torch.tensor(rows[i.gt.id]["choice_logprobs"]).softmax(-1) for i in keep]
+        confidence = [float(p[c]) for p, c in zip(probs, loglik)]
+        calib = calibration(confidence, [float(t == p) for t, p in zip(truth, loglik)])
+        results[dataset]["loglik"]["calibration"] = calib
         for method, m in results[dataset].items():
             name = f"confusion_{dataset}_{method}.png".replace("/", "_")
             plot_confusion(m, out / name, title=f"{dataset}, {METHODS[method]}")
             figures[f"confusion_{dataset}_{method}"] = name
+        name = f"calibration_{dataset}_loglik.png".replace("/", "_")
+        if calib and plot_calibration(calib, out / name, title=f"{dataset}, {METHODS['loglik']}"):
+            figures[f"calibration_{dataset}_loglik"] = name
     return results, figures
 
 
@@ -308,7 +320,7 @@ def routing_results(items: list[EvalItem], rows: dict[str, dict], layers: list[i
 
 def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
     """Run (or resume) an evaluation; returns the metrics written to OUT/metrics.json."""
-    from .. import __version__
+    from ..version import __version__
     from .report import write_reports
 
     out = Path(settings.out)
@@ -319,7 +331,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
         items = shuffle_images(items)
     check_same_run(out, settings)
     if model is None:
-        from ..model.pretrained import load_for_inference
+        from ..loading import load_for_inference
 
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")

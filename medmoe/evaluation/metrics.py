@@ -22,6 +22,8 @@ import re
 import warnings
 from collections import Counter
 
+from .intervals import bootstrap_ci
+
 # Contractions written without their apostrophes are mapped back to the apostrophe form (the
 # VQA convention LLaVA-Med copied). A key is a form below with exactly one apostrophe dropped.
 _CONTRACTIONS = (
@@ -149,11 +151,13 @@ def score_item(prediction: str, answer: str, answer_type: str) -> dict[str, floa
 
 
 def aggregate(items: list[tuple[str, dict[str, float]]]) -> dict:
-    """Average (answer_type, scores) pairs into percentages:
-    {"n", "closed": {"n", metric: %...} | None, "open": {...} | None}."""
+    """Average (answer_type, scores) pairs into percentages, each with its 95% bootstrap interval
+    (questions resampled): {"n", "closed": {"n", metric: %..., "ci95": {metric: [low, high]}} | None,
+    "open": {...} | None}."""
     out: dict = {"n": len(items)}
     for kind, names in ((CLOSED, CLOSED_METRICS), (OPEN, OPEN_METRICS)):
         group = [s for t, s in items if t == kind]
-        out[kind.lower()] = ({"n": len(group), **{m: 100.0 * math.fsum(s[m] for s in group) / len(group) for m in names}}
+        out[kind.lower()] = ({"n": len(group), **{m: 100.0 * math.fsum(s[m] for s in group) / len(group) for m in names},
+                              "ci95": {m: bootstrap_ci([s[m] for s in group], scale=100.0) for m in names}}
                              if group else None)
     return out

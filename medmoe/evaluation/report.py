@@ -59,8 +59,22 @@ def counts_line(metrics: dict) -> str:
     return text
 
 
+def interval_line(agg: dict) -> str:
+    """The total's headline metrics with their 95% bootstrap intervals, one line."""
+    parts = []
+    for kind, metric, label in (("closed", "accuracy", "closed accuracy"), ("closed", "accuracy_strict", "closed strict"),
+                                ("open", "recall", "open recall")):
+        group = agg.get(kind) or {}
+        ci = (group.get("ci95") or {}).get(metric)
+        if ci:
+            parts.append(f"{label} {group[metric]:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
+    return ("95% bootstrap intervals (questions resampled): " + "; ".join(parts)) if parts else ""
+
+
 def score_text(metrics: dict) -> str:
-    return counts_line(metrics) + "\n\n" + text_table(metric_rows(metrics)) + "\n(percent)"
+    line = interval_line(metrics["total"])
+    return (counts_line(metrics) + "\n\n" + text_table(metric_rows(metrics)) + "\n(percent)"
+            + (f"\n{line}" if line else ""))
 
 
 # ----- the report: one list of blocks, rendered as Markdown or as HTML -------------------------
@@ -68,12 +82,29 @@ def score_text(metrics: dict) -> str:
 
 def _classification_blocks(name: str, m: dict, figure: str | None) -> list:
     recall = ", ".join(f"{c} {v:.1f}" if v is not None else f"{c} -" for c, v in m["per_class_recall"].items())
-    blocks = [("h", 3, name), ("p", f"accuracy {m['accuracy']:.2f}% of {m['n']}; per-class recall: {recall}"
-                                    + (f"; {m['unparsed']} answers named no label" if m.get("unparsed") else ""))]
+    ci = lambda key: (f" [{m[key][0]:.2f}, {m[key][1]:.2f}]" if m.get(key) else "")
+    balanced = (f"; balanced accuracy {m['balanced_accuracy']:.2f}%{ci('balanced_accuracy_ci95')}"
+                if m.get("balanced_accuracy") is not None else "")
+    blocks = [("h", 3, name), ("p", f"accuracy {m['accuracy']:.2f}%{ci('accuracy_ci95')} of {m['n']}{balanced}; "
+                                    f"per-class recall: {recall}"
+                                    + (f"; {m['unparsed']} answers named no label" if m.get("unparsed") else "")
+                                    + " (95% bootstrap intervals in brackets)")]
     header = ["true \\ predicted", *m["classes"], "unparsed"]
     blocks.append(("table", header, [[c, *map(str, row)] for c, row in zip(m["classes"], m["confusion"])]))
     if figure:
         blocks.append(("img", figure, f"confusion matrix, {name}"))
+    return blocks
+
+
+def _calibration_blocks(calib: dict, figure: str | None) -> list:
+    """ECE and accuracy at each coverage: what a user gains by withholding the least confident answers."""
+    rows = [[f"{100 * c['coverage']:.0f}%", str(c["n"]), f"{c['accuracy']:.2f}", f"{c['threshold']:.3f}"]
+            for c in calib["coverage"]]
+    blocks = [("p", f"calibration: expected calibration error {calib['ece']:.2f} points (10 bins); mean confidence "
+                    f"{calib['mean_confidence']:.2f}% against accuracy {calib['accuracy']:.2f}%"),
+              ("table", ["coverage", "answers kept", "accuracy", "confidence threshold"], rows)]
+    if figure:
+        blocks.append(("img", figure, "reliability diagram and accuracy against coverage"))
     return blocks
 
 
@@ -106,6 +137,8 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
                    ("p", "Percent. open recall, EMS, F1 and BLEU over open questions; closed accuracy by the official "
                          "substring rule and by strict normalised match (docs/evaluation.md)."),
                    ("table", list(COLUMNS), metric_rows(vqa))]
+        if interval_line(vqa["total"]):
+            blocks.append(("p", interval_line(vqa["total"])))
     cls = metrics.get("classification")
     if cls:
         blocks.append(("h", 2, "Classification"))
@@ -113,6 +146,8 @@ def report_blocks(metrics: dict, rows: list[dict] | None = None, figure_dir=None
             for method, m in methods.items():
                 blocks += _classification_blocks(f"{dataset}: {METHODS.get(method, method)}", m,
                                                  fig(f"confusion_{dataset}_{method}"))
+                if m.get("calibration"):
+                    blocks += _calibration_blocks(m["calibration"], fig(f"calibration_{dataset}_{method}"))
     if "routing" in metrics:
         blocks += _routing_blocks(metrics["routing"], fig("routing") if "routing" in figures else None)
     if rows:

@@ -6,6 +6,11 @@ Ground truth: our canonical records JSONL (`id, question, answer, answer_type, m
 ...`, optional `question_type`), or the official LLaVA json list (`id, conversations,
 answer_type`).
 
+The official answer files number their questions (`question_id` 10) where prepared splits name
+them (`vqa-rad-10`, the dataset's own question id after the dataset name): a numeric id that names
+no ground-truth item is matched to the one ground-truth id `<its dataset>-<that number>`. When no prediction matches any ground-truth id, the
+files are for different questions: an error, not a score of 0.
+
 Totals and breakdowns per dataset, answer type, modality and question type, with the metrics of
 `metrics.py`. A ground-truth item without a prediction counts as an empty (wrong) answer unless
 `only_predicted` is set; missing and extra ids are always reported.
@@ -166,7 +171,39 @@ def score_predictions(predictions: dict[str, str], ground_truth: list[GroundTrut
     return metrics, rows
 
 
+def map_official_ids(predictions: dict[str, str], ground_truth: list[GroundTruth]) -> tuple[dict[str, str], int]:
+    """(predictions keyed by ground-truth ids, how many were mapped). A numeric id that is no
+    ground-truth id (the official `question_id` 10) takes the only ground-truth id that is its
+    dataset's name and that number (`vqa-rad-10`, `slake-10`: prepare.py keeps the source's qid
+    there). Ids numbered by us (`pathvqa-test-10`, a line number) are never matched; an ambiguous
+    number, or one whose target has its own prediction, stays as it is (reported as extra)."""
+    gt_ids = {g.id for g in ground_truth}
+    by_number: dict[str, list[str]] = defaultdict(list)
+    for g in ground_truth:
+        head, _, tail = g.id.rpartition("-")
+        if head == g.dataset and tail.isdigit():
+            by_number[tail].append(g.id)
+    out, mapped = {}, 0
+    for pid, text in predictions.items():
+        targets = by_number.get(pid, []) if pid.isdigit() and pid not in gt_ids else []
+        if len(targets) == 1 and targets[0] not in predictions:
+            out[targets[0]] = text
+            mapped += 1
+        else:
+            out[pid] = text
+    return out, mapped
+
+
 def score_files(pred_path, gt_path, only_predicted: bool = False) -> tuple[dict, list[dict]]:
-    metrics, rows = score_predictions(read_predictions(pred_path), read_ground_truth(gt_path), only_predicted)
+    ground_truth = read_ground_truth(gt_path)
+    predictions, mapped = map_official_ids(read_predictions(pred_path), ground_truth)
+    if not predictions:
+        raise DataError(f"{pred_path}: no predictions in the file")
+    if ground_truth and not any(g.id in predictions for g in ground_truth):
+        raise DataError(f"{pred_path}: none of its {len(predictions)} prediction ids (e.g. {next(iter(predictions))!r}) "
+                        f"matches a ground-truth id of {gt_path} (e.g. {ground_truth[0].id!r}); score predictions "
+                        "against the split they were made for")
+    metrics, rows = score_predictions(predictions, ground_truth, only_predicted)
+    metrics["counts"]["mapped_official_ids"] = mapped
     metrics["files"] = {"predictions": str(pred_path), "ground_truth": str(gt_path)}
     return metrics, rows

@@ -28,6 +28,9 @@ class SamplingConfig:
     use_cache: bool = True
     # Rows that all start with the same tokens (the template's system prompt) prefill them once.
     share_prefix: bool = True
+    ignore_eos: bool = False  # answers run to max_new_tokens (benchmarks: fixed-length answers)
+    logprobs: bool = False  # the engine reports each token's log-probability (engine/sampling.py)
+    top_logprobs: int = 0  # and those of the most likely tokens at each position
 
 
 @dataclass
@@ -210,7 +213,7 @@ def run_generation(model, processor, questions: Sequence[str], images=None, cfg:
         for row, token in enumerate(next_token.tolist()):
             if done[row]:
                 continue
-            if token in eos:
+            if token in eos and not cfg.ignore_eos:
                 done[row], reasons[row] = True, "eos"
                 continue
             tokens[row].append(token)
@@ -247,8 +250,9 @@ def stream(model, processor, question: str, image=None, max_new_tokens: int = 64
     shown = ""
     for step, (next_token, _) in enumerate(generate_tokens(model, batch, cfg, eos)):
         token = int(next_token[0])
-        last = token in eos or step + 1 >= cfg.max_new_tokens
-        if token not in eos:
+        end = token in eos and not cfg.ignore_eos
+        last = end or step + 1 >= cfg.max_new_tokens
+        if not end:
             tokens.append(token)
         text = processor.decode(tokens)
         stop_at = min((text.index(s) for s in cfg.stop if s and s in text), default=None)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,25 @@ from ..moe.router import router_feature
 from ..moe.upcycle import ffn_attribute
 from ..projector import build_projector
 from ..vision import build_vision_tower
-from .fused_qkv import is_fused
 from .recompute import checkpoint_kwargs
 
 WEIGHTS_NAME = "model.safetensors"
+
+# Folders in formats other than our own (an official checkpoint, a delta on pretrained base
+# weights), by name: (recognise(path) -> bool, load(path, dtype=, device=, **kwargs) -> model).
+# medmoe.loading registers them: it sits above both this model and the conversion code.
+FOLDER_FORMATS: dict[str, tuple[Callable[[str], bool], Callable[..., torch.nn.Module]]] = {}
+
+
+def register_folder_format(name: str, recognise: Callable[[str], bool], load: Callable[..., torch.nn.Module]) -> None:
+    """`MedMoEForCausalLM.from_pretrained(path)` hands a folder that `recognise` accepts to `load`."""
+    FOLDER_FORMATS[name] = (recognise, load)
+
+
+def prepared_for_inference(model: torch.nn.Module) -> bool:
+    """Whether an engine replaced modules of `model` for inference: they say so with a true
+    `inference_only` attribute, and the state dict is then not the one from_pretrained reads."""
+    return any(getattr(m, "inference_only", False) for m in model.modules())
 
 
 @dataclass
@@ -77,17 +92,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not keep.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
-
-
-def is_official_folder(path: str) -> bool:
-    """A folder saved by the official Med-MoE / MoE-LLaVA code (config.json with a `moe` dict or `mm_image_tower`)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    moe = cfg.get("moe")
-    return isinstance(cfg, dict) and ((isinstance(moe, dict) and "moe_enable" in moe) or "mm_image_tower" in cfg)
 
 
 def labelled_positions_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -316,9 +320,9 @@ class MedMoEForCausalLM(PreTrainedModel):
 
     # ----- save / load (safetensors + config.json) ---------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        if is_fused(self):
-            raise ConfigError("this model's attention projections are fused for inference (fuse_qkv): call "
-                              "medmoe.model.fused_qkv.unfuse_qkv(model) before saving, or save the model as loaded")
+        if prepared_for_inference(self):
+            raise ConfigError("this model was prepared for inference (medmoe.engine.prepare): call "
+                              "medmoe.engine.prepare.unprepare(model) before saving, or save the model as loaded")
         os.makedirs(save_directory, exist_ok=True)
         source = self.config.vision.get("name_or_path")
         if source and os.path.isabs(source):  # a saved model must not point into one machine's folders
@@ -334,15 +338,10 @@ class MedMoEForCausalLM(PreTrainedModel):
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         **kwargs) -> "MedMoEForCausalLM":
         path = str(pretrained_model_name_or_path)
-        if is_official_folder(path):
-            from ..conversion import load_official  # lazy: conversion is a layer above the model
-
-            return load_official(path, vision_tower=kwargs.get("vision_tower"), dtype=dtype, device=device)
+        for recognise, load in FOLDER_FORMATS.values():  # an official checkpoint, a delta (medmoe.loading)
+            if recognise(path):
+                return load(path, dtype=dtype, device=device, **kwargs)
         config = config or (MedMoEConfig.from_pretrained(path) if os.path.isfile(os.path.join(path, "config.json")) else None)
-        if config is not None and config.base_model:
-            from .pretrained import load_delta  # a delta checkpoint needs its base's pretrained weights
-
-            return load_delta(path, dtype=dtype, device=device)[0]
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{weights} not found: a Med-MoE model folder holds config.json and {WEIGHTS_NAME} "

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..config import MedMoEConfig
 from ..data.processor import MedMoEProcessor
 from ..errors import ConfigError
-from .modeling import MedMoEForCausalLM, is_official_folder, place
+from .modeling import MedMoEForCausalLM, place
 from .presets import preset
 from .tokenizer import tiny_tokenizer
 
@@ -211,39 +211,6 @@ def resolve_model_path(path: str) -> str:
         raise ConfigError(f"{path}: not a model folder; pass a folder made by save_pretrained, `medmoe train` or "
                           f"`medmoe export`, or a bundled model: {', '.join(BUNDLED_MODELS)}")
     return path
-
-
-def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, MedMoEProcessor]:
-    """(model, processor) from any model folder: a full save, a delta on pretrained base weights
-    (the shipped Nano model), or an official Med-MoE / MoE-LLaVA checkpoint; or a bundled name."""
-    path = resolve_model_path(path)
-    if not is_official_folder(path) and os.path.isfile(os.path.join(path, "config.json")):
-        if MedMoEConfig.from_pretrained(path).base_model:
-            return load_delta(path, dtype=dtype, device=device)
-    model = MedMoEForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-    return model, MedMoEProcessor.from_pretrained(path, model.config.vision_config)
-
-
-def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
-                       merge_adapters: bool = True, fuse_qkv: bool | None = None):
-    """(model, processor) in eval mode on the chosen device (auto: GPU when present) and dtype
-    (auto: bfloat16 on a GPU, float32 on a CPU). LLM LoRA adapters are merged into the weights
-    (computed in float32): one matmul per projection instead of three, the same outputs.
-    `fuse_qkv` (default: on a GPU) makes each attention layer's query, key and value projections
-    one product, and in Phi's parallel layers the FFN's projections join them (model/fused_qkv.py)
-    and a Med-MoE layer's experts run beside the attention on a second CUDA stream at decode
-    (moe/overlap.py): faster small-batch decoding, the same outputs to rounding."""
-    dev = pick_device(device)
-    model, processor = load_model(path, dtype=pick_dtype(dtype, dev))
-    if merge_adapters and model.config.llm_lora:
-        model.merge_llm_lora()
-    if fuse_qkv is None:
-        fuse_qkv = dev.type == "cuda"
-    if fuse_qkv:
-        from .fused_qkv import fuse_qkv as fuse
-
-        fuse(model.language_model)  # the vision tower runs once per image: nothing to gain there
-    return model.to(dev).eval(), processor
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -6,7 +6,6 @@ from .block import MedMoEBlock, MoEState, LayerRouting
 from .router import Router, RoutingDecision, route
 from .experts import StackedExperts, ModuleExperts, LoRAExperts, ffn_kind
 from .upcycle import upcycle_llm, decoder_layers
-from . import overlap
 
 __all__ = [
     "MedMoEBlock", "MoEState", "LayerRouting", "Router", "RoutingDecision", "route",

@@ -5,6 +5,10 @@
 With top_k=1, the meta expert on and no renormalisation this is the paper's
 y = p_top1 * E_top1(x) + E_meta(x). The block returns a plain tensor, as the FFN it replaces
 did; routing records and auxiliary losses go to a `MoEState` shared by all blocks of a model.
+
+The block is the plain reference. An inference engine may compute its two parts elsewhere (the
+routed experts beside the layer's attention: engine/overlap.py) where `is_meta_plus_routed` says
+that the forward is nothing but `ffn_forward(meta, x) + routed_experts(x)`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from . import overlap
+from .dispatch import capacity_weights
 from .experts import ffn_forward
 from .router import Router, load_balancing_loss, route, z_loss
 
@@ -46,17 +50,6 @@ class MoEState:
             self.sample_probs = {}
 
 
-class _Started:
-    """The routed experts' output that `start_routed` launched, until the block's forward takes it."""
-
-    def __init__(self):
-        self.routed = None
-
-    def take(self) -> torch.Tensor | None:
-        routed, self.routed = self.routed, None
-        return routed
-
-
 class MedMoEBlock(nn.Module):
     def __init__(self, layer_idx: int, experts: nn.Module, meta: nn.Module | None, cfg: MoEConfig,
                  state: MoEState, router: Router | None = None, shared_router: Router | None = None):
@@ -67,8 +60,6 @@ class MedMoEBlock(nn.Module):
         self.meta = meta
         self.router = router  # per-layer router (registered here), or None
         self.recompute_activations = False  # the meta expert's activation output recomputed in backward
-        self.overlap_key: int | None = None  # set by fuse_qkv: the experts may start on a side stream (overlap.py)
-        object.__setattr__(self, "_started", _Started())
         # The shared router belongs to the model; a plain reference keeps one copy in the state dict.
         object.__setattr__(self, "_shared_router", shared_router)
         object.__setattr__(self, "_state", state)
@@ -79,50 +70,38 @@ class MedMoEBlock(nn.Module):
 
     def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
         """sum_k w_k E_{i_k}(x) for tokens x [N, d] routed one by one: the forward without the meta
-        expert and without records (what `start_routed` runs on the side stream)."""
-        decision = route(self.router_logits(x), self.cfg.top_k, self.cfg.renormalize)
+        expert and without records (see `is_meta_plus_routed`)."""
+        decision = self._route_tokens(self.router_logits(x))
         return self.experts(x, decision.expert_index, decision.expert_weight)
 
-    def can_start_early(self, x: torch.Tensor) -> bool:
-        """Whether the forward on x [N, d] would be meta + routed_experts and nothing else (inference,
-        token routing, a meta expert, no records), registered for overlap, and x a decode step's
-        tokens (at most overlap.MAX_TOKENS)."""
-        state = self._state
-        return (self.overlap_key is not None and x.shape[0] <= overlap.MAX_TOKENS
-                and not self.training and not torch.is_grad_enabled()
-                and self.meta is not None and self.cfg.routing == "token" and not state.meta_only
-                and not state.record_routing and getattr(self.experts, "shared", None) is not self.meta)
+    def _route_tokens(self, logits: torch.Tensor):
+        decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
+        if self.cfg.capacity_factor_at_inference is not None and not self.training:  # opt-in, MoE-LLaVA's eval
+            decision.expert_weight = capacity_weights(decision.expert_index, decision.probs, self.cfg.renormalize,
+                                                      self.cfg.capacity_factor_at_inference,
+                                                      self.cfg.min_capacity_at_inference)
+        return decision
 
-    def start_routed(self, hidden_states: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Launch the routed experts on a second CUDA stream (overlap.py), then return
-        `hidden_states @ weight^T + bias` from the main stream: called by the fused input product of Phi's
-        parallel layer, with the block's input, before the layer's attention. The forward adds the
-        experts' result to the meta expert's output. None (nothing launched) where the forward
-        must run as it is."""
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self._started.routed = None  # nothing left from a forward that did not finish
-        if not self.can_start_early(x):
-            return None
-        self._started.routed, product = overlap.start(x, self.overlap_key, weight, bias)
-        return product.reshape(*hidden_states.shape[:-1], weight.shape[0])
+    def is_meta_plus_routed(self) -> bool:
+        """Whether `forward(x)` is `ffn_forward(self.meta, x) + self.routed_experts(x)` for tokens x
+        [N, d] and does nothing else (token routing, a meta expert apart from the experts, no
+        routing records, no auxiliary losses): the contract under which an engine may compute the
+        two parts on its own schedule."""
+        state = self._state
+        return (not self.training and self.meta is not None and self.cfg.routing == "token"
+                and not state.meta_only and not state.record_routing
+                and getattr(self.experts, "shared", None) is not self.meta)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routed = self._started.take()
-        if routed is not None:  # started beside the attention: the stream waits here, as late as it can
-            if routed.shape != x.shape:
-                raise RuntimeError(f"MoE layer {self.layer_idx}: the experts were started on {tuple(routed.shape)} "
-                                   f"but the block runs on {tuple(x.shape)}; load the model with fuse_qkv=False")
-            return overlap.finish(routed, ffn_forward(self.meta, x), x, self.overlap_key).reshape(shape)
         if self._state.meta_only:
             return ffn_forward(self.meta, x).reshape(shape)
         if self.cfg.routing in ("sample", "pooled") and hidden_states.dim() == 3:
             logits, decision = self._route_per_sample(hidden_states)
         else:
             logits = self.router_logits(x)
-            decision = route(logits, self.cfg.top_k, self.cfg.renormalize)
+            decision = self._route_tokens(logits)
         if (self.meta is not None and getattr(self.experts, "shared", None) is self.meta
                 and self.experts.fuse_with_shared):
             # LoRA experts are deltas on the meta FFN: one pass of it serves both (experts.py).

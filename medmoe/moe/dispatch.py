@@ -1,4 +1,5 @@
-"""How tokens reach their experts. Dropless: every token is processed, whatever the batch.
+"""How tokens reach their experts. Dropless: every token is processed, whatever the batch
+(`capacity_weights` reproduces DeepSpeed's token dropping for converted checkpoints, opt-in).
 
 - `loop`: one expert at a time over the tokens routed to it. Plain, works for any expert
   module, and is the reference the fast path is tested against. It syncs with the host once
@@ -27,6 +28,32 @@ import torch.nn.functional as F
 
 from . import kernels
 from .recompute import recomputed_in_backward
+
+
+def capacity_weights(expert_index: torch.Tensor, probs: torch.Tensor, renormalize: bool, factor: float,
+                     min_capacity: int) -> torch.Tensor:
+    """[N, k] gate weights with DeepSpeed's capacity applied (top1gating / top2gating, drop_tokens).
+
+    capacity = max(ceil(N / E * factor * k), min_capacity), computed in fp32 as DeepSpeed does. Each
+    expert keeps the slots whose place in its queue is below capacity: every token's first choice, in
+    position order, then every second choice (DeepSpeed's locations2 start after all first choices).
+    A dropped slot weighs 0. With `renormalize` (top-2) the kept weights are divided by their sum,
+    clamped at eps as DeepSpeed does: a token whose first choice is dropped gets its second one with
+    weight 1, a token with both dropped gets 0. DeepSpeed's top-1 picks which tokens to keep at
+    random (random token selection); position order is the deterministic rule used here.
+    """
+    n, k = expert_index.shape
+    num_experts = probs.shape[-1]
+    capacity = int(torch.ceil(torch.tensor(factor * k, dtype=torch.float32) * (n / num_experts)))
+    capacity = max(capacity, int(min_capacity))
+    one_hot = F.one_hot(expert_index, num_experts)  # [N, k, E]
+    queue = one_hot.transpose(0, 1).reshape(k * n, num_experts).cumsum(0) - 1
+    place = queue.reshape(k, n, num_experts).transpose(0, 1)
+    keep = ((place < capacity) & one_hot.bool()).any(-1)
+    weight = probs.gather(-1, expert_index) * keep
+    if renormalize:
+        weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
+    return weight
 
 
 def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int,

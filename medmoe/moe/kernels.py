@@ -14,7 +14,7 @@ it must equal.
 - `linear(x, weight, bias)`: F.linear, where one row on a GPU (a batch-1 decode step) goes through
   a matrix-vector kernel over the `nn.Linear` weight [N, K]: each program reads whole rows of the
   weight (K contiguous, the loop over K unrolled, no split), at 4.0 TB/s on the H200 where cuBLAS's
-  GEMV reaches 3.3 (docs/speed.md, runs I and J). Tiles autotuned per shape on first use, as above.
+  GEMV reaches 3.3 (docs/speed.md). Tiles autotuned per shape on first use, as above.
 
 Both are torch custom ops: opaque to torch.compile, shaped on the meta device, and on the CPU (or
 without Triton) they run the PyTorch reference, which the CPU tests compare with autograd.
@@ -195,7 +195,7 @@ def _(x, weight, bias=None):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); one row on a GPU without gradients by the matrix-vector kernel,
     which adds the bias too: a product that feeds another op (the overlapped experts' join, the
-    rotary embedding's) then needs no kernel of its own for the bias (docs/speed.md, run M)."""
+    rotary embedding's) then needs no kernel of its own for the bias."""
     if not linear_matvec_applies(x, weight):
         return F.linear(x, weight, bias)
     if bias is not None:
@@ -281,7 +281,7 @@ def _build_kernels():
     even = triton.heuristics({"EVEN": lambda a: a["K"] % a["k_per_split"] == 0 and a["k_per_split"] % a["BLOCK_K"] == 0
                               and a["N"] % a["BLOCK_N"] == 0})
     # (BLOCK_N, BLOCK_K, warps, stages, ACC_2D); BLOCK_K at most MATVEC_GRANULE. The first tile is
-    # the one runs D to F measured before autotuning (docs/speed.md).
+    # the one the kernel had before autotuning, kept as a candidate.
     matvec_experts = triton.autotune(configs([
         (256, 128, 2, 3, False), (256, 64, 2, 3, False), (128, 128, 2, 3, False), (256, 128, 4, 3, False),
         (512, 64, 4, 3, False), (512, 128, 4, 3, False), (256, 128, 8, 3, False), (128, 128, 1, 3, False),
@@ -310,7 +310,7 @@ def _build_kernels():
         args = {**named_args, **kwargs}
         return [c for c in configs if args["N"] % c.kwargs["BLOCK_N"] == 0 and args["K"] % c.kwargs["BLOCK_K"] == 0]
 
-    # (BLOCK_N, BLOCK_K, warps): the fastest on the H200 for Phi-2's fused products (docs/speed.md, run I)
+    # (BLOCK_N, BLOCK_K, warps): the fastest on the H200 for Phi-2's fused products
     # and their neighbours; BLOCK_K 256 fits every K the op accepts.
     linear_matvec_tuned = triton.autotune(
         [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)

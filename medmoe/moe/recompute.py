@@ -5,7 +5,7 @@ for its weight gradient: the widest tensor of a layer. The activation's own back
 anyway, so inside `recomputed_in_backward(g, lambda: act(h))` autograd keeps nothing for g and
 backward recomputes act(h) when it needs it: one elementwise kernel per FFN more, and no Python per
 op (torch.utils.checkpoint's selective mode runs a dispatch mode over every op of a layer, which
-left the GPU waiting for the host: docs/speed.md, run F).
+leaves the GPU waiting for the host).
 
     g = act(h)
     with recomputed_in_backward(g, lambda: act(h)):

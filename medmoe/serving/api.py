@@ -20,10 +20,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..config import IMAGE_TOKEN
-from ..data.images import load_image
 from ..data.templates import Turn
 from ..errors import ConfigError, DataError
-from ..generation import GenerationOutput, SamplingConfig, run_generation
+from ..engine import Request, Result, as_generation_output, encode_conversation, shared_engine
+from ..generation import GenerationOutput, SamplingConfig
 
 
 # --- routing summary --------------------------------------------------------------------------
@@ -88,6 +88,7 @@ class Answer:
     finish_reason: str = "length"  # "eos", "stop" or "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list | None = None  # engine.TokenLogprob per answer token, when asked for (SamplingConfig.logprobs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,39 +105,37 @@ def _as_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def conversation_batch(processor, conversations: Sequence[list[Turn]], images: Sequence[list]) -> dict:
-    """Left-padded generation inputs for multi-turn conversations (the last turn unanswered).
+def conversation_requests(processor, conversations: Sequence[list[Turn]], images: Sequence[list],
+                          cfg: SamplingConfig, on_text: Callable[[int, str], None] | None = None) -> list[Request]:
+    """Engine requests for conversations (the last turn unanswered), with routing records.
+    `on_text(row, delta)` receives each conversation's text as it is produced."""
+    requests = []
+    for row, (turns, imgs) in enumerate(zip(conversations, images)):
+        callback = None
+        if on_text is not None:
+            def callback(delta, row=row):
+                if delta.text:
+                    on_text(row, delta.text)
+        requests.append(Request(encode_conversation(processor, list(turns), list(imgs)), cfg, output_routing=True,
+                                on_delta=callback))
+    return requests
 
-    images[i] are conversation i's images in the order of their `<image>` placeholders; when there
-    is exactly one image and no placeholder, it goes in front of the first question (the paper's prompt).
-    """
-    encoded, pixels = [], []
-    for turns, imgs in zip(conversations, images):
-        imgs = [load_image(i) for i in imgs]
-        placeholders = sum(t.question.count(IMAGE_TOKEN) for t in turns)
-        if len(imgs) == 1 and placeholders == 0:
-            turns = [Turn(processor.prompt(turns[0].question, True), turns[0].answer)] + list(turns[1:])
-            placeholders = 1
-        if placeholders != len(imgs):
-            raise DataError(f"the conversation has {placeholders} {IMAGE_TOKEN} placeholders but {len(imgs)} images")
-        encoded.append(processor.encode(list(turns)))
-        pixels.extend(processor.image_tensor(i) for i in imgs)
-    batch = processor.pad(encoded, padding_side="left")
-    batch.pop("labels")
-    batch["pixel_values"] = torch.stack(pixels) if pixels else None
-    return batch
+
+def answers_from(model, results: list[Result], pad_id: int = 0) -> list[Answer]:
+    """Answers with routing summaries from the engine's results."""
+    summaries = routing_summaries(model, as_generation_output(results, pad_id))
+    return [Answer(r.text, routing, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.logprobs)
+            for r, routing in zip(results, summaries)]
 
 
 def generate_conversations(model, processor, conversations: Sequence[list[Turn]], images: Sequence[list],
-                           cfg: SamplingConfig, on_text: Callable[[int, str], None] | None = None) -> list[Answer]:
-    """Answers for a batch of conversations in one generation pass, with routing summaries."""
-    batch = conversation_batch(processor, conversations, images)
-    out = run_generation(model, processor, [], None, cfg, output_routing=True, on_text=on_text, batch=batch)
-    summaries = routing_summaries(model, out)
-    prompt_lengths = batch["attention_mask"].sum(-1).tolist()
-    return [Answer(text, routing, reason, int(n), len(tokens))
-            for text, routing, reason, n, tokens in zip(out.texts, summaries, out.finish_reasons,
-                                                         prompt_lengths, out.token_ids)]
+                           cfg: SamplingConfig, on_text: Callable[[int, str], None] | None = None,
+                           engine=None) -> list[Answer]:
+    """Answers for a batch of conversations through the engine (the model's shared one by default),
+    with routing summaries."""
+    engine = engine or shared_engine(model, processor)
+    results = engine.generate(conversation_requests(processor, conversations, images, cfg, on_text))
+    return answers_from(model, results, engine.pad_id)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def generate_conversations(model, processor, conversations: Sequence[list[Turn]]
 def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
                quantize: str | None = None):
     """(model, processor) from a model folder, on the chosen device and dtype, optionally int8."""
-    from ..model.pretrained import load_for_inference
+    from ..loading import load_for_inference
 
     model, processor = load_for_inference(path, device, dtype)
     if quantize not in (None, "none"):
@@ -159,9 +158,17 @@ def load_model(path: str, device: str | None = None, dtype: str | torch.dtype | 
 class MedMoE:
     """A loaded model with a processor: ask about images, one at a time, in batches, or in a chat."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 128):
+    def __init__(self, model, processor, max_new_tokens: int = 128, engine=None):
         self.model, self.processor = model, processor
         self.max_new_tokens = max_new_tokens
+        self._engine = engine
+
+    @property
+    def engine(self):
+        """The inference engine every answer runs through (medmoe.engine)."""
+        if self._engine is None:
+            self._engine = shared_engine(self.model, self.processor)
+        return self._engine
 
     @classmethod
     def load(cls, path: str, device: str | None = None, dtype: str | None = None, quantize: str | None = None,
@@ -182,7 +189,8 @@ class MedMoE:
         if len(images) != len(questions):
             raise DataError(f"{len(questions)} questions but {len(images)} images")
         return generate_conversations(self.model, self.processor, [[Turn(q)] for q in questions],
-                                      [_as_list(i) for i in images], self.config(max_new_tokens, **sampling))
+                                      [_as_list(i) for i in images], self.config(max_new_tokens, **sampling),
+                                      engine=self.engine)
 
     def stream(self, image, question: str, max_new_tokens: int | None = None, **sampling) -> Iterator[str]:
         """Yield the answer piece by piece."""
@@ -208,40 +216,29 @@ class ChatSession:
         return self.turns + [Turn(question)], images
 
     def ask(self, question: str, image=None, max_new_tokens: int | None = None, **sampling) -> Answer:
-        return self._finish(*self._run(question, image, None, max_new_tokens, **sampling))
+        turns, images, handle = self._submit(question, image, max_new_tokens, **sampling)
+        return self._finish(turns, images, self._answer(handle))
 
     def stream(self, question: str, image=None, max_new_tokens: int | None = None, **sampling) -> Iterator[str]:
-        """Yield the answer as it is produced; `self.last` holds the whole Answer afterwards.
+        """Yield the answer as it is produced; `self.last` holds the whole Answer afterwards."""
+        turns, images, handle = self._submit(question, image, max_new_tokens, **sampling)
+        try:
+            for delta in handle:
+                if delta.text:
+                    yield delta.text
+        finally:
+            handle.cancel()  # the caller stopped reading: stop generating (no-op once finished)
+        self._finish(turns, images, self._answer(handle))
 
-        Generation runs in a worker thread so pieces reach the caller while tokens are produced."""
-        import queue
-        import threading
-
-        pieces: queue.Queue = queue.Queue()
-        result: dict = {}
-
-        def work():
-            try:
-                result["value"] = self._run(question, image, lambda row, delta: pieces.put(delta),
-                                            max_new_tokens, **sampling)
-            except BaseException as err:  # handed to the caller's thread below
-                result["error"] = err
-            finally:
-                pieces.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (piece := pieces.get()) is not None:
-            yield piece
-        if "error" in result:
-            raise result["error"]
-        self._finish(*result["value"])
-
-    def _run(self, question, image, on_text, max_new_tokens, **sampling):
+    def _submit(self, question, image, max_new_tokens, **sampling):
         turns, images = self._question(question, image)
         m = self.medmoe
-        answer = generate_conversations(m.model, m.processor, [turns], [images],
-                                        m.config(max_new_tokens, **sampling), on_text)[0]
-        return turns, images, answer
+        request = conversation_requests(m.processor, [turns], [images], m.config(max_new_tokens, **sampling))[0]
+        return turns, images, m.engine.submit(request)
+
+    def _answer(self, handle) -> Answer:
+        m = self.medmoe
+        return answers_from(m.model, [handle.result()], m.engine.pad_id)[0]
 
     def _finish(self, turns, images, answer: Answer) -> Answer:
         turns[-1] = Turn(turns[-1].question, answer.text)

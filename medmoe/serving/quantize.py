@@ -160,9 +160,9 @@ def main(argv=None) -> None:
                    help="use the tiny random vision tower (the language model, which is what int8 touches, stays real)")
     args = p.parse_args(argv)
     if os.path.isdir(args.model):
-        from .api import load_model
+        from ..loading import load_for_inference
 
-        model, processor = load_model(args.model, device="cpu", dtype="float32")
+        model, processor = load_for_inference(args.model, device="cpu", dtype="float32")
     else:
         from ..model.presets import preset
 

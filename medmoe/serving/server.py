@@ -8,9 +8,10 @@
     GET  /                      the web page
 
 One worker thread owns the model. Requests are validated and their images decoded in the
-request handlers, then queued (bounded: a full queue answers 503); the worker takes up to
-`max_batch` queued requests with the same sampling settings and answers them in one batched
-generation, streaming each row's text to its client. Every request has a deadline (504 past it).
+request handlers, then queued (bounded: a full queue answers 503); the inference engine
+(medmoe.engine) runs up to `max_batch` requests at once with continuous batching: a request joins
+the running batch at the next decode step, keeps its own sampling settings, streams on its own
+and leaves when it ends. Every request has a deadline (504 past it).
 
 The server only reads what a request carries: images must be base64 `data:` URLs. It never
 opens a path or fetches a URL named in a request (http(s) image URLs get a 400 saying so).
@@ -25,7 +26,6 @@ import binascii
 import io
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -54,7 +54,7 @@ class Limits:
     max_prompt_tokens: int = 4096  # after image tokens are expanded
     max_tokens: int = 512  # cap on a request's max_tokens
     default_max_tokens: int = 128
-    max_batch: int = 8  # requests answered together in one generation
+    max_batch: int = 8  # requests decoded together (the engine's slots)
     queue_size: int = 64  # requests waiting; more get 503
     timeout_s: float = 120.0  # from arrival to the last token; 504 past it
 
@@ -65,10 +65,6 @@ class HTTPProblem(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-
-
-class _Cancelled(Exception):
-    pass
 
 
 # --- requests -> conversations ----------------------------------------------------------------
@@ -100,31 +96,25 @@ def decode_data_url(url: str, limits: Limits) -> tuple[bytes, str]:
 
 
 def open_upload(data: bytes, name: str, limits: Limits, window=None):
-    """Decode uploaded bytes to a PIL RGB image within the pixel limit (size checked before decoding)."""
-    from PIL import Image
-
+    """Decode uploaded bytes to a PIL RGB image within the decoding budget: sizes come from the
+    headers and are checked before any pixel is decoded or any stream inflated (413 when over)."""
     from ..data.images import load_image
+    from ..data.limits import DEFAULT_LIMITS, ImageTooLargeError
     from ..data.medical_images import load_medical, medical_kind
 
+    budget = DEFAULT_LIMITS.with_pixels(limits.max_image_pixels)
+    label = f"the uploaded image ({name})" if name != "upload" else "the uploaded image"
     try:
-        if medical_kind(data, name) is not None:
-            image = load_medical(data, name=name, window=window)
-        else:
-            if window is not None:
-                raise HTTPProblem(400, "window applies to DICOM and NIfTI images only")
-            try:
-                w, h = Image.open(io.BytesIO(data)).size  # reads the header only
-            except Exception:
-                w = h = 0  # load_image below gives the clear error
-            if w * h > limits.max_image_pixels:
-                raise HTTPProblem(413, f"image is {w}x{h} pixels, above the limit of {limits.max_image_pixels:,}; resize it")
-            image = load_image(data, name=name)
+        kind = medical_kind(data, name)
+        if kind is not None:
+            return load_medical(data, name=label, kind=kind, window=window, limits=budget)
+        if window is not None:
+            raise HTTPProblem(400, "window applies to DICOM and NIfTI images only")
+        return load_image(data, name=label, limits=budget)
+    except ImageTooLargeError as err:
+        raise HTTPProblem(413, str(err)) from None
     except MedMoEError as err:
         raise HTTPProblem(400, str(err)) from None
-    if image.width * image.height > limits.max_image_pixels:
-        raise HTTPProblem(413, f"image is {image.width}x{image.height} pixels, above the limit of "
-                               f"{limits.max_image_pixels:,}; resize it")
-    return image
 
 
 def parse_messages(messages, limits: Limits) -> tuple[list[Turn], list]:
@@ -206,8 +196,18 @@ def sampling_config(body: dict, limits: Limits) -> SamplingConfig:
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)[:4]
     seed = body.get("seed")
+    top_k = body.get("top_k") or 0
+    top_logprobs = body.get("top_logprobs") or 0
+    if not isinstance(top_k, int) or top_k < 0:
+        raise HTTPProblem(400, "top_k must be a non-negative integer")
+    if not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+        raise HTTPProblem(400, "top_logprobs must be an integer from 0 to 20")
+    if top_logprobs and not body.get("logprobs"):
+        raise HTTPProblem(400, "top_logprobs needs logprobs: true")
     return SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                          top_p=top_p, stop=stop, seed=int(seed) if seed is not None else None)
+                          top_p=top_p, top_k=top_k, stop=stop, seed=int(seed) if seed is not None else None,
+                          ignore_eos=bool(body.get("ignore_eos", False)), logprobs=bool(body.get("logprobs", False)),
+                          top_logprobs=top_logprobs)
 
 
 # --- the worker -------------------------------------------------------------------------------
@@ -231,105 +231,83 @@ class Job:
             self.cancelled = True
 
 
-class Engine:
-    """A bounded queue and one worker thread that batches compatible requests."""
+class Worker:
+    """The server's side of the inference engine (medmoe.engine): requests become engine requests
+    with their own sampling settings; the engine's background thread runs them with continuous
+    batching (a request joins the running batch at the next step) and streams each to its client."""
 
     def __init__(self, model, processor, limits: Limits):
+        from ..engine import Engine as InferenceEngine
+
         self.model, self.processor, self.limits = model, processor, limits
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
-        self.held: list[Job] = []  # taken from the queue but not batchable with the last batch
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="medmoe-worker", daemon=True)
-        self.batches = 0
-        self.largest_batch = 0
+        self.engine = InferenceEngine(model, processor, max_slots=limits.max_batch,
+                                      max_len=limits.max_prompt_tokens + limits.max_tokens,
+                                      max_waiting=limits.queue_size)
+
+    @property
+    def batches(self) -> int:
+        return self.engine.steps
+
+    @property
+    def largest_batch(self) -> int:
+        return self.engine.largest_batch
+
+    @property
+    def queued(self) -> int:
+        return self.engine.queued
 
     def start(self) -> None:
-        self.thread.start()
+        self.engine.warmup()  # kernels (and the one-row CUDA graph) before the first request
+        self.engine.start()
 
     def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=10)
+        self.engine.stop()
 
     def submit(self, job: Job) -> None:
+        """Encode the job's prompt (in the caller's thread) and queue it; 400, 503 as the case is."""
+        from ..engine import EngineBusy, Request, RequestTooLong, encode_conversation
+
         try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise HTTPProblem(503, "server busy: the request queue is full; retry shortly", "server_busy") from None
-
-    def _take(self) -> list[Job]:
-        first = self.held.pop(0) if self.held else None
-        while first is None and not self.stopping.is_set():
-            try:
-                first = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-        if first is None:
-            return []
-        batch, keep = [first], []
-        for job in self.held:
-            (batch if job.cfg == first.cfg and len(batch) < self.limits.max_batch else keep).append(job)
-        while len(batch) < self.limits.max_batch and len(keep) < self.limits.max_batch:  # held stays bounded
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            (batch if job.cfg == first.cfg else keep).append(job)
-        self.held = keep
-        return batch
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            batch = [job for job in self._take() if self._admit(job)]
-            if batch:
-                self._answer(batch)
-
-    def _admit(self, job: Job) -> bool:
-        if job.cancelled:
-            return False
-        if time.monotonic() > job.deadline:
-            job.emit("error", HTTPProblem(504, "timed out waiting in the queue", "timeout"))
-            return False
-        try:
-            n = len(self.processor.encode(job.turns).input_ids)
+            prompt = encode_conversation(self.processor, job.turns, job.images)
         except MedMoEError as err:
-            job.emit("error", HTTPProblem(400, str(err)))
-            return False
+            raise HTTPProblem(400, str(err)) from None
+        n = len(prompt.input_ids)
         if n > self.limits.max_prompt_tokens:
-            job.emit("error", HTTPProblem(400, f"the prompt is {n} tokens (images included), above the limit of "
-                                               f"{self.limits.max_prompt_tokens}; shorten the conversation"))
-            return False
-        return True
-
-    def _answer(self, batch: list[Job]) -> None:
-        from .api import generate_conversations
-
-        def on_text(row: int, delta: str) -> None:
-            job = batch[row]
-            if time.monotonic() > job.deadline:
-                job.cancelled = True
-            if not job.cancelled:
-                job.emit("text", delta)
-            if all(j.cancelled for j in batch):
-                raise _Cancelled  # nobody is listening: stop spending compute
-
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
+            raise HTTPProblem(400, f"the prompt is {n} tokens (images included), above the limit of "
+                                   f"{self.limits.max_prompt_tokens}; shorten the conversation")
+        request = Request(prompt, job.cfg, output_routing=True, deadline=job.deadline,
+                          on_delta=lambda delta: job.emit("text", delta),
+                          on_done=lambda result, error: self._done(job, result, error),
+                          is_cancelled=lambda: job.cancelled)
         try:
-            answers = generate_conversations(self.model, self.processor, [j.turns for j in batch],
-                                             [j.images for j in batch], batch[0].cfg, on_text)
-        except _Cancelled:
-            return
-        except MedMoEError as err:
-            for job in batch:
-                job.emit("error", HTTPProblem(400, str(err)))
-            return
-        except Exception:  # a bug or out of memory: answer 500, keep serving
-            logger.exception("generation failed for a batch of %d", len(batch))
-            for job in batch:
+            self.engine.submit(request)
+        except EngineBusy:
+            raise HTTPProblem(503, "server busy: the request queue is full; retry shortly", "server_busy") from None
+        except RequestTooLong as err:
+            raise HTTPProblem(400, str(err)) from None
+
+    def _done(self, job: Job, result, error) -> None:
+        from .api import answers_from
+
+        if error is not None:
+            if isinstance(error, (MedMoEError, ValueError)):
+                job.emit("error", HTTPProblem(400, str(error)))
+            else:
                 job.emit("error", HTTPProblem(500, "generation failed; see the server log", "server_error"))
-            return
-        for job, answer in zip(batch, answers):
-            job.emit("done", answer)
+        elif result.finish_reason == "cancelled":
+            if not job.cancelled:  # the deadline passed
+                job.emit("error", HTTPProblem(504, f"no answer within {self.limits.timeout_s:g} s", "timeout"))
+        else:
+            job.emit("done", answers_from(self.model, [result], self.engine.pad_id)[0])
+
+
+def openai_logprobs(entries) -> dict:
+    """OpenAI's `logprobs` of a choice: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def one(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, p) for _, t, p in e.top]}
+                        for e in entries]}
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -354,7 +332,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         if processor is None:
             raise ValueError("create_app(model, processor): a loaded model needs its processor")
     model_name = model_name or "medmoe"
-    engine = Engine(model, processor, limits)
+    engine = Worker(model, processor, limits)
     created = int(time.time())
 
     @asynccontextmanager
@@ -400,7 +378,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "device": str(model.device),
-                "queued": engine.queue.qsize(), "batches": engine.batches, "largest_batch": engine.largest_batch}
+                "queued": engine.queued, "batches": engine.batches, "largest_batch": engine.largest_batch}
 
     @app.get("/v1/models")
     async def models():
@@ -431,7 +409,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         images = await run_in_threadpool(load_images, specs)
         loop = asyncio.get_running_loop()
         job = Job(turns, images, cfg, loop, asyncio.Queue(), time.monotonic() + limits.timeout_s)
-        engine.submit(job)
+        await run_in_threadpool(engine.submit, job)  # tokenising and image preprocessing off the event loop
         if body.get("stream"):
             return StreamingResponse(sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -454,23 +432,29 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         while True:
             kind, payload = await next_event(job)
             if kind == "text":
-                pieces.append(payload)
+                pieces.append(payload.text)
             elif kind == "error":
                 raise payload
             else:
                 return "".join(pieces), payload
 
     def completion(job: Job, answer) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                  "finish_reason": _finish_reason(answer.finish_reason)}
+        if job.cfg.logprobs:
+            choice["logprobs"] = openai_logprobs(answer.logprobs or [])
         return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                             "finish_reason": _finish_reason(answer.finish_reason)}],
+                "choices": [choice],
                 "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                           "total_tokens": answer.prompt_tokens + answer.completion_tokens},
                 "routing": answer.routing.to_dict() if answer.routing else None}
 
-    def chunk(job: Job, delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(job: Job, delta: dict, finish: str | None = None, logprobs=None, **extra) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = openai_logprobs(logprobs)
         record = {"id": job.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+                  "choices": [choice], **extra}
         return f"data: {json.dumps(record)}\n\n"
 
     async def sse(job: Job):
@@ -482,7 +466,8 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                 except HTTPProblem as err:
                     kind, payload = "error", err
                 if kind == "text":
-                    yield chunk(job, {"content": payload})
+                    if payload.text or (job.cfg.logprobs and payload.logprobs):
+                        yield chunk(job, {"content": payload.text}, logprobs=payload.logprobs if job.cfg.logprobs else None)
                 elif kind == "error":
                     yield f"data: {json.dumps({'error': {'message': payload.message, 'type': payload.kind, 'code': payload.status}})}\n\n"
                     break

@@ -37,7 +37,7 @@ def model_dir(recipe: Recipe, phase: str) -> str:
 
 
 def load_model(path: str):
-    from ..model.pretrained import load_model as load_any
+    from ..loading import load_model as load_any
 
     return load_any(path)
 

@@ -225,7 +225,10 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     pad_id = getattr(dataset, "pad_id", 0)
     collate_fn = collate_fn or (lambda items: collate(items, pad_id))
     sampler = _Batches(n, phase.batch_size, seed, step * phase.grad_accum, total_micro, dist)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=phase.num_workers)
+    # The loader draws its base seed from its own generator, not the global one: a resumed run's
+    # global random state (dropout) then continues exactly where the checkpoint left it.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=phase.num_workers,
+                        generator=torch.Generator().manual_seed(seed))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     use_bf16 = phase.bf16 and dist.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import CheckpointError, ConfigError
-from .tower import VisionTower
+from .base import VisionTower
 
 # One row per stage: (repeats, kernel, first stride, expand ratio, output channels); EfficientNet-B0's table.
 STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),

@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import VisionConfig
 from ..errors import CheckpointError, ConfigError
-from .tower import VisionTower
+from .base import VisionTower
 
 # Keys of a config dict that describe the file, not the architecture.
 _NOT_ARCHITECTURE = ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures")

@@ -14,36 +14,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-
-
-class VisionTower(nn.Module):
-    """Base: subclasses set `hidden_size`, `num_tokens` and implement `features`."""
-
-    hidden_size: int
-    num_tokens: int
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.frozen = cfg.frozen
-
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                return self.features(pixel_values).detach()
-        return self.features(pixel_values)
-
-    def train(self, mode: bool = True):
-        # A frozen tower stays in eval mode (BatchNorm statistics, dropout) while the rest trains.
-        return super().train(mode and not self.frozen)
-
-    def freeze(self, frozen: bool = True) -> None:
-        self.frozen = frozen
-        self.requires_grad_(not frozen)
-        self.train(self.training)
+from .base import VisionTower
 
 
 class TinyVisionTower(VisionTower):

@@ -2,7 +2,7 @@
 
 A decode step at batch 1 reads every weight once, and several matrix-vector products over a
 layer's input run at a fraction of the bandwidth that one product over their weights stacked
-reaches (docs/speed.md: on the H200 the attention projections ran at about half the copy
+reaches (docs/speed.md: on an H200 the three attention projections run at about half the copy
 bandwidth).
 
 - Every architecture: transformers' attention modules (Llama, Phi, StableLM, Qwen2, ...) call
@@ -16,16 +16,16 @@ bandwidth).
   to `fc2` and returns zeros, which the block adds as it added the attention output. The FFN is
   the layer's MLP or, in a Med-MoE layer, its meta expert (the routed experts stay apart). Six
   products per layer become two. In a Med-MoE layer the fused input product also starts the
-  routed experts on a second CUDA stream (`moe/overlap.py`, `overlap_experts=True`): they read the
+  routed experts on a second CUDA stream (`engine/overlap.py`, `overlap_experts=True`): they read the
   same input, and run beside the attention instead of after it.
 
 At one row on a GPU (a batch-1 decode step) the fused products run through a matrix-vector
 kernel (`moe/kernels.py: linear`) that reads their weights nearer the copy bandwidth than cuBLAS.
 
-Phi's attention also takes its one-token step with a static cache through one kernel for the
-rotary embedding and the cache write (`model/decode_attention.py`, `decode_attention=True`).
+The modules standing in for the projections are put in place once, by `engine.prepare` (or
+`fuse_qkv` directly), and say so (`inference_only`): a prepared model is not saved as it is.
 
-    fuse_qkv(model)     # after merging LoRA adapters; load_for_inference does it on a GPU
+    fuse_qkv(model)     # after merging LoRA adapters; engine.prepare does it
     unfuse_qkv(model)   # the separate projections back, e.g. before save_pretrained
 """
 
@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..moe import kernels, overlap
-from . import decode_attention as _decode_attention
+from ..moe import MedMoEBlock, kernels
+from .overlap import OverlappedMoE
 
 
 class _Handoff:
@@ -92,10 +92,12 @@ class FusedQKV(nn.Module):
     """Stands in for `q_proj`: one linear over [W_q; W_k; W_v (; W_fc1)], returns the query part and
     hands the others over."""
 
+    inference_only = True
+
     def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, handoff: _Handoff, fc1: nn.Linear | None = None,
-                 moe_block: nn.Module | None = None):
+                 moe: OverlappedMoE | None = None):
         super().__init__()
-        object.__setattr__(self, "moe_block", moe_block)  # a reference: the layer owns the block
+        object.__setattr__(self, "moe", moe)  # a reference: the layer owns it
         parts = [q, k, v] + ([fc1] if fc1 is not None else [])
         self.names = ["q", "k", "v", "fc1"][: len(parts)]
         self.sizes = [p.out_features for p in parts]
@@ -105,9 +107,9 @@ class FusedQKV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         product = None
-        if self.moe_block is not None and type(self.linear) is nn.Linear:
+        if self.moe is not None and type(self.linear) is nn.Linear:
             # the block's experts, launched on a side stream to run beside this layer's attention
-            product = self.moe_block.start_routed(x, self.linear.weight, self.linear.bias)
+            product = self.moe.start(x, self.linear.weight, self.linear.bias)
         if product is None:
             product = _product(self.linear, x)
         q, *rest = product.split(self.sizes, dim=-1)
@@ -124,6 +126,8 @@ class HandedOver(nn.Module):
     """Stands in for `k_proj` / `v_proj` / `fc1`: returns its part of the product `q_proj` just ran
     (in the caller's layout: a Med-MoE block flattens the tokens)."""
 
+    inference_only = True
+
     def __init__(self, handoff: _Handoff, part: str):
         super().__init__()
         self.handoff, self.part = handoff, part
@@ -136,6 +140,8 @@ class HandedOver(nn.Module):
 class DeferredDense(nn.Module):
     """Stands in for Phi's attention `dense`: hands its input to the FFN's `fc2`, which applies both
     output projections in one product, and returns zeros for the block to add."""
+
+    inference_only = True
 
     def __init__(self, out_features: int, handoff: _Handoff):
         super().__init__()
@@ -151,6 +157,8 @@ class DeferredDense(nn.Module):
 
 class ParallelOut(nn.Module):
     """Stands in for the FFN's `fc2`: [attention output, act(h)] @ [W_dense | W_fc2]^T + both biases."""
+
+    inference_only = True
 
     def __init__(self, dense: nn.Linear, fc2: nn.Linear, handoff: _Handoff):
         super().__init__()
@@ -198,22 +206,20 @@ def _same_mode(module: nn.Module) -> None:
     module.train(module.training)  # the new modules take the train/eval mode of the one they joined
 
 
-def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = True, decode_attention: bool = True) -> int:
+def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = True) -> int:
     """Fuse every attention layer whose q/k/v projections are plain linears on one input (LoRA-
     wrapped or quantised ones are left alone) and, with `parallel`, the FFN projections of Phi's
     parallel layers as well, whose Med-MoE experts then start beside the attention unless not
-    `overlap_experts`; with `decode_attention`, Phi's attention modules take one-token steps through
-    decode_attention.py; returns how many attention layers were fused."""
+    `overlap_experts`; returns how many attention layers were fused."""
     fused = 0
     for layer in list(model.modules()) if parallel else []:
         ffn = _parallel_ffn(layer)
         if ffn is None:
             continue
-        attn, handoff = layer.self_attn, _Handoff()
-        block = layer.mlp if overlap_experts and hasattr(layer.mlp, "start_routed") else None
-        if block is not None:
-            block.overlap_key = overlap.register(block)
-        attn.q_proj = FusedQKV(attn.q_proj, attn.k_proj, attn.v_proj, handoff, fc1=ffn.fc1, moe_block=block)
+        attn, handoff, moe = layer.self_attn, _Handoff(), None
+        if overlap_experts and isinstance(layer.mlp, MedMoEBlock):
+            layer.mlp = moe = OverlappedMoE(layer.mlp)
+        attn.q_proj = FusedQKV(attn.q_proj, attn.k_proj, attn.v_proj, handoff, fc1=ffn.fc1, moe=moe)
         attn.k_proj, attn.v_proj, ffn.fc1 = HandedOver(handoff, "k"), HandedOver(handoff, "v"), HandedOver(handoff, "fc1")
         ffn.fc2 = ParallelOut(attn.dense, ffn.fc2, handoff)
         attn.dense = DeferredDense(attn.dense.out_features, handoff)
@@ -225,23 +231,21 @@ def fuse_qkv(model: nn.Module, parallel: bool = True, overlap_experts: bool = Tr
         attn.k_proj, attn.v_proj = HandedOver(handoff, "k"), HandedOver(handoff, "v")
         _same_mode(attn)
         fused += 1
-    if decode_attention:
-        _decode_attention.install(model)
     return fused
 
 
 def unfuse_qkv(model: nn.Module) -> int:
-    """Undo `fuse_qkv`: every projection with its own weights again, transformers' attention classes."""
-    _decode_attention.uninstall(model)
+    """Undo `fuse_qkv`: every projection with its own weights again, each MoE block in its layer."""
     count = 0
     for layer in list(model.modules()):
         attn = getattr(layer, "self_attn", None)
+        attn = getattr(attn, "attn", attn)  # inside engine/decode_attention.py's module, if there is one
         if isinstance(getattr(attn, "dense", None), DeferredDense):
+            if isinstance(layer.mlp, OverlappedMoE):
+                layer.mlp = layer.mlp.block
             ffn = layer.mlp.meta if hasattr(layer.mlp, "meta") else layer.mlp
             attn.q_proj, attn.k_proj, attn.v_proj, ffn.fc1 = attn.q_proj.unfused()
             attn.dense, ffn.fc2 = ffn.fc2.unfused()
-            if hasattr(layer.mlp, "overlap_key"):
-                layer.mlp.overlap_key = None
             count += 1
     for module in model.modules():
         if isinstance(getattr(module, "q_proj", None), FusedQKV):
@@ -252,11 +256,6 @@ def unfuse_qkv(model: nn.Module) -> int:
 
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, FusedQKV) for m in model.modules())
-
-
-def count_overlapped(model: nn.Module) -> int:
-    """How many Med-MoE blocks start their experts beside the attention (fuse_qkv(overlap_experts=True))."""
-    return sum(isinstance(m, FusedQKV) and m.moe_block is not None for m in model.modules())
 
 
 def count_parallel(model: nn.Module) -> int:

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# On the GPU machine (see scripts/gpu_payload.sh): assemble the payload once in $STAGE (it
+# On the GPU machine (see scripts/lab/gpu_payload.sh): assemble the payload once in $STAGE (it
 # survives between back-to-back calls on one machine), then run scripts/nano.sh STAGES under a
 # time budget (BUDGET seconds, default 560: a call may last 600) and pack what came out into $OUT:
 # log.txt, results.tgz (metrics, predictions, plots, logs; no weights) and, once exported, the
 # shipped delta as delta.part?? (15 MB each: cat delta.part?? | tar xf -). Stages resume.
 #
 #   cp .gpu/payload.partaa $STAGE/            # call 1, carrying .gpu/payload.partaa (likewise ab)
-#   bash scripts/gpu_run.sh prepare train     # last call, carrying the last part, .gpu/payload.sha256, .gpu/whl
+#   bash scripts/lab/gpu_run.sh prepare train     # last call, carrying the last part, .gpu/payload.sha256, .gpu/whl
 #
 # Runs longer than one call: DETACH=1 starts the stages in the background from a copy of the repo
 # (so that the next call's fresh working tree cannot change them mid-run) and returns; each
-# following call runs `bash scripts/gpu_wait.sh [SECONDS]`, which waits, shows progress, and once
+# following call runs `bash scripts/lab/gpu_wait.sh [SECONDS]`, which waits, shows progress, and once
 # the run has ended copies what it packed into that call's $OUT. BUDGET then defaults to 1500 s.
 # Call back-to-back: an idle machine is given back, and the run with it.
 set -uo pipefail
@@ -26,10 +26,10 @@ fi
 if [ "${DETACH:-0}" = 1 ]; then
   rm -rf "$STAGE/repo" "$STAGE/out" "$STAGE/run.pid" "$STAGE/run.done" && mkdir -p "$STAGE/repo" "$STAGE/out"
   tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$STAGE/repo"
-  (cd "$STAGE/repo" && OUT="$STAGE/out" DETACH=0 BUDGET=${BUDGET:-1500} setsid nohup bash scripts/gpu_run.sh "$@" \
+  (cd "$STAGE/repo" && OUT="$STAGE/out" DETACH=0 BUDGET=${BUDGET:-1500} setsid nohup bash scripts/lab/gpu_run.sh "$@" \
      > "$STAGE/run.log" 2>&1 < /dev/null &)
   for _ in 1 2 3 4 5 6 7 8 9 10; do [ -s "$STAGE/run.pid" ] && break; sleep 0.5; done
-  echo "started stages $* in the background (pid $(cat "$STAGE/run.pid")); next: bash scripts/gpu_wait.sh"
+  echo "started stages $* in the background (pid $(cat "$STAGE/run.pid")); next: bash scripts/lab/gpu_wait.sh"
   exit 0
 fi
 echo $$ > "$STAGE/run.pid"

@@ -22,7 +22,7 @@ import torch
 from transformers import StaticCache
 
 from ..model.modeling import cache_argument
-from .generate import eos_ids
+from ..generation.generate import eos_ids
 
 
 def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:

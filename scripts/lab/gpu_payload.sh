@@ -6,12 +6,12 @@
 #                    named in TOWERS, e.g. TOWERS="lite2" for `vision.kind=efficientnet_lite2`)
 #   payload.sha256   to check the reassembled payload
 #   whl/             small pure-Python wheels medmoe needs beyond a typical CUDA image (gguf, nltk)
-# Then, on the GPU machine, one call per part copies it to $STAGE, and scripts/gpu_run.sh runs stages.
+# Then, on the GPU machine, one call per part copies it to $STAGE, and scripts/lab/gpu_run.sh runs stages.
 #
-#   [MAX_SIDE=448] [TOWERS="lite1 lite2"] bash scripts/gpu_payload.sh ../shared/data [PART_SIZE]
+#   [MAX_SIDE=448] [TOWERS="lite1 lite2"] bash scripts/lab/gpu_payload.sh ../shared/data [PART_SIZE]
 set -euo pipefail
 SRC=$(cd "$1" && pwd); PART=${2:-60M}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 rm -rf .gpu/payload.part?? .gpu/whl && mkdir -p .gpu/whl

@@ -4,8 +4,8 @@ write in one kernel.
 transformers' Phi attention, for each layer of a decode step, splits the query and key into the
 rotated and the passed-through parts, rotates, joins the parts again and writes key and value into
 the cache: torch.compile makes five kernels of that (the rotation, two joins, two cache writes),
-each about a microsecond of work and a launch, 160 per step of Phi-2 on the step's critical path
-(docs/speed.md, run M). Here one op does all of it:
+each about a microsecond of work and a launch, 160 per step of Phi-2 on the step's critical path.
+Here one op does all of it:
 
     query = rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter)
 
@@ -15,9 +15,11 @@ value at slot `length` of the layer's cache, advances `length` (transformers' St
 `cumulative_length`) and returns the query [B, heads, 1, head_dim]. On a GPU with Triton it is one
 kernel (one program per batch row and head); elsewhere the same in PyTorch.
 
-`PhiDecodeAttention` is transformers' `PhiAttention` with that op on its one-token path with a
-static cache; any other call (a prompt, a dynamic cache, training) runs transformers' forward.
-`fuse_qkv` (model/fused_qkv.py) installs it; `unfuse_qkv` restores the class.
+`PhiDecodeAttention` holds transformers' `PhiAttention` and runs that op on its one-token path
+with a static cache; any other call (a prompt, a dynamic cache, training) runs transformers'
+attention as it is. The op sits before transformers' attention-function seam (`AttentionInterface`
+receives keys already rotated and written), so the module is replaced instead: `install` puts one
+in place of each PhiAttention, once (`engine.prepare` calls it), and `uninstall` puts them back.
 """
 
 from __future__ import annotations
@@ -145,47 +147,56 @@ def _attention_function(config):
     return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
-class PhiDecodeAttention(PhiAttention):
-    """PhiAttention whose one-token step with a static cache runs `rotary_cache_write`."""
+class PhiDecodeAttention(nn.Module):
+    """Stands in for a PhiAttention (`attn`, its weights and settings): its one-token step with a
+    static cache runs `rotary_cache_write`, every other call the attention's own forward."""
+
+    inference_only = True
+
+    def __init__(self, attn: PhiAttention):
+        super().__init__()
+        self.attn = attn
+        device = next(attn.parameters()).device
+        self.register_buffer("decode_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        attn = self.attn
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name since transformers 5.24, and before
-        layer = _static_layer(cache, self.layer_idx)
-        if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or self.training
-                or self.qk_layernorm or layer.keys.shape[-1] != self.head_dim):
-            return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        layer = _static_layer(cache, attn.layer_idx)
+        if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or attn.training
+                or attn.qk_layernorm or layer.keys.shape[-1] != attn.head_dim):
+            return attn(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
         cos, sin = position_embeddings
         query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                                    self.decode_counter)
         rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
-        out, weights = _attention_function(self.config)(self, query, layer.keys, layer.values, attention_mask,
-                                                        dropout=0.0, scaling=self.scaling, **rest)
+        out, weights = _attention_function(attn.config)(attn, query, layer.keys, layer.values, attention_mask,
+                                                        dropout=0.0, scaling=attn.scaling, **rest)
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.dense(out), weights
+        return attn.dense(out), weights
+
+
+def _replace_children(model: nn.Module, replace) -> int:
+    """Every child c of a module in `model` for which replace(c) is not None becomes replace(c)."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = replace(child)
+            if new is not None:
+                setattr(module, name, new)
+                count += 1
+    return count
 
 
 def install(model: nn.Module) -> int:
-    """Every transformers PhiAttention in `model` becomes a PhiDecodeAttention; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is PhiAttention:
-            module.__class__ = PhiDecodeAttention  # the same module and weights, another forward
-            device = next(module.parameters()).device
-            module.register_buffer("decode_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
-            count += 1
-    return count
+    """Every transformers PhiAttention in `model` runs inside a PhiDecodeAttention; returns how many."""
+    return _replace_children(model, lambda m: PhiDecodeAttention(m) if type(m) is PhiAttention else None)
 
 
 def uninstall(model: nn.Module) -> int:
     """Undo `install`."""
-    count = 0
-    for module in model.modules():
-        if type(module) is PhiDecodeAttention:
-            module.__class__ = PhiAttention
-            del module.decode_counter
-            count += 1
-    return count
+    return _replace_children(model, lambda m: m.attn if type(m) is PhiDecodeAttention else None)
 
 
 def count_installed(model: nn.Module) -> int:

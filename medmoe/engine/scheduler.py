@@ -1,0 +1,433 @@
+"""Continuous batching: the engine that runs every request of every user path.
+
+Each iteration of `step`:
+  1. admits waiting requests into free slots (up to `max_prefill_tokens` of prompt per iteration,
+     so that running streams are not stalled for long) and prefills them together, left-padded,
+     through the model's own forward (images, per-sample routing, routing records), then copies
+     each prompt's keys and values into its slot and picks its first token;
+  2. runs ONE decode step over all running requests (decode_step.py) and hands each its next
+     token by its own sampling settings;
+  3. finishes requests at end-of-sequence (unless `ignore_eos`), a stop string, `max_new_tokens`,
+     cancellation or their deadline, and keeps the running ones in slots 0..n-1 (the last one
+     moves into a freed slot), so that the step runs on the cache's first rows without gathers.
+
+The KV cache is bounded: `max_slots` requests run at once, each with at most `max_len` tokens of
+prompt and answer; a request waits in the queue for a free slot, a request longer than `max_len`
+is refused. `submit` returns a Handle at once; `generate` runs a list of requests to the end in
+the calling thread; `start()` runs the iterations in a background thread (the server).
+
+    engine = Engine(model, processor, max_slots=16)
+    results = engine.generate([Request(encode_question(processor, "What is shown?", image))])
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import MedMoEError
+from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
+from ..moe import LayerRouting
+from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
+from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
+from .sampling import MAX_TOP_LOGPROBS, logprobs_by_row, pick_tokens, token_logprobs
+from .slot_cache import SlotCache
+
+logger = logging.getLogger(__name__)
+
+
+def _config_eos(model) -> set[int]:
+    eos = getattr(model.config.llm_config(), "eos_token_id", None)
+    return {eos} if isinstance(eos, int) else set(eos or ())
+
+
+class EngineBusy(MedMoEError):
+    """The engine's queue is full."""
+
+
+class RequestTooLong(MedMoEError, ValueError):
+    """A request needs more tokens than a slot holds."""
+
+
+@dataclass
+class _Running:
+    """A request in a slot."""
+    handle: Handle
+    cfg: SamplingConfig
+    generator: torch.Generator | None
+    length: int  # tokens in the cache (the next token is fed at this position)
+    prompt_ids: list[int]
+    routing: list[LayerRouting] | None
+    tokens: list[int] = field(default_factory=list)
+    pending: int = 0  # steps launched whose token the request has not been handed yet
+    text: str = ""
+    sent: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    generated: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class _Picked:
+    """The tokens one step picked (on the host, or on their way there until `done`)."""
+    runs: list[_Running]  # the requests of the step's rows, in row order when it was launched
+    tokens: torch.Tensor
+    scores: tuple | None  # token_logprobs of the rows in `wanted`
+    wanted: list[int]
+    top: list[int]
+    done: torch.cuda.Event | None
+
+
+class Engine:
+    def __init__(self, model, processor=None, max_slots: int = 8, max_len: int | None = None,
+                 max_prefill_tokens: int = 4096, max_waiting: int | None = None,
+                 cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None):
+        """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
+        `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
+        decode step through torch.compile (True, or its mode), compiled once per shape at first use.
+        `overlap_steps` (default: on a GPU): launch each decode step before handing out the previous
+        step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
+        runs while the device computes; a request that ends then costs its row one extra step."""
+        self.model, self.processor = model.eval(), processor
+        lm = model.language_model
+        weight = lm.get_input_embeddings().weight
+        # The cache grows on demand, so a generous default costs nothing until a request needs it.
+        self.max_len = max_len or max(getattr(lm.config, "max_position_embeddings", None) or 0, 4096)
+        self.max_slots = max_slots
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_waiting = max_waiting
+        self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
+        self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
+        self.eos = eos_ids(model, processor) if processor is not None else _config_eos(model)
+        self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
+        self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
+        self.in_flight: _Picked | None = None
+        self.active: list[_Running] = []
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.incoming: collections.deque[Handle] = collections.deque()
+        self.lock = threading.Lock()  # guards incoming
+        self.stepping = threading.Lock()  # one thread steps at a time
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        self.steps = 0
+        self.largest_batch = 0
+
+    # ----- submitting -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        return len(self.incoming) + len(self.waiting)
+
+    def submit(self, request: Request) -> Handle:
+        need = len(request.prompt.input_ids) + max(request.sampling.max_new_tokens, 1)
+        if need > self.max_len:
+            raise RequestTooLong(f"the prompt ({len(request.prompt.input_ids)} tokens) and max_new_tokens "
+                                 f"({request.sampling.max_new_tokens}) exceed the {self.max_len} tokens of an "
+                                 "engine slot; shorten the prompt or lower max_new_tokens")
+        handle = Handle(request, self)
+        if request.sampling.max_new_tokens <= 0:  # nothing to generate (as the reference loop)
+            ids = list(request.prompt.input_ids)
+            handle._finish(Result("", [], "length", len(ids), ids))
+            return handle
+        with self.lock:
+            if self.max_waiting is not None and self.queued >= self.max_waiting:
+                raise EngineBusy("server busy: the request queue is full; retry shortly")
+            self.incoming.append(handle)
+        self.wake.set()
+        return handle
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run `requests` to the end (in this thread, or by the background runner when it runs)."""
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def wait(self, handle: Handle, timeout: float | None = None) -> None:
+        if self.running:
+            handle._done.wait(timeout)
+            return
+        while not handle.done:
+            self.step()
+
+    def warmup(self) -> None:
+        """Run short text requests through prefill and decode steps, so that the first user
+        requests do not pay for kernel set-up, torch.compile or graph capture: on a GPU, one
+        batch per row bucket (graphs of the first length bucket); longer contexts capture their
+        graphs when they first occur."""
+        ids = self.processor(["hello"])["input_ids"][0].tolist() if self.processor is not None else [0] * 8
+        cfg = SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True)
+        sizes = sorted({row_bucket(n, self.max_slots) for n in range(1, self.max_slots + 1)})
+        for size in sizes if self.step_fn.cuda_graphs else [1]:
+            self.generate([Request(Prompt(ids), cfg) for _ in range(size)])
+
+    # ----- the background runner ----------------------------------------------------------------
+    def start(self) -> None:
+        if self.running:
+            return
+        self.stopping.clear()
+        self.thread = threading.Thread(target=self._loop, name="medmoe-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.thread = None
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            if not self.step():
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    # ----- one iteration -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admit and prefill what fits, then one decode step; False when there was nothing to do."""
+        with self.stepping:
+            with self.lock:
+                self.waiting.extend(self.incoming)
+                self.incoming.clear()
+            self._drop_cancelled()
+            admitted = self._admit()
+            previous, self.in_flight = self.in_flight, None
+            try:
+                launched = self._decode() if self.active else None
+                if self.overlap_steps:
+                    # The host hands out the previous step's tokens while the device runs this one.
+                    self.in_flight = launched
+                    launched = None
+                for picked in (previous, launched):
+                    if picked is not None:
+                        self._hand_out(picked)
+            except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
+                logger.exception("decode step failed for %d requests", len(self.active))
+                for run in self.active:
+                    run.handle._finish(None, err)
+                self.active, self.in_flight = [], None
+                self.step_fn.positions.zero_()
+            return admitted or previous is not None or self.in_flight is not None or bool(self.active)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        keep = collections.deque()
+        for handle in self.waiting:
+            deadline = handle.request.deadline
+            if handle.cancelled or (deadline is not None and now > deadline):
+                handle._finish(Result("", [], "cancelled", len(handle.request.prompt.input_ids),
+                                      list(handle.request.prompt.input_ids)))
+            else:
+                keep.append(handle)
+        self.waiting = keep
+        for i in reversed(range(len(self.active))):
+            run = self.active[i]
+            deadline = run.handle.request.deadline
+            if run.handle.cancelled or (deadline is not None and now > deadline):
+                run.finish = "cancelled"
+                self._release(i)
+
+    def _admit(self) -> bool:
+        take: list[Handle] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.active) + len(take) < self.max_slots:
+            cost = len(self.waiting[0].request.prompt.input_ids)
+            if take and cost > budget:
+                break
+            budget -= cost
+            take.append(self.waiting.popleft())
+        if not take:
+            return False
+        running = len(self.active)
+        try:
+            self._prefill(take)
+        except Exception as err:
+            del self.active[running:]  # what the failed prefill had placed
+            if len(take) > 1:  # one bad prompt must not fail the others: each alone
+                for handle in take:
+                    self._prefill_alone(handle)
+            else:
+                self._fail(take[0], err)
+        return True
+
+    def _prefill_alone(self, handle: Handle) -> None:
+        running = len(self.active)
+        try:
+            self._prefill([handle])
+        except Exception as err:
+            del self.active[running:]
+            self._fail(handle, err)
+
+    def _fail(self, handle: Handle, err: Exception) -> None:
+        if not isinstance(err, (MedMoEError, ValueError)):
+            logger.exception("prefill failed", exc_info=err)
+        handle._finish(None, err)
+
+    # ----- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, take: list[Handle]) -> None:
+        model = self.model
+        device = self.cache.device
+        prompts = [h.request.prompt for h in take]
+        lengths = [len(p.input_ids) for p in prompts]
+        width = max(lengths)
+        ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(take), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row's last token in the last column
+            ids[row, width - lengths[row]:] = torch.tensor(prompt.input_ids, dtype=torch.long)
+            mask[row, width - lengths[row]:] = 1
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        pixels = torch.cat(pixels).to(device) if pixels else None
+        ids, mask = ids.to(device), mask.to(device)
+        want_routing = any(h.request.output_routing for h in take) and model.is_moe
+        shared = 0
+        if all(h.request.sampling.share_prefix for h in take):
+            shared = shared_prefix_length(model, ids, mask)
+        if shared:  # the prompts' common start (the template's system prompt) prefilled once
+            out, _, _, routing = prefill_shared_prefix(model, ids, mask, shared, pixels, output_routing=want_routing)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=DynamicCache(), use_cache=True,
+                        output_routing=want_routing, logits_to_keep=1)
+            routing = out.routing
+        probs = dict(model.moe_state.sample_probs)
+        needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
+        needs += [n + h.request.sampling.max_new_tokens for n, h in zip(lengths, take)]
+        self.cache.reserve(max(needs))
+        keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, B, kv heads, width, head dim]
+        values = torch.stack([layer.values for layer in out.cache.layers])
+        logits = out.logits[:, -1].float()
+        first = len(self.active)
+        for row, handle in enumerate(take):
+            slot, start = first + row, width - lengths[row]
+            if shared:  # row layout [shared prefix][padding][own tokens]
+                self.cache.load(slot, keys[:, row, :, :shared], values[:, row, :, :shared])
+                self.cache.load(slot, keys[:, row, :, shared + start:], values[:, row, :, shared + start:], at=shared)
+            else:  # [padding][prompt]
+                self.cache.load(slot, keys[:, row, :, start:], values[:, row, :, start:])
+            for layer, slot_probs in self.step_fn.slot_probs.items():
+                if layer in probs:
+                    slot_probs[slot].copy_(probs[layer][row])
+            records = None  # in the left-padded layout
+            if handle.request.output_routing and routing:
+                records = [LayerRouting(r.layer, r.expert_index[row:row + 1, start:], r.probs[row:row + 1, start:])
+                           for r in routing]
+            cfg = handle.request.sampling
+            generator = None
+            if cfg.do_sample and cfg.seed is not None:
+                generator = torch.Generator(device=device).manual_seed(cfg.seed)
+            self.active.append(_Running(handle, cfg, generator, lengths[row], list(prompts[row].input_ids), records,
+                                        logprobs=[] if cfg.logprobs else None))
+        self.step_fn.positions[first:first + len(take)] = torch.tensor(lengths, device=device)
+        self._hand_out(self._pick(logits, self.active[first:], first))
+
+    # ----- decode ------------------------------------------------------------------------------
+    def _decode(self) -> _Picked | None:
+        """Launch one decode step of every running request and the picking of their tokens (device
+        work, no host sync), unless every one of them has all its tokens already."""
+        runs = list(self.active)
+        if all(r.generated + r.pending >= r.cfg.max_new_tokens for r in runs):
+            return None
+        self.largest_batch = max(self.largest_batch, len(runs))
+        self.steps += 1
+        logits = self.step_fn(len(runs), max(r.length for r in runs) + 1)
+        self.step_fn.positions[:len(runs)] += 1
+        for run in runs:
+            run.length += 1
+        return self._pick(logits, runs, 0)
+
+    def _pick(self, logits: torch.Tensor, runs: list[_Running], first: int) -> _Picked:
+        """The next token of rows first.. (logits [rows, V]) into the step's token buffer, and their
+        log-probabilities where asked for, copied towards the host without waiting."""
+        tokens = pick_tokens(logits, [r.cfg for r in runs], [r.generator for r in runs])
+        self.step_fn.tokens[first:first + len(runs)].copy_(tokens)
+        wanted = [i for i, r in enumerate(runs) if r.cfg.logprobs]
+        top = [min(max(r.cfg.top_logprobs, 0), MAX_TOP_LOGPROBS) for r in runs if r.cfg.logprobs]
+        scores = token_logprobs(logits, tokens, wanted, top)
+        for run in runs:
+            run.pending += 1
+        done = None
+        if tokens.is_cuda:
+            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            scores = tuple(t.to("cpu", non_blocking=True) for t in scores) if scores is not None else None
+            done = torch.cuda.Event()
+            done.record()
+        return _Picked(runs, tokens, scores, wanted, top, done)
+
+    def _hand_out(self, picked: _Picked) -> None:
+        """Give each request its token once it is on the host; release the requests that finished.
+        A request that finished (or was cancelled) after the step was launched ignores its token."""
+        if picked.done is not None:
+            picked.done.synchronize()
+        scores = logprobs_by_row(picked.scores, picked.wanted, picked.top)
+        for i, (run, token) in enumerate(zip(picked.runs, picked.tokens.tolist())):
+            run.pending -= 1
+            if run.finish is None and self._accept(run, token, scores.get(i)):
+                self._release(self.active.index(run))
+
+    def _accept(self, run: _Running, token: int, score) -> bool:
+        """Hand one token to its request; True when the request has finished."""
+        cfg = run.cfg
+        run.generated += 1
+        new: list[int] = []
+        entry = None
+        if token in self.eos and not cfg.ignore_eos:
+            run.finish = "eos"
+        else:
+            run.tokens.append(token)
+            new = [token]
+            text = self.processor.decode(run.tokens) if self.processor is not None else ""
+            for stop in cfg.stop:
+                if stop and stop in text:
+                    text, run.finish = text[: text.index(stop)], "stop"
+            run.text = text
+            if score is not None:
+                entry = self._logprob_entry(token, score)
+                run.logprobs.append(entry)
+        if run.finish is None and run.generated >= cfg.max_new_tokens:
+            run.finish = "length"
+        piece = ""
+        text = run.text
+        if run.finish is not None:
+            if len(text) > len(run.sent) and text.startswith(run.sent):  # flush what was held back
+                piece = text[len(run.sent):]
+        elif not text.endswith("\ufffd") and len(text) > len(run.sent):
+            piece = text[len(run.sent):]
+        if piece:
+            run.sent = text
+        if piece or new:
+            run.handle._emit(Delta(piece, new, [entry] if entry is not None else None))
+        return run.finish is not None
+
+    def _logprob_entry(self, token: int, score) -> TokenLogprob:
+        chosen, top = score
+        name = self._token_text
+        return TokenLogprob(token, name(token), chosen, [(i, name(i), p) for i, p in top])
+
+    def _token_text(self, token: int) -> str:
+        return self.processor.tokenizer.decode([token]) if self.processor is not None else str(token)
+
+    def _release(self, slot: int) -> None:
+        """Finish the request in `slot` and move the last running request into it."""
+        run = self.active[slot]
+        last = len(self.active) - 1
+        if slot != last:
+            moved = self.active[last]
+            self.cache.move(last, slot, moved.length)
+            for buffer in (self.step_fn.tokens, self.step_fn.positions, *self.step_fn.slot_probs.values()):
+                buffer[slot] = buffer[last]
+            self.active[slot] = moved
+        self.active.pop()
+        self.step_fn.positions[last] = 0
+        request = run.handle.request
+        result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
+                        run.routing, run.logprobs)
+        run.handle._finish(result)

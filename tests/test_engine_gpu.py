@@ -1,0 +1,65 @@
+"""On a GPU: the engine's CUDA-graph decode steps give the eager steps' tokens, with the fused
+projections and experts on a side stream (what load_for_inference installs), for requests of
+different lengths joining and leaving. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medmoe.engine import Engine, Request, encode_question
+from medmoe.generation import SamplingConfig, run_generation
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+QUESTIONS = ["What modality is this image?", "Any fracture?", "Describe the finding in detail, please.", "hi", "where?"]
+
+
+def fused_model(routing: str, expert_type: str, dtype=torch.bfloat16):
+    from medmoe.engine.prepare import prepare
+    from medmoe.model.pretrained import build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model("tiny-phi")
+    model.upcycle({"routing": routing, "expert_type": expert_type, "expert_lora": {"rank": 4, "alpha": 8}})
+    for block in model.moe_blocks:
+        with torch.no_grad():
+            for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):
+                weight.add_(torch.randn_like(weight) * 0.05)
+    model = model.to("cuda", dtype).eval()
+    prepare(model)
+    return model, processor
+
+
+def run(engine: Engine, processor, lengths):
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    handles = []
+    for i, (q, n) in enumerate(zip(QUESTIONS, lengths)):
+        handles.append(engine.submit(Request(encode_question(processor, q, image if i % 2 == 0 else None),
+                                             SamplingConfig(max_new_tokens=n, ignore_eos=True))))
+        engine.step()  # each request joins a running batch
+    return [h.result() for h in handles]
+
+
+@pytest.mark.parametrize("routing,expert_type", [("token", "full"), ("pooled", "full"), ("token", "lora")])
+def test_graph_steps_equal_eager_steps(routing, expert_type):
+    model, processor = fused_model(routing, expert_type)
+    lengths = [20, 6, 30, 3, 12]
+    graphed = Engine(model, processor, max_slots=8)
+    assert graphed.step_fn.cuda_graphs
+    fast = run(graphed, processor, lengths)
+    assert graphed.step_fn.graphs  # the steps were replayed from graphs
+    slow = run(Engine(model, processor, max_slots=8, cuda_graphs=False, overlap_steps=False), processor, lengths)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
+    assert [len(r.token_ids) for r in fast] == lengths
+
+
+def test_engine_matches_the_reference_loop_on_the_gpu():
+    model, processor = fused_model("token", "full", torch.float32)
+    cfg = SamplingConfig(max_new_tokens=16, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4)
+    results = engine.generate([Request(encode_question(processor, q, None), cfg) for q in QUESTIONS[:3]])
+    for q, result in zip(QUESTIONS, results):
+        assert result.token_ids == run_generation(model, processor, [q], None, cfg).token_ids[0]

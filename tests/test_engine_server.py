@@ -1,0 +1,79 @@
+"""`medmoe serve` on the engine: concurrent streams with their own settings, OpenAI logprobs, ignore_eos."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from medmoe.generation import SamplingConfig, run_generation
+
+
+@pytest.fixture(scope="module")
+def served():
+    import httpx
+
+    from medmoe.model.pretrained import build_model
+    from medmoe.serving.server import Limits, create_app, serve_in_thread
+
+    torch.manual_seed(0)
+    model, processor = build_model("tiny")
+    model.upcycle()
+    model.eval()
+    app = create_app(model, processor, Limits(max_tokens=32, max_batch=4), model_name="tiny")
+    with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=120) as client:
+        yield model, processor, client
+
+
+def stream(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_two_concurrent_streams_with_their_own_settings(served):
+    model, processor, client = served
+    greedy = {"messages": [{"role": "user", "content": "What is shown here?"}], "max_tokens": 12, "ignore_eos": True,
+              "logprobs": True, "top_logprobs": 2}
+    sampled = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 1.3, "seed": 5,
+               "ignore_eos": True}
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, b=b: out.__setitem__(k, stream(client, b)))
+               for k, b in (("greedy", greedy), ("sampled", sampled))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {
+        "greedy": run_generation(model, processor, ["What is shown here?"], None,
+                                 SamplingConfig(max_new_tokens=12, ignore_eos=True)),
+        "sampled": run_generation(model, processor, ["hi"], None,
+                                  SamplingConfig(max_new_tokens=20, do_sample=True, temperature=1.3, seed=5,
+                                                 ignore_eos=True))}
+    for key, chunks in out.items():
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text.strip() == expected[key].texts[0]
+        assert chunks[-1]["usage"]["completion_tokens"] == len(expected[key].token_ids[0])
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    entries = [e for c in out["greedy"] if c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]]
+    assert len(entries) == 12 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert all(e["logprob"] <= 0 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"]) for e in entries)
+    assert not any(c["choices"][0].get("logprobs") for c in out["sampled"])
+
+
+def test_logprobs_in_a_plain_response_and_bad_values(served):
+    _, _, client = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True, "logprobs": True}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert len(choice["logprobs"]["content"]) == r.json()["usage"]["completion_tokens"] == 4
+    assert choice["logprobs"]["content"][0]["top_logprobs"] == []
+    assert client.post("/v1/chat/completions", json={**body, "top_logprobs": 50}).status_code == 400
+    assert client.post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": 2}).status_code == 400
+    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()["choices"][0]
+    assert "logprobs" not in plain
