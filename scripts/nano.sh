@@ -62,8 +62,8 @@ ablation_pooled() { ablation pooled phase3.moe.routing=pooled; }
 ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN inputs (its own router phase)
   mkdir -p runs/per-layer-router
   ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-router/phase2
-  $MEDMOE train --recipe nano --phase router --resume output_dir=runs/per-layer-router router.per_layer=true
-  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-router phase3.moe.router=per_layer
+  $MEDMOE train --recipe nano --phase router --resume output_dir=runs/per-layer-router router.train_per_layer=true
+  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-router phase3.moe.router_sharing=per_layer
   evaluate runs/per-layer-router/phase3/model evals/per-layer-router
 }
 
@@ -71,7 +71,7 @@ ablation_per-layer-sample() {  # the per-layer routers above, each choosing one 
   mkdir -p runs/per-layer-sample
   ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-sample/phase2
   ln -sfn "$PWD/runs/per-layer-router/router" runs/per-layer-sample/router
-  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-sample phase3.moe.router=per_layer \
+  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-sample phase3.moe.router_sharing=per_layer \
     phase3.moe.routing=sample
   evaluate runs/per-layer-sample/phase3/model evals/per-layer-sample
 }

@@ -2,7 +2,7 @@
 
     python scripts/profile_speed.py moe      # one Phi-2-size MoE layer: 16K tokens fwd+bwd, ours and floor
     python scripts/profile_speed.py train    # one phase-3 training step at Phi-2 size, checkpointing on
-    python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective)
+    python scripts/profile_speed.py train=selective   # ... with another grad_checkpointing setting (0, 2, selective, activations)
     python scripts/profile_speed.py decode   # 100 compiled batch-1 decode steps, run without the graph
     python scripts/profile_speed.py decode=plain      # ... with separate query, key and value projections
     python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
@@ -28,7 +28,8 @@ from medmoe.bench import moe_layer
 from medmoe.bench import train as train_bench
 from medmoe.bench.models import image_prompt, phi2_medmoe
 from medmoe.bench.timing import median_ms
-from medmoe.model.recompute import checkpointing_options, parse_checkpointing
+from medmoe.model.recompute import checkpointing_options
+from medmoe.training.recipe import checkpointing_setting
 
 DEVICE = torch.device("cuda")
 
@@ -62,9 +63,9 @@ def moe() -> None:
 def train(setting: str = "1") -> None:
     model = phi2_medmoe(DEVICE)
     model.train()
-    setting = parse_checkpointing(setting)
-    if setting:
-        model.gradient_checkpointing_enable(**checkpointing_options(setting))
+    mode, every = checkpointing_setting(setting)
+    if mode != "off":
+        model.gradient_checkpointing_enable(**checkpointing_options(mode, every))
     optimizer = torch.optim.AdamW(train_bench.phase3_parameters(model), lr=1e-5, fused=True)
     ids, mask, pixels = image_prompt(model, 16, 64, DEVICE, seed=1)
     labels = ids.clone()
@@ -250,9 +251,9 @@ def cat_callers(setting: str = "0") -> None:
                 num_key_value_heads=4, vocab_size=256)
     model = phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
     model.train()
-    setting = parse_checkpointing(setting)
-    if setting:
-        model.gradient_checkpointing_enable(**checkpointing_options(setting))
+    mode, every = checkpointing_setting(setting)
+    if mode != "off":
+        model.gradient_checkpointing_enable(**checkpointing_options(mode, every))
     ids, mask, pixels = image_prompt(model, 2, 6, torch.device("cpu"))
     callers = collections.Counter()
 

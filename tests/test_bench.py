@@ -50,12 +50,16 @@ def test_checkpoint_every_settings_parse_or_fail_with_the_choices():
     import pytest
 
     from medmoe.cli import main
-    from medmoe.model.recompute import checkpointing_options, parse_checkpointing
+    from medmoe.errors import ConfigError
+    from medmoe.model.recompute import checkpointing_options
+    from medmoe.training.recipe import checkpointing_setting
 
-    assert [parse_checkpointing(t) for t in ("0", " 2", "selective", "activations")] == [0, 2, "selective", "activations"]
-    assert checkpointing_options(parse_checkpointing("selective")) == {"every": 1, "selective": True}
-    assert checkpointing_options(parse_checkpointing("activations")) == {"activations": True}
-    for bad in ("x", "-1", "1.5"):
-        with pytest.raises(ValueError):
-            parse_checkpointing(bad)
+    assert [checkpointing_setting(t) for t in ("0", " 2", "selective", "activations", "full", True)] == [
+        ("off", 1), ("full", 2), ("selective", 1), ("activations", 1), ("full", 1), ("full", 1)]
+    assert checkpointing_options(*checkpointing_setting("selective")) == {"every": 1, "selective": True}
+    assert checkpointing_options(*checkpointing_setting("activations")) == {"activations": True}
+    assert checkpointing_options(*checkpointing_setting("3")) == {"every": 3, "selective": False}
+    for bad in ("x", "-1", "1.5", -1):
+        with pytest.raises(ConfigError, match="grad_checkpointing="):
+            checkpointing_setting(bad)
     assert main(["bench", "--what", "train", "--checkpoint-every", "1,x", "--device", "cpu"]) != 0

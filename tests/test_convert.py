@@ -334,7 +334,7 @@ def test_config_mapping(tmp_path, clip_tower):
     assert cfg.text_config["model_type"] == "stablelm"
     assert cfg.text_config["partial_rotary_factor"] == 0.25 and cfg.text_config["layer_norm_eps"] == 1e-5
     moe = cfg.moe_config
-    assert (moe.layers, moe.num_experts, moe.top_k, moe.meta_expert, moe.renormalize, moe.router) == (
+    assert (moe.layers, moe.num_experts, moe.top_k, moe.meta_expert, moe.renormalize, moe.router_sharing) == (
         [0, 2], 4, 1, True, False, "shared")
     assert cfg.vision["name_or_path"] == "tiny-clip" and cfg.vision["feature_layer"] == -2
     assert cfg.vision["select"] == "patch" and cfg.projector == "mlp2x_gelu" and cfg.chat_template == "medmoe"
@@ -345,7 +345,7 @@ def test_config_mapping(tmp_path, clip_tower):
     assert model.router.weight.dtype == torch.float32
     assert tower_name("/mnt/user/ckpt/openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
     llava = load_official(write_official(tmp_path / "llava", "phi", "moe-llava"))
-    assert llava.config.moe_config.renormalize and llava.config.moe_config.router == "per_layer"
+    assert llava.config.moe_config.renormalize and llava.config.moe_config.router_sharing == "per_layer"
 
 
 def test_bin_loads_with_weights_only_and_sharded_index(tmp_path, clip_tower):

@@ -24,7 +24,7 @@ def images():
 
 def moe_model(name="tiny-phi", routing="token", expert_type="full"):
     model, processor = build_model(name)
-    model.upcycle({"routing": routing, "expert_type": expert_type, "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"routing": routing, "expert_type": expert_type, "expert_lora": {"rank": 4, "alpha": 8}})
     for block in model.moe_blocks:  # experts that differ, so that routing matters
         with torch.no_grad():
             for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):

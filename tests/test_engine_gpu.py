@@ -21,7 +21,7 @@ def fused_model(routing: str, expert_type: str, dtype=torch.bfloat16):
 
     torch.manual_seed(0)
     model, processor = build_model("tiny-phi")
-    model.upcycle({"routing": routing, "expert_type": expert_type, "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"routing": routing, "expert_type": expert_type, "expert_lora": {"rank": 4, "alpha": 8}})
     for block in model.moe_blocks:
         with torch.no_grad():
             for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):

@@ -31,7 +31,7 @@ def greedy_reference(model, input_ids, attention_mask, pixel_values, steps):
 @pytest.mark.parametrize("expert_type", ["full", "lora"])
 def test_static_decode_matches_full_recompute(name, routing, expert_type):
     model, processor = build_model(name)
-    model.upcycle({"routing": routing, "expert_type": expert_type, "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"routing": routing, "expert_type": expert_type, "expert_lora": {"rank": 4, "alpha": 8}})
     for block in model.moe_blocks:  # make experts differ, so routing matters
         with torch.no_grad():
             for weight in (block.experts.w_in,) if expert_type == "full" else (block.experts.b_in, block.experts.b_out):
@@ -80,10 +80,11 @@ def test_graph_safe_accepts_fused_lora_experts_and_refuses_the_loop():
     from medmoe.engine.static_decode import graph_safe
 
     lora, _ = build_model("tiny")
-    lora.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    lora.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     assert graph_safe(lora, torch.float32, torch.device("cpu"))
     looped, _ = build_model("tiny")
-    looped.upcycle({"dispatch": "loop"})
+    looped.upcycle()
+    looped.set_dispatch("loop")
     assert not graph_safe(looped, torch.float32, torch.device("cpu"))
 
 

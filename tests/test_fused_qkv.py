@@ -133,6 +133,6 @@ def test_parallel_fusion_can_be_left_off_and_skips_lora_experts():
     model.upcycle()
     assert fuse_qkv(model, parallel=False) == 4 and count_parallel(model) == 0
     model, _ = build_model("tiny-phi")
-    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     fuse_qkv(model)
     assert count_parallel(model) == 4 - len(model.moe_blocks)  # the dense layers only

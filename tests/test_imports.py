@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medmoe"
 
 # Bottom to top, as in docs/architecture.md. A part may import its own layer's parts and the ones below.
 LAYERS = [
-    ("errors", "config", "files", "version"),
+    ("errors", "settings", "config", "files", "version"),
     ("data", "adapters", "projector"),
     ("vision", "moe"),
     ("model",),

@@ -241,7 +241,7 @@ def test_stop_strings_and_streaming(tiny):
 
 def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path):
     model, processor = tiny
-    model.upcycle({"router": "per_layer", "top_k": 2})
+    model.upcycle({"router_sharing": "per_layer", "top_k": 2})
     batch = processor(["what is this?"], [image()])
     before = model(**batch).logits
     model.save_pretrained(tmp_path)
@@ -306,7 +306,7 @@ def test_delta_checkpoint_stores_only_trained_tensors_and_round_trips(tmp_path):
 
     model, processor = build_model("tiny")
     model.add_llm_lora(rank=4, alpha=8)
-    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     with torch.no_grad():  # pretend training moved the adapters, experts, router and projector
         for name, p in model.named_parameters():
             if any(s in name for s in ("lora_", "experts.", "router", "projector")):
@@ -409,7 +409,7 @@ def test_inference_merges_llm_lora_with_the_same_outputs(name, tmp_path):
 
     model, processor = build_model(name)
     model.add_llm_lora(rank=4, alpha=8)
-    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})  # experts are deltas on the LoRA'd FFN
+    model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})  # experts are deltas on the LoRA'd FFN
     with torch.no_grad():
         for n, p in model.named_parameters():
             if any(s in n for s in ("lora_", "experts.", "router", "projector")):
@@ -484,7 +484,7 @@ def test_pooled_routing_needs_the_shared_router_and_the_meta_expert():
     from medmoe.config import MoEConfig
     from medmoe.errors import ConfigError
 
-    for bad in ({"router": "per_layer"}, {"meta_expert": False}):
+    for bad in ({"router_sharing": "per_layer"}, {"meta_expert": False}):
         with pytest.raises(ConfigError, match="pooled"):
             MoEConfig(enabled=True, routing="pooled", **bad)
 

@@ -21,7 +21,7 @@ QUICK = ["--data", "sample", "--batch-size", "2", "max_steps=2", "save_every=1"]
 def saved(tmp_path, moe: bool):
     model, processor = build_model("tiny")
     if moe:
-        model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+        model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     folder = tmp_path / "start"
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
@@ -69,7 +69,7 @@ def test_finetune_settings_are_checked():
     assert phase.lr == 1e-4 and phase.grad_accum == 4 and phase.epochs == 2.0
     with pytest.raises(ConfigError, match="flat keys"):
         phase_recipe({}, ["phase3.lr=1e-4"])
-    with pytest.raises(ConfigError, match="unknown recipe key 'learning_rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         phase_recipe({}, ["learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="grad_accum"):
         phase_recipe({}, ["grad_accum=many"])

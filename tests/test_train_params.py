@@ -78,7 +78,7 @@ def test_phase2_can_train_the_vision_tower_and_phase3_freezes_it_again(tiny_mode
     ("experts", False, "full"), ("official", False, "full"), ("experts", True, "full"), ("experts", False, "lora"),
 ])
 def test_phase3_trains_the_chosen_set(tiny_model, tmp_path, trainable, train_router, expert_type):
-    model = tiny_model.upcycle({"expert_type": expert_type, "lora_rank": 4, "lora_alpha": 8})
+    model = tiny_model.upcycle({"expert_type": expert_type, "expert_lora": {"rank": 4, "alpha": 8}})
     groups = params.select(model, params.phase3_groups(model, trainable, train_router=train_router))
     names = params.trainable_names(groups)
     assert any(".experts." in n for n in names)
@@ -112,7 +112,7 @@ def test_compact_phases_train_adapters_only(tiny_model, tmp_path):
     before = state(model)
     _train_few_steps(model, groups, tmp_path / "p2")
     _check(model, groups, before, state(model))
-    model.upcycle({"expert_type": "lora", "lora_rank": 4, "lora_alpha": 8})
+    model.upcycle({"expert_type": "lora", "expert_lora": {"rank": 4, "alpha": 8}})
     groups = params.select(model, params.phase3_groups(model))
     names = params.trainable_names(groups)
     assert any(".experts." in n for n in names) and any(".meta." in n and "lora_" in n for n in names)

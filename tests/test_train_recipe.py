@@ -29,11 +29,15 @@ def test_overrides_are_typed():
                              "phase1.data=[\"sample\"]", "output_dir=/tmp/x", "phase2.epochs=3"])
     assert r.phase2.lr == 1e-4 and r.phase3.moe["expert_type"] == "lora" and r.phase3.train_router is True
     assert r.phase1.data == ["sample"] and r.output_dir == "/tmp/x" and r.phase2.epochs == 3.0
-    r = load_recipe("tiny", ["phase2.grad_checkpointing=true", "phase3.grad_checkpointing=2",
-                             "phase1.grad_checkpointing=selective"])
-    assert r.phase2.grad_checkpointing is True and r.phase3.grad_checkpointing == 2
+    r = load_recipe("tiny", ["phase2.grad_checkpointing=full", "phase3.grad_checkpointing=full",
+                             "phase3.grad_checkpointing_every=2", "phase1.grad_checkpointing=selective"])
+    assert (r.phase2.grad_checkpointing, r.phase2.grad_checkpointing_every) == ("full", 1)
+    assert (r.phase3.grad_checkpointing, r.phase3.grad_checkpointing_every) == ("full", 2)
     assert r.phase1.grad_checkpointing == "selective"
     assert load_recipe("tiny", ["phase3.grad_checkpointing=activations"]).phase3.grad_checkpointing == "activations"
+    r = load_recipe("tiny", ["phase2.llm_lora={\"rank\": 4}", "phase3.moe.expert_lora.rank=8"])
+    assert (r.phase2.llm_lora.rank, r.phase2.llm_lora.alpha) == (4, 8.0)  # alpha unset: 2 x rank
+    assert r.phase3.moe["expert_lora"] == {"rank": 8}
     r = load_recipe("tiny", ["phase2.augment_images=true"])
     assert r.phase2.augment_images is True and r.phase3.augment_images is False
 
@@ -44,13 +48,21 @@ def test_overrides_are_typed():
     ("phase9.lr=1", "unknown key 'phase9'"),
     ("seed=1.5", "seed=1.5: expected int"),
     ("phase2.batch_size=0", "phase2.batch_size=0: must be at least 1"),
-    ("phase3.moe.experts=4", "unknown key phase3.moe.experts; valid keys"),
+    ("phase3.moe.experts=4", "unknown key 'phase3.moe.experts'; valid keys"),
     ("phase3.moe.expert_type=big", "moe.expert_type='big'"),
     ("phase3.trainable=all", "phase3.trainable='all'"),
     ("phase2.lr", "write key=value"),
     ("distributed=horovod", "distributed='horovod'"),
-    ("phase3.grad_checkpointing=some", "phase3.grad_checkpointing='some'"),
-    ("phase3.grad_checkpointing=-1", "phase3.grad_checkpointing=-1: must be at least 0"),
+    ("phase3.grad_checkpointing=some", "phase3.grad_checkpointing='some': use one of off, full, selective, "
+                                       "activations"),
+    ("phase3.grad_checkpointing=-1", "phase3.grad_checkpointing=-1: use one of off, full"),
+    ("phase3.grad_checkpointing_every=0", "phase3.grad_checkpointing_every=0: must be at least 1"),
+    ("phase3.moe.router_sharing=each", "phase3.moe.router_sharing='each': use one of shared, per_layer"),
+    ("phase3.moe.routing=image", "phase3.moe.routing='image': use one of token, sample, pooled"),
+    ("phase3.moe.expert_lora.rank=0", "phase3.moe.expert_lora.rank=0: must be at least 1"),
+    ("phase2.llm_lora.alpha=2", "phase2.llm_lora.rank is required"),
+    ("phase2.llm_lora.size=2", "unknown key 'phase2.llm_lora.size'"),
+    ("router.train_per_layer=maybe", "router.train_per_layer='maybe': expected bool"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -66,7 +78,7 @@ def test_bad_recipe_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_recipe(str(bad))
     bad.write_text(json.dumps({"phase2": {"learning_rate": 1}}))
-    with pytest.raises(ConfigError, match="unknown recipe key 'phase2.learning_rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'phase2.learning_rate'"):
         load_recipe(str(bad))
 
 
@@ -164,3 +176,70 @@ def test_recipe_vision_changes_the_presets_tower(tmp_path):
     with pytest.raises(ConfigError, match="trained model folder"):
         run_phase(load_recipe("tiny", [f"output_dir={tmp_path}/again", f"model={tmp_path}/phase1/model",
                                        "vision.image_size=32"]), "1")
+
+
+# ----- older setting names keep loading ------------------------------------------------------------
+
+OLD_OVERRIDES = [  # (old override, new override) of the same setting
+    ("phase3.moe.router=per_layer", "phase3.moe.router_sharing=per_layer"),
+    ("phase3.moe.lora_rank=8", "phase3.moe.expert_lora={\"rank\": 8, \"alpha\": 256}"),
+    ("phase3.moe.dispatch=loop", None),  # a runtime option now: dropped
+    ("router.per_layer=true", "router.train_per_layer=true"),
+    ("phase2.grad_checkpointing=true", "phase2.grad_checkpointing=full"),
+    ("phase2.grad_checkpointing=false", None),
+    ("phase3.grad_checkpointing=3", "phase3.grad_checkpointing=full"),
+    ("phase2.llm_lora={}", None),  # None: the same as the recipe without it
+]
+
+
+@pytest.mark.parametrize("old,new", OLD_OVERRIDES)
+def test_old_override_names_map_to_the_new_ones(old, new):
+    with pytest.warns(FutureWarning, match="old setting names"):
+        mapped = load_recipe("tiny", [old])
+    if new is None:
+        assert mapped == load_recipe("tiny")
+        return
+    expected = load_recipe("tiny", [new] + (["phase3.grad_checkpointing_every=3"] if old.endswith("=3") else []))
+    assert mapped == expected and mapped != load_recipe("tiny")
+
+
+def _old_names(data: dict) -> dict:
+    """A recipe as today's files were written before the renames."""
+    data = json.loads(json.dumps(data))
+    for phase in ("phase1", "phase2", "phase3"):
+        section = data.get(phase, {})
+        if section.get("grad_checkpointing") == "full":
+            section["grad_checkpointing"] = True
+        lora = section.get("moe", {}).pop("expert_lora", None)
+        if lora:
+            section["moe"].update(lora_rank=lora["rank"], lora_alpha=lora["alpha"])
+    data.setdefault("phase2", {}).setdefault("llm_lora", {})
+    data.setdefault("router", {})["per_layer"] = False
+    return data
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano", "phi2", "stablelm"])
+def test_bundled_recipes_written_with_old_names_load_the_same(name, tmp_path):
+    from medmoe.training.recipe import recipe_path
+
+    data = json.load(open(recipe_path(name)))
+    old = tmp_path / f"{name}.json"
+    old.write_text(json.dumps(_old_names(data)))
+    with pytest.warns(FutureWarning):
+        assert load_recipe(str(old)) == load_recipe(name)
+    if name == "nano":
+        recipe = load_recipe(str(old))
+        assert recipe.phase3.moe["expert_lora"] == {"rank": 16, "alpha": 32}
+        from medmoe.config import MoEConfig
+
+        assert MoEConfig.from_dict(recipe.phase3.moe).expert_lora.alpha == 32.0
+    if name == "phi2":
+        assert load_recipe(str(old)).phase3.grad_checkpointing == "full"
+
+
+def test_printed_recipes_load_again(tmp_path):
+    """`medmoe train --print-recipe` output (and the recipe saved in checkpoints) is a recipe file."""
+    recipe = load_recipe("nano", ["phase2.grad_checkpointing=selective"])
+    path = tmp_path / "printed.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    assert load_recipe(str(path)) == recipe

@@ -47,7 +47,7 @@ def test_router_phase_on_a_tiny_model_writes_shared_and_per_layer_routers(tiny, 
         records.append({"id": str(i), "image": Image.fromarray(pixels), "question": "what?", "answer": "a",
                         "modality": MODALITIES[i % 4]})
     processor.system = ""  # short prompts
-    cfg = RouterRecipe(epochs=2, per_layer=True, heldout_fraction=0.25)
+    cfg = RouterRecipe(epochs=2, train_per_layer=True, heldout_fraction=0.25)
     with one_thread():
         metrics = run_router_phase(model, processor, records, cfg, str(tmp_path), moe_layers=[0, 2], seed=0)
     assert set(metrics["per_layer"]) == {0, 2}
@@ -68,7 +68,7 @@ def test_per_layer_router_weights_go_to_each_block(tiny, tmp_path):
     from safetensors.torch import save_file
 
     model, _ = tiny
-    model.upcycle({"router": "per_layer"})
+    model.upcycle({"router_sharing": "per_layer"})
     d = model.config.hidden_size
     tensors = {"weight": torch.zeros(4, d), "bias": torch.zeros(4)}
     for block in model.moe_blocks:

@@ -46,7 +46,7 @@ def build_layer(device, dtype, d: int = 2560, f: int = 10240, num_experts: int =
         for p in (experts.b_in, experts.b_out):
             p.normal_(std=0.02)
     router = Router(d, num_experts).to(device).requires_grad_(False)  # frozen in phase 3
-    block = MedMoEBlock(0, experts, meta, MoEConfig(enabled=True, dispatch="grouped"), MoEState(),
+    block = MedMoEBlock(0, experts, meta, MoEConfig(enabled=True), MoEState(),
                         shared_router=router)
     return block, phi_mlp(d, f).to(device, dtype)
 

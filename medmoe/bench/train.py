@@ -20,6 +20,7 @@ import time
 import torch
 
 from ..model.recompute import checkpointing_options
+from ..training.recipe import checkpointing_setting
 from .models import image_prompt, phi2_medmoe
 from .timing import matmul_tflops, sync
 
@@ -58,8 +59,9 @@ def run(device: torch.device, batch: int = 16, text_tokens: int = 64, steps: int
     outputs recomputed)."""
     model = model or phi2_medmoe(device)
     model.train()
-    if checkpoint_every:
-        model.gradient_checkpointing_enable(**checkpointing_options(checkpoint_every))
+    mode, every = checkpointing_setting(checkpoint_every)
+    if mode != "off":
+        model.gradient_checkpointing_enable(**checkpointing_options(mode, every))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained = phase3_parameters(model)

@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 # What to change when a command runs out of memory (nothing finished is lost: see each command).
 OUT_OF_MEMORY_FIX = {
     "train": "lower phaseN.batch_size (raise phaseN.grad_accum to keep the global batch) or set "
-             "phaseN.grad_checkpointing=activations (no slower; saves less), selective or true (saves the most), "
+             "phaseN.grad_checkpointing=activations (no slower; saves less), selective or full (saves the most), "
              "then rerun with --resume: finished steps are kept",
-    "finetune": "lower --batch-size (add grad_accum=N to keep the global batch) or add grad_checkpointing=true, "
+    "finetune": "lower --batch-size (add grad_accum=N to keep the global batch) or add grad_checkpointing=full, "
                 "then rerun with --resume: finished steps are kept",
     "eval": "lower --batch-size and rerun the same command: finished questions are kept",
     "serve": "lower --max-batch or --max-prompt-tokens, or use --device cpu",

@@ -47,8 +47,8 @@ def register(subparsers) -> None:
                         "(moe/kernels.py: linear)")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
-                   help="train: recompute activations in every n-th layer; a comma list measures each (0: none; "
-                        "selective: every layer, matrix products kept; activations: no layer, the FFNs' "
+                   help="train: recompute activations in every n-th layer; a comma list measures each (0 or off: none; "
+                        "full: every layer; selective: every layer, matrix products kept; activations: no layer, the FFNs' "
                         "activation outputs recomputed)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
     p.add_argument("--image", default=None, nargs="?", const="random",
@@ -81,18 +81,20 @@ def run(args) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..model.recompute import parse_checkpointing
+    from ..training.recipe import checkpointing_setting
     from ..bench.timing import device_name
 
     sections = [s.strip() for s in args.what.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"--what {args.what}: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    checkpointing = [int(n) if n.strip().isdigit() else n.strip() for n in args.checkpoint_every.split(",")]
     try:
-        checkpointing = [parse_checkpointing(n) for n in args.checkpoint_every.split(",")]
-    except ValueError:
-        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none), 'selective' or "
-                          "'activations', comma-separated, e.g. 1,2,0,selective,activations") from None
+        for setting in checkpointing:
+            checkpointing_setting(setting)
+    except ConfigError:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give layer counts (0: none) or modes "
+                          "(off, full, selective, activations), comma-separated, e.g. 1,2,0,selective,activations") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"device": device_name(device), "torch": torch.__version__}
     model = None

@@ -10,8 +10,8 @@ def register(subparsers) -> None:
         "finetune", help="fine-tune a trained model (the bundled nano by default) on your data",
         description="Continue training a trained model on new data, as the paper does on each benchmark's train "
                     "split. A Med-MoE model trains its experts and meta expert (phase 3's parameters), a dense "
-                    "model phase 2's. key=value sets any phase setting (see medmoe/training/recipe.py: "
-                    "PhaseRecipe), e.g. grad_accum=4 max_steps=200. Several GPUs: torchrun ... -m medmoe finetune.",
+                    "model phase 2's. key=value sets any phase setting (docs/settings.md: "
+                    "phaseN keys), e.g. grad_accum=4 max_steps=200. Several GPUs: torchrun ... -m medmoe finetune.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="nano", help="a trained model folder, or a bundled model name")
     p.add_argument("--data", action="append", required=True,

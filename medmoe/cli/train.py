@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a Med-MoE model: phase 1, 2, router, 3 (or all)",
         description="Run the training phases of a recipe (a bundled name: tiny, nano, phi2, stablelm; or a JSON "
-                    "file). Overrides use dotted keys, e.g. phase2.lr=1e-4 phase3.moe.expert_type=lora. "
+                    "file). Overrides use dotted keys, e.g. phase2.lr=1e-4 phase3.moe.expert_type=lora; every key, its type "
+                    "and default: docs/settings.md. "
                     "Several GPUs: torchrun --nproc_per_node N -m medmoe train ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", required=True, help="bundled recipe name or path to a recipe JSON file")

@@ -173,7 +173,7 @@ def moe_settings(cfg: dict, state: dict, num_layers: int, report: Report, drop_t
     report.ignored_config += [f"moe.{k}" for k in moe if k not in known]  # capacity_factor, ep_size, train_modules
     out = {"enabled": True, "layers": layers, "num_experts": int(counts[0]), "top_k": top_k, "meta_expert": meta,
            # DeepSpeed's top2gating divides by p1 + p2; top-1 (Med-MoE) keeps the raw softmax probability
-           "renormalize": top_k == 2, "router": "shared",
+           "renormalize": top_k == 2, "router_sharing": "shared",
            "aux_loss_coef": float(moe.get("router_aux_loss_coef", 0.0) or 0.0)}
     return {**out, **inference_capacity(moe, top_k, int(counts[0]), meta, drop_tokens, report)}
 
@@ -415,7 +415,7 @@ def map_state(official: dict, family: str, moe: dict, report: Report, text: dict
     if gates:
         first_w, first_b = next(iter(gates.values()))
         shared = all(torch.equal(w, first_w) and torch.equal(b, first_b) for w, b in gates.values())
-        moe["router"] = "shared" if shared else "per_layer"
+        moe["router_sharing"] = "shared" if shared else "per_layer"
         if shared:
             ours["router.weight"], ours["router.bias"] = first_w, first_b
         else:
@@ -490,7 +490,7 @@ def convert_checkpoint(cfg: dict, state: dict, vision_tower: str | None = None, 
     report.llm, report.num_layers = family, num_layers
     if moe["enabled"]:
         report.moe_layers, report.num_experts, report.top_k = moe["layers"], moe["num_experts"], moe["top_k"]
-        report.meta_expert, report.router = moe["meta_expert"], moe["router"]
+        report.meta_expert, report.router = moe["meta_expert"], moe["router_sharing"]
     known = set(text) | set(RENAMED) | set(TOWER_KEYS) | {"moe", "mm_vision_select_layer", "mm_vision_select_feature",
                                         "image_projector_type", "mm_projector_type", "model_type", "conv_mode",
                                         "mm_hidden_size", "image_aspect_ratio", "rope_scaling"}

@@ -58,7 +58,7 @@ def load_router(model, path: str) -> None:
     """Put a router file (ours or official) into a Med-MoE model's shared router."""
     state = load_file(path) if path.endswith(".safetensors") else read_router(path)
     if model.router is None:
-        raise CheckpointError("this model has no shared router (dense, or moe.router='per_layer')")
+        raise CheckpointError("this model has no shared router (dense, or moe.router_sharing='per_layer')")
     if state["router.weight"].shape != model.router.weight.shape:
         raise CheckpointError(f"{path}: router weight {tuple(state['router.weight'].shape)} does not fit the model's "
                               f"{tuple(model.router.weight.shape)} (experts x hidden size)")

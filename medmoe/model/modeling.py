@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..adapters import DEFAULT_TARGETS, add_lora, merge_lora
-from ..config import MedMoEConfig, MoEConfig
+from ..config import MedMoEConfig, MoEConfig, RuntimeOptions
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
 from ..moe import LayerRouting, MedMoEBlock, MoEState, Router, decoder_layers, upcycle_llm
@@ -132,7 +132,7 @@ class MedMoEForCausalLM(PreTrainedModel):
     # ----- Med-MoE -------------------------------------------------------------------------
     def _install_moe(self, moe: MoEConfig) -> None:
         device = self.language_model.get_input_embeddings().weight.device
-        if moe.router == "shared":
+        if moe.router_sharing == "shared":
             self.router = Router(self.config.hidden_size, moe.num_experts).to(device)
         self.moe_blocks = upcycle_llm(self.language_model, moe, self.moe_state, self.router)
 
@@ -140,11 +140,19 @@ class MedMoEForCausalLM(PreTrainedModel):
         """Turn this dense model into Med-MoE in place: FFNs copied into experts, kept as meta expert."""
         if self.moe_blocks:
             raise ConfigError("this model is already a Med-MoE model; upcycle the dense (phase-2) model")
-        moe = moe if isinstance(moe, MoEConfig) else MoEConfig(**(moe or {}))
+        moe = moe if isinstance(moe, MoEConfig) else MoEConfig.from_dict(moe)
         moe = dataclasses.replace(moe, enabled=True)
         self.config.moe = dataclasses.asdict(moe)
         self._install_moe(moe)
         return self
+
+    def set_dispatch(self, mode: str) -> None:
+        """How tokens reach their experts: "auto", "loop" or "grouped" (config.RuntimeOptions). A
+        speed choice with the same result, so it is not saved with the model."""
+        RuntimeOptions(dispatch=mode)  # ConfigError naming the choices
+        for block in self.moe_blocks:
+            if hasattr(block.experts, "dispatch_mode"):  # stacked experts; LoRA and generic ones loop
+                block.experts.dispatch_mode = mode
 
     def add_llm_lora(self, rank: int, alpha: float, targets=DEFAULT_TARGETS) -> list[str]:
         """LoRA adapters on the LLM's linear layers (compact fine-tuning); recorded in the config."""

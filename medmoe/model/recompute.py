@@ -38,27 +38,14 @@ def selective_context_fn():
     return create_selective_checkpoint_contexts(_policy)
 
 
-CHECKPOINTING_CHOICES = ('false/0: off, true/1: every layer, n: every n-th layer, "selective": every layer, matrix '
-                         'products kept, "activations": no layer, every FFN\'s activation output recomputed')
-NAMED_SETTINGS = ("selective", "activations")
-
-
-def checkpointing_options(setting: bool | int | str) -> dict:
-    """A recipe's `grad_checkpointing` (true, n, "selective" or "activations") as
-    gradient_checkpointing_enable's keyword arguments."""
-    if setting == "selective":
+def checkpointing_options(mode: str, every: int = 1) -> dict:
+    """A recipe's `grad_checkpointing` mode ("full", "selective" or "activations"; training/recipe.py
+    reads and checks it) and `grad_checkpointing_every` as gradient_checkpointing_enable's keyword arguments."""
+    if mode == "selective":
         return {"every": 1, "selective": True}
-    if setting == "activations":
+    if mode == "activations":
         return {"activations": True}
-    return {"every": int(setting), "selective": False}
-
-
-def parse_checkpointing(text: str) -> int | str:
-    """A command-line setting ("0", "2", "selective", "activations") as a recipe's `grad_checkpointing` value."""
-    text = text.strip()
-    if text not in NAMED_SETTINGS and not text.isdigit():
-        raise ValueError(f"{text!r}: give a layer count (0: none), 'selective' or 'activations'")
-    return text if text in NAMED_SETTINGS else int(text)
+    return {"every": every, "selective": False}
 
 
 def checkpoint_kwargs(selective: bool) -> dict:

@@ -32,9 +32,9 @@ def ffn_attribute(layer: nn.Module) -> str:
 
 def make_experts(mlp: nn.Module, cfg: MoEConfig) -> nn.Module:
     if cfg.expert_type == "lora":
-        return LoRAExperts(mlp, cfg.num_experts, cfg.lora_rank, cfg.lora_alpha)
+        return LoRAExperts(mlp, cfg.num_experts, cfg.expert_lora.rank, cfg.expert_lora.alpha)
     if ffn_kind(mlp) is not None:
-        return StackedExperts.from_ffn(mlp, cfg.num_experts, cfg.dispatch)
+        return StackedExperts.from_ffn(mlp, cfg.num_experts)
     return ModuleExperts(mlp, cfg.num_experts)
 
 
@@ -52,7 +52,7 @@ def upcycle_llm(llm: nn.Module, cfg: MoEConfig, state: MoEState, shared_router: 
             raise ConfigError("LoRA experts are deltas on the meta expert's FFN: keep moe.meta_expert=true")
         experts = make_experts(mlp, cfg)
         router = None
-        if cfg.router == "per_layer":
+        if cfg.router_sharing == "per_layer":
             router = Router(hidden, cfg.num_experts).to(next(mlp.parameters()).device)
         block = MedMoEBlock(i, experts, mlp if cfg.meta_expert else None, cfg, state, router=router,
                             shared_router=shared_router)

@@ -10,7 +10,6 @@ Every phase folder also holds metrics.jsonl, loss.png and checkpoints/ (for --re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -108,11 +107,7 @@ def _groups(model, recipe: Recipe, phase: str):
 
 def upcycle_for_phase3(model, recipe: Recipe):
     """The phase-2 model becomes Med-MoE; the router phase's weights go into its router(s)."""
-    try:
-        moe = MoEConfig(**{**dataclasses.asdict(MoEConfig()), **recipe.phase3.moe, "enabled": True})
-    except TypeError as err:
-        raise ConfigError(f"phase3.moe: {err}; valid keys: {[f.name for f in dataclasses.fields(MoEConfig)]}") from None
-    model.upcycle(moe)
+    model.upcycle(MoEConfig.from_dict({**recipe.phase3.moe, "enabled": True}, "phase3.moe."))
     router_file = os.path.join(phase_dir(recipe, "router"), ROUTER_FILE)
     if recipe.phase3.router_init == "random":
         return model  # the plain learned router of the paper's ablation: trained in this phase only
@@ -136,7 +131,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
         model.to(dist.device)
         # Repeats ("data/vqa-rad*3") would put copies of one sample on both sides of the held-out split.
         records = load_records([split_repeat(source)[0] for source in cfg.data], "train")
-        layers = MoEConfig(**{**recipe.phase3.moe, "enabled": True}).layer_indices(model.config.num_hidden_layers)
+        layers = MoEConfig.from_dict({**recipe.phase3.moe, "enabled": True}, "phase3.moe.").layer_indices(model.config.num_hidden_layers)
         metrics = run_router_phase(model, processor, records, cfg, run_dir, layers, seed=recipe.seed) if dist.is_main else {}
         distributed.barrier(dist)
         return {"phase": "router", "dir": run_dir, "metrics": metrics}
@@ -144,9 +139,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     cfg = getattr(recipe, f"phase{phase}")
     check_fresh(run_dir, resume)
     if phase == "2" and cfg.llm_lora and not model.config.llm_lora:
-        lora = cfg.llm_lora
-        model.add_llm_lora(int(lora["rank"]), float(lora.get("alpha", 2 * int(lora["rank"]))),
-                           **({"targets": tuple(lora["targets"])} if "targets" in lora else {}))
+        model.add_llm_lora(**cfg.llm_lora.to_dict())
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     groups = params.select(model, _groups(model, recipe, phase))

@@ -7,7 +7,7 @@
 2. Train Linear(d, 4) with cross-entropy (Adam 1e-3, 10 epochs); label j = MODALITIES[j].
 3. Report accuracy on a held-out part (a seeded split), per class as well.
 
-Option `per_layer`: one router per MoE layer, trained on that layer's real FFN inputs (every
+Option `train_per_layer`: one router per MoE layer, trained on that layer's real FFN inputs (every
 question token labelled with its sample's modality), which removes the train/use mismatch.
 """
 
@@ -193,7 +193,7 @@ def run_router_phase(model, processor, records, cfg, out_dir: str, moe_layers: l
     head, metrics = train_router(x, y, modalities, cfg.epochs, cfg.lr, cfg.batch_size, cfg.heldout_fraction, seed, images)
     metrics["heldout_by"] = "image"
     tensors = {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}
-    if cfg.per_layer:
+    if cfg.train_per_layer:
         metrics["per_layer"] = {}
         for layer, (tokens, owner) in ffn_inputs(model, processor, records, moe_layers, cfg.max_length).items():
             # A batch of about as many samples' tokens as the pooled router's batch has samples:

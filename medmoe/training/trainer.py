@@ -217,8 +217,9 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         if dist.is_main:
             print(f"medmoe: resumed {title} from {ckpt} (step {step}/{total_steps})", flush=True)
     log = MetricsLog(run_dir, step, dist.is_main)
-    if phase.grad_checkpointing:
-        model.gradient_checkpointing_enable(**checkpointing_options(phase.grad_checkpointing))
+    if phase.grad_checkpointing != "off":
+        model.gradient_checkpointing_enable(**checkpointing_options(phase.grad_checkpointing,
+                                                                    phase.grad_checkpointing_every))
     model.train()
 
     pad_id = getattr(dataset, "pad_id", 0)
@@ -274,7 +275,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             on_step(step)
     bar.close()
     log.close()
-    if phase.grad_checkpointing:
+    if phase.grad_checkpointing != "off":
         model.gradient_checkpointing_disable() if hasattr(model, "gradient_checkpointing_disable") else None
     model.eval()
     plot = plot_loss(run_dir, title) if dist.is_main else None
