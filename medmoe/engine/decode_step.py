@@ -10,9 +10,9 @@ and dropped when the cache grows. On a GPU the step has the bucketed shapes also
 eagerly (a MoE block that syncs with the host, or cuda_graphs=False), so that the eager step is
 the graph's twin; on the CPU it runs eagerly over exactly the running rows and the longest length.
 
-Phi's one-kernel rotary + cache write (decode_attention.py) assumes one length shared by all
-rows; with the slot cache its attention takes transformers' own path (the slot layer is not a
-StaticLayer), so that kernel is off in the engine.
+On a prepared Phi model (engine.prepare) each layer's rotary embedding and slot-cache write run
+as one op with a position per row (decode_attention.py: rotary_cache_write_rows); otherwise the
+slot layer's `update` writes the keys and values.
 """
 
 from __future__ import annotations
