@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest decoded image (width x height)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, image tokens included")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (compiled at start-up, which takes longer)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +33,7 @@ def run(args) -> int:
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout)
     app = create_app(args.model, limits=limits, model_name=args.name, device=args.device, dtype=args.dtype,
-                     quantize=args.quantize)
+                     quantize=args.quantize, compile=args.compile)
     print(f"medmoe serve: http://{args.host}:{args.port}/ (web page), /v1/chat/completions, /v1/models, /health",
           file=sys.stderr)
     serve(app, host=args.host, port=args.port)

@@ -236,13 +236,13 @@ class Worker:
     with their own sampling settings; the engine's background thread runs them with continuous
     batching (a request joins the running batch at the next step) and streams each to its client."""
 
-    def __init__(self, model, processor, limits: Limits):
+    def __init__(self, model, processor, limits: Limits, compile: bool = False):
         from ..engine import Engine as InferenceEngine
 
         self.model, self.processor, self.limits = model, processor, limits
         self.engine = InferenceEngine(model, processor, max_slots=limits.max_batch,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
-                                      max_waiting=limits.queue_size)
+                                      max_waiting=limits.queue_size, compile=compile)
 
     @property
     def batches(self) -> int:
@@ -257,7 +257,7 @@ class Worker:
         return self.engine.queued
 
     def start(self) -> None:
-        self.engine.warmup()  # kernels (and the one-row CUDA graph) before the first request
+        self.engine.warmup()  # kernels, CUDA graphs and torch.compile before the first request
         self.engine.start()
 
     def stop(self) -> None:
@@ -317,8 +317,10 @@ def _finish_reason(reason: str) -> str:
 
 
 def create_app(model_or_path, processor=None, limits: Limits | None = None, model_name: str | None = None,
-               device: str | None = None, dtype: str | None = None, quantize: str | None = None):
-    """The FastAPI app serving a model folder (or an already loaded model + processor)."""
+               device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+               compile: bool = False):
+    """The FastAPI app serving a model folder (or an already loaded model + processor); `compile`:
+    the engine's decode step through torch.compile (compiled at start-up)."""
     from contextlib import asynccontextmanager
 
     from .api import load_model
@@ -332,7 +334,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         if processor is None:
             raise ValueError("create_app(model, processor): a loaded model needs its processor")
     model_name = model_name or "medmoe"
-    engine = Worker(model, processor, limits)
+    engine = Worker(model, processor, limits, compile=compile)
     created = int(time.time())
 
     @asynccontextmanager
