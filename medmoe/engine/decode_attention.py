@@ -120,7 +120,10 @@ def _kernel():
                                   D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, PER_ROW: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        slot = tl.load(len_ptr + b) if PER_ROW else tl.load(len_ptr)
+        if PER_ROW:
+            slot = tl.load(len_ptr + b)
+        else:
+            slot = tl.load(len_ptr)
         d = tl.arange(0, BLOCK_D)
         in_head = d < D
         in_rot = d < R
