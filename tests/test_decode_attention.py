@@ -106,6 +106,86 @@ def test_op_agrees_with_its_fake_shapes_and_the_reference():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# ----- the engine's slot cache: a position per row ----------------------------------------------------
+
+def slot_step(model, positions, tokens):
+    """Logits of one engine decode step (rows at their own `positions`) over a slot cache of random
+    keys and values, and the cache's buffer afterwards."""
+    from medmoe.engine.decode_step import DecodeStep
+    from medmoe.engine.slot_cache import SlotCache
+
+    lm = model.language_model
+    cache = SlotCache(lm.config, slots=4, max_len=16, dtype=torch.float32, device=torch.device("cpu"))
+    cache.reserve(16)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=torch.Generator().manual_seed(4)))
+    step = DecodeStep(model, cache, cuda_graphs=False)
+    n = len(positions)
+    step.tokens[:n] = torch.tensor(tokens)
+    step.positions[:n] = torch.tensor(positions)
+    with torch.no_grad():
+        logits = step(n, max(positions) + 1)
+    return logits, cache.kv.clone()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("fused", [False, True])
+def test_slot_cache_step_equals_transformers_attention(kv_heads, fused, monkeypatch):
+    model = tiny_phi(kv_heads).eval()
+    calls = []
+    op = decode_attention._rotary_cache_write_rows
+    monkeypatch.setattr(decode_attention, "_rotary_cache_write_rows", lambda *a: calls.append(1) or op(*a))
+    positions, tokens = [2, 9, 5], [7, 11, 250]
+    want_logits, want_kv = slot_step(model, positions, tokens)
+    assert not calls
+    if fused:
+        prepare(model)
+    else:
+        decode_attention.install(model.language_model)
+    logits, kv = slot_step(model, positions, tokens)
+    assert len(calls) == TINY_PHI["num_hidden_layers"]
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv, want_kv, rtol=1e-5, atol=1e-6)
+    fresh = torch.randn(kv.shape, generator=torch.Generator().manual_seed(4))
+    written = torch.zeros(kv.shape[:5], dtype=torch.bool)
+    for row, position in enumerate(positions):
+        written[:, :, row, :, position] = True
+    assert not torch.equal(kv[written.nonzero(as_tuple=True)], fresh[written.nonzero(as_tuple=True)])
+    assert torch.equal(kv[~written], fresh[~written])  # every other position, and the free slot, as it was
+
+
+def random_rows_inputs(batch, slots, heads, kv_heads, head_dim, rotary, max_len, device, dtype, seed=5):
+    q, k, v, cos, sin, _, _, _, _ = random_step_inputs(batch, heads, kv_heads, head_dim, rotary, max_len, device, dtype,
+                                                       seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kv = torch.randn(2, 3, slots, kv_heads, max_len, head_dim, generator=g).to(device, dtype)  # [2, layers, ...]
+    positions = torch.randperm(max_len, generator=g)[:batch].to(device)
+    return q, k, v, cos, sin, kv[0, 1], kv[1, 1], positions
+
+
+def reference_rows(q, k, v, cos, sin, keys, values, positions):
+    d = keys.shape[-1]
+    heads = lambda t: t.float().reshape(t.shape[0], 1, -1, d).transpose(1, 2)  # noqa: E731
+    keys, values = keys.float().clone(), values.float().clone()
+    for row, position in enumerate(positions.tolist()):
+        keys[row, :, position] = decode_attention._rotate(heads(k), cos.float(), sin.float())[row, :, 0]
+        values[row, :, position] = heads(v)[row, :, 0]
+    return decode_attention._rotate(heads(q), cos.float(), sin.float()), keys, values
+
+
+def test_rows_op_agrees_with_its_fake_shapes_and_the_reference():
+    args = random_rows_inputs(2, 3, 4, 2, 16, 6, 8, "cpu", torch.float32)
+    want_query, want_keys, want_values = reference_rows(*args)
+    positions = args[7].clone()
+    query = decode_attention.rotary_cache_write_rows(*args)
+    torch.testing.assert_close(query, want_query)
+    torch.testing.assert_close(args[5], want_keys)
+    torch.testing.assert_close(args[6], want_values)
+    assert torch.equal(args[7], positions)  # read, not advanced
+    torch.library.opcheck(decode_attention._rotary_cache_write_rows,
+                          random_rows_inputs(1, 2, 4, 4, 16, 16, 8, "cpu", torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ----- on a CUDA GPU with Triton: the kernel ---------------------------------------------------------
 
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_ready(torch.empty(0, device="cuda"))),
@@ -149,3 +229,32 @@ def test_gpu_decode_tokens_are_transformers():
     prepare(model)
     assert decode_attention.count_installed(model) == TINY_PHI["num_hidden_layers"]
     assert torch.equal(decode(model, ids, mask, pixels, max_new_tokens=8), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,slots,heads,kv_heads,head_dim,rotary", [(1, 1, 32, 32, 80, 32), (3, 4, 8, 2, 64, 64),
+                                                                         (2, 8, 4, 4, 16, 6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_rows_kernel_equals_the_reference(batch, slots, heads, kv_heads, head_dim, rotary, dtype):
+    args = random_rows_inputs(batch, slots, heads, kv_heads, head_dim, rotary, 16, "cuda", dtype)
+    want_query, want_keys, want_values = reference_rows(*args)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    query = decode_attention.rotary_cache_write_rows(*args)
+    torch.testing.assert_close(query.float(), want_query, **tol)
+    torch.testing.assert_close(args[5].float(), want_keys, **tol)  # each row's position written, nothing else
+    torch.testing.assert_close(args[6].float(), want_values, **tol)
+
+
+@needs_triton
+def test_gpu_engine_tokens_with_the_rows_kernel_are_transformers():
+    from medmoe.bench.decode import engine_decode
+
+    model = tiny_phi(device="cuda")
+    ids, _, pixels = models.image_prompt(model, 3, 4, torch.device("cuda"), seed=2)
+    prepare(model, decode_attention_kernel=False)
+    want = engine_decode(model, ids, pixels, 12, {})
+    unprepare(model)
+    prepare(model)
+    stats = {}
+    assert torch.equal(engine_decode(model, ids, pixels, 12, stats), want)
+    assert stats["cuda_graph"]

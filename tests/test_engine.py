@@ -281,7 +281,7 @@ def test_a_bad_prompt_fails_alone_and_zero_new_tokens_is_empty(phi):
 @pytest.mark.parametrize("routing", ["token", "pooled"])
 def test_a_prepared_model_gives_the_reference_answers(routing):
     """With the inference modules engine.prepare installs (fused projections, experts beside the
-    attention, Phi's one-token attention, which falls back to transformers' path on the slot cache)."""
+    attention, Phi's one-token attention with a position per row on the slot cache)."""
     from medmoe.engine.prepare import prepare, unprepare
 
     model, processor = moe_model("tiny-phi", routing)

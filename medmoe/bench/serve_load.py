@@ -86,7 +86,7 @@ def chat_body(words: int, seed: int, max_tokens: int, image: str | None = None, 
         content.insert(0, {"type": "image_url", "image_url": {"url": png_data_url(seed)}})
     elif image:
         content.insert(0, {"type": "image_url", "image_url": {"url": file_data_url(image)}})
-    return {"model": "medmoe", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,  # model: the served one
             "ignore_eos": True, "temperature": 0, "stream": stream}
 
 

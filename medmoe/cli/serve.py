@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest decoded image (width x height)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, image tokens included")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (compiled at start-up, which takes longer)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +47,7 @@ def run(args) -> int:
               "port can use the model; set MEDMOE_API_KEY or --api-key", file=sys.stderr)
     with loading(args.model):
         app = create_app(args.model, limits=limits, model_name=args.name, device=args.device, dtype=args.dtype,
-                         quantize=args.quantize, api_key=api_key)
+                         quantize=args.quantize, api_key=api_key, compile=args.compile)
     print(f"medmoe serve: {app.state.model_name} on http://{args.host}:{args.port}/ (web page), /v1/chat/completions, "
           f"/v1/models, /health{'; API key required on /v1/' if api_key else ''}", file=sys.stderr)
     serve(app, host=args.host, port=args.port)

@@ -13,10 +13,14 @@ reads the projections' outputs as they are ([B, 1, heads * head_dim], views of t
 are fine), rotates the first `cos.shape[-1]` features of each query and key head, writes key and
 value at slot `length` of the layer's cache, advances `length` (transformers' StaticLayer
 `cumulative_length`) and returns the query [B, heads, 1, head_dim]. On a GPU with Triton it is one
-kernel (one program per batch row and head); elsewhere the same in PyTorch.
+kernel (one program per batch row and head); elsewhere the same in PyTorch. The engine's slot cache
+(slot_cache.py) gives each row its own position, so its form takes them per row and advances
+nothing (the engine moves its positions on after the step):
+
+    query = rotary_cache_write_rows(q, k, v, cos, sin, keys, values, positions)
 
 `PhiDecodeAttention` holds transformers' `PhiAttention` and runs that op on its one-token path
-with a static cache; any other call (a prompt, a dynamic cache, training) runs transformers'
+with a static cache or a slot cache; any other call (a prompt, a dynamic cache, training) runs transformers'
 attention as it is. The op sits before transformers' attention-function seam (`AttentionInterface`
 receives keys already rotated and written), so the module is replaced instead: `install` puts one
 in place of each PhiAttention, once (`engine.prepare` calls it), and `uninstall` puts them back.
@@ -33,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import PhiAttention, eager_attention_forward
 
 from ..moe import kernels
+from .slot_cache import SlotCache
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,33 @@ def rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter) -> torc
     return _rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter)
 
 
+@torch.library.custom_op("medmoe::rotary_cache_write_rows", mutates_args=("keys", "values"))
+def _rotary_cache_write_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    if kernels.triton_ready(q):
+        return _triton_rotary_cache_write(q, k, v, cos, sin, keys, values, positions, None)
+    d = keys.shape[-1]
+    rows = torch.arange(q.shape[0], device=q.device)
+    keys[rows, :, positions] = _rotate(_heads(k, d), cos, sin)[:, :, 0].to(keys.dtype)
+    values[rows, :, positions] = _heads(v, d)[:, :, 0].to(values.dtype)
+    return _rotate(_heads(q, d), cos, sin).contiguous()
+
+
+@_rotary_cache_write_rows.register_fake
+def _(q, k, v, cos, sin, keys, values, positions):
+    d = keys.shape[-1]
+    return q.new_empty(q.shape[0], q.shape[-1] // d, 1, d)
+
+
+def rotary_cache_write_rows(q, k, v, cos, sin, keys, values, positions) -> torch.Tensor:
+    """`rotary_cache_write` with a position per row: row b's key and value land at slot
+    positions[b] of keys/values [S, Hkv, L, D] (S >= B rows, the last two dims contiguous, e.g. a
+    slot-cache layer); positions is an int64 [B] on the device, read, not advanced."""
+    cos, sin = cos.reshape(cos.shape[0], 1, -1).contiguous(), sin.reshape(sin.shape[0], 1, -1).contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _rotary_cache_write_rows(q, k, v, cos, sin, keys, values, positions.contiguous())
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel():
     import triton
@@ -84,11 +116,14 @@ def _kernel():
 
     @triton.jit
     def rotary_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, len_ptr, count_ptr,
-                                  q_stride, k_stride, v_stride, kv_heads, max_len, programs,
-                                  D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                  q_stride, k_stride, v_stride, row_stride, head_stride, kv_heads, programs,
+                                  D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, PER_ROW: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        slot = tl.load(len_ptr)
+        if PER_ROW:
+            slot = tl.load(len_ptr + b)
+        else:
+            slot = tl.load(len_ptr)
         d = tl.arange(0, BLOCK_D)
         in_head = d < D
         in_rot = d < R
@@ -102,7 +137,7 @@ def _kernel():
         tl.store(out_ptr + (b * tl.num_programs(1) + h) * D + d, (x * c + sign * xp * s).to(out_ptr.dtype.element_ty),
                  mask=in_head)
         if h < kv_heads:
-            cache_at = ((b * kv_heads + h) * max_len + slot) * D + d
+            cache_at = b * row_stride + h * head_stride + slot * D + d
             k_row = k_ptr + b * k_stride + h * D
             x = tl.load(k_row + d, mask=in_head, other=0.0).to(tl.float32)
             xp = tl.load(k_row + partner, mask=in_rot, other=0.0).to(tl.float32)
@@ -110,23 +145,29 @@ def _kernel():
             v_row = v_ptr + b * v_stride + h * D
             tl.store(values_ptr + cache_at, tl.load(v_row + d, mask=in_head, other=0.0).to(values_ptr.dtype.element_ty),
                      mask=in_head)
-        # The last program to finish advances the length: every program read it before its ticket.
-        ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if ticket == programs - 1:
-            tl.store(len_ptr, slot + 1)
-            tl.store(count_ptr, 0)
+        if not PER_ROW:
+            # The last program to finish advances the length: every program read it before its ticket.
+            ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+            if ticket == programs - 1:
+                tl.store(len_ptr, slot + 1)
+                tl.store(count_ptr, 0)
 
     return triton, rotary_cache_write_kernel
 
 
 def _triton_rotary_cache_write(q, k, v, cos, sin, keys, values, length, counter):
+    """One program per row and head; `counter` None: `length` holds a position per row."""
     triton, kernel = _kernel()
-    b, kv_heads, max_len, d = keys.shape
-    heads = q.shape[-1] // d
+    _, kv_heads, _, d = keys.shape
+    b, heads = q.shape[0], q.shape[-1] // d
+    if keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.stride(-2) != d:
+        raise ValueError(f"keys and values need the same strides, the last two dims contiguous: {keys.stride()}, "
+                         f"{values.stride()}")
     out = q.new_empty(b, heads, 1, d)
-    kernel[(b, heads)](q, k, v, cos, sin, keys, values, out, length, counter,
-                       q.stride(0), k.stride(0), v.stride(0), kv_heads, max_len, b * heads,
-                       D=d, R=cos.shape[-1], BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+    per_row = counter is None
+    kernel[(b, heads)](q, k, v, cos, sin, keys, values, out, length, length if per_row else counter,
+                       q.stride(0), k.stride(0), v.stride(0), keys.stride(0), keys.stride(1), kv_heads, b * heads,
+                       D=d, R=cos.shape[-1], BLOCK_D=triton.next_power_of_2(d), PER_ROW=per_row, num_warps=1)
     return out
 
 
@@ -142,6 +183,13 @@ def _static_layer(cache, layer_idx: int):
     return layer if isinstance(length, torch.Tensor) and length.dim() == 0 else None
 
 
+def _slot_layer(cache, layer_idx: int, rows: int):
+    """The layer of the engine's slot cache when this step feeds one token to each of its rows; else None."""
+    if not isinstance(cache, SlotCache) or cache.kv is None or cache.write_at is None or cache.rows != rows:
+        return None
+    return cache.layers[layer_idx]
+
+
 def _attention_function(config):
     impl = config._attn_implementation
     return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
@@ -149,7 +197,8 @@ def _attention_function(config):
 
 class PhiDecodeAttention(nn.Module):
     """Stands in for a PhiAttention (`attn`, its weights and settings): its one-token step with a
-    static cache runs `rotary_cache_write`, every other call the attention's own forward."""
+    static cache runs `rotary_cache_write`, with the engine's slot cache `rotary_cache_write_rows`,
+    every other call the attention's own forward."""
 
     inference_only = True
 
@@ -162,16 +211,24 @@ class PhiDecodeAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         attn = self.attn
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name since transformers 5.24, and before
-        layer = _static_layer(cache, attn.layer_idx)
+        static = _static_layer(cache, attn.layer_idx)
+        slots = _slot_layer(cache, attn.layer_idx, hidden_states.shape[0])
+        layer = slots if slots is not None else static
         if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or attn.training
                 or attn.qk_layernorm or layer.keys.shape[-1] != attn.head_dim):
             return attn(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
         cos, sin = position_embeddings
-        query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                                   self.decode_counter)
+        if slots is not None:  # each row at its own position; attention over the step's rows and span
+            query = rotary_cache_write_rows(q, k, v, cos, sin, slots.keys, slots.values, slots.cache.write_at)
+            n, span = slots.cache.rows, slots.cache.span
+            keys, values = slots.keys[:n, :, :span], slots.values[:n, :, :span]
+        else:
+            query = rotary_cache_write(q, k, v, cos, sin, static.keys, static.values, static.cumulative_length,
+                                       self.decode_counter)
+            keys, values = static.keys, static.values
         rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
-        out, weights = _attention_function(attn.config)(attn, query, layer.keys, layer.values, attention_mask,
+        out, weights = _attention_function(attn.config)(attn, query, keys, values, attention_mask,
                                                         dropout=0.0, scaling=attn.scaling, **rest)
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return attn.dense(out), weights

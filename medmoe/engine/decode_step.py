@@ -8,11 +8,12 @@ power of two (the extra rows are free slots, whose results are ignored), span to
 bucket. Graphs are captured lazily, after two eager steps of the same shape warm the kernels up,
 and dropped when the cache grows. On a GPU the step has the bucketed shapes also when it runs
 eagerly (a MoE block that syncs with the host, or cuda_graphs=False), so that the eager step is
-the graph's twin; on the CPU it runs eagerly over exactly the running rows and the longest length.
+the graph's twin; on the CPU it runs eagerly over exactly the running rows and the longest length,
+unless it is compiled (bucketed shapes then, so that compiles are few).
 
-Phi's one-kernel rotary + cache write (decode_attention.py) assumes one length shared by all
-rows; with the slot cache its attention takes transformers' own path (the slot layer is not a
-StaticLayer), so that kernel is off in the engine.
+On a prepared Phi model (engine.prepare) each layer's rotary embedding and slot-cache write run
+as one op with a position per row (decode_attention.py: rotary_cache_write_rows); otherwise the
+slot layer's `update` writes the keys and values.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ class DecodeStep:
             cuda_graphs = device.type == "cuda" and graph_safe(model, cache.dtype, device)
         self.cuda_graphs = cuda_graphs
         # A mode must leave inductor's own CUDA graphs off ("max-autotune-no-cudagraphs"): ours capture the step.
+        # Shapes are static at first and become symbolic where they change (rows, span, capacity), so a
+        # few compiles (Engine.warmup makes them) cover every bucket, each still its own CUDA graph.
         mode = compile if isinstance(compile, str) else None
-        self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if compile else self._forward
+        self.compiled = bool(compile)
+        self.forward = torch.compile(self._forward, dynamic=None, mode=mode) if compile else self._forward
         self.graphs: dict[tuple, tuple] = {}
         self.warm: dict[tuple, int] = {}
         self.pool = None
@@ -60,7 +64,7 @@ class DecodeStep:
 
     def shape(self, n: int, longest: int) -> tuple[int, int]:
         """(rows, span) the step runs at for n rows whose longest has `longest` tokens after this one."""
-        if self.cache.device.type != "cuda":  # the CPU: exactly the running rows and the longest length
+        if self.cache.device.type != "cuda" and not self.compiled:  # exactly the running rows and the longest length
             return n, longest
         span = min(-(-longest // BUCKET) * BUCKET, self.cache.capacity)
         return row_bucket(n, self.cache.slots), span

@@ -38,7 +38,7 @@ from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
-from .slot_cache import SlotCache
+from .slot_cache import BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class Engine:
                  cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None):
         """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
         `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
-        decode step through torch.compile (True, or its mode), compiled once per shape at first use.
+        decode step through torch.compile (True, or its mode); call `warmup` before serving, so
+        that no request waits for a compile.
         `overlap_steps` (default: on a GPU): launch each decode step before handing out the previous
         step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
         runs while the device computes; a request that ends then costs its row one extra step."""
@@ -165,12 +166,19 @@ class Engine:
         """Run short text requests through prefill and decode steps, so that the first user
         requests do not pay for kernel set-up, torch.compile or graph capture: on a GPU, one
         batch per row bucket (graphs of the first length bucket); longer contexts capture their
-        graphs when they first occur."""
+        graphs when they first occur. A compiled step also runs one and two requests into the
+        second length bucket: the shapes that changed become symbolic (one row stays its own
+        case), so that no later request compiles."""
         ids = self.processor(["hello"])["input_ids"][0].tolist() if self.processor is not None else [0] * 8
         cfg = SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True)
         sizes = sorted({row_bucket(n, self.max_slots) for n in range(1, self.max_slots + 1)})
-        for size in sizes if self.step_fn.cuda_graphs else [1]:
+        step = self.step_fn
+        for size in sizes if step.cuda_graphs or step.compiled else [1]:
             self.generate([Request(Prompt(ids), cfg) for _ in range(size)])
+        long = BUCKET  # every step attends over more than BUCKET positions
+        if step.compiled and long + cfg.max_new_tokens <= self.max_len:
+            for size in sorted({1, min(2, self.max_slots)}):
+                self.generate([Request(Prompt((ids * long)[:long]), cfg) for _ in range(size)])
 
     # ----- the background runner ----------------------------------------------------------------
     def start(self) -> None:

@@ -56,6 +56,7 @@ def capacity_weights(expert_index: torch.Tensor, probs: torch.Tensor, renormaliz
     return weight
 
 
+@torch.compiler.disable  # host-synced by nature: eager inside a compiled step, not recompiled per expert
 def loop(x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int,
          expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     n, k = expert_index.shape

@@ -152,14 +152,14 @@ class Worker:
     with their own sampling settings; the engine's background thread runs them with continuous
     batching (a request joins the running batch at the next step) and streams each to its client."""
 
-    def __init__(self, model, processor, limits: Limits):
+    def __init__(self, model, processor, limits: Limits, compile: bool = False):
         from ..engine import Engine as InferenceEngine
 
         self.model, self.processor, self.limits = model, processor, limits
         slots = limits.max_batch or (GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
         self.engine = InferenceEngine(model, processor, max_slots=slots,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
-                                      max_waiting=limits.queue_size)
+                                      max_waiting=limits.queue_size, compile=compile)
 
     @property
     def batches(self) -> int:
@@ -174,7 +174,7 @@ class Worker:
         return self.engine.queued
 
     def start(self) -> None:
-        self.engine.warmup()  # kernels (and the one-row CUDA graph) before the first request
+        self.engine.warmup()  # kernels, CUDA graphs and torch.compile before the first request
         self.engine.start()
 
     def stop(self) -> None:
@@ -288,12 +288,13 @@ def load_images(specs, limits: Limits) -> list:
 
 def create_app(model_or_path, processor=None, limits: Limits | None = None, model_name: str | None = None,
                device: str | None = None, dtype: str | None = None, quantize: str | None = None,
-               api_key: str | None = None, model_aliases=()):
+               api_key: str | None = None, model_aliases=(), compile: bool = False):
     """The FastAPI app serving a model folder (or an already loaded model + processor).
 
     Requests may name the model `model_name` (default: `served_model_name` of the folder) or one
     of `model_aliases` (a folder given by path also answers to that path); `api_key` makes every
-    /v1/ endpoint require `Authorization: Bearer <api_key>`."""
+    /v1/ endpoint require `Authorization: Bearer <api_key>`; `compile`: the engine's decode step through
+    torch.compile (compiled at start-up)."""
     from contextlib import asynccontextmanager
 
     from .api import load_model
@@ -309,7 +310,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         if processor is None:
             raise ValueError("create_app(model, processor): a loaded model needs its processor")
     model_name = model_name or "medmoe"
-    engine = Worker(model, processor, limits)
+    engine = Worker(model, processor, limits, compile=compile)
     created = int(time.time())
 
     @asynccontextmanager

@@ -1,0 +1,56 @@
+"""Engine(compile=True): the decode step through torch.compile gives the uncompiled engine's tokens,
+and after `Engine.warmup` no request compiles again, whatever its batch size and length (shapes that
+change become symbolic); a dense Phi step is one graph without breaks (on the CPU a Med-MoE block's
+loop dispatch runs eagerly between graphs: it sizes its groups on the host). dynamo's eager backend
+keeps the test fast: what is checked is the tracing, not inductor's code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from medmoe.engine import Engine, Prompt, Request
+from medmoe.engine.prepare import prepare
+from medmoe.generation import SamplingConfig
+from medmoe.model.pretrained import build_model
+
+BATCHES = [[10], [10, 12, 5], [300, 20], [600, 3], [40, 700, 3]]  # prompt lengths of requests run together
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, mode=None: compile_(fn, dynamic=dynamic,
+                                                                                          backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def requests(lengths):
+    cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
+    return [Request(Prompt([3 + i % 50 for i in range(n)]), cfg) for n in lengths]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_step_compiles_at_warmup_only_and_gives_the_same_tokens(moe, eager_backend):
+    torch.manual_seed(0)
+    model, processor = build_model("tiny-phi")
+    if moe:
+        model.upcycle({"routing": "token", "expert_type": "full"})
+    prepare(model.eval())  # Phi's one-token attention with a position per row, inside the compiled step
+    want = [[r.token_ids for r in Engine(model, processor, max_slots=4, max_len=1024).generate(requests(b))]
+            for b in BATCHES]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, processor, max_slots=4, max_len=1024, compile=True)
+    engine.warmup()
+    warm = counters["stats"]["unique_graphs"]
+    assert 0 < warm <= (8 if moe else 4)
+    got = [[r.token_ids for r in engine.generate(requests(b))] for b in BATCHES]
+    assert got == want
+    assert counters["stats"]["unique_graphs"] == warm  # nothing compiled in a request's path
+    breaks = counters["graph_break"]
+    assert not breaks if not moe else all("disable" in reason for reason in breaks)
