@@ -67,6 +67,17 @@ def read_json(path, error=DataError):
         raise error(f"{path}: not valid JSON ({err})") from None
 
 
+def folder_config(folder) -> dict | None:
+    """A model folder's config.json as a dict, or None when it is missing, unreadable or not an
+    object (for telling folder formats apart, where a bad file is not this format's)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-empty line; bad JSON raises DataError naming file and line."""
     with open(path, encoding="utf-8") as f:

@@ -11,14 +11,12 @@ registered with it here (`register_folder_format`), so that it reads them too.
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from .conversion.official import is_official_folder, load_official
 from .data.processor import MedMoEProcessor
 from .engine.prepare import prepare
+from .files import folder_config
 from .model.modeling import MedMoEForCausalLM, register_folder_format
 from .model.pretrained import BUNDLED_MODELS, DEFAULT_MODEL, load_delta, pick_device, pick_dtype, resolve_model_path
 
@@ -27,12 +25,8 @@ __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "is_delta_folder", "load_for_infer
 
 def is_delta_folder(path: str) -> bool:
     """A folder saved by `save_delta`: its config.json names the `base_model` its weights add to."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(cfg, dict) and bool(cfg.get("base_model")) and not is_official_folder(path)
+    cfg = folder_config(path)
+    return cfg is not None and bool(cfg.get("base_model")) and not is_official_folder(path)
 
 
 def _official(path: str, dtype=None, device=None, vision_tower: str | None = None, vision_dtype=None,

@@ -36,6 +36,7 @@ import torch
 
 from ..config import MedMoEConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import folder_config
 from ..model.presets import CLIP_L14_336
 from .files import load_folder
 
@@ -600,12 +601,8 @@ def attach_tokenizer(model, folder: str, report: Report):
 
 def is_official_folder(path: str) -> bool:
     """A folder saved by the official Med-MoE / MoE-LLaVA code (its config.json: `is_official_config`)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(cfg, dict) and is_official_config(cfg)
+    cfg = folder_config(path)
+    return cfg is not None and is_official_config(cfg)
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -441,7 +441,6 @@ class Engine:
             self.active[slot] = moved
         self.active.pop()
         self.step_fn.positions[last] = 0
-        request = run.handle.request
         confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
                         run.routing, run.logprobs, confidence)
