@@ -205,17 +205,17 @@ class RuntimeOptions:
     fuse_qkv: bool | None = setting(None, "one product for each attention's query, key and value projections; unset: "
                                     "on a GPU (load_for_inference(fuse_qkv=...); medmoe bench --no-fuse-qkv)")
     fuse_parallel: bool = setting(True, "in Phi's parallel layers, the FFN's projections join the fused product "
-                                  "(fuse_qkv(parallel=...); medmoe bench --no-fuse-parallel)")
+                                  "(engine.prepare(parallel=...); medmoe bench --no-fuse-parallel)")
     overlap_experts: bool = setting(True, "a Med-MoE layer's experts run beside its attention on a second CUDA "
-                                    "stream (fuse_qkv(overlap_experts=...); medmoe bench --no-overlap-experts)")
+                                    "stream (engine.prepare(overlap_experts=...); medmoe bench --no-overlap-experts)")
     decode_rotary: bool = setting(True, "Phi's rotary embedding and cache write in one kernel at decode "
                                   "(engine/decode_attention.py; medmoe bench --no-decode-rotary)")
     linear_matvec: bool = setting(True, "one-row products by the matrix-vector kernel, not cuBLAS "
                                   "(moe.kernels.linear_matvec_enabled; medmoe bench --no-linear-matvec)")
     cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "
-                                      "model allows it (engine.static_decode.decode(cuda_graph=...))")
+                                      "model allows it (Engine(cuda_graphs=...), engine.static_decode.decode(cuda_graph=...))")
     compile: bool | str = setting(False, "also fuse the decode step with torch.compile; a string is its mode "
-                                  "(engine.static_decode.decode(compile=...); medmoe bench --compile, --compile-mode)")
+                                  "(Engine(compile=...): medmoe serve --compile, medmoe bench --compile, --compile-mode)")
     check_every: int = setting(16, "decode steps between reads of the device for ended rows "
                                "(engine.static_decode.decode(check_every=...))")
     share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "

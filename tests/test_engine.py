@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -239,6 +240,26 @@ def test_the_background_runner_serves_concurrent_submissions(phi, overlap):
         engine.stop()
     for result, q, c in zip(results, QUESTIONS, cfgs):
         assert_same(result, reference(model, processor, q, None, c))
+
+
+def test_an_idle_cpu_runner_frees_its_kv_cache_and_serves_again(phi, monkeypatch):
+    import medmoe.engine.scheduler as scheduler
+
+    model, processor = phi
+    monkeypatch.setattr(scheduler, "IDLE_RELEASE_S", 0.05)
+    engine = Engine(model, processor, max_slots=2)
+    cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
+    engine.start()
+    try:
+        first = engine.submit(request(processor, QUESTIONS[0], None, cfg)).result(timeout=120)
+        deadline = time.monotonic() + 10
+        while engine.cache.kv is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.cache.kv is None and engine.cache.capacity == 0  # memory back between bursts
+        again = engine.submit(request(processor, QUESTIONS[0], None, cfg)).result(timeout=120)
+    finally:
+        engine.stop()
+    assert again.token_ids == first.token_ids and engine.cache.capacity > 0
 
 
 def test_the_common_start_of_prompts_is_prefilled_once(phi, monkeypatch):

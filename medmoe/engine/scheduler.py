@@ -41,6 +41,7 @@ from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_t
 from .slot_cache import BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
+IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
 
 
 def _config_eos(model) -> set[int]:
@@ -108,6 +109,9 @@ class Engine:
         self.max_waiting = max_waiting
         self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
+        # On a GPU the buffer stays (its CUDA graphs hold its address); on the CPU it is reallocated
+        # at the next burst, cheaply, and the process's memory returns to where it started.
+        self.release_when_idle = weight.device.type != "cuda"
         self.eos = eos_ids(model, processor) if processor is not None else _config_eos(model)
         self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
         self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
@@ -196,10 +200,16 @@ class Engine:
         self.thread = None
 
     def _loop(self) -> None:
+        idle_since = None
         while not self.stopping.is_set():
-            if not self.step():
-                self.wake.wait(0.05)
-                self.wake.clear()
+            if self.step():
+                idle_since = None
+                continue
+            idle_since = idle_since or time.monotonic()
+            if self.release_when_idle and time.monotonic() - idle_since > IDLE_RELEASE_S:
+                self.cache.release()  # a CPU server gives its KV memory back between bursts
+            self.wake.wait(0.05)
+            self.wake.clear()
 
     # ----- one iteration -----------------------------------------------------------------------
     @torch.no_grad()

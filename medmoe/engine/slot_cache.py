@@ -111,6 +111,12 @@ class SlotCache(Cache):
         self.kv, self.capacity = kv, capacity
         self.version += 1
 
+    def release(self) -> None:
+        """Free the buffer (no request holds a slot); the next `reserve` allocates it again."""
+        if self.kv is not None:
+            self.kv, self.capacity = None, 0
+            self.version += 1
+
     def load(self, slot: int, keys: torch.Tensor, values: torch.Tensor, at: int = 0) -> None:
         """Prefilled keys/values [layers, kv_heads, n, head_dim] into positions at..at+n of `slot`."""
         n = keys.shape[-2]
