@@ -44,6 +44,17 @@ logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
 
 
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc keeps them for reuse otherwise, so a
+    burst's prefill activations would stay in the process's resident memory); best effort."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _config_eos(model) -> set[int]:
     eos = getattr(model.config.llm_config(), "eos_token_id", None)
     return {eos} if isinstance(eos, int) else set(eos or ())
@@ -206,8 +217,9 @@ class Engine:
                 idle_since = None
                 continue
             idle_since = idle_since or time.monotonic()
-            if self.release_when_idle and time.monotonic() - idle_since > IDLE_RELEASE_S:
+            if self.release_when_idle and self.cache.kv is not None and time.monotonic() - idle_since > IDLE_RELEASE_S:
                 self.cache.release()  # a CPU server gives its KV memory back between bursts
+                _return_freed_memory()
             self.wake.wait(0.05)
             self.wake.clear()
 
