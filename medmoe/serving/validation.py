@@ -177,7 +177,7 @@ def sampling_config(body: dict, limits) -> SamplingConfig:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     for field in ("max_tokens", "max_completion_tokens"):
         integer(body, field, None)  # the type, whichever one is used
-    max_tokens = integer(body, name, limits.default_max_tokens)
+    max_tokens = integer(body, name, min(limits.default_max_tokens, limits.max_tokens))  # unset: never above the cap
     if max_tokens < 1:
         raise bad(name, f"must be a positive integer, got {max_tokens}")
     if max_tokens > limits.max_tokens:
