@@ -71,3 +71,20 @@ def test_aggregates_carry_intervals_and_the_score_prints_them():
     assert metrics["total"]["closed"]["accuracy"] == 50.0
     text = score_text(metrics)
     assert "95% bootstrap intervals" in text and "closed accuracy 50.00 [" in text
+
+
+def test_batch_calibration_evens_out_a_model_that_leans_toward_one_label():
+    import torch
+
+    from medmoe.evaluation.classification import batch_calibrated
+
+    # The model prefers label 1 by the same margin for every input; the evidence per input
+    # (+/- 1 on label 0) decides only after that lean is divided out.
+    truth = [0, 1] * 20
+    evidence = torch.tensor([[1.0, 0.0] if t == 0 else [-1.0, 0.0] for t in truth])
+    logprobs = (evidence + torch.tensor([0.0, 2.5])).log_softmax(-1)
+    raw = logprobs.argmax(-1).tolist()
+    fixed = batch_calibrated(logprobs).argmax(-1).tolist()
+    assert balanced_accuracy(truth, raw, 2) == 50.0  # always label 1
+    assert balanced_accuracy(truth, fixed, 2) == 100.0
+    assert torch.allclose(batch_calibrated(logprobs).exp().sum(-1), torch.ones(40))

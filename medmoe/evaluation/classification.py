@@ -118,6 +118,16 @@ def parse_choice(text: str, choices: Sequence[str]) -> int:
     return found[0] if len(found) == 1 else UNPARSED
 
 
+def batch_calibrated(logprobs: torch.Tensor) -> torch.Tensor:
+    """Label log-probabilities [N, C] with the model's average preference for each label over the
+    N inputs divided out (batch calibration: p(y|x) / mean_x p(y|x), renormalised). A model that
+    leans toward one label whatever the image shows (PneumoniaMNIST: "pneumonia") is evened out;
+    no labels are used, only the inputs being classified."""
+    probs = logprobs.float().softmax(-1)
+    prior = probs.mean(0, keepdim=True)
+    return (probs / prior).log().log_softmax(-1)
+
+
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
     """Accuracy and per-class recall in percent; confusion[true][pred] with a last 'unparsed' column."""
     k = len(classes)

@@ -277,7 +277,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 
 # ----- scoring the rows --------------------------------------------------------------------
 def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
-    from .classification import classification_metrics, parse_choice, plot_confusion
+    from .classification import batch_calibrated, classification_metrics, parse_choice, plot_confusion
     from .intervals import calibration, plot_calibration
     from .report import METHODS
 
@@ -296,7 +296,9 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
         truth = [classes.index(i.gt.answer) for i in keep]
         loglik = [max(range(len(classes)), key=rows[i.gt.id]["choice_logprobs"].__getitem__) for i in keep]
         generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
+        calibrated = batch_calibrated(torch.tensor([rows[i.gt.id]["choice_logprobs"] for i in keep])).argmax(-1)
         results[dataset] = {"loglik": classification_metrics(truth, loglik, classes),
+                            "loglik_calibrated": classification_metrics(truth, calibrated.tolist(), classes),
                             "generate": classification_metrics(truth, generated, classes)}
         # Confidence of a label-likelihood answer: its probability among the labels.
         probs = [torch.tensor(rows[i.gt.id]["choice_logprobs"]).softmax(-1) for i in keep]

@@ -14,7 +14,8 @@ COLUMNS = ("group", "n", "open n", "open recall", "closed n", "closed acc", "clo
            "EMS", "F1 (open)", "BLEU-1", "BLEU-2", "BLEU-3")
 
 
-METHODS = {"loglik": "label log-likelihood", "generate": "free generation"}
+METHODS = {"loglik": "label log-likelihood", "loglik_calibrated": "label log-likelihood, batch-calibrated",
+           "generate": "free generation"}
 
 
 def _pct(value) -> str:
