@@ -152,7 +152,8 @@ class RotaryAttention(nn.Module):
             query, keys = self._rotate(query, keys, *position_embeddings)
             if cache is not None:
                 keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
+        impl = self.config._attn_implementation
+        attention = self.eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
         out, weights = attention(self, query, keys, values, attention_mask, dropout=0.0, scaling=self.scaling,
                                  **self.extra, **kwargs)
         return out.reshape(*q.shape[:-1], -1).contiguous(), weights
