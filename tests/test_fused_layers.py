@@ -108,7 +108,7 @@ def test_only_the_classes_in_the_table_are_fused():
 
     model, _ = build_model("tiny")
     layers = model.language_model.model.layers
-    layers[0].self_attn.__class__ = OtherAttention  # a model whose first attention is of another class
+    layers[0].self_attn = OtherAttention(model.language_model.config, 0)  # a model whose first attention is another class
     assert fuse(model.language_model) == 3
     assert type(layers[0].self_attn) is OtherAttention and isinstance(layers[1].self_attn, FusedAttention)
     assert fuse(model.language_model) == 0  # once
