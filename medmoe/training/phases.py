@@ -20,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from . import distributed, params
 from .checkpoint import list_checkpoints
-from .data import Collate, build_dataset, load_records, split_repeat
+from .data import Collate, build_dataset, load_records, sample_weights, split_repeat
 from .recipe import PHASES, Recipe
 from .router import ROUTER_FILE, load_router_weights, run_router_phase
 from .trainer import train
@@ -146,7 +146,8 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
-                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)
+                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step,
+                    weights=sample_weights(dataset.records, cfg.balanced_sampling))
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
