@@ -143,3 +143,16 @@ def test_tower_phase_resumes_exactly(tmp_path):
     b = load_file(os.path.join(resumed["dir"], TOWER_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["predictions"]["after"] == resumed["predictions"]["after"]
+
+
+def test_subset_prefers_images_with_more_labels():
+    from medmoe.data.labels import ImageLabels
+    from medmoe.training.tower import select_images
+
+    images = [f"/x/{i}.png" for i in range(6)]
+    labels = ImageLabels(images, {"modality": ["CT"] * 6, "organ": [None, "lung", None, "head", None, None]},
+                         {"modality": ["CT", "MRI"], "organ": ["head", "lung"]})
+    records = [Record(id=str(i), image=im, question="q", answer="a", dataset="a" if i < 4 else "b")
+               for i, im in enumerate(images)]
+    assert select_images(labels, records, 2, seed=0) == [1, 3, 4, 5]
+    assert select_images(labels, records, 0, seed=0) == list(range(6))

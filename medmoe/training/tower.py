@@ -180,15 +180,19 @@ def build_tower(recipe: Recipe):
 
 
 def select_images(labels: ImageLabels, records, per_dataset: int, seed: int) -> list[int]:
-    """Indices of the images kept: all, or a seeded `per_dataset` of each dataset's labelled images."""
+    """Indices of the images kept: every labelled one, or `per_dataset` of each dataset's, those
+    with the most label families first (ties in a seeded random order): a PathVQA image with a
+    finding and an organ teaches more than one known only to be pathology."""
     dataset_of = {r.image: r.dataset for r in records if r.image}
-    labelled = [i for i in range(len(labels.images)) if any(v[i] is not None for v in labels.labels.values())]
+    families = [sum(v[i] is not None for v in labels.labels.values()) for i in range(len(labels.images))]
+    labelled = [i for i in range(len(labels.images)) if families[i]]
     if not per_dataset:
         return labelled
     rng, kept = random.Random(seed), []
     for name in sorted({dataset_of[labels.images[i]] for i in labelled}):
         mine = [i for i in labelled if dataset_of[labels.images[i]] == name]
-        kept += sorted(rng.sample(mine, per_dataset)) if len(mine) > per_dataset else mine
+        rng.shuffle(mine)
+        kept += sorted(mine, key=lambda i: -families[i])[:per_dataset]
     return sorted(kept)
 
 
