@@ -37,8 +37,15 @@ def test_label_balancing_evens_out_a_skewed_classification_set():
     seen = drawn(records, "label")
     normal, pneumonia = seen["pneumoniamnist", "normal"], seen["pneumoniamnist", "pneumonia"]
     assert abs(pneumonia / (normal + pneumonia) - 0.5) < 0.05  # 10% of the set, half of the draws
-    # The classification set keeps its share of the epoch (100 of 150); the VQA records theirs.
-    assert abs((normal + pneumonia) / sum(seen.values()) - 100 / 150) < 0.03
+    # The classification set keeps its share of the epoch (100 of 150); each VQA record comes
+    # exactly once per epoch, as without weights, and each rare-class image five times.
+    assert (normal + pneumonia) / sum(seen.values()) == pytest.approx(100 / 150, abs=0.005)
+    weights = torch.tensor(sample_weights(records, "label"))
+    for epoch in range(3):
+        counts = Counter(i for b in epoch_batches(len(records), 8, 0, epoch, weights=weights) for i in b)
+        assert all(counts[i] == 1 for i in range(100, 150))
+        assert all(counts[i] == 5 for i in range(90, 100))
+        assert all(counts[i] in (0, 1) for i in range(90))
     plain = Counter()
     for epoch in range(20):
         plain.update(records[i]["answer"] for b in epoch_batches(len(records), 8, 0, epoch) for i in b)

@@ -68,10 +68,10 @@ class PhaseRecipe:
     max_length: int = setting(2048, "longer samples are truncated (tokens)")
     max_samples: int = setting(0, "> 0: only the first N samples (quick runs)")
     augment_images: bool = setting(False, "train on a random view of each image (crop, rotation, light; no flips)")
-    balanced_sampling: str = setting("off", 'each epoch draws samples with replacement: "dataset": each data source '
-                                     'as often as the others; "label": within a classification set (records with '
-                                     'choices, e.g. PneumoniaMNIST), each class as often as the others; "off": '
-                                     "every sample once", ("off", "dataset", "label"))
+    balanced_sampling: str = setting("off", 'weighted draws per epoch: "label": within a classification set '
+                                     '(records with choices, e.g. PneumoniaMNIST) each class as often as the others, '
+                                     'other records once; "dataset": each data source as often as the others; '
+                                     '"off": every sample once', ("off", "dataset", "label"))
     grad_checkpointing: str = setting("off", 'activations recomputed in backward: "full": whole decoder layers '
                                       '(every grad_checkpointing_every-th); "selective": every layer, the matrix '
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '

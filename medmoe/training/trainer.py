@@ -7,7 +7,7 @@ loss-curve PNG at the end, atomic checkpoints and exact resume.
 
 Data order is a pure function of (seed, epoch): micro-batch m of the run is always the same
 samples, so resuming at micro-batch m replays exactly what an uninterrupted run would have seen.
-With sample weights (`balanced_sampling`), an epoch is as many seeded draws with replacement.
+With sample weights (`balanced_sampling`), an epoch is as many seeded weighted draws.
 """
 
 from __future__ import annotations
@@ -41,15 +41,26 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     """This rank's micro-batches for one epoch: a seeded shuffle cut into global batches of
     batch_size * world; rank r takes slice r of each. Under several processes an incomplete last
     global batch is dropped so every rank runs the same number of steps. With `weights`, the epoch
-    is num_samples seeded draws with replacement, sample i drawn with probability ~ weights[i]."""
+    is num_samples seeded draws (`weighted_draws`), shuffled."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if weights is None:
         order = torch.randperm(num_samples, generator=g).tolist()
     else:
-        order = torch.multinomial(weights[:num_samples].double(), num_samples, replacement=True, generator=g).tolist()
+        order = weighted_draws(weights[:num_samples], g)
     step = batch_size * world
     full = num_samples // step if world > 1 else math.ceil(num_samples / step)
     return [order[i * step + rank * batch_size: i * step + (rank + 1) * batch_size] for i in range(full)]
+
+
+def weighted_draws(weights: torch.Tensor, g: torch.Generator) -> list[int]:
+    """len(weights) draws in a seeded order, sample i drawn floor or ceil of its expected count
+    (weights[i] scaled so that they sum to the number of samples): systematic resampling, one
+    random offset. A sample of weight 1 then comes exactly once per epoch, as without weights."""
+    n = len(weights)
+    edges = torch.cumsum(weights.double(), 0) * (n / float(weights.sum()))
+    points = torch.rand(1, generator=g, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)
+    drawn = torch.searchsorted(edges, points, right=True).clamp(max=n - 1)
+    return drawn[torch.randperm(n, generator=g)].tolist()
 
 
 class _Batches(torch.utils.data.Sampler):
