@@ -14,7 +14,8 @@
 # $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
 # 2400: about 1,000 GPU-seconds of training each beside the others, then export and evaluation).
 # $OUT gets NAME.tgz (metrics, predictions, plots, logs; no weights), NAME.log, and rows.md: one
-# docs/RESULTS.md row per model, the shuffled-image rows beside them.
+# docs/RESULTS.md row per model, the shuffled-image rows beside them. On a machine of several GPUs,
+# GPUS="0 1" deals the runs out to them in turn (CUDA_VISIBLE_DEVICES); by default all share GPU 0.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
 VARIANTS=${VARIANTS:-nano nano-balanced nano-tower-labels}
@@ -26,14 +27,17 @@ start() {
   fi
   rm -rf "$V2/repo" && mkdir -p "$V2/repo"  # the runs read this copy: a later call's tree cannot change them
   tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$V2/repo"
+  local gpus=(${GPUS:-0}) i=0
   for name in $VARIANTS; do
     mkdir -p "$V2/$name" && ln -sfn "$STAGE/work/data" "$V2/$name/data"
     rm -f "$V2/$name.done"
-    (cd "$V2/repo" && PYTHONPATH="$STAGE/site:$V2/repo" MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
+    (cd "$V2/repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$V2/repo" \
+       MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
        MEDMOE=${MEDMOE:-python3 -m medmoe} EVAL_ARGS=${EVAL_ARGS:---batch-size 128 --max-new-tokens 32} \
        setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash scripts/nano.sh "$1" "$2" train export eval-medmoe control; echo "rc=$?" > "$3"' \
        "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done" > "$V2/$name.log" 2>&1 < /dev/null &)
-    echo "started $name in $V2/$name"
+    echo "started $name in $V2/$name on GPU ${gpus[i % ${#gpus[@]}]}"
+    i=$((i + 1))
   done
 }
 
