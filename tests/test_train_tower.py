@@ -156,3 +156,17 @@ def test_subset_prefers_images_with_more_labels():
                for i, im in enumerate(images)]
     assert select_images(labels, records, 2, seed=0) == [1, 3, 4, 5]
     assert select_images(labels, records, 0, seed=0) == list(range(6))
+
+
+def test_report_lines():
+    from medmoe.evaluation.labels import format_label_report
+
+    entry = {"truth": [0, 0, 0, 1], "pred": [0, 0, 1, 1], "classes": 2, "multi_label": False}
+    report = label_report({"before": {"class": {**entry, "pred": [0, 0, 0, 0]}}, "after": {"class": entry}})
+    (line,) = format_label_report(report)
+    assert line.startswith("tower class: held-out accuracy 75.0 [") and "-> 75.0 [" in line and "constant guess 75.0" in line
+    # Paired: the same images before and after; one image changed from right to wrong, one the reverse.
+    assert report["change"]["class"]["points"] == 0.0 and ", change 0.0 [" in line
+    many = {k: v * 10 if isinstance(v, list) else v for k, v in entry.items()}  # 40 images
+    better = label_report({"before": {"class": {**many, "pred": [1] * 40}}, "after": {"class": many}})
+    assert better["change"]["class"]["points"] == 50.0 and better["change"]["class"]["ci"][0] > 0

@@ -34,9 +34,21 @@ def family_scores(entry: dict) -> dict:
 
 
 def label_report(predictions: dict) -> dict:
-    """{"before": {family: scores}, "after": {...}} from the phase's held-out predictions."""
-    return {when: {family: family_scores(entry) for family, entry in families.items()}
-            for when, families in predictions.items()}
+    """{"before": {family: scores}, "after": {...}, "change": {...}} from the phase's held-out
+    predictions. "change": after minus before in accuracy points, on the same images, with a
+    paired 95% bootstrap interval (the images resampled once for both)."""
+    report = {when: {family: family_scores(entry) for family, entry in families.items()}
+              for when, families in predictions.items()}
+    before, after = predictions.get("before", {}), predictions.get("after", {})
+    report["change"] = {family: paired_change(before[family], entry) for family, entry in after.items()
+                        if family in before and not entry["multi_label"] and entry["truth"]}
+    return report
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    hits = [(np.asarray(e["truth"]) == np.asarray(e["pred"])).astype(float) for e in (before, after)]
+    diff = hits[1] - hits[0]
+    return {"points": round(100 * float(diff.mean()), 2), "ci": bootstrap_ci(diff, scale=100.0)}
 
 
 def format_label_report(report: dict) -> list[str]:
@@ -45,7 +57,17 @@ def format_label_report(report: dict) -> list[str]:
     for family, after in report.get("after", {}).items():
         before = report.get("before", {}).get(family, {})
         key = "micro_f1" if "micro_f1" in after else "accuracy"
+        change = report.get("change", {}).get(family)
         if key in after:
-            lines.append(f"tower {family}: held-out {key} {before.get(key)} {before.get('ci')} -> {after[key]} "
-                         f"{after['ci']} on {after['n']} images, {after['classes']} classes (constant guess {after['chance']})")
+            lines.append(f"tower {family}: held-out {key} {_score(before, key)} -> {_score(after, key)}"
+                         + (f", change {_score(change, 'points')}" if change else "")
+                         + f" on {after['n']} images, {after['classes']} classes (constant guess {after['chance']:.1f})")
     return lines
+
+
+def _score(scores: dict, key: str) -> str:
+    """"93.3 [86.7, 100.0]"."""
+    if key not in scores:
+        return "n/a"
+    ci = scores.get("ci")
+    return f"{scores[key]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
