@@ -1,4 +1,4 @@
-"""`medmoe train --recipe FILE [--phase 1|2|router|3|all] [--resume] [key=value ...]`"""
+"""`medmoe train --recipe FILE [--phase tower|1|2|router|3|all] [--resume] [key=value ...]`"""
 
 from __future__ import annotations
 
