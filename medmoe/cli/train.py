@@ -59,7 +59,7 @@ def report_tower(result: dict) -> None:
     from ..evaluation.labels import format_label_report, label_report
     from ..files import atomic_write_text
 
-    if result.get("skipped"):
+    if result.get("skipped") or not result.get("predictions"):  # off, or not the main process
         return
     found = result["predictions"]
     report = {**label_report({k: found[k] for k in ("before", "after")}), "images": found["images"],

@@ -29,7 +29,7 @@ from ..data.images import load_image, preprocess, random_view
 from ..data.labels import MULTI_LABEL, ImageLabels, image_labels
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_text
-from . import params
+from . import distributed, params
 from .data import load_records, split_repeat
 from .distributed import single_process
 from .recipe import Recipe, TowerRecipe
@@ -79,11 +79,12 @@ class LabelHeads(nn.Module):
 
 
 def heads_loss(heads: nn.ModuleDict, layout: dict[str, slice], features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    losses = []
+    losses, idle = [], []
     for family, head in heads.items():
         t = targets[:, layout[family]]
         known = t[:, 0] != -100
-        if not known.any():
+        if not known.any():  # kept in the graph at no cost: DDP expects a gradient for every head
+            idle.append(head(features[:0]).sum())
             continue
         logits = head(features[known])
         if family in MULTI_LABEL:
@@ -91,7 +92,8 @@ def heads_loss(heads: nn.ModuleDict, layout: dict[str, slice], features: torch.T
         else:
             losses.append(F.cross_entropy(logits, t[known, 0].long()))
     # A batch without any label still gives a zero loss tied to the graph (every rank steps alike).
-    return torch.stack(losses).mean() if losses else features.sum() * 0.0
+    loss = torch.stack(losses).mean() if losses else features.sum() * 0.0
+    return loss + torch.stack(idle).sum() if idle else loss
 
 
 class LabelImages(torch.utils.data.Dataset):
@@ -231,14 +233,15 @@ def run_tower_phase(recipe: Recipe, run_dir: str, resume: bool = False, dist=Non
     groups = {"vision": {f"vision_tower.{n}": p for n, p in model.vision_tower.named_parameters()},
               "heads": {f"heads.{n}": p for n, p in model.heads.named_parameters()}}
     groups = params.select(model, groups)
+    wrapped = distributed.wrap(model, dist, "ddp")  # several processes: DDP (the tower is small)
     summary = train(model, part(train_idx.tolist(), cfg.augment_images), groups, cfg, run_dir, seed=recipe.seed,
-                    resume=resume, dist=dist, collate_fn=collate, recipe=recipe.to_dict(), title="tower", on_step=on_step)
+                    resume=resume, dist=dist, wrapped=wrapped, collate_fn=collate, recipe=recipe.to_dict(), title="tower", on_step=on_step)
     found = {"before": before, "after": probe(), "images": {"train": len(train_idx), "heldout": len(held_idx)},
              "image_size": size, "classes": labels.classes}
     if dist.is_main:
         atomic_write_text(os.path.join(run_dir, PREDICTIONS_FILE), json.dumps(found))
         save_tower(model.vision_tower, os.path.join(run_dir, TOWER_FILE))
-    return {**summary, "phase": "tower", "dir": run_dir, "predictions": found}
+    return {**summary, "phase": "tower", "dir": run_dir, "predictions": found if dist.is_main else None}
 
 
 def save_tower(tower: nn.Module, path: str) -> None:
