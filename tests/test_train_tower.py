@@ -19,7 +19,7 @@ from medmoe.errors import CheckpointError, ConfigError
 from medmoe.evaluation.labels import family_scores, label_report, micro_f1
 from medmoe.training.phases import finished, run_phase, starting_model
 from medmoe.training.recipe import load_recipe
-from medmoe.training.tower import TOWER_FILE, load_tower, save_tower, target_matrix
+from medmoe.training.tower import TOWER_FILE, save_tower, target_matrix
 
 COLOURS = {"CT": (200, 40, 40), "MRI": (40, 40, 200)}
 

@@ -9,8 +9,9 @@ multi-label structures), through the common loop (trainer.py: checkpoints, exact
 Images are split into training and held-out parts (each image on one side only). The held-out
 predictions of the same linear probe (heads trained on frozen pooled features) are kept twice:
 on the starting tower (ImageNet features) and on the trained one (`tower_predictions.json`;
-`medmoe train` scores them with evaluation/labels.py: accuracy with 95% bootstrap intervals). The tower is saved as <output_dir>/tower/tower.safetensors
-(written to a temporary file and renamed), which phase 1 loads into the model it builds.
+`medmoe train` scores them with evaluation/labels.py: accuracy with 95% bootstrap intervals).
+The tower is saved as <output_dir>/tower/tower.safetensors (written to a temporary file and
+renamed), which phase 1 loads into the model it builds.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ def run_tower_phase(recipe: Recipe, run_dir: str, resume: bool = False, dist=Non
     groups = params.select(model, groups)
     wrapped = distributed.wrap(model, dist, "ddp")  # several processes: DDP (the tower is small)
     summary = train(model, part(train_idx.tolist(), cfg.augment_images), groups, cfg, run_dir, seed=recipe.seed,
-                    resume=resume, dist=dist, wrapped=wrapped, collate_fn=collate, recipe=recipe.to_dict(), title="tower", on_step=on_step)
+                    resume=resume, dist=dist, wrapped=wrapped, collate_fn=collate, recipe=recipe.to_dict(),
+                    title="tower", on_step=on_step)
     found = {"before": before, "after": probe(), "images": {"train": len(train_idx), "heldout": len(held_idx)},
              "image_size": size, "classes": labels.classes}
     if dist.is_main:
