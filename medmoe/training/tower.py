@@ -122,9 +122,9 @@ def collate(items: list[dict]) -> dict:
 # ----- the linear probe ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def pooled_features(model: LabelHeads, dataset: LabelImages, batch_size: int, device) -> torch.Tensor:
+def pooled_features(model: LabelHeads, dataset: LabelImages, batch_size: int, device, num_workers: int = 0) -> torch.Tensor:
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     return torch.cat([model.pooled(b["pixel_values"].to(device)).cpu() for b in loader])
 
 
@@ -219,7 +219,7 @@ def run_tower_phase(recipe: Recipe, run_dir: str, resume: bool = False, dist=Non
         return LabelImages([images[i] for i in idx], targets[idx], size, vision.image_mean, vision.image_std, augment)
 
     def probe() -> dict:
-        feats = pooled_features(model, part(range(len(images))), cfg.batch_size, dist.device)
+        feats = pooled_features(model, part(range(len(images))), cfg.batch_size, dist.device, cfg.num_workers)
         heads = linear_probe(feats[train_idx], targets[train_idx], labels.classes, layout, cfg.probe_epochs, recipe.seed)
         return predictions(heads, feats[held_idx], targets[held_idx], labels.classes, layout)
 
