@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import distributed, params
-from .data import Collate, load_records, records_dataset
+from .data import Collate, load_records, records_dataset, sample_weights
 from .phases import check_fresh, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
 from .trainer import train
@@ -46,7 +46,8 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
-                    collate_fn=Collate(processor), recipe=settings, title="fine-tune")
+                    collate_fn=Collate(processor), recipe=settings, title="fine-tune",
+                    weights=sample_weights(records, phase.balanced_sampling))
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
