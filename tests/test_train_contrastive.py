@@ -3,6 +3,7 @@ phase that uses it (and resumes exactly), and the MiniLM text encoder it reads c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zlib
@@ -135,22 +136,38 @@ def test_a_contrastive_phase_logs_its_loss_drops_its_head_and_resumes_exactly(tm
     assert summary["trainable"][HEAD] == 64 * 16  # the tiny LLM's d 64 -> the stand-in's 16
 
 
-def test_contrastive_settings_are_checked(tmp_path):
-    from medmoe.training.finetune import finetune
+def test_phase2_aligns_qa_images_with_a_trained_tower(tmp_path, monkeypatch):
+    """Phase 2 (what nano-contrastive changes): QA records, several per image, the tower trained."""
     from medmoe.training.phases import run_phase
+
+    monkeypatch.setattr("medmoe.vision.text_encoder.load_minilm", lambda device="cpu": WordVectors())
+    recipe = load_recipe("tiny", [f"output_dir={tmp_path}", "phase1.max_steps=1", "phase2.max_steps=2",
+                                  "phase2.train_vision=true", "phase2.contrastive_weight=0.5"])
+    with one_thread():
+        run_phase(recipe, "1")
+        run_phase(recipe, "2")
+    summary = json.loads((tmp_path / "phase2" / "summary.json").read_text())
+    assert summary["trainable"][HEAD] > 0 and summary["trainable"]["vision"] > 0
+    assert summary["last"]["contrastive_loss"] > 0
+
+
+def test_contrastive_settings_are_checked(tmp_path):
+    from medmoe.training.contrastive import setup
+    from medmoe.training.distributed import single_process
+    from medmoe.training.finetune import finetune
     from medmoe.training.recipe import PhaseRecipe
 
     with pytest.raises(ConfigError, match="temperature"):
         load_recipe("tiny", ["phase1.contrastive_temperature=0"])
     with pytest.raises(ConfigError, match="fine-tuning"):
         finetune("tiny", PhaseRecipe(contrastive_weight=1.0), str(tmp_path / "ft"))
-    from medmoe.training.contrastive import setup
-    from medmoe.training.distributed import single_process
-
     with pytest.raises(ConfigError, match="phase 3 freezes"):
         setup(None, [], 1.0, 0.07, "3", single_process(), text_encoder=WordVectors())
-    assert (load_recipe("nano-contrastive").phase2.contrastive_weight, load_recipe("nano").phase2.contrastive_weight) == (0.5, 0.0)
-    del run_phase
+    with pytest.raises(ConfigError, match="one process"):
+        setup(None, [], 1.0, 0.07, "2", dataclasses.replace(single_process(), world=2), text_encoder=WordVectors())
+    nano, variant = load_recipe("nano").to_dict(), load_recipe("nano-contrastive").to_dict()
+    assert variant["phase2"].pop("contrastive_weight") == 0.5 and nano["phase2"].pop("contrastive_weight") == 0.0
+    assert {k: v for k, v in variant.items() if k != "output_dir"} == {k: v for k, v in nano.items() if k != "output_dir"}
 
 
 def test_minilm_absent_names_the_pip_command(monkeypatch):
