@@ -35,6 +35,9 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
              seed: int = 0) -> dict:
     """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
     `out_dir/model`, checkpoints and the loss curve to `out_dir`."""
+    if phase.contrastive_weight > 0:
+        raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
+                          "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)

@@ -152,12 +152,23 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
         model.add_llm_lora(**cfg.llm_lora.to_dict())
     if phase == "3":
         upcycle_for_phase3(model, recipe)
-    groups = params.select(model, _groups(model, recipe, phase))
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
+    alignment = None
+    if cfg.contrastive_weight > 0:  # its head joins the model for this phase (checkpoints, resume), then leaves
+        from .contrastive import HEAD, setup
+
+        alignment = setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature, phase, dist,
+                          seed=recipe.seed)
+    groups = _groups(model, recipe, phase)
+    if alignment is not None:
+        groups[HEAD] = alignment.head_parameters(model)
+    groups = params.select(model, groups)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
-                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step,
-                    weights=sample_weights(dataset.records, cfg.balanced_sampling))
+                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}",
+                    on_step=on_step, weights=sample_weights(dataset.records, cfg.balanced_sampling), extra_losses=alignment)
+    if alignment is not None:
+        alignment.remove(model)
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:

