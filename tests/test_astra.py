@@ -194,3 +194,13 @@ def test_real_weights_see_a_ct_slice_as_in_training():
     gap = ((h.mean(dim=(0, 2, 3)) - bn.running_mean) / bn.running_var.sqrt()).abs()
     log_ratio = (h.var(dim=(0, 2, 3)) / bn.running_var).log().abs()
     assert gap.mean() < 0.5 and log_ratio.mean() < 1.0
+
+
+def test_nano_astra_recipe_is_nano_with_one_setting_changed():
+    import dataclasses
+
+    from medmoe.training.recipe import load_recipe
+
+    nano, variant = load_recipe("nano"), load_recipe("nano-astra")
+    assert variant.vision == {"kind": "astra"} and nano.vision == {}
+    assert dataclasses.replace(variant, vision={}, output_dir=nano.output_dir) == nano

@@ -83,8 +83,10 @@ def test_the_shipped_nano_config_loads_with_its_old_names_and_saves_the_new_ones
     assert (moe.router_sharing, moe.routing, moe.expert_type) == ("shared", "token", "lora")
     assert moe.expert_lora == LoRAConfig(rank=raw["moe"]["lora_rank"], alpha=raw["moe"]["lora_alpha"])
     assert (moe.expert_lora.rank, moe.expert_lora.alpha) == (16, 32.0)
-    assert config.llm_lora == raw["llm_lora"] and config.vision == {**raw["vision"], "image_mean": tuple(
-        raw["vision"]["image_mean"]), "image_std": tuple(raw["vision"]["image_std"])}
+    assert config.llm_lora == raw["llm_lora"] and {k: config.vision[k] for k in raw["vision"]} == {
+        **raw["vision"], "image_mean": tuple(raw["vision"]["image_mean"]), "image_std": tuple(raw["vision"]["image_std"])}
+    added = {k: v for k, v in config.vision.items() if k not in raw["vision"]}  # settings newer than the file
+    assert added == {k: getattr(VisionConfig(), k) for k in added}
     config.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "config.json").read_text())["moe"]
     assert not {"router", "lora_rank", "lora_alpha", "dispatch"} & set(saved)

