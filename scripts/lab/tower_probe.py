@@ -46,6 +46,7 @@ from medmoe.vision.efficientnet import LITE_MEAN, LITE_STD
 NANO = Path(__file__).resolve().parents[2] / "medmoe" / "assets" / "nano" / "model.safetensors"
 SIZE = 224
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+REFERENCE = "lite0_imagenet"  # accuracy differences are paired against it
 
 
 # ----- image-level labels ---------------------------------------------------------------------------
@@ -191,7 +192,8 @@ def probe(train_x, train_labels, test_x, test_labels) -> dict:
     return {"accuracy": round(100 * correct.mean(), 1), "accuracy_ci": bootstrap_ci(correct, scale=100.0),
             "balanced_accuracy": round(bal(y_test, pred), 1), "balanced_accuracy_ci": bootstrap_ci_paired(bal, y_test, pred),
             "l2": l2, "n_train": len(train_labels), "n_test": len(keep), "dropped_unseen": len(test_labels) - len(keep),
-            "classes": names, "majority": round(100 * Counter(y_test.tolist()).most_common(1)[0][1] / len(y_test), 1)}
+            "classes": names, "majority": round(100 * Counter(y_test.tolist()).most_common(1)[0][1] / len(y_test), 1),
+            "correct": correct}
 
 
 def main():
@@ -236,6 +238,13 @@ def main():
                     results.setdefault(task, {})[name] = probe(
                         cached["train"], [r[field] for r in splits["train"]],
                         cached["heldout"], [r[field] for r in splits["heldout"]])
+    for by_tower in results.values():  # paired: the same held-out images, resampled together
+        base = by_tower[REFERENCE].pop("correct") if REFERENCE in by_tower else None
+        for name, r in by_tower.items():
+            correct = r.pop("correct", None)
+            if base is not None and name != REFERENCE:
+                r[f"minus_{REFERENCE}"] = [round(100 * float((correct - base).mean()), 1),
+                                           bootstrap_ci(correct - base, scale=100.0)]
     timing = {name: {"cpu_seconds": round(seconds[name], 1), "images": images[name],
                      "cpu_ms_per_image": round(1000 * seconds[name] / images[name], 1)} for name in seconds}
     report = {"results": results, "feature_cpu": timing, "depth": args.depth, "threads": args.threads}
@@ -243,11 +252,23 @@ def main():
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The results as the table of docs/lab/towers.md."""
+    ci = lambda c: f"[{c[0]:.1f}, {c[1]:.1f}]" if c else ""  # noqa: E731
+    lines = ["| task (train / held out, majority class) | tower | accuracy [95% CI] | balanced accuracy [95% CI] "
+             f"| accuracy minus {REFERENCE}'s, paired [95% CI] |", "|---|---|---|---|---|"]
     for task, by_tower in results.items():
-        print(f"\n{task} (n_test {next(iter(by_tower.values()))['n_test']}, majority {next(iter(by_tower.values()))['majority']}%)")
-        for tower_name, r in by_tower.items():
-            print(f"  {tower_name:16s} acc {r['accuracy']:5.1f} {r['accuracy_ci']}  bal {r['balanced_accuracy']:5.1f} "
-                  f"{r['balanced_accuracy_ci']}  l2 {r['l2']}")
+        first = next(iter(by_tower.values()))
+        label = f"{task} ({first['n_train']} / {first['n_test']}, {first['majority']}%)"
+        for name, r in by_tower.items():
+            diff = r.get(f"minus_{REFERENCE}")
+            lines.append(f"| {label} | {name} | {r['accuracy']:.1f} {ci(r['accuracy_ci'])} | "
+                         f"{r['balanced_accuracy']:.1f} {ci(r['balanced_accuracy_ci'])} | "
+                         f"{f'{diff[0]:+.1f} {ci(diff[1])}' if diff else ''} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
