@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
 
 class I3ResNet(nn.Module):
     """The backbone, 3-D (Merlin's inflated network) or 2-D (its deflation); `state_dict()` keys
-    equal the package file's. Input [B, 3, (D,) H, W] -> last feature map [B, 2048, (D/8,) H/32, W/32]."""
+    equal the package file's. Input [B, 3, (D,) H, W] -> last feature map [B, 2048, (D/16,) H/32, W/32]."""
 
     def __init__(self, dims: int = 3, blocks: tuple[int, ...] = BLOCKS, width: int = WIDTH):
         super().__init__()
