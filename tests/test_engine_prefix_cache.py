@@ -205,3 +205,22 @@ def test_prompt_keys_name_images_by_their_pixels():
     assert prompt_key(ids, other, 7)[:5] == key[:5] and prompt_key(ids, other, 7)[5] != key[5]
     assert prompt_key(ids, pixels[:1], 7) is not None and prompt_key(ids + [7], pixels, 7) is None
     assert prompt_key(ids, None, 7) is None and prompt_key([1, 2], None, 7) == (1, 2)
+
+
+def test_one_prefill_of_prompts_with_and_without_cached_prefixes(phi):
+    """Rows with cached prefixes of different lengths and a row without one, prefilled together."""
+    model, processor = phi
+    engine = Engine(model, processor, max_slots=4)
+    engine.generate([request(processor, QUESTIONS[0], RED, CFG), request(processor, QUESTIONS[2], None, CFG)])
+    alone = SamplingConfig(max_new_tokens=6, ignore_eos=True, share_prefix=False)
+    cases = [(QUESTIONS[1], RED, CFG), (QUESTIONS[2], None, alone), (QUESTIONS[2] + "?", None, CFG)]
+    reused, prefilled = engine.reused_tokens, engine.prefilled_tokens
+    batches, original = [], engine._prefill_pieces
+    engine._prefill_pieces = lambda pieces: batches.append([(job.done, n) for job, n in pieces]) or original(pieces)
+    results = engine.generate([request(processor, q, i, c) for q, i, c in cases])
+    assert len(batches) == 1 and batches[0][1][0] == 0 and min(batches[0][0][0], batches[0][2][0]) > 161
+    assert engine.reused_tokens - reused > 2 * 161
+    lengths = [len(request(processor, q, i, c).prompt.input_ids) for q, i, c in cases]
+    assert engine.prefilled_tokens - prefilled == sum(lengths) - (engine.reused_tokens - reused)
+    for result, (q, i, c) in zip(results, cases):
+        assert_same(result, reference(model, processor, q, i, c))
