@@ -47,6 +47,7 @@ from .slot_cache import BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
+CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
 
 
 def _return_freed_memory() -> None:
@@ -149,7 +150,10 @@ class Engine:
         mb = defaults.prefix_cache_mb if prefix_cache_mb is None else prefix_cache_mb
         safe = reuse_safe(model)
         self.prefix_cache = PrefixCache(int(mb * 2**20)) if mb > 0 and safe else None
-        self.prefill_chunk = (defaults.prefill_chunk if prefill_chunk is None else prefill_chunk) if safe else 0
+        chunk = defaults.prefill_chunk if prefill_chunk is None else prefill_chunk
+        if chunk is None:  # a GPU prefills 2048 tokens in about the time of a few decode steps
+            chunk = CUDA_PREFILL_CHUNK if weight.device.type == "cuda" else CPU_PREFILL_CHUNK
+        self.prefill_chunk = chunk if safe else 0
         self.prefilling: list[_Prefilling] = []  # in slots, prompts being prefilled
         self.prefilled_tokens = 0  # prompt tokens run through the model
         self.reused_tokens = 0  # prompt tokens copied from the prefix cache instead
