@@ -1,11 +1,13 @@
 """The engine's prefill latencies behind docs/lab/serving-cpu.md, in one process (no server):
 
-    python scripts/lab/prefill_latency.py ttft --model nano --repeats 20
+    python scripts/lab/prefill_latency.py ttft --model nano --repeats 20 --threads 1
     python scripts/lab/prefill_latency.py itl --model nano --long-tokens 1500 --chunks 0,256 --repeats 2
 
 ttft: time to first token of one request alone (64 random question words, as `medmoe bench --what
 serve`), with the prefix cache on and off (Engine(prefix_cache_mb=...)), alternating; the cache
 holds earlier requests' prompts, so that each request finds the chat template's start there.
+Reported: wall time and the process's CPU time (which other work on a shared machine disturbs
+less, with one torch thread), p50 and p90.
 
 itl: inter-token latency of a running stream while a long prompt arrives, with whole-prompt and
 chunked prefill (Engine(prefill_chunk=...)), one engine per setting on the background runner (as
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import threading
 import time
 
-import random
+import torch
 
 from medmoe.bench.serve_load import WORDS, percentile
 from medmoe.engine import Engine, Request, encode_question
@@ -62,6 +65,7 @@ def one_run(engine, processor, question: str) -> dict:
 def ttft(model, processor, repeats: int) -> None:
     engines = {mb: Engine(model, processor, max_slots=1, prefix_cache_mb=mb) for mb in (256.0, 0.0)}
     times: dict[float, list[float]] = {mb: [] for mb in engines}
+    cpu_times: dict[float, list[float]] = {mb: [] for mb in engines}  # the process's CPU time: less noisy on a shared machine
     cfg = SamplingConfig(max_new_tokens=1, ignore_eos=True)
     for engine in engines.values():
         engine.warmup()
@@ -69,12 +73,14 @@ def ttft(model, processor, repeats: int) -> None:
         text = " ".join(random.Random(i).choice(WORDS) for _ in range(64)) + "?"
         for mb, engine in engines.items():
             request = Request(encode_question(processor, text), cfg)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             engine.generate([request])
             times[mb].append((time.perf_counter() - start) * 1e3)
+            cpu_times[mb].append((time.process_time() - cpu) * 1e3)
     for mb, engine in engines.items():
         row = {"prefix_cache_mb": mb, "requests": repeats, "ttft_p50_ms": percentile(times[mb], 50),
-               "ttft_p90_ms": percentile(times[mb], 90), "prompt_tokens": len(request.prompt.input_ids),
+               "ttft_p90_ms": percentile(times[mb], 90), "cpu_p50_ms": percentile(cpu_times[mb], 50),
+               "cpu_p90_ms": percentile(cpu_times[mb], 90), "prompt_tokens": len(request.prompt.input_ids),
                "prefilled_tokens": engine.prefilled_tokens, "reused_tokens": engine.reused_tokens}
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
@@ -103,7 +109,10 @@ def main() -> None:
     p.add_argument("--chunks", default="0,256", help="itl: prefill_chunk settings, a comma list (0: whole prompts)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1: CPU time close to the work done)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, processor = load_for_inference(args.model, args.device)
     if args.what == "ttft":
         ttft(model, processor, args.repeats)
