@@ -224,3 +224,17 @@ def test_one_prefill_of_prompts_with_and_without_cached_prefixes(phi):
     assert engine.prefilled_tokens - prefilled == sum(lengths) - (engine.reused_tokens - reused)
     for result, (q, i, c) in zip(results, cases):
         assert_same(result, reference(model, processor, q, i, c))
+
+
+def test_changed_weights_empty_the_cache():
+    """A training step or loaded weights change the keys and values of every prefix."""
+    model, processor = moe_model("tiny", "token", "full")
+    engine = Engine(model, processor, max_slots=2)
+    engine.generate([request(processor, QUESTIONS[0], None, CFG)])
+    assert engine.prefix_cache.nodes
+    with torch.no_grad():
+        model.language_model.get_input_embeddings().weight.mul_(1.5)
+    result, prefilled, reused = run_alone(engine, request(processor, QUESTIONS[0], None, CFG))
+    assert reused == 0 and prefilled == len(request(processor, QUESTIONS[0], None, CFG).prompt.input_ids)
+    assert_same(result, reference(model, processor, QUESTIONS[0], None, CFG))
+    assert run_alone(engine, request(processor, QUESTIONS[0], None, CFG))[2] > 0  # filled again

@@ -15,7 +15,8 @@ prefill it inserts the whole prompt.
 
 Memory is bounded: past `max_bytes` the least recently used leaves go first (a parent is used
 whenever a child is, so shared prefixes stay). Reuse is exact only when a token's keys and values
-depend on the tokens before it alone: `reuse_safe` says whether the model routes that way.
+depend on the tokens before it alone: `reuse_safe` says whether the model routes that way; and
+only while the weights stay the same: the engine empties the cache when `weights_version` changes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def reuse_safe(model) -> bool:
     token's expert depend on the other tokens of the batch)."""
     return all(b.cfg.routing == "token" and b.cfg.capacity_factor_at_inference is None
                for b in getattr(model, "moe_blocks", []))
+
+
+def weights_version(model) -> int:
+    """Changes when a parameter is changed in place (a training step, loading weights, merging
+    adapters): the cached keys and values are then stale."""
+    return sum(p._version for p in model.parameters())
 
 
 def image_digest(pixels: torch.Tensor) -> bytes:
@@ -115,6 +122,7 @@ class PrefixCache:
         self.bytes = 0
         self.clock = 0
         self.lookups = self.hits = self.hit_tokens = self.evicted = 0
+        self.version: int | None = None  # of the model's weights (weights_version) the entries were made with
 
     def _touch(self, nodes) -> None:
         self.clock += 1
@@ -198,6 +206,12 @@ class PrefixCache:
         self.root.children.clear()
         self.nodes.clear()
         self.bytes = 0
+
+    def check(self, version: int) -> None:
+        """Empty the cache when the model's weights have changed since the last check."""
+        if self.version is not None and version != self.version:
+            self.clear()
+        self.version = version
 
     def stats(self) -> dict:
         return {"nodes": len(self.nodes), "bytes": self.bytes, "max_bytes": self.max_bytes, "lookups": self.lookups,

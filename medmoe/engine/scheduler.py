@@ -40,7 +40,7 @@ from ..errors import MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
-from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe
+from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
@@ -320,6 +320,8 @@ class Engine:
         this iteration's prefill: whole prompts up to `max_prefill_tokens`; while requests decode,
         at most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
         the running streams are not stalled for long."""
+        if self.prefix_cache is not None and self.waiting:
+            self.prefix_cache.check(weights_version(self.model))
         while self.waiting and len(self.active) + len(self.prefilling) < self.max_slots:
             self.prefilling.append(self._start(self.waiting.popleft()))
         chunk = self.prefill_chunk if self.active else 0
