@@ -6,14 +6,15 @@
 # DATA_SRC holds the datasets as their authors ship them (vqa-rad/, slake/, pathvqa/,
 # pneumoniamnist/: the layout of ../shared/data). Stages, in order (default: all but ablations):
 #   prepare    medmoe data prepare for the four datasets (PathVQA: 10% of its images held out)
-#   train      medmoe train --recipe nano (phases 1, 2, router, 3; resumable); or in two stages:
-#              base (phases 1, 2 and the router) then moe (phase 3), so that ablations can start
+#   train      medmoe train --recipe $RECIPE (phases tower, 1, 2, router, 3; resumable; the tower
+#              phase only where the recipe enables it); or in two stages:
+#              base (phases tower, 1, 2 and the router) then moe (phase 3), so that ablations can start
 #              beside phase 3 once the base is there (several runs share a GPU that nano leaves idle)
 #   export     medmoe export: the compact bf16 delta that ships in medmoe/assets/nano
 #   eval       medmoe eval of the dense phase-2 model and of the exported Med-MoE (what ships)
 #              on every test split (eval-dense, eval-medmoe: one of the two)
-#   control    the exported model on VQA-RAD test with each question shown another question's image
-#              (--shuffle-images): how much of the score comes from the image
+#   control    the exported model on VQA-RAD and SLAKE test with each question shown another
+#              question's image (--shuffle-images): how much of the score comes from the image
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
@@ -23,10 +24,12 @@
 #   per-layer-sample  (after per-layer-router) those routers with per-sample routing
 #   pooled     (not in ablations) per-sample routing from the router's own training feature
 # TRAIN_ARGS adds recipe overrides to the train stage, e.g. TRAIN_ARGS="phase2.train_vision=true".
+# RECIPE (default nano) trains another recipe the same way, e.g. RECIPE=nano-balanced.
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
 STAGES=${*:-prepare train export eval}
 MEDMOE=${MEDMOE:-medmoe}
+RECIPE=${RECIPE:-nano}
 EVAL_ARGS=${EVAL_ARGS:---batch-size 64 --max-new-tokens 32}
 mkdir -p "$WORK" && cd "$WORK"
 
@@ -50,7 +53,7 @@ ablation() {  # ablation NAME OVERRIDES...: phase 3 only, from the main run's ph
   mkdir -p "runs/$name"
   ln -sfn "$PWD/runs/nano/phase2" "runs/$name/phase2"
   ln -sfn "$PWD/runs/nano/router" "runs/$name/router"
-  $MEDMOE train --recipe nano --phase 3 --resume output_dir="runs/$name" "$@"
+  $MEDMOE train --recipe "$RECIPE" --phase 3 --resume output_dir="runs/$name" "$@"
   evaluate "runs/$name/phase3/model" "evals/$name"
 }
 
@@ -62,8 +65,8 @@ ablation_pooled() { ablation pooled phase3.moe.routing=pooled; }
 ablation_per-layer-router() {  # routers trained on each MoE layer's real FFN inputs (its own router phase)
   mkdir -p runs/per-layer-router
   ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-router/phase2
-  $MEDMOE train --recipe nano --phase router --resume output_dir=runs/per-layer-router router.train_per_layer=true
-  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-router phase3.moe.router_sharing=per_layer
+  $MEDMOE train --recipe "$RECIPE" --phase router --resume output_dir=runs/per-layer-router router.train_per_layer=true
+  $MEDMOE train --recipe "$RECIPE" --phase 3 --resume output_dir=runs/per-layer-router phase3.moe.router_sharing=per_layer
   evaluate runs/per-layer-router/phase3/model evals/per-layer-router
 }
 
@@ -71,7 +74,7 @@ ablation_per-layer-sample() {  # the per-layer routers above, each choosing one 
   mkdir -p runs/per-layer-sample
   ln -sfn "$PWD/runs/nano/phase2" runs/per-layer-sample/phase2
   ln -sfn "$PWD/runs/per-layer-router/router" runs/per-layer-sample/router
-  $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/per-layer-sample phase3.moe.router_sharing=per_layer \
+  $MEDMOE train --recipe "$RECIPE" --phase 3 --resume output_dir=runs/per-layer-sample phase3.moe.router_sharing=per_layer \
     phase3.moe.routing=sample
   evaluate runs/per-layer-sample/phase3/model evals/per-layer-sample
 }
@@ -89,18 +92,20 @@ finetune_each() {  # per benchmark, from the exported model (the paper fine-tune
 for stage in $STAGES; do
   case $stage in
     prepare) prepare ;;
-    train) $MEDMOE train --recipe nano --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
-    base) for phase in 1 2 router; do
-            $MEDMOE train --recipe nano --phase $phase --resume output_dir=runs/nano ${TRAIN_ARGS:-}
+    train) $MEDMOE train --recipe "$RECIPE" --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
+    base) for phase in tower 1 2 router; do
+            $MEDMOE train --recipe "$RECIPE" --phase $phase --resume output_dir=runs/nano ${TRAIN_ARGS:-}
           done ;;
-    moe) $MEDMOE train --recipe nano --phase 3 --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
+    moe) $MEDMOE train --recipe "$RECIPE" --phase 3 --resume output_dir=runs/nano ${TRAIN_ARGS:-} ;;
     eval)
       evaluate runs/nano/phase2/model evals/dense
       evaluate export/nano evals/medmoe ;;
     eval-dense) evaluate runs/nano/phase2/model evals/dense ;;
     eval-medmoe) evaluate export/nano evals/medmoe ;;
-    control) $MEDMOE eval --model export/nano --data data/vqa-rad --split test --out evals/medmoe-shuffled/vqa-rad \
-               --shuffle-images $EVAL_ARGS ;;
+    control) for ds in vqa-rad slake; do
+               $MEDMOE eval --model export/nano --data "data/$ds" --split test --out "evals/medmoe-shuffled/$ds" \
+                 --shuffle-images $EVAL_ARGS
+             done ;;
     finetune) finetune_each ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medmoe.config import LoRAConfig, ModelSettings, MoEConfig, RuntimeOptions, VisionConfig
 from medmoe.settings import markdown_table
-from medmoe.training.recipe import Phase2Recipe, Phase3Recipe, PhaseRecipe, Recipe, RouterRecipe
+from medmoe.training.recipe import Phase2Recipe, Phase3Recipe, PhaseRecipe, Recipe, RouterRecipe, TowerRecipe
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
@@ -89,6 +89,14 @@ def page() -> str:
         "## Recipe: `phase3` only",
         "",
         markdown_table(Phase3Recipe, "phase3.", skip=PhaseRecipe),
+        "",
+        "## Recipe: `tower`",
+        "",
+        "The tower phase (`medmoe train --phase tower`, docs/training.md) takes the phase keys above "
+        "(`tower.epochs`, `tower.lr`, `tower.lr_groups`, ...; defaults `lr: 0.001`, `lr_groups: {\"vision\": 0.0002}`, "
+        "`epochs: 3`, `batch_size: 32`) and these:",
+        "",
+        markdown_table(TowerRecipe, "tower.", skip=PhaseRecipe),
         "",
         "## Recipe: `router`",
         "",

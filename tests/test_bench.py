@@ -29,7 +29,7 @@ def test_train_bench_measures_each_checkpointing_setting():
 
 def test_decode_bench_fuses_qkv_for_its_own_path_only():
     from medmoe.bench import decode
-    from medmoe.engine.fused_projections import is_fused
+    from medmoe.engine.fused_layers import is_fused
 
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=256)

@@ -131,3 +131,19 @@ def test_holdout_splits_by_image_and_is_stable(tmp_path):
     assert 0 < len(held_images) < 50 and len(splits["train"]) + len(splits["heldout"]) == 500
     again = hold_out({"train": list(reversed(records))}, 0.2, seed=0)
     assert {r.image for r in again["heldout"]} == held_images  # order does not matter
+
+
+def test_vqa_rad_training_modality_ignores_test_answers(tmp_path):
+    """An image whose only MODALITY question is a test question gets no modality in training
+    (captions, router and tower labels read it), but keeps it on the test records for the report."""
+    rows = [dict(qid="1", phrase_type="freeform", image_name="a.jpg", image_organ="HEAD", question_type="SIZE",
+                 question="Is it big?", answer="yes", answer_type="CLOSED"),
+            dict(qid="2", phrase_type="test_freeform", image_name="a.jpg", image_organ="HEAD", question_type="MODALITY",
+                 question="Is this a CT?", answer="yes", answer_type="CLOSED"),
+            dict(qid="3", phrase_type="para", image_name="b.jpg", image_organ="CHEST", question_type="MODALITY",
+                 question="What modality is this?", answer="x-ray", answer_type="OPEN")]
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    splits = prepare_vqa_rad(tmp_path)
+    train = {r.image.rsplit("/", 1)[-1]: r.modality for r in splits["train"]}
+    assert train == {"a.jpg": "unknown", "b.jpg": "X-Ray"}
+    assert splits["test"][0].modality == "CT"

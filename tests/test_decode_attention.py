@@ -9,6 +9,7 @@ from transformers import StaticCache
 from medmoe.bench import models
 from medmoe.engine.static_decode import decode
 from medmoe.engine import decode_attention
+from medmoe.engine.fused_layers import count_one_token
 from medmoe.engine.prepare import prepare, unprepare
 from medmoe.model.modeling import cache_argument
 from medmoe.moe import kernels
@@ -41,11 +42,12 @@ def test_one_token_step_equals_transformers_attention(kv_heads, fused, monkeypat
     g = torch.Generator().manual_seed(1)
     prompt, token = torch.randint(0, 250, (2, 5), generator=g), torch.randint(0, 250, (2, 1), generator=g)
     want_logits, want_cache = step_after_prompt(lm, prompt, token)
-    if fused:  # the products fused too, as a GPU runs it (the MoE experts' overlap included)
-        prepare(lm)
+    if fused:  # the fused layers call the op themselves, as a GPU runs them (the MoE experts' overlap included)
+        assert prepare(lm).decode_attention_layers == TINY_PHI["num_hidden_layers"]
+        assert decode_attention.count_installed(lm) == 0
     else:
         assert decode_attention.install(lm) == TINY_PHI["num_hidden_layers"]
-    assert decode_attention.count_installed(lm) == TINY_PHI["num_hidden_layers"]
+        assert decode_attention.count_installed(lm) == TINY_PHI["num_hidden_layers"]
     logits, cache = step_after_prompt(lm, prompt, token)
     assert len(calls) == TINY_PHI["num_hidden_layers"]  # the step's, not the prompt's
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
@@ -61,16 +63,14 @@ def test_decode_tokens_are_transformers_and_uninstall_restores_the_modules():
     keys = set(model.state_dict())
     want = decode(model, ids, mask, pixels, max_new_tokens=6)
     attentions = [layer.self_attn for layer in model.language_model.model.layers]
-    prepare(model)
-    assert decode_attention.count_installed(model) == TINY_PHI["num_hidden_layers"]
+    assert prepare(model).decode_attention_layers == TINY_PHI["num_hidden_layers"]
     assert torch.equal(decode(model, ids, mask, pixels, max_new_tokens=6), want)
     unprepare(model)
-    assert decode_attention.count_installed(model) == 0
+    assert count_one_token(model) == decode_attention.count_installed(model) == 0
     assert [layer.self_attn for layer in model.language_model.model.layers] == attentions  # the same modules back
     assert not any(hasattr(m, "decode_counter") for m in model.modules())
     assert set(model.state_dict()) == keys
-    prepare(model, decode_attention_kernel=False)
-    assert decode_attention.count_installed(model) == 0
+    assert prepare(model, decode_attention_kernel=False).decode_attention_layers == 0
 
 
 def random_step_inputs(batch, heads, kv_heads, head_dim, rotary, max_len, device, dtype, seed=3):
@@ -226,8 +226,7 @@ def test_gpu_decode_tokens_are_transformers():
     model = tiny_phi(device="cuda")
     ids, mask, pixels = models.image_prompt(model, 2, 4, torch.device("cuda"), seed=2)
     want = decode(model, ids, mask, pixels, max_new_tokens=8)
-    prepare(model)
-    assert decode_attention.count_installed(model) == TINY_PHI["num_hidden_layers"]
+    assert prepare(model).decode_attention_layers == TINY_PHI["num_hidden_layers"]
     assert torch.equal(decode(model, ids, mask, pixels, max_new_tokens=8), want)
 
 

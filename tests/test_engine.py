@@ -299,17 +299,19 @@ def test_a_bad_prompt_fails_alone_and_zero_new_tokens_is_empty(phi):
     assert not engine.active
 
 
-@pytest.mark.parametrize("routing", ["token", "pooled"])
-def test_a_prepared_model_gives_the_reference_answers(routing):
-    """With the inference modules engine.prepare installs (fused projections, experts beside the
-    attention, Phi's one-token attention with a position per row on the slot cache)."""
+@pytest.mark.parametrize("name,routing,expert_type", [("tiny-phi", "token", "full"), ("tiny-phi", "pooled", "full"),
+                                                      ("tiny-phi", "sample", "lora"), ("tiny", "token", "lora")])
+def test_a_prepared_model_gives_the_reference_answers(name, routing, expert_type):
+    """With the inference modules engine.prepare installs (fused attention and Phi layers, experts
+    beside the attention, Phi's one-token attention with a position per row on the slot cache)."""
     from medmoe.engine.prepare import prepare, unprepare
 
-    model, processor = moe_model("tiny-phi", routing)
+    model, processor = moe_model(name, routing, expert_type)
     cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)
     expected = [reference(model, processor, q, i, cfg) for q, i in zip(QUESTIONS, images())]
     prepared = prepare(model)
-    assert prepared.fused_layers > 0 and prepared.decode_attention_layers > 0
+    assert prepared.fused_layers == model.language_model.config.num_hidden_layers
+    assert (prepared.decode_attention_layers > 0) == (name == "tiny-phi")
     try:
         results = Engine(model, processor, max_slots=4).generate(
             [request(processor, q, i, cfg) for q, i in zip(QUESTIONS, images())])

@@ -46,6 +46,22 @@ def test_upcycled_block_is_one_plus_p_times_ffn(kind):
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_block_without_meta_expert_runs_its_routed_experts_alone():
+    ffn = tiny_ffn("mlp")
+    state = MoEState()
+    router = Router(64, 4)
+    block = MedMoEBlock(0, StackedExperts.from_ffn(ffn, 4), None, MoEConfig(enabled=True), state, shared_router=router)
+    block.eval()
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        p_top1 = router(x).softmax(-1).max(-1).values
+        torch.testing.assert_close(block(x), p_top1[..., None] * ffn(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block.routed_experts(x.reshape(14, 64)).reshape(2, 7, 64), block(x))
+        assert block.is_meta_plus_routed()
+        state.meta_only = True  # routing="pooled"'s pre-pass through the meta experts: nothing here
+        assert not block(x).any() and not block.is_meta_plus_routed()
+
+
 def test_lora_experts_start_equal_to_the_shared_ffn():
     ffn = tiny_ffn("gated")
     router = Router(64, 4)

@@ -1,6 +1,6 @@
-"""A Med-MoE layer's routed experts started beside its attention (engine/overlap.py, through the fused
-input product of Phi's parallel layers): the same outputs as the block's own forward, only where
-that forward would do nothing else; on a GPU on a second stream, in a CUDA graph too."""
+"""A Med-MoE layer's routed experts started beside its attention (engine/overlap.py, from the input
+product of a fused Phi layer): the same outputs as the block's own forward, only where that forward
+would do nothing else; on a GPU on a second stream, in a CUDA graph too."""
 
 import pytest
 import torch
@@ -8,8 +8,8 @@ import torch
 from medmoe.bench import models
 from medmoe.engine.static_decode import decode
 from medmoe.engine import overlap
-from medmoe.engine.fused_projections import fuse_qkv, unfuse_qkv
-from medmoe.engine.overlap import OverlappedMoE, count_overlapped
+from medmoe.engine.fused_layers import count_overlapped, fuse, unfuse
+from medmoe.engine.overlap import OverlappedMoE
 from medmoe.moe import MedMoEBlock
 
 TINY_PHI = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -37,7 +37,7 @@ def logits_and_tokens(model, device="cpu"):
 
 
 def overlapped(model) -> list[OverlappedMoE]:
-    return [m for m in model.modules() if isinstance(m, OverlappedMoE)]
+    return [m.beside for m in model.modules() if getattr(m, "beside", None) is not None]
 
 
 def count_starts(monkeypatch) -> list:
@@ -49,11 +49,11 @@ def count_starts(monkeypatch) -> list:
 
 def test_experts_started_early_give_the_blocks_outputs(monkeypatch):
     model = medmoe_phi()
-    fuse_qkv(model.language_model, overlap_experts=False)
+    fuse(model.language_model, overlap_experts=False)
     assert count_overlapped(model) == 0
     want_logits, want_tokens = logits_and_tokens(model)
-    unfuse_qkv(model)
-    fuse_qkv(model.language_model)
+    unfuse(model.language_model)
+    fuse(model.language_model)
     assert count_overlapped(model) == len(model.moe_blocks) == 2
     calls = count_starts(monkeypatch)
     logits, tokens = logits_and_tokens(model)
@@ -69,7 +69,7 @@ def test_experts_started_early_give_the_blocks_outputs(monkeypatch):
 
 def test_experts_start_early_only_where_the_forward_does_nothing_else(monkeypatch):
     model = medmoe_phi()
-    fuse_qkv(model.language_model)
+    fuse(model.language_model)
     ids, mask, pixels = models.image_prompt(model, 1, 6, torch.device("cpu"), seed=1)
     calls = count_starts(monkeypatch)
     with torch.no_grad():  # routing records come from the block's own forward
@@ -89,38 +89,45 @@ def test_experts_start_early_only_where_the_forward_does_nothing_else(monkeypatc
         assert not moe.can_start(x)  # training: the block's own forward, with its losses
         block.eval()
     assert not moe.can_start(x)  # gradients wanted
-    unfuse_qkv(model)
-    assert count_overlapped(model) == 0
+    assert block.meta is None  # in the fused layer's products
+    unfuse(model.language_model)
+    assert count_overlapped(model) == 0 and block.meta is not None
     assert sum(isinstance(m, MedMoEBlock) for m in model.language_model.modules()) == len(model.moe_blocks)
 
 
 def test_a_start_on_other_tokens_is_an_error():
     model = medmoe_phi()
-    fuse_qkv(model.language_model)
+    fuse(model.language_model)
     moe = overlapped(model)[0]
+    d = TINY_PHI["hidden_size"]
     with torch.no_grad():
-        d = TINY_PHI["hidden_size"]
-        assert moe.start(torch.randn(1, 2, d), torch.randn(5, d)).shape == (1, 2, 5)
-        with pytest.raises(RuntimeError, match="fuse_qkv=False"):
-            moe(torch.randn(1, 3, d))
+        routed, product = moe.start(torch.randn(1, 2, d), torch.nn.Linear(d, 5))
+        assert product.shape == (1, 2, 5) and routed.shape == (2, d)
+        with pytest.raises(RuntimeError, match="started on"):
+            moe.finish(routed, torch.randn(1, 3, d), torch.randn(1, 3, d))
 
 
-def test_an_interrupted_start_is_not_taken_by_a_later_forward():
-    model = medmoe_phi()  # not fused: the block alone, wrapped by hand
+def test_a_start_keeps_nothing_and_equals_the_blocks_parts():
+    model = medmoe_phi()  # not fused: the block alone, with its meta expert
     block = model.moe_blocks[0]
     moe = OverlappedMoE(block)
     d = TINY_PHI["hidden_size"]
-    x, weight = torch.randn(1, d), torch.randn(5, d)
-    want = block(x)  # gradients on: the block's own forward
+    x, linear = torch.randn(1, 3, d), torch.nn.Linear(d, 5)
+    before = dict(vars(moe))
+    assert moe.start(x, linear) is None  # gradients on: the block's own forward must run
     with torch.no_grad():
-        assert moe.start(torch.randn(1, d), weight) is not None  # and no forward: interrupted
-    assert moe.start(x, weight) is None  # gradients on: nothing started, nothing kept
-    torch.testing.assert_close(moe(x), want, rtol=0, atol=0)
+        routed, product = moe.start(x, linear)
+        torch.testing.assert_close(routed, block.routed_experts(x.reshape(3, d)), rtol=0, atol=0)
+        torch.testing.assert_close(product, linear(x), rtol=0, atol=1e-6)
+        assert moe.start(x, torch.nn.Identity()) is None  # only a plain linear's weights go to the op
+        shared = torch.randn(1, 3, d)
+        torch.testing.assert_close(moe.finish(routed, shared, x), shared + routed.reshape(1, 3, d))
+    assert vars(moe) == before and not overlap._DONE
 
 
 def test_overlap_ops_agree_with_their_fake_shapes():
     model = medmoe_phi()
-    fuse_qkv(model.language_model)
+    fuse(model.language_model)
     key = overlapped(model)[0].key
     x = torch.randn(2, TINY_PHI["hidden_size"])
     with torch.no_grad():
@@ -145,10 +152,10 @@ def _hopper() -> bool:
 @pytest.mark.skipif(not _hopper(), reason="needs a Hopper (or newer) GPU: the experts' bf16 grouped path")
 def test_experts_on_a_second_stream_equal_the_serial_block_in_a_cuda_graph(monkeypatch):
     model = medmoe_phi("cuda", torch.bfloat16)
-    fuse_qkv(model.language_model, overlap_experts=False)
+    fuse(model.language_model, overlap_experts=False)
     want_logits, want_tokens = logits_and_tokens(model, "cuda")
-    unfuse_qkv(model)
-    fuse_qkv(model.language_model)
+    unfuse(model.language_model)
+    fuse(model.language_model)
     calls = count_starts(monkeypatch)
     logits, tokens = logits_and_tokens(model, "cuda")  # decode captures its step as a CUDA graph
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)

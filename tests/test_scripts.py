@@ -26,7 +26,7 @@ def nano_sh(tmp_path, *stages, train_args=""):
 def test_base_and_moe_stages_split_training_at_phase_3(tmp_path):
     lines = nano_sh(tmp_path, "base", "moe", train_args="vision.image_size=448")
     phases = [line.split("--phase ")[1].split()[0] for line in lines]
-    assert phases == ["1", "2", "router", "3"]
+    assert phases == ["tower", "1", "2", "router", "3"]  # the tower phase skips itself unless the recipe enables it
     assert all("output_dir=runs/nano" in line and line.endswith("vision.image_size=448") for line in lines)
 
 
@@ -47,9 +47,39 @@ def test_eval_dense_evaluates_the_phase_2_model_only(tmp_path):
 
 
 def test_control_stage_shows_the_shipped_model_shuffled_images(tmp_path):
-    (line,) = nano_sh(tmp_path, "control")
-    assert line.startswith("medmoe eval --model export/nano --data data/vqa-rad --split test")
-    assert "--shuffle-images" in line and "--out evals/medmoe-shuffled/vqa-rad" in line
+    lines = nano_sh(tmp_path, "control")
+    for line, ds in zip(lines, ["vqa-rad", "slake"], strict=True):
+        assert line.startswith(f"medmoe eval --model export/nano --data data/{ds} --split test")
+        assert "--shuffle-images" in line and f"--out evals/medmoe-shuffled/{ds}" in line
+
+
+def test_recipe_variable_trains_another_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "MEDMOE": "echo medmoe", "RECIPE": "nano-balanced"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "nano.sh"), str(tmp_path / "data"), str(tmp_path / "work"), "train"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "medmoe train --recipe nano-balanced --resume output_dir=runs/nano"
+
+
+def test_gpu_nano_v2_starts_each_variant_and_collects(tmp_path):
+    """Dry: each variant trains, exports and evaluates in its own work folder beside the others."""
+    stage = tmp_path / "stage"
+    (stage / "work" / "data" / "pneumoniamnist").mkdir(parents=True)  # prepared already
+    (stage / "data").mkdir()
+    env = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "VARIANTS": "nano nano-balanced",
+           "OUT": str(tmp_path / "out")}
+    (tmp_path / "out").mkdir()
+    start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert start.returncode == 0 and start.stdout.count("started") == 2, start.stdout + start.stderr
+    wait = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "wait", "60"], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=90)
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    log = (tmp_path / "out" / "nano-balanced.log").read_text()
+    assert "medmoe train --recipe nano-balanced --resume output_dir=runs/nano" in log
+    assert "--data data/slake --split test --out evals/medmoe-shuffled/slake --shuffle-images" in log
+    assert "medmoe export runs/nano/phase3/model export/nano" in log
+    assert (stage / "v2" / "nano" / "data").is_symlink() and (tmp_path / "out" / "nano.tgz").exists()
 
 
 def test_gpu_run_detached_then_gpu_wait_brings_back_its_output(tmp_path):

@@ -21,10 +21,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..engine.decode_attention import count_installed
-from ..engine.fused_projections import count_parallel
-from ..engine.overlap import count_overlapped
-from ..engine.prepare import prepare, unprepare
+from ..engine.prepare import Prepared, prepare, unprepare
 from ..engine.request import Prompt, Request
 from ..engine.scheduler import Engine
 from ..generation.generate import SamplingConfig
@@ -119,11 +116,11 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         prompt = ids.shape[1]
         row = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens}
         warm = {}
-        if fuse_qkv:
-            prepare(model, parallel=fuse_parallel, overlap_experts=overlap_experts, decode_attention_kernel=decode_rotary)
-        row["fused_parallel_layers"] = count_parallel(model)
-        row["overlapped_moe_layers"] = count_overlapped(model)
-        row["decode_rotary_layers"] = count_installed(model)
+        done = (prepare(model, parallel=fuse_parallel, overlap_experts=overlap_experts,
+                        decode_attention_kernel=decode_rotary) if fuse_qkv else Prepared(0, 0, 0, 0))
+        row["fused_parallel_layers"] = done.parallel_layers
+        row["overlapped_moe_layers"] = done.overlapped_moe_layers
+        row["decode_rotary_layers"] = done.decode_attention_layers
         engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
                         compile=compile, prefix_cache_mb=0)
         short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                         "max-autotune-no-cudagraphs (the step is already captured in a CUDA graph)")
     p.add_argument("--no-baselines", action="store_true", help="decode: skip the eager and plain-loop baselines")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
-                   help="decode: keep the attention's query, key and value projections separate (engine/fused_projections.py)")
+                   help="decode: keep the attention's query, key and value projections separate (engine/fused_layers.py)")
     p.add_argument("--no-fuse-parallel", dest="fuse_parallel", action="store_false",
                    help="decode: fuse only the query, key and value projections, not Phi's FFN projections with them")
     p.add_argument("--no-overlap-experts", dest="overlap_experts", action="store_false",

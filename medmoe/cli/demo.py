@@ -93,6 +93,8 @@ def run(args) -> int:
 
     timings, results = {}, {}
     for phase in PHASES:
+        if phase == "tower" and not recipe.tower.enabled:
+            continue
         t = time.perf_counter()
         results[phase] = run_phase(recipe, phase)
         timings[phase] = round(time.perf_counter() - t, 1)

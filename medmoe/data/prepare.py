@@ -87,7 +87,11 @@ def prepare_vqa_rad(src) -> dict[str, list[Record]]:
     src = Path(src)
     path = src if src.is_file() else src / VQA_RAD_JSON
     rows = _load_json(path)
-    modality = derive_vqa_rad_modalities(rows)
+    # Test answers must not reach training: the test questions ask about training images, so the
+    # training records' modality is voted by training questions alone; the test records' (used
+    # only to break scores down by modality) by all questions.
+    modality = {"train": derive_vqa_rad_modalities([r for r in rows if VQA_RAD_SPLITS.get(r.get("phrase_type")) == "train"]),
+                "test": derive_vqa_rad_modalities(rows)}
     image_dir = VQA_RAD_IMAGES
     splits: dict[str, list[Record]] = defaultdict(list)
     for row in rows:
@@ -96,7 +100,7 @@ def prepare_vqa_rad(src) -> dict[str, list[Record]]:
             raise DataError(f"{path}: qid {row.get('qid')} has phrase_type {row.get('phrase_type')!r}; expected one of {list(VQA_RAD_SPLITS)}")
         splits[split].append(Record(
             id=f"vqa-rad-{row['qid']}", image=f"{image_dir}/{row['image_name']}", question=row["question"].strip(),
-            answer=str(row["answer"]).strip(), answer_type=row["answer_type"], modality=modality.get(row["image_name"], UNKNOWN),
+            answer=str(row["answer"]).strip(), answer_type=row["answer_type"], modality=modality[split].get(row["image_name"], UNKNOWN),
             dataset="vqa-rad", split=split, language="en",
             meta={"organ": row.get("image_organ", "").strip(), "question_type": row.get("question_type", "").strip()}))
     return dict(splits)

@@ -19,11 +19,15 @@ nothing (the engine moves its positions on after the step):
 
     query = rotary_cache_write_rows(q, k, v, cos, sin, keys, values, positions)
 
-`PhiDecodeAttention` holds transformers' `PhiAttention` and runs that op on its one-token path
-with a static cache or a slot cache; any other call (a prompt, a dynamic cache, training) runs transformers'
-attention as it is. The op sits before transformers' attention-function seam (`AttentionInterface`
-receives keys already rotated and written), so the module is replaced instead: `install` puts one
-in place of each PhiAttention, once (`engine.prepare` calls it), and `uninstall` puts them back.
+The fused Phi modules (engine/fused_layers.py) run the attention themselves and call the op on their
+one-token path: `one_token_layer` says whether a step writes into a cache layer the op knows,
+`one_token_inputs` runs it. A Phi attention left unfused gets the same path from
+`PhiDecodeAttention`, which holds transformers' `PhiAttention` and runs the op on its one-token
+path with a static cache or a slot cache; any other call (a prompt, a dynamic cache, training)
+runs transformers' attention as it is. The op sits before transformers' attention-function seam
+(`AttentionInterface` receives keys already rotated and written), so the module is replaced
+instead: `install` puts one in place of each PhiAttention, once (`engine.prepare` calls it after
+fusing), and `uninstall` puts them back.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import PhiAttention, eager_attention_forward
 
 from ..moe import kernels
-from .slot_cache import SlotCache
+from .slot_cache import SlotCache, SlotLayer
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -190,13 +194,39 @@ def _slot_layer(cache, layer_idx: int, rows: int):
     return cache.layers[layer_idx]
 
 
+def one_token_layer(cache, layer_idx: int, hidden_states: torch.Tensor, head_dim: int):
+    """The cache layer that `one_token_inputs` writes into, when `hidden_states` [B, T, ...] is one
+    token per row (T == 1) and the cache is a static one or the engine's slot cache with heads of
+    `head_dim`; else None: the attention runs its own path."""
+    if hidden_states.shape[1] != 1:
+        return None
+    layer = _slot_layer(cache, layer_idx, hidden_states.shape[0])
+    layer = layer if layer is not None else _static_layer(cache, layer_idx)
+    return layer if layer is not None and layer.keys.shape[-1] == head_dim else None
+
+
+def one_token_inputs(layer, q, k, v, position_embeddings, counter: torch.Tensor):
+    """(query, keys, values) for the attention function after this step's rotary embedding and
+    cache write, in one op: `rotary_cache_write_rows` on a slot-cache layer (each row at its own
+    position; keys and values over the step's rows and span), else `rotary_cache_write` on a static
+    layer (`counter`: a zero int32 [1] of the caller's). q, k, v [B, 1, heads * head_dim]."""
+    cos, sin = position_embeddings
+    if isinstance(layer, SlotLayer):
+        query = rotary_cache_write_rows(q, k, v, cos, sin, layer.keys, layer.values, layer.cache.write_at)
+        n, span = layer.cache.rows, layer.cache.span
+        return query, layer.keys[:n, :, :span], layer.values[:n, :, :span]
+    query = rotary_cache_write(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, counter)
+    return query, layer.keys, layer.values
+
+
 def _attention_function(config):
     impl = config._attn_implementation
     return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
 class PhiDecodeAttention(nn.Module):
-    """Stands in for a PhiAttention (`attn`, its weights and settings): its one-token step with a
+    """Stands in for a PhiAttention (`attn`, its weights and settings) whose projections are not
+    fused (engine/fused_layers.py's modules call the op themselves): its one-token step with a
     static cache runs `rotary_cache_write`, with the engine's slot cache `rotary_cache_write_rows`,
     every other call the attention's own forward."""
 
@@ -211,22 +241,11 @@ class PhiDecodeAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         attn = self.attn
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name since transformers 5.24, and before
-        static = _static_layer(cache, attn.layer_idx)
-        slots = _slot_layer(cache, attn.layer_idx, hidden_states.shape[0])
-        layer = slots if slots is not None else static
-        if (layer is None or args or position_embeddings is None or hidden_states.shape[1] != 1 or attn.training
-                or attn.qk_layernorm or layer.keys.shape[-1] != attn.head_dim):
+        layer = one_token_layer(cache, attn.layer_idx, hidden_states, attn.head_dim)
+        if layer is None or args or position_embeddings is None or attn.training or attn.qk_layernorm:
             return attn(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
-        cos, sin = position_embeddings
-        if slots is not None:  # each row at its own position; attention over the step's rows and span
-            query = rotary_cache_write_rows(q, k, v, cos, sin, slots.keys, slots.values, slots.cache.write_at)
-            n, span = slots.cache.rows, slots.cache.span
-            keys, values = slots.keys[:n, :, :span], slots.values[:n, :, :span]
-        else:
-            query = rotary_cache_write(q, k, v, cos, sin, static.keys, static.values, static.cumulative_length,
-                                       self.decode_counter)
-            keys, values = static.keys, static.values
+        query, keys, values = one_token_inputs(layer, q, k, v, position_embeddings, self.decode_counter)
         rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
         out, weights = _attention_function(attn.config)(attn, query, keys, values, attention_mask,
                                                         dropout=0.0, scaling=attn.scaling, **rest)

@@ -7,16 +7,16 @@ a dozen small kernels, each too short to fill the GPU, while the chosen expert s
 a decode step of a Phi-2-size Med-MoE on an H200 is about 5% (batch 1) to 15% (batch 8) shorter
 (docs/speed.md).
 
-`OverlappedMoE` stands in for a layer's `MedMoEBlock` (`engine.prepare` puts it there, once): the
-layer's fused input product (engine/fused_projections.py) calls its `start` with ln(x), and its
-forward joins the experts' output to the meta expert's where the block would add them. The block
-declares when that is its whole forward (`MedMoEBlock.is_meta_plus_routed`); elsewhere the
-block's own forward runs.
+A fused Phi layer (engine/fused_layers.py: FusedPhiDecoderLayer) computes its meta expert in its
+own products and holds an `OverlappedMoE` for the block's routed experts: `start` launches them
+with ln(x) before the layer's input product, `finish` adds them to the layer's output product. The
+block declares when its forward is nothing more (`MedMoEBlock.is_meta_plus_routed`); elsewhere the
+layer runs the block's own forward.
 
-    key = register(block)                          # once, when the layer is wrapped
+    key = register(block)                          # once, when the layer is fused
     routed, product = start(x, key, weight, bias)  # experts launched on the side stream, then x @ weight^T + bias
     ...                                            # the attention, on the main stream
-    y = finish(routed, meta_out, x, key)           # main waits for the side stream: meta_out + routed
+    y = finish(routed, shared, x, key)             # main waits for the side stream: shared + routed
 
 Both are custom ops, opaque to torch.compile (the experts' code within `start` is compiled on its
 own when the step around it is). `start` makes the side stream wait for the main one, runs the
@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from ..moe import MedMoEBlock, kernels
-from ..moe.experts import ffn_forward
 
 # Decode steps only: a prompt's experts are compute-bound like its attention, so they gain nothing
 # beside it, and what the side stream allocates is not reused by the main one.
@@ -148,49 +147,35 @@ def finish(routed: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, key: int
     return shared + routed
 
 
-class OverlappedMoE(nn.Module):
-    """Stands in for a layer's `MedMoEBlock`: its forward, except that the routed experts which the
-    layer's fused input product launched (`start`) are joined here instead of run again."""
-
-    inference_only = True  # the model's state dict now has other names: not for save_pretrained
+class OverlappedMoE:
+    """The routed experts of a Med-MoE block whose meta expert a fused layer computes in its own
+    products (engine/fused_layers.py: FusedPhiDecoderLayer), launched on a second CUDA stream beside
+    the layer's attention. Holds the block's key for the ops above and nothing from one forward
+    to the next: `start` returns what `finish` joins."""
 
     def __init__(self, block: MedMoEBlock):
-        super().__init__()
         self.block = block
         self.key = register(block)
-        self.started: torch.Tensor | None = None  # the experts' output `start` launched, until forward joins it
 
     def can_start(self, x: torch.Tensor) -> bool:
-        """Whether the block's forward on x [N, d] is meta + routed experts and nothing else, in
+        """Whether the block's forward on x [N, d] is its routed experts and nothing else, in
         inference, for a decode step's tokens (at most MAX_TOKENS)."""
         return x.shape[0] <= MAX_TOKENS and not torch.is_grad_enabled() and self.block.is_meta_plus_routed()
 
-    def start(self, hidden_states: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Launch the routed experts on a second CUDA stream, then return `hidden_states @ weight^T
-        + bias` from the main stream: called by the fused input product of Phi's parallel layer, with
-        the block's input, before the layer's attention. None (nothing launched) where the block's
-        forward must run as it is."""
+    def start(self, hidden_states: torch.Tensor, linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the block's routed experts on hidden_states, launched on the side stream; then
+        linear(hidden_states) on the main stream, the layer's input product). None (nothing
+        launched) where the block's forward must run as it is, or `linear` is not a plain linear."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self.started = None  # nothing left from a forward that did not finish
-        if not self.can_start(x):
+        if type(linear) is not nn.Linear or not self.can_start(x):
             return None
-        self.started, product = start(x, self.key, weight, bias)
-        return product.reshape(*hidden_states.shape[:-1], weight.shape[0])
+        routed, product = start(x, self.key, linear.weight, linear.bias)
+        return routed, product.reshape(*hidden_states.shape[:-1], linear.weight.shape[0])
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        routed, self.started = self.started, None
-        if routed is None:
-            return self.block(hidden_states)
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
+    def finish(self, routed: torch.Tensor, shared: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """shared + the experts `start` launched on hidden_states, once the side stream is done."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
         if routed.shape != x.shape:
             raise RuntimeError(f"MoE layer {self.block.layer_idx}: the experts were started on {tuple(routed.shape)} "
-                               f"but the block runs on {tuple(x.shape)}; load the model with fuse_qkv=False")
-        # the main stream waits here for the side one, as late as it can
-        return finish(routed, ffn_forward(self.block.meta, x), x, self.key).reshape(shape)
-
-
-def count_overlapped(model: nn.Module) -> int:
-    """How many Med-MoE blocks start their experts beside the attention."""
-    return sum(isinstance(m, OverlappedMoE) for m in model.modules())
+                               f"but are joined on {tuple(x.shape)}")
+        return finish(routed, shared.reshape(x.shape[0], -1), x, self.key).reshape(shared.shape)

@@ -51,12 +51,12 @@ def bootstrap_ci_paired(statistic: Callable[[np.ndarray, np.ndarray], float | No
                         level: float = LEVEL) -> list[float] | None:
     """[low, high] of `statistic(truth, prediction)` over pairs resampled together."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
-    if t.size < 2:
+    if len(t) < 2:
         return None
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(resamples):
-        idx = rng.integers(0, t.size, t.size)
+        idx = rng.integers(0, len(t), len(t))  # rows: a multi-label sample's labels move together
         value = statistic(t[idx], p[idx])
         if value is not None:
             values.append(value)

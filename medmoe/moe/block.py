@@ -6,9 +6,13 @@ With top_k=1, the meta expert on and no renormalisation this is the paper's
 y = p_top1 * E_top1(x) + E_meta(x). The block returns a plain tensor, as the FFN it replaces
 did; routing records and auxiliary losses go to a `MoEState` shared by all blocks of a model.
 
+A block without a meta expert (`meta=None`) runs its routed experts alone, and adds nothing in
+the meta-only pre-pass of routing="pooled".
+
 The block is the plain reference. An inference engine may compute its two parts elsewhere (the
-routed experts beside the layer's attention: engine/overlap.py) where `is_meta_plus_routed` says
-that the forward is nothing but `ffn_forward(meta, x) + routed_experts(x)`.
+meta expert inside a fused layer's products, the routed experts beside the layer's attention:
+engine/fused_layers.py, engine/overlap.py) where `is_meta_plus_routed` says that the forward is
+nothing but `ffn_forward(meta, x) + routed_experts(x)`.
 """
 
 from __future__ import annotations
@@ -83,20 +87,19 @@ class MedMoEBlock(nn.Module):
         return decision
 
     def is_meta_plus_routed(self) -> bool:
-        """Whether `forward(x)` is `ffn_forward(self.meta, x) + self.routed_experts(x)` for tokens x
-        [N, d] and does nothing else (token routing, a meta expert apart from the experts, no
-        routing records, no auxiliary losses): the contract under which an engine may compute the
-        two parts on its own schedule."""
+        """Whether `forward(x)` is `ffn_forward(self.meta, x) + self.routed_experts(x)` (the second
+        term alone without a meta expert) for tokens x [N, d] and does nothing else (token routing,
+        a meta expert apart from the experts, no routing records, no auxiliary losses): the
+        contract under which an engine may compute the two parts on its own schedule."""
         state = self._state
-        return (not self.training and self.meta is not None and self.cfg.routing == "token"
-                and not state.meta_only and not state.record_routing
-                and getattr(self.experts, "shared", None) is not self.meta)
+        return (not self.training and self.cfg.routing == "token" and not state.meta_only and not state.record_routing
+                and (self.meta is None or getattr(self.experts, "shared", None) is not self.meta))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if self._state.meta_only:
-            return ffn_forward(self.meta, x).reshape(shape)
+            return ffn_forward(self.meta, x).reshape(shape) if self.meta is not None else torch.zeros_like(hidden_states)
         if self.cfg.routing in ("sample", "pooled") and hidden_states.dim() == 3:
             logits, decision = self._route_per_sample(hidden_states)
         else:

@@ -6,19 +6,21 @@
 Any of them may end in "*N" (a whole number) to repeat its records N times per epoch, so that a
 small set is not drowned by a large one: ["data/vqa-rad*3", "data/pathvqa"].
 The encoding itself (templates, image tokens, truncation) is the data layer's `VQADataset`.
+`sample_weights` gives the per-sample weights of a phase's `balanced_sampling`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from typing import Any, Sequence
 
 from ..config import IMAGE_TOKEN
 from ..data.dataset import Collate, VQADataset
 from ..errors import DataError
 
-__all__ = ["Collate", "VQADataset", "field", "question_text", "load_records", "build_dataset"]
+__all__ = ["Collate", "VQADataset", "field", "question_text", "load_records", "build_dataset", "sample_weights"]
 
 
 def field(record: Any, name: str, default=None):
@@ -87,3 +89,25 @@ def records_dataset(records: list, processor, template: str, max_length: int, au
     # prompt; the labels still cover the answer, so training keeps such samples.
     return VQADataset(records, processor, template=template, max_length=max_length, allow_mismatch=True,
                       augment_images=augment_images)
+
+
+def sample_weights(records: Sequence, mode: str) -> list[float] | None:
+    """One sampling weight per record for `balanced_sampling` (None for "off").
+
+    "dataset": every dataset (the record's `dataset` field) gets the same total weight.
+    "label": inside each classification dataset (records with `choices`), every class gets the
+    same share of that dataset's total, which stays its size; other records keep weight 1. A
+    skewed set (PneumoniaMNIST's 388 normal / 3,494 pneumonia) is then seen half and half."""
+    if mode == "off":
+        return None
+    if mode not in ("dataset", "label"):
+        raise DataError(f"balanced_sampling={mode!r}: use off, dataset or label")
+    datasets = [field(r, "dataset") or "" for r in records]
+    if mode == "dataset":
+        sizes = Counter(datasets)
+        return [len(records) / (len(sizes) * sizes[d]) for d in datasets]
+    keys = [(d, field(r, "answer")) if field(r, "choices") else None for d, r in zip(datasets, records)]
+    per_class = Counter(k for k in keys if k is not None)
+    sizes = Counter(k[0] for k in keys if k is not None)
+    classes = Counter(d for d, _ in per_class)
+    return [1.0 if k is None else sizes[k[0]] / (classes[k[0]] * per_class[k]) for k in keys]

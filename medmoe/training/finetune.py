@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import distributed, params
-from .data import Collate, load_records, records_dataset
+from .data import Collate, load_records, records_dataset, sample_weights
 from .phases import check_fresh, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
 from .trainer import train
@@ -35,6 +35,9 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
              seed: int = 0) -> dict:
     """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
     `out_dir/model`, checkpoints and the loss curve to `out_dir`."""
+    if phase.contrastive_weight > 0:
+        raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
+                          "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)
@@ -46,7 +49,8 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
-                    collate_fn=Collate(processor), recipe=settings, title="fine-tune")
+                    collate_fn=Collate(processor), recipe=settings, title="fine-tune",
+                    weights=sample_weights(records, phase.balanced_sampling))
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:

@@ -1,5 +1,6 @@
 """The three phases and the router, in order. Each reads the previous one's output folder:
 
+    <output_dir>/tower/tower.safetensors   the vision tower pretrained on labels (tower.enabled only)
     <output_dir>/phase1/model   projector trained (alignment)
     <output_dir>/phase2/model   LLM + projector trained (instruction tuning)
     <output_dir>/router         router.safetensors (+ metrics), from the frozen phase-2 model
@@ -20,16 +21,17 @@ from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from . import distributed, params
 from .checkpoint import list_checkpoints
-from .data import Collate, build_dataset, load_records, split_repeat
+from .data import Collate, build_dataset, load_records, sample_weights, split_repeat
 from .recipe import PHASES, Recipe
 from .router import ROUTER_FILE, load_router_weights, run_router_phase
+from .tower import PREDICTIONS_FILE, TOWER_FILE, load_tower, run_tower_phase
 from .trainer import train
 
 PREVIOUS = {"2": "phase1", "router": "phase2", "3": "phase2"}
 
 
 def phase_dir(recipe: Recipe, phase: str) -> str:
-    return os.path.join(recipe.output_dir, "router" if phase == "router" else f"phase{phase}")
+    return os.path.join(recipe.output_dir, phase if phase in ("router", "tower") else f"phase{phase}")
 
 
 def model_dir(recipe: Recipe, phase: str) -> str:
@@ -57,7 +59,10 @@ def starting_model(recipe: Recipe, phase: str):
         config = preset(recipe.model)
         config.vision = {**config.vision, **recipe.vision}
         config.vision_config  # checks the merged values (ConfigError naming the field)
-        return build_model(recipe.model, pretrained=recipe.pretrained, config=config, seed=recipe.seed)
+        model, processor = build_model(recipe.model, pretrained=recipe.pretrained, config=config, seed=recipe.seed)
+        if recipe.tower.enabled:
+            load_tower(model, phase_dir(recipe, "tower"))
+        return model, processor
     source = os.path.join(recipe.output_dir, PREVIOUS[phase], "model")
     if not os.path.isfile(os.path.join(source, "config.json")):
         before = PREVIOUS[phase].replace("phase", "")
@@ -124,8 +129,13 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
         raise ConfigError(f"--phase {phase!r}: use one of {', '.join(PHASES)}")
     dist = distributed.setup()
     torch.manual_seed(recipe.seed)
-    model, processor = starting_model(recipe, phase)
     run_dir = phase_dir(recipe, phase)
+    if phase == "tower":
+        if not recipe.tower.enabled:
+            return {"phase": "tower", "dir": run_dir, "skipped": True}
+        check_fresh(run_dir, resume)
+        return run_tower_phase(recipe, run_dir, resume=resume, dist=dist, on_step=on_step)
+    model, processor = starting_model(recipe, phase)
     if phase == "router":
         cfg = recipe.router
         model.to(dist.device)
@@ -142,11 +152,23 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
         model.add_llm_lora(**cfg.llm_lora.to_dict())
     if phase == "3":
         upcycle_for_phase3(model, recipe)
-    groups = params.select(model, _groups(model, recipe, phase))
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
+    alignment = None
+    if cfg.contrastive_weight > 0:  # its head joins the model for this phase (checkpoints, resume), then leaves
+        from .contrastive import HEAD, setup
+
+        alignment = setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature, phase, dist,
+                          seed=recipe.seed)
+    groups = _groups(model, recipe, phase)
+    if alignment is not None:
+        groups[HEAD] = alignment.head_parameters(model)
+    groups = params.select(model, groups)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
-                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}", on_step=on_step)
+                    wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}",
+                    on_step=on_step, weights=sample_weights(dataset.records, cfg.balanced_sampling), extra_losses=alignment)
+    if alignment is not None:
+        alignment.remove(model)
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
@@ -158,6 +180,10 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
 def finished(recipe: Recipe, phase: str) -> dict | None:
     """The summary of a phase that already ran to the end (its model or router saved), else None."""
     run_dir = phase_dir(recipe, phase)
+    if phase == "tower":
+        found = os.path.join(run_dir, PREDICTIONS_FILE)
+        done = os.path.isfile(os.path.join(run_dir, TOWER_FILE)) and os.path.isfile(found)
+        return {"phase": phase, "dir": run_dir, "predictions": read_json(found)} if done else None
     if phase == "router":
         metrics = os.path.join(run_dir, "router_metrics.json")
         done = os.path.isfile(os.path.join(run_dir, ROUTER_FILE)) and os.path.isfile(metrics)

