@@ -226,6 +226,14 @@ class RuntimeOptions:
                                "(engine.static_decode.decode(check_every=...))")
     share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "
                                  "(SamplingConfig.share_prefix; medmoe eval --no-share-prefix)")
+    prefix_cache_mb: float = setting(256.0, "memory for the keys and values of prompt prefixes kept across requests "
+                                     "(the chat template's system prompt, an image asked about again), so that a "
+                                     "request prefills only its own tokens; 0: off. Token routing only "
+                                     "(Engine(prefix_cache_mb=...); medmoe serve --prefix-cache-mb, --no-prefix-cache)")
+    prefill_chunk: int | None = setting(None, "while requests decode, the most prompt tokens prefilled between two "
+                                        "decode steps; a longer prompt is prefilled in pieces; 0: whole prompts; "
+                                        "unset: 256 on the CPU, 2048 on a GPU. Token routing only "
+                                        "(Engine(prefill_chunk=...); medmoe serve --prefill-chunk)")
     quantize: str = setting("none", '"int8": weight-only int8 linears and experts, about 3x less weight memory '
                             "for a small accuracy cost (docs/serving.md); medmoe ask, chat, serve --quantize",
                             ("none", "int8"))

@@ -63,3 +63,19 @@ def test_engine_matches_the_reference_loop_on_the_gpu():
     results = engine.generate([Request(encode_question(processor, q, None), cfg) for q in QUESTIONS[:3]])
     for q, result in zip(QUESTIONS, results):
         assert result.token_ids == run_generation(model, processor, [q], None, cfg).token_ids[0]
+
+
+def test_cached_prefixes_and_chunked_prefill_on_the_gpu():
+    """The second round starts from prefixes in the prefix cache, while the first of its requests
+    decodes the others are prefilled in 16-token pieces."""
+    model, processor = fused_model("token", "full", torch.float32)
+    cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4, prefill_chunk=16)
+    expected = [run_generation(model, processor, [q], None, cfg).token_ids[0] for q in QUESTIONS[:3]]
+    for _ in range(2):
+        handles = []
+        for q in QUESTIONS[:3]:
+            handles.append(engine.submit(Request(encode_question(processor, q, None), cfg)))
+            engine.step()
+        assert [h.result().token_ids for h in handles] == expected
+    assert engine.reused_tokens > 3 * 100

@@ -81,3 +81,20 @@ def test_logprobs_in_a_plain_response_and_bad_values(served):
     # The answer's confidence comes with every response: the geometric mean of its tokens' probabilities.
     mean = sum(e["logprob"] for e in choice["logprobs"]["content"]) / 4
     assert plain["confidence"] == pytest.approx(math.exp(mean), rel=1e-3) == r.json()["confidence"]
+
+
+def test_health_counts_reused_prompt_tokens_and_the_cache_can_be_turned_off(served):
+    from medmoe.cli import build_parser
+    from medmoe.serving.server import Limits, Worker
+
+    model, processor, client = served
+    body = {"messages": [{"role": "user", "content": "Is the heart enlarged?"}], "max_tokens": 3, "ignore_eos": True}
+    before = client.get("/health").json()
+    for _ in range(2):
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    after = client.get("/health").json()
+    assert after["prompt_tokens_reused"] - before["prompt_tokens_reused"] > 100  # the second one's prompt, but one
+    args = build_parser().parse_args(["serve", "--no-prefix-cache", "--prefill-chunk", "64"])
+    assert (args.prefix_cache_mb, args.prefill_chunk) == (0.0, 64)
+    worker = Worker(model, processor, Limits(prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk))
+    assert worker.engine.prefix_cache is None and worker.engine.prefill_chunk == 64

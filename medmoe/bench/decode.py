@@ -53,7 +53,8 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
     decode step of every row with its sampling and hand-out), steps and cuda_graph."""
     batch = ids.shape[0]
     engine = engine or Engine(model, None, max_slots=batch, max_len=ids.shape[1] + new_tokens,
-                              max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile)
+                              max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile,
+                              prefix_cache_mb=0)  # the same prompts again: prefill_ms measures a full prefill
     per_image = pixels.shape[0] // batch if pixels is not None else 0
     cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
     handles = [engine.submit(Request(Prompt(ids[row].tolist(),
@@ -121,7 +122,7 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row["overlapped_moe_layers"] = done.overlapped_moe_layers
         row["decode_rotary_layers"] = done.decode_attention_layers
         engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
-                        compile=compile)
+                        compile=compile, prefix_cache_mb=0)
         short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs
         graph, eager = {}, {}
         tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)

@@ -30,6 +30,14 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (compiled at start-up, which takes longer)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="memory for the keys and values of prompt prefixes kept across requests (the system "
+                        "prompt, an image asked about again); default 256")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache_mb", action="store_const", const=0.0,
+                   help="prefill every prompt in full")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="while requests decode, the most prompt tokens prefilled between two decode steps "
+                        "(longer prompts in pieces); 0: whole prompts; default 256 on the CPU, 2048 on a GPU")
     p.set_defaults(func=run)
 
 
@@ -40,7 +48,8 @@ def run(args) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
-                    queue_size=args.queue_size, timeout_s=args.timeout)
+                    queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
+                    prefill_chunk=args.prefill_chunk)
     api_key = args.api_key or os.environ.get("MEDMOE_API_KEY") or None
     if api_key is None and not is_loopback(args.host):
         print(f"medmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "

@@ -6,12 +6,12 @@ declares, and the one object every user path (`serve`, `ask`, `chat`, `eval`, th
     engine = Engine(model, processor, max_slots=16)
     results = engine.generate([Request(encode_question(processor, "What is shown?", image))])
 
-scheduler.py (the engine), slot_cache.py (its KV cache), decode_step.py (the batched step, CUDA
-graphs), sampling.py (per-request sampling, log-probabilities), request.py (what goes in and out),
-batch.py (one engine per model; results as the reference's output); the speed-ups the model takes
-for inference: fused_layers.py, overlap.py, decode_attention.py; static_decode.py (one batch of
-equal settings, static cache). The plain loop of generation/generate.py is the reference the engine
-is tested against.
+scheduler.py (the engine), slot_cache.py (its KV cache), prefix_cache.py (prompt prefixes kept
+across requests), decode_step.py (the batched step, CUDA graphs), sampling.py (per-request
+sampling, log-probabilities), request.py (what goes in and out), batch.py (one engine per model;
+results as the reference's output); the speed-ups the model takes for inference: fused_layers.py,
+overlap.py, decode_attention.py; static_decode.py (one batch of equal settings, static cache). The
+plain loop of generation/generate.py is the reference the engine is tested against.
 
 The names below load on first use: the model and MoE layers import this package's speed-ups, so
 importing the scheduler here (which imports the model) would close a loop.

@@ -1,10 +1,13 @@
 """Continuous batching: the engine that runs every request of every user path.
 
 Each iteration of `step`:
-  1. admits waiting requests into free slots (up to `max_prefill_tokens` of prompt per iteration,
-     so that running streams are not stalled for long) and prefills them together, left-padded,
-     through the model's own forward (images, per-sample routing, routing records), then copies
-     each prompt's keys and values into its slot and picks its first token;
+  1. admits waiting requests into free slots, each starting from the longest prefix of its prompt
+     whose keys and values an earlier request left in the prefix cache (prefix_cache.py: the
+     template's system prompt, an image asked about again), and prefills the rest together,
+     left-padded: whole prompts up to `max_prefill_tokens` per iteration; while requests decode, at
+     most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
+     running streams are not stalled for long. A request whose prompt is complete gets its keys and
+     values copied into its slot (and the prefix cache) and its first token;
   2. runs ONE decode step over all running requests (decode_step.py) and hands each its next
      token by its own sampling settings;
   3. finishes requests at end-of-sequence (unless `ignore_eos`), a stop string, `max_new_tokens`,
@@ -32,16 +35,19 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..config import RuntimeOptions
 from ..errors import MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
+from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
+CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
 
 
 def _return_freed_memory() -> None:
@@ -88,6 +94,25 @@ class _Running:
 
 
 @dataclass
+class _Prefilling:
+    """A request in a slot whose prompt is being prefilled (in pieces when it is long)."""
+    handle: Handle
+    key: tuple | None = None  # its prefix-cache key (None: not cached)
+    done: int = 0  # prompt tokens whose keys and values are in `past`
+    past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [layers, kv heads, done, head dim]
+    routing: list[LayerRouting] | None = None  # records of the first `done` tokens, [1, done, ...]
+    embeds: torch.Tensor | None = None  # the whole prompt's input embeddings, when a piece has image tokens
+
+    @property
+    def prompt(self) -> Prompt:
+        return self.handle.request.prompt
+
+    @property
+    def left(self) -> int:
+        return len(self.prompt.input_ids) - self.done
+
+
+@dataclass
 class _Picked:
     """The tokens one step picked (on the host, or on their way there until `done`)."""
     runs: list[_Running]  # the requests of the step's rows, in row order when it was launched
@@ -102,14 +127,17 @@ class _Picked:
 class Engine:
     def __init__(self, model, processor=None, max_slots: int = 8, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, max_waiting: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None,
+                 prefix_cache_mb: float | None = None, prefill_chunk: int | None = None):
         """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
         `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
         decode step through torch.compile (True, or its mode); call `warmup` before serving, so
         that no request waits for a compile.
         `overlap_steps` (default: on a GPU): launch each decode step before handing out the previous
         step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
-        runs while the device computes; a request that ends then costs its row one extra step."""
+        runs while the device computes; a request that ends then costs its row one extra step.
+        `prefix_cache_mb` (0: off) and `prefill_chunk` (0: whole prompts): config.RuntimeOptions; both
+        only where the model routes by token (prefix_cache.reuse_safe)."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
@@ -118,6 +146,17 @@ class Engine:
         self.max_slots = max_slots
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
+        defaults = RuntimeOptions()
+        mb = defaults.prefix_cache_mb if prefix_cache_mb is None else prefix_cache_mb
+        safe = reuse_safe(model)
+        self.prefix_cache = PrefixCache(int(mb * 2**20)) if mb > 0 and safe else None
+        chunk = defaults.prefill_chunk if prefill_chunk is None else prefill_chunk
+        if chunk is None:  # a GPU prefills 2048 tokens in about the time of a few decode steps
+            chunk = CUDA_PREFILL_CHUNK if weight.device.type == "cuda" else CPU_PREFILL_CHUNK
+        self.prefill_chunk = chunk if safe else 0
+        self.prefilling: list[_Prefilling] = []  # in slots, prompts being prefilled
+        self.prefilled_tokens = 0  # prompt tokens run through the model
+        self.reused_tokens = 0  # prompt tokens copied from the prefix cache instead
         self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
         # On a GPU the buffer stays (its CUDA graphs hold its address); on the CPU it is reallocated
@@ -249,7 +288,8 @@ class Engine:
                     run.handle._finish(None, err)
                 self.active, self.in_flight = [], None
                 self.step_fn.positions.zero_()
-            return admitted or previous is not None or self.in_flight is not None or bool(self.active)
+            return (admitted or previous is not None or self.in_flight is not None or bool(self.active)
+                    or bool(self.prefilling))
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -262,6 +302,12 @@ class Engine:
             else:
                 keep.append(handle)
         self.waiting = keep
+        for job in list(self.prefilling):
+            deadline = job.handle.request.deadline
+            if job.handle.cancelled or (deadline is not None and now > deadline):
+                self.prefilling.remove(job)
+                ids = list(job.prompt.input_ids)
+                job.handle._finish(Result("", [], "cancelled", len(ids), ids))
         for i in reversed(range(len(self.active))):
             run = self.active[i]
             deadline = run.handle.request.deadline
@@ -270,35 +316,70 @@ class Engine:
                 self._release(i)
 
     def _admit(self) -> bool:
-        take: list[Handle] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.active) + len(take) < self.max_slots:
-            cost = len(self.waiting[0].request.prompt.input_ids)
-            if take and cost > budget:
+        """Give free slots to waiting requests (their prompts' cached prefixes copied in), then run
+        this iteration's prefill: whole prompts up to `max_prefill_tokens`; while requests decode,
+        at most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
+        the running streams are not stalled for long."""
+        if self.prefix_cache is not None and self.waiting:
+            self.prefix_cache.check(weights_version(self.model))
+        while self.waiting and len(self.active) + len(self.prefilling) < self.max_slots:
+            self.prefilling.append(self._start(self.waiting.popleft()))
+        chunk = self.prefill_chunk if self.active else 0
+        budget = chunk or self.max_prefill_tokens
+        pieces: list[tuple[_Prefilling, int]] = []
+        for job in self.prefilling:
+            if job.left <= budget or not (pieces or chunk):
+                pieces.append((job, job.left))
+                budget -= job.left
+            elif chunk and budget > 0:
+                pieces.append((job, budget))
+                budget = 0
+            if budget <= 0:
                 break
-            budget -= cost
-            take.append(self.waiting.popleft())
-        if not take:
+        if not pieces:
             return False
         running = len(self.active)
         try:
-            self._prefill(take)
+            self._prefill(pieces)
         except Exception as err:
             del self.active[running:]  # what the failed prefill had placed
-            if len(take) > 1:  # one bad prompt must not fail the others: each alone
-                for handle in take:
-                    self._prefill_alone(handle)
+            if len(pieces) > 1:  # one bad prompt must not fail the others: each alone
+                for job, n in pieces:
+                    self._prefill_alone(job, n)
             else:
-                self._fail(take[0], err)
+                self._drop(pieces[0][0], err)
         return True
 
-    def _prefill_alone(self, handle: Handle) -> None:
+    def _start(self, handle: Handle) -> _Prefilling:
+        """A request enters a slot; the longest prefix of its prompt in the prefix cache is its start."""
+        job = _Prefilling(handle)
+        prompt = handle.request.prompt
+        if self.prefix_cache is not None and handle.request.sampling.share_prefix:
+            job.key = prompt_key(prompt.input_ids, prompt.pixel_values, self.model.config.image_token_id)
+            if job.key is not None:
+                hit = self.prefix_cache.match(job.key, len(job.key) - 1, self._wants_routing(handle))
+                if hit.length:
+                    job.done, job.past, job.routing = hit.length, (hit.kv[0], hit.kv[1]), hit.routing
+                    self.reused_tokens += hit.length
+        return job
+
+    def _wants_routing(self, handle: Handle) -> bool:
+        return handle.request.output_routing and self.model.is_moe
+
+    def _prefill_alone(self, job: _Prefilling, n: int) -> None:
+        if job not in self.prefilling:
+            return
         running = len(self.active)
         try:
-            self._prefill([handle])
+            self._prefill([(job, min(n, job.left))])
         except Exception as err:
             del self.active[running:]
-            self._fail(handle, err)
+            self._drop(job, err)
+
+    def _drop(self, job: _Prefilling, err: Exception) -> None:
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        self._fail(job.handle, err)
 
     def _fail(self, handle: Handle, err: Exception) -> None:
         if not isinstance(err, (MedMoEError, ValueError)):
@@ -306,23 +387,71 @@ class Engine:
         handle._finish(None, err)
 
     # ----- prefill ---------------------------------------------------------------------------------
-    def _prefill(self, take: list[Handle]) -> None:
+    def _prefill(self, pieces: list[tuple[_Prefilling, int]]) -> None:
+        """Run the pieces in one forward; a request whose prompt is complete goes into the next
+        slot (its keys and values into the prefix cache) and gets its first token."""
+        if all(job.done == 0 and n == job.left for job, n in pieces):
+            rows, logits = self._prefill_prompts([job for job, _ in pieces])
+        else:
+            rows, logits = self._prefill_pieces(pieces)
+        complete = [job for job, n in pieces if n == job.left]
+        if complete:
+            needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
+            needs += [len(job.prompt.input_ids) + job.handle.request.sampling.max_new_tokens for job in complete]
+            self.cache.reserve(max(needs))
+        first = len(self.active)
+        finished = []
+        for row, ((job, n), (segment, records, probs)) in enumerate(zip(pieces, rows)):
+            job.routing = join_routing(job.routing, records) if job.done == 0 or job.routing is not None else None
+            if n < job.left:  # a piece of a long prompt: its keys and values wait for the rest
+                job.past = segment if job.past is None else tuple(torch.cat(p, 2) for p in zip(job.past, segment))
+                job.done += n
+                continue
+            slot, length = len(self.active), len(job.prompt.input_ids)
+            if job.past is not None:
+                self.cache.load(slot, *job.past)
+            self.cache.load(slot, *segment, at=job.done)
+            for layer, slot_probs in self.step_fn.slot_probs.items():
+                if layer in probs:
+                    slot_probs[slot].copy_(probs[layer])
+            self.prefilling.remove(job)
+            if job.key is not None and self.prefix_cache is not None:
+                self.prefix_cache.insert(job.key, self.cache.kv[:, :, slot, :, :length], job.routing)
+            cfg = job.handle.request.sampling
+            generator = None
+            if cfg.do_sample and cfg.seed is not None:
+                generator = torch.Generator(device=self.cache.device).manual_seed(cfg.seed)
+            self.active.append(_Running(job.handle, cfg, generator, length, list(job.prompt.input_ids),
+                                        job.routing if self._wants_routing(job.handle) else None,
+                                        logprobs=[] if cfg.logprobs else None))
+            finished.append(row)
+        if not finished:
+            return
+        lengths = [r.length for r in self.active[first:]]
+        self.step_fn.positions[first:first + len(lengths)] = torch.tensor(lengths, device=self.cache.device)
+        rows_done = torch.tensor(finished, device=logits.device)
+        self._hand_out(self._pick(logits.index_select(0, rows_done), self.active[first:], first))
+
+    def _prefill_prompts(self, jobs: list[_Prefilling]):
+        """Whole prompts, left-padded, through the model's own forward (images, per-sample routing,
+        the batch's common start prefilled once). Returns per row (its keys and values, routing
+        records, per-sample routing probabilities) and the last positions' logits."""
         model = self.model
         device = self.cache.device
-        prompts = [h.request.prompt for h in take]
+        prompts = [job.prompt for job in jobs]
         lengths = [len(p.input_ids) for p in prompts]
         width = max(lengths)
-        ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(take), width), dtype=torch.long)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):  # left padding: every row's last token in the last column
             ids[row, width - lengths[row]:] = torch.tensor(prompt.input_ids, dtype=torch.long)
             mask[row, width - lengths[row]:] = 1
         pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
         pixels = torch.cat(pixels).to(device) if pixels else None
         ids, mask = ids.to(device), mask.to(device)
-        want_routing = any(h.request.output_routing for h in take) and model.is_moe
+        want_routing = any(self._wants_routing(job.handle) for job in jobs)
         shared = 0
-        if all(h.request.sampling.share_prefix for h in take):
+        if all(job.handle.request.sampling.share_prefix for job in jobs):
             shared = shared_prefix_length(model, ids, mask)
         if shared:  # the prompts' common start (the template's system prompt) prefilled once
             out, _, _, routing = prefill_shared_prefix(model, ids, mask, shared, pixels, output_routing=want_routing)
@@ -331,36 +460,79 @@ class Engine:
                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=DynamicCache(), use_cache=True,
                         output_routing=want_routing, logits_to_keep=1)
             routing = out.routing
+        self.prefilled_tokens += sum(lengths) - shared * (len(jobs) - 1)
         probs = dict(model.moe_state.sample_probs)
-        needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
-        needs += [n + h.request.sampling.max_new_tokens for n, h in zip(lengths, take)]
-        self.cache.reserve(max(needs))
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, B, kv heads, width, head dim]
         values = torch.stack([layer.values for layer in out.cache.layers])
-        logits = out.logits[:, -1].float()
-        first = len(self.active)
-        for row, handle in enumerate(take):
-            slot, start = first + row, width - lengths[row]
+        rows = []
+        for row in range(len(jobs)):
+            start = width - lengths[row]
             if shared:  # row layout [shared prefix][padding][own tokens]
-                self.cache.load(slot, keys[:, row, :, :shared], values[:, row, :, :shared])
-                self.cache.load(slot, keys[:, row, :, shared + start:], values[:, row, :, shared + start:], at=shared)
+                segment = tuple(torch.cat([t[:, row, :, :shared], t[:, row, :, shared + start:]], 2)
+                                for t in (keys, values))
             else:  # [padding][prompt]
-                self.cache.load(slot, keys[:, row, :, start:], values[:, row, :, start:])
-            for layer, slot_probs in self.step_fn.slot_probs.items():
-                if layer in probs:
-                    slot_probs[slot].copy_(probs[layer][row])
+                segment = (keys[:, row, :, start:], values[:, row, :, start:])
             records = None  # in the left-padded layout
-            if handle.request.output_routing and routing:
+            if routing:
                 records = [LayerRouting(r.layer, r.expert_index[row:row + 1, start:], r.probs[row:row + 1, start:])
                            for r in routing]
-            cfg = handle.request.sampling
-            generator = None
-            if cfg.do_sample and cfg.seed is not None:
-                generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            self.active.append(_Running(handle, cfg, generator, lengths[row], list(prompts[row].input_ids), records,
-                                        logprobs=[] if cfg.logprobs else None))
-        self.step_fn.positions[first:first + len(take)] = torch.tensor(lengths, device=device)
-        self._hand_out(self._pick(logits, self.active[first:], first))
+            rows.append((segment, records, {layer: p[row] for layer, p in probs.items()}))
+        return rows, out.logits[:, -1].float()
+
+    def _prefill_pieces(self, pieces: list[tuple[_Prefilling, int]]):
+        """The next n tokens of each prompt, after the keys and values it has (from the prefix cache or
+        its earlier pieces): rows laid out [padding][past][padding][new], each token at its position.
+        Token routing only (prefix_cache.reuse_safe). Returns as `_prefill_prompts`."""
+        model, c = self.model, self.cache
+        device = c.device
+        past = max(job.done for job, _ in pieces)
+        width = max(n for _, n in pieces)
+        ids = torch.full((len(pieces), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pieces), past + width), dtype=torch.long)
+        positions = torch.zeros((len(pieces), width), dtype=torch.long)
+        for row, (job, n) in enumerate(pieces):
+            ids[row, width - n:] = torch.tensor(job.prompt.input_ids[job.done:job.done + n], dtype=torch.long)
+            mask[row, past - job.done:past] = 1
+            mask[row, past + width - n:] = 1
+            positions[row, width - n:] = torch.arange(job.done, job.done + n)
+        cache = DynamicCache()
+        if past:
+            keys = torch.zeros(c.num_layers, len(pieces), c.kv_heads, past, c.head_dim, dtype=c.dtype, device=device)
+            values = torch.zeros_like(keys)
+            for row, (job, _) in enumerate(pieces):
+                if job.done:
+                    keys[:, row, :, past - job.done:] = job.past[0]
+                    values[:, row, :, past - job.done:] = job.past[1]
+            for layer in range(c.num_layers):
+                cache.update(keys[layer], values[layer], layer)
+        embeds = model.embed_inputs(ids.to(device), None)
+        image_id = model.config.image_token_id
+        for row, (job, n) in enumerate(pieces):
+            if image_id is not None and image_id in job.prompt.input_ids[job.done:job.done + n]:
+                embeds[row, width - n:] = self._prompt_embeds(job)[job.done:job.done + n]
+        want_routing = any(self._wants_routing(job.handle) for job, _ in pieces)
+        out = model(inputs_embeds=embeds, attention_mask=mask.to(device), position_ids=positions.to(device),
+                    cache=cache, use_cache=True, output_routing=want_routing, logits_to_keep=1)
+        self.prefilled_tokens += sum(n for _, n in pieces)
+        keys = torch.stack([layer.keys[:, :, past:] for layer in out.cache.layers])
+        values = torch.stack([layer.values[:, :, past:] for layer in out.cache.layers])
+        rows = []
+        for row, (job, n) in enumerate(pieces):
+            records = None
+            if out.routing:
+                records = [LayerRouting(r.layer, r.expert_index[row:row + 1, width - n:], r.probs[row:row + 1, width - n:])
+                           for r in out.routing]
+            rows.append(((keys[:, row, :, width - n:], values[:, row, :, width - n:]), records, {}))
+        return rows, out.logits[:, -1].float()
+
+    def _prompt_embeds(self, job: _Prefilling) -> torch.Tensor:
+        """The input embeddings of the whole prompt, images spliced in (made once per request)."""
+        if job.embeds is None:
+            prompt = job.prompt
+            ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=self.cache.device)
+            pixels = prompt.pixel_values.to(self.cache.device) if prompt.pixel_values is not None else None
+            job.embeds = self.model.embed_inputs(ids, pixels)[0]
+        return job.embeds
 
     # ----- decode ------------------------------------------------------------------------------
     def _decode(self) -> _Picked | None:

@@ -68,6 +68,8 @@ class Limits:
     timeout_s: float = 120.0  # from arrival to the last token; 504 past it
     max_text_bytes: int | None = None  # UTF-8 bytes of a prompt's text; None: 16 per prompt token
     max_content_parts: int = 256  # text and image parts of all messages together
+    prefix_cache_mb: float | None = None  # the engine's prefix cache (0: off); None: config.RuntimeOptions
+    prefill_chunk: int | None = None  # prompt tokens prefilled between decode steps; None: config.RuntimeOptions
 
     @property
     def text_bytes(self) -> int:
@@ -159,7 +161,8 @@ class Worker:
         slots = limits.max_batch or (GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
         self.engine = InferenceEngine(model, processor, max_slots=slots,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
-                                      max_waiting=limits.queue_size, compile=compile)
+                                      max_waiting=limits.queue_size, compile=compile,
+                                      prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk)
 
     @property
     def batches(self) -> int:
@@ -328,7 +331,9 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "device": str(model.device),
-                "queued": engine.queued, "batches": engine.batches, "largest_batch": engine.largest_batch}
+                "queued": engine.queued, "batches": engine.batches, "largest_batch": engine.largest_batch,
+                "prompt_tokens_prefilled": engine.engine.prefilled_tokens,
+                "prompt_tokens_reused": engine.engine.reused_tokens}
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,218 @@
+"""The keys and values of prompt prefixes kept across requests (SGLang's RadixAttention, sized for
+this project), so that a request prefills only the tokens no earlier request has had before it.
+
+Every request's prompt starts with the chat template's system prompt, and questions about the same
+image share the image's tokens too. The cache is a radix tree over prompts: each node holds the
+keys and values of a run of tokens that follow its parent's, a node splits where two prompts part.
+A prompt's key is its token ids with each image token replaced by (digest of the image's pixels,
+index within the image), so that an image's tokens match only the same image. At admission the
+engine copies the longest cached prefix into the request's slot and prefills the rest; after the
+prefill it inserts the whole prompt.
+
+    cache = PrefixCache(max_bytes=256 << 20)
+    hit = cache.match(key, limit=len(key) - 1)       # hit.length tokens, hit.kv [2, layers, heads, n, dim]
+    cache.insert(key, kv, routing)                   # the prompt's keys and values, after its prefill
+
+Memory is bounded: past `max_bytes` the least recently used leaves go first (a parent is used
+whenever a child is, so shared prefixes stay). Reuse is exact only when a token's keys and values
+depend on the tokens before it alone: `reuse_safe` says whether the model routes that way; and
+only while the weights stay the same: the engine empties the cache when `weights_version` changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from ..moe import LayerRouting
+
+
+def reuse_safe(model) -> bool:
+    """Whether a prefix's keys and values are the same whatever follows it: token routing without
+    inference capacity (per-sample routing pools over the whole prompt; a capacity limit makes a
+    token's expert depend on the other tokens of the batch)."""
+    return all(b.cfg.routing == "token" and b.cfg.capacity_factor_at_inference is None
+               for b in getattr(model, "moe_blocks", []))
+
+
+def weights_version(model) -> int:
+    """Changes when a parameter is changed in place (a training step, loading weights, merging
+    adapters): the cached keys and values are then stale."""
+    return sum(p._version for p in model.parameters())
+
+
+def image_digest(pixels: torch.Tensor) -> bytes:
+    data = pixels.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.blake2b(f"{tuple(pixels.shape)}{pixels.dtype}".encode() + data, digest_size=16).digest()
+
+
+def prompt_key(input_ids: list[int], pixel_values: torch.Tensor | None, image_token_id: int | None) -> tuple | None:
+    """The prompt's tokens with image tokens named by their image; None when the images do not
+    match the image tokens (the prefill reports that error)."""
+    image_at = [i for i, t in enumerate(input_ids) if t == image_token_id] if image_token_id is not None else []
+    if not image_at:
+        return tuple(input_ids)
+    images = 0 if pixel_values is None else pixel_values.shape[0]
+    if images == 0 or len(image_at) % images:
+        return None
+    per_image = len(image_at) // images
+    digests = [image_digest(p) for p in pixel_values]
+    key = list(input_ids)
+    for n, i in enumerate(image_at):
+        key[i] = (digests[n // per_image], n % per_image)
+    return tuple(key)
+
+
+@dataclass
+class Hit:
+    length: int  # prompt tokens found
+    kv: torch.Tensor | None  # [2, layers, kv heads, length, head dim]
+    routing: list[LayerRouting] | None  # per MoE layer, [1, length, ...]
+
+
+class _Node:
+    __slots__ = ("key", "kv", "routing", "children", "parent", "used")
+
+    def __init__(self, key: tuple, kv, routing, parent):
+        self.key, self.kv, self.routing, self.parent = key, kv, routing, parent
+        self.children: dict = {}
+        self.used = 0
+
+    @property
+    def bytes(self) -> int:
+        if self.kv is None:
+            return 0
+        tensors = [self.kv] + [t for r in self.routing or () for t in (r.expert_index, r.probs)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _common(a: tuple, b: tuple, start: int, limit: int) -> int:
+    n = 0
+    while n < len(a) and start + n < limit and a[n] == b[start + n]:
+        n += 1
+    return n
+
+
+def _slice(routing: list[LayerRouting] | None, start: int, end: int | None = None) -> list[LayerRouting] | None:
+    if routing is None:
+        return None
+    return [LayerRouting(r.layer, r.expert_index[:, start:end].clone(), r.probs[:, start:end].clone())
+            for r in routing]
+
+
+def join_routing(head: list[LayerRouting] | None, tail: list[LayerRouting] | None) -> list[LayerRouting] | None:
+    """The records of a prompt's first tokens followed by those of its next ones (None: not all known)."""
+    if tail is None or head is None:
+        return tail if head is None else None
+    return _join([head, tail])
+
+
+def _join(parts: list[list[LayerRouting]]) -> list[LayerRouting]:
+    return [LayerRouting(layer[0].layer, torch.cat([r.expert_index for r in layer], 1),
+                         torch.cat([r.probs for r in layer], 1)) for layer in zip(*parts)]
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.root = _Node((), None, None, None)
+        self.nodes: set[_Node] = set()
+        self.bytes = 0
+        self.clock = 0
+        self.lookups = self.hits = self.hit_tokens = self.evicted = 0
+        self.version: int | None = None  # of the model's weights (weights_version) the entries were made with
+
+    def _touch(self, nodes) -> None:
+        self.clock += 1
+        for node in nodes:
+            node.used = self.clock
+
+    def match(self, key: tuple, limit: int, need_routing: bool = False) -> Hit:
+        """The longest cached prefix of key[:limit] (with routing records when `need_routing`)."""
+        self.lookups += 1
+        parts, node, at = [], self.root, 0
+        while at < limit:
+            child = node.children.get(key[at])
+            if child is None or (need_routing and child.routing is None):
+                break
+            n = _common(child.key, key, at, limit)
+            parts.append((child, n))
+            at += n
+            if n < len(child.key):
+                break
+            node = child
+        if not parts:
+            return Hit(0, None, None)
+        self._touch(c for c, _ in parts)
+        self.hits += 1
+        self.hit_tokens += at
+        kv = torch.cat([c.kv[..., :n, :] for c, n in parts], dim=3)
+        routing = None
+        if all(c.routing is not None for c, _ in parts):
+            routing = _join([[LayerRouting(r.layer, r.expert_index[:, :n], r.probs[:, :n]) for r in c.routing]
+                             for c, n in parts])
+        return Hit(at, kv, routing)
+
+    def insert(self, key: tuple, kv: torch.Tensor, routing: list[LayerRouting] | None = None) -> None:
+        """Keep the keys and values kv [2, layers, kv heads, len(key), head dim] of a prompt (and its
+        routing records [1, len(key), ...] per layer, which nodes without records take)."""
+        path, node, at = [], self.root, 0
+        while at < len(key):
+            child = node.children.get(key[at])
+            if child is None:
+                break
+            n = _common(child.key, key, at, len(key))
+            if n < len(child.key):
+                child = self._split(child, n)
+            if child.routing is None and routing is not None:
+                child.routing = _slice(routing, at, at + n)
+                self.bytes += child.bytes - child.kv.numel() * child.kv.element_size()
+            path.append(child)
+            node, at = child, at + n
+        if at < len(key):
+            per_token = max(_Node((), kv[..., :1, :], _slice(routing, 0, 1), None).bytes, 1)
+            end = min(len(key), at + self.max_bytes // 2 // per_token)  # a prompt larger than the cache: its start
+            if end > at:
+                leaf = _Node(key[at:end], kv[..., at:end, :].clone(), _slice(routing, at, end), node)
+                node.children[key[at]] = leaf
+                self.nodes.add(leaf)
+                self.bytes += leaf.bytes
+                path.append(leaf)
+        self._touch(reversed(path))  # the leaf first: a parent is never older than its children
+        self._evict()
+
+    def _split(self, node: _Node, n: int) -> _Node:
+        """Cut `node` after its first n tokens; returns the new parent (the first n)."""
+        head = _Node(node.key[:n], node.kv[..., :n, :].clone(), _slice(node.routing, 0, n), node.parent)
+        head.used = node.used
+        head.parent.children[head.key[0]] = head
+        node.key, node.kv, node.routing = node.key[n:], node.kv[..., n:, :].clone(), _slice(node.routing, n)
+        node.parent = head
+        head.children[node.key[0]] = node
+        self.nodes.add(head)
+        return head
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and self.nodes:
+            leaf = min((n for n in self.nodes if not n.children), key=lambda n: n.used)
+            del leaf.parent.children[leaf.key[0]]
+            self.nodes.discard(leaf)
+            self.bytes -= leaf.bytes
+            self.evicted += 1
+
+    def clear(self) -> None:
+        self.root.children.clear()
+        self.nodes.clear()
+        self.bytes = 0
+
+    def check(self, version: int) -> None:
+        """Empty the cache when the model's weights have changed since the last check."""
+        if self.version is not None and version != self.version:
+            self.clear()
+        self.version = version
+
+    def stats(self) -> dict:
+        return {"nodes": len(self.nodes), "bytes": self.bytes, "max_bytes": self.max_bytes, "lookups": self.lookups,
+                "hits": self.hits, "hit_tokens": self.hit_tokens, "evicted": self.evicted}
