@@ -247,6 +247,7 @@ def test_an_idle_cpu_runner_frees_its_kv_cache_and_serves_again(phi, monkeypatch
 
     model, processor = phi
     monkeypatch.setattr(scheduler, "IDLE_RELEASE_S", 0.05)
+    monkeypatch.setattr(scheduler, "IDLE_PREFIX_KEEP_BYTES", 0)
     engine = Engine(model, processor, max_slots=2)
     cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
     engine.start()
@@ -256,6 +257,7 @@ def test_an_idle_cpu_runner_frees_its_kv_cache_and_serves_again(phi, monkeypatch
         while engine.cache.kv is not None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.cache.kv is None and engine.cache.capacity == 0  # memory back between bursts
+        assert engine.prefix_cache.bytes == 0  # down to what it keeps when idle
         again = engine.submit(request(processor, QUESTIONS[0], None, cfg)).result(timeout=120)
     finally:
         engine.stop()

@@ -194,6 +194,23 @@ def test_the_cache_stays_within_its_bytes_and_keeps_the_shared_start():
     assert cache.bytes <= cache.max_bytes and cache.match(tuple(range(5000, 5010)), 10).length == 10
 
 
+def test_shrinking_keeps_the_shared_start_and_gives_the_rest_back():
+    """What an idle CPU server does: the prompts' own tails go, the system prompt every prompt
+    shares stays (it was used whenever any of them was)."""
+    kv = lambda n: torch.randn(2, 3, 2, n, 4)
+    per_token = kv(1).numel() * 4
+    cache = PrefixCache(max_bytes=1000 * per_token)
+    system = tuple(range(1000, 1040))
+    for i in range(10):
+        cache.insert(system + (i,) * 20, kv(60))
+    assert cache.bytes == (40 + 10 * 20) * per_token
+    cache.shrink(50 * per_token)
+    assert cache.bytes <= 50 * per_token and cache.bytes == sum(n.bytes for n in cache.nodes)
+    assert cache.match(system + (9,) * 20, 60).length == 40  # the start kept, the tails gone
+    cache.shrink(0)
+    assert cache.bytes == 0 and cache.match(system + (1,), 41).length == 0
+
+
 def test_prompt_keys_name_images_by_their_pixels():
     pixels = torch.rand(2, 3, 4, 4)
     ids = [1, 2, 7, 7, 3, 7, 7, 4]

@@ -194,8 +194,14 @@ class PrefixCache:
         self.nodes.add(head)
         return head
 
-    def _evict(self) -> None:
-        while self.bytes > self.max_bytes and self.nodes:
+    def shrink(self, keep_bytes: int) -> None:
+        """Evict least recently used leaves down to `keep_bytes` (an idle CPU server keeps the
+        prefix every prompt shares, the template's system prompt, and gives the rest back)."""
+        self._evict(keep_bytes)
+
+    def _evict(self, limit: int | None = None) -> None:
+        limit = self.max_bytes if limit is None else limit
+        while self.bytes > limit and self.nodes:
             leaf = min((n for n in self.nodes if not n.children), key=lambda n: n.used)
             del leaf.parent.children[leaf.key[0]]
             self.nodes.discard(leaf)

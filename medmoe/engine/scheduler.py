@@ -47,6 +47,7 @@ from .slot_cache import BUCKET, SlotCache
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
+IDLE_PREFIX_KEEP_BYTES = 8 << 20  # what of the prefix cache an idle CPU runner keeps (the shared system prompt)
 CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
 
 
@@ -258,6 +259,8 @@ class Engine:
             idle_since = idle_since or time.monotonic()
             if self.release_when_idle and self.cache.kv is not None and time.monotonic() - idle_since > IDLE_RELEASE_S:
                 self.cache.release()  # a CPU server gives its KV memory back between bursts
+                if self.prefix_cache is not None:
+                    self.prefix_cache.shrink(IDLE_PREFIX_KEEP_BYTES)
                 _return_freed_memory()
             self.wake.wait(0.05)
             self.wake.clear()
