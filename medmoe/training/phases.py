@@ -19,7 +19,7 @@ import torch
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from . import distributed, params
+from . import contrastive, distributed, params
 from .checkpoint import list_checkpoints
 from .data import Collate, build_dataset, load_records, sample_weights, split_repeat
 from .recipe import PHASES, Recipe
@@ -155,13 +155,11 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
     alignment = None
     if cfg.contrastive_weight > 0:  # its head joins the model for this phase (checkpoints, resume), then leaves
-        from .contrastive import HEAD, setup
-
-        alignment = setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature, phase, dist,
+        alignment = contrastive.setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature, phase, dist,
                           seed=recipe.seed)
     groups = _groups(model, recipe, phase)
     if alignment is not None:
-        groups[HEAD] = alignment.head_parameters(model)
+        groups[contrastive.HEAD] = alignment.head_parameters(model)
     groups = params.select(model, groups)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
