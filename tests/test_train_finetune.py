@@ -76,3 +76,18 @@ def test_finetune_settings_are_checked():
     with pytest.raises(ConfigError, match="grad_checkpointing='often'"):
         phase_recipe({}, ["grad_checkpointing=often"])
     assert phase_recipe({}, ["grad_checkpointing=selective"]).grad_checkpointing == "selective"
+
+
+def test_finetune_can_train_the_image_path_of_a_med_moe_model(tmp_path):
+    start, before = saved(tmp_path, moe=True)
+    out = tmp_path / "ft"
+    with one_thread():
+        assert main(["finetune", "--model", str(start), "--out", str(out), "--train-projector", "--train-vision",
+                     *QUICK]) == 0
+    model, _ = load_model(str(out / "model"))
+    moved = changed(before, model.state_dict())
+    assert any("projector" in k for k in moved) and any("vision_tower" in k for k in moved)
+    assert any("experts" in k for k in moved)
+    assert not any("router" in k or "embed" in k for k in moved)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["finetune"]["train_projector"] and summary["finetune"]["train_vision"]

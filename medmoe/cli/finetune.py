@@ -22,6 +22,11 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-4, help="2e-4 suits LoRA experts and adapters; use less for full experts")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-router", action="store_true", help="also train the router")
+    p.add_argument("--train-projector", action="store_true",
+                   help="also train the projector (a Med-MoE model; a dense model trains it anyway)")
+    p.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower (at --lr, or lr_groups='{\"vision\": RATE}'), for images unlike "
+                        "the model's training data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="phase settings")
@@ -35,7 +40,8 @@ def run(args) -> int:
 
     phase = phase_recipe({"data": args.data, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                           "max_length": 512, "save_every": 100}, args.overrides)
-    result = finetune(args.model, phase, args.out, resume=args.resume, train_router=args.train_router, seed=args.seed)
+    result = finetune(args.model, phase, args.out, resume=args.resume, train_router=args.train_router, seed=args.seed,
+                      train_projector=args.train_projector, train_vision=args.train_vision)
     last = result.get("last") or {}
     print(f"fine-tune: {result['steps']} steps, last loss {last.get('loss', float('nan')):.4f}; model in "
           f"{result['model_dir']} (medmoe eval --model {result['model_dir']} ...; medmoe export for a compact delta)")

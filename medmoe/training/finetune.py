@@ -22,19 +22,27 @@ from .recipe import PhaseRecipe
 from .trainer import train
 
 
-def finetune_groups(model, train_router: bool = False):
-    """What fine-tuning trains: phase 3's groups for Med-MoE, phase 2's for a dense model."""
+def finetune_groups(model, train_router: bool = False, train_projector: bool = False, train_vision: bool = False):
+    """What fine-tuning trains: phase 3's groups for Med-MoE, phase 2's for a dense model; the
+    image path (projector, vision tower) on request, for images unlike the training data's."""
     if model.is_moe:
-        return params.phase3_groups(model, "experts", train_meta=True, train_router=train_router)
-    if train_router:
+        groups = params.phase3_groups(model, "experts", train_meta=True, train_router=train_router)
+        if train_projector:
+            groups["projector"] = params.phase1_groups(model)["projector"]
+    elif train_router:
         raise ConfigError("--train-router: this model is dense (no router); fine-tuning trains what phase 2 trained")
-    return params.phase2_groups(model)
+    else:
+        groups = params.phase2_groups(model)  # the projector trains here anyway
+    if train_vision:
+        groups["vision"] = params.vision_group(model)
+    return groups
 
 
 def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = False, train_router: bool = False,
-             seed: int = 0) -> dict:
+             seed: int = 0, train_projector: bool = False, train_vision: bool = False) -> dict:
     """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
-    `out_dir/model`, checkpoints and the loss curve to `out_dir`."""
+    `out_dir/model`, checkpoints and the loss curve to `out_dir`. `train_projector` and
+    `train_vision` also train the image path (the vision tower's rate: `phase.lr_groups["vision"]`)."""
     if phase.contrastive_weight > 0:
         raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
                           "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
@@ -43,10 +51,11 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     check_fresh(out_dir, resume)
     records = load_records(phase.data)  # a wrong --data fails here, before the model loads
     model, processor = load_model(model_path)
-    groups = params.select(model, finetune_groups(model, train_router))
+    groups = params.select(model, finetune_groups(model, train_router, train_projector, train_vision))
     dataset = records_dataset(records, processor, phase.template, phase.max_length, phase.augment_images)
     wrapped = distributed.wrap(model, dist, "ddp")
-    settings = {"finetune": {"model": model_path, "train_router": train_router, "seed": seed,
+    settings = {"finetune": {"model": model_path, "train_router": train_router, "train_projector": train_projector,
+                             "train_vision": train_vision, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune",

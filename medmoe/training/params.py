@@ -37,8 +37,13 @@ def phase2_groups(model, train_vision: bool = False) -> Groups:
         llm = _lora_only(llm)
     groups = {"llm": llm, "projector": _named(model, model.projector)}
     if train_vision:  # a small tower (EfficientNet-Lite0, 4.7M) can afford to adapt to medical images
-        groups["vision"] = _named(model, model.vision_tower)
+        groups["vision"] = vision_group(model)
     return groups
+
+
+def vision_group(model) -> dict[str, nn.Parameter]:
+    """The vision tower's parameters (phase 2 with `train_vision`, `medmoe finetune --train-vision`)."""
+    return _named(model, model.vision_tower)
 
 
 def _lora_only(named: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
