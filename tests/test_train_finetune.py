@@ -89,5 +89,6 @@ def test_finetune_can_train_the_image_path_of_a_med_moe_model(tmp_path):
     assert any("projector" in k for k in moved) and any("vision_tower" in k for k in moved)
     assert any("experts" in k for k in moved)
     assert not any("router" in k or "embed" in k for k in moved)
+    assert not any("running_" in k for k in moved)  # BatchNorm statistics stay those of the model's training
     summary = json.load(open(out / "summary.json"))
     assert summary["finetune"]["train_projector"] and summary["finetune"]["train_vision"]

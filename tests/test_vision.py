@@ -46,6 +46,19 @@ def test_frozen_tower_stays_eval_and_gives_no_grad():
     assert not tower(torch.randn(1, 3, 64, 64)).requires_grad
 
 
+@pytest.mark.parametrize("statistics_frozen", [False, True])
+def test_a_training_tower_can_keep_its_batchnorm_statistics(statistics_frozen):
+    tower = build_vision_tower(VisionConfig(kind="efficientnet_lite0", image_size=64), load_weights=False)
+    tower.freeze(False)
+    tower.batch_norm_frozen = statistics_frozen
+    tower.train()
+    before = tower.model._bn0.running_mean.clone()
+    tower(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert tower.training and tower.model._conv_stem.weight.grad is not None
+    assert tower.model._bn0.training is not statistics_frozen
+    assert torch.equal(tower.model._bn0.running_mean, before) is statistics_frozen
+
+
 # ----- EfficientNet-Lite0 architecture ------------------------------------------------------------
 
 def test_same_conv_pads_like_tensorflow():

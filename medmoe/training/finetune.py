@@ -52,6 +52,8 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     records = load_records(phase.data)  # a wrong --data fails here, before the model loads
     model, processor = load_model(model_path)
     groups = params.select(model, finetune_groups(model, train_router, train_projector, train_vision))
+    if train_vision:  # its weights adapt; its BatchNorm statistics stay those of its training
+        model.vision_tower.batch_norm_frozen = True
     dataset = records_dataset(records, processor, phase.template, phase.max_length, phase.augment_images)
     wrapped = distributed.wrap(model, dist, "ddp")
     settings = {"finetune": {"model": model_path, "train_router": train_router, "train_projector": train_projector,

@@ -19,6 +19,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frozen = cfg.frozen
+        self.batch_norm_frozen = False  # train the weights but keep the BatchNorm statistics (fine-tuning)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -31,7 +32,12 @@ class VisionTower(nn.Module):
 
     def train(self, mode: bool = True):
         # A frozen tower stays in eval mode (BatchNorm statistics, dropout) while the rest trains.
-        return super().train(mode and not self.frozen)
+        super().train(mode and not self.frozen)
+        if self.batch_norm_frozen:  # small batches of few images would make batch statistics noisy
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def freeze(self, frozen: bool = True) -> None:
         self.frozen = frozen
