@@ -4,8 +4,8 @@ With `contrastive_weight > 0` (phases 1 and 2), every training image is paired w
 caption (data/captions.py), which the frozen MiniLM sentence encoder (vision/text_encoder.py)
 turns into a unit vector once, before the phase. Each step, the image tokens the projector made
 for the batch are averaged, mapped by a linear head (d -> 384, `contrastive_head`, trained with
-the phase and dropped before the model is saved) and normalised; the loss is the symmetric
-InfoNCE of CLIP, image -> caption and caption -> image, at a fixed temperature:
+the phase and dropped before the model is saved: image_loss.py) and normalised; the loss is the
+symmetric InfoNCE of CLIP, image -> caption and caption -> image, at a fixed temperature:
 
     loss = weight * (CE(sim / T, diag) + CE(sim.T / T, diag)) / 2,   sim = image_emb @ caption_emb.T
 
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from .image_loss import ProjectorHeadLoss, check_phase
 
 HEAD = "contrastive_head"  # the head's attribute on the model while a phase trains it
 
@@ -57,19 +58,17 @@ def image_captions(records: Sequence) -> dict[str, str]:
     return out
 
 
-class ContrastiveAlignment:
+class ContrastiveAlignment(ProjectorHeadLoss):
     """The loss of one phase: `attach` puts the head on the model and watches the projector,
     `__call__(batch)` gives {"contrastive_loss": weighted loss}, `remove` takes both away."""
+
+    head_name, what = HEAD, "contrastive alignment"
 
     def __init__(self, records: Sequence, text_encoder, weight: float, temperature: float):
         if temperature <= 0:
             raise ConfigError(f"contrastive_temperature={temperature}: must be above 0")
+        super().__init__(records)
         captions = image_captions(records)
-        self.image_of: dict[str, str] = {}
-        for r in records:
-            if r.image and self.image_of.setdefault(r.id, r.image) != r.image:
-                raise DataError(f"record id {r.id!r} names two images ({self.image_of[r.id]}, {r.image}); "
-                                "contrastive alignment needs unique ids: rename one source's records")
         texts = sorted(set(captions.values()))
         caption_index = {t: i for i, t in enumerate(texts)}
         images = sorted(captions)
@@ -77,47 +76,24 @@ class ContrastiveAlignment:
         self.caption_of_image = torch.tensor([caption_index[captions[image]] for image in images])
         self.caption_emb = text_encoder.encode(texts).detach()
         self.weight, self.temperature = weight, temperature
-        self._tokens: torch.Tensor | None = None
-        self._hook = None
 
     def attach(self, model, seed: int = 0) -> None:
         """The head (d -> text dim, seeded apart from the global generator) and the projector hook."""
         head = nn.Linear(model.config.hidden_size, self.caption_emb.shape[1], bias=False)
         with torch.no_grad():
             head.weight.normal_(0.0, model.config.hidden_size ** -0.5, generator=torch.Generator().manual_seed(seed))
-        setattr(model, HEAD, head.to(model.device))
+        super().attach(model, head)
         self.caption_emb = self.caption_emb.to(model.device)
-        self._hook = model.projector.register_forward_hook(self._keep)
 
-    def head_parameters(self, model) -> dict[str, nn.Parameter]:
-        """The head's parameters under their names in the model (the parameter group `contrastive_head`)."""
-        return {f"{HEAD}.{name}": p for name, p in getattr(model, HEAD).named_parameters()}
-
-    def _keep(self, module, inputs, output) -> None:
-        self._tokens = output
-
-    def remove(self, model) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        if hasattr(model, HEAD):
-            delattr(model, HEAD)
-        self._hook = self._tokens = None
-
-    def batch_ids(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image index, caption index) of each image of a batch, in pixel_values order."""
-        images = [self.image_of[i] for i in ids if i in self.image_of]
+    def batch_ids(self, images: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image index, caption index) of each image of a batch."""
         image_ids = torch.tensor([self.image_index[image] for image in images])
         return image_ids, self.caption_of_image[image_ids]
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        tokens, self._tokens = self._tokens, None
-        if tokens is None:
-            raise RuntimeError("contrastive alignment: the forward pass made no image tokens (no images in the batch?)")
-        image_ids, caption_ids = self.batch_ids(batch["ids"])
-        if len(image_ids) != tokens.shape[0]:
-            raise DataError(f"contrastive alignment: {tokens.shape[0]} images in the batch but {len(image_ids)} "
-                            "with a known caption")
-        image_emb = F.normalize(getattr(model, HEAD)(tokens.mean(1)).float(), dim=-1)
+        pooled, images = self.pooled(batch)
+        image_ids, caption_ids = self.batch_ids(images)
+        image_emb = F.normalize(getattr(model, HEAD)(pooled).float(), dim=-1)
         device = image_emb.device
         duplicates = duplicate_mask(image_ids.to(device), caption_ids.to(device))
         loss = clip_loss(image_emb, self.caption_emb[caption_ids.to(device)], self.temperature, duplicates)
@@ -127,12 +103,7 @@ class ContrastiveAlignment:
 def setup(model, records: Sequence, weight: float, temperature: float, phase: str, dist, seed: int = 0,
           text_encoder=None) -> ContrastiveAlignment:
     """The alignment of one phase, attached to `model` (before its parameters are grouped)."""
-    if phase not in ("1", "2"):
-        raise ConfigError(f"phase{phase}.contrastive_weight: contrastive alignment trains the projector (and a "
-                          "trained tower) in phase 1 or 2; phase 3 freezes them: set it to 0 there")
-    if dist.world > 1:
-        raise ConfigError(f"phase{phase}.contrastive_weight > 0 runs in one process; its head is outside the "
-                          "DDP/FSDP forward: train this phase without torchrun, or set it to 0")
+    check_phase("contrastive_weight", phase, dist, "contrastive alignment")
     with torch.random.fork_rng(devices=[]):  # loading the encoder leaves the phase's random stream as it was
         if text_encoder is None:
             from ..vision.text_encoder import load_minilm

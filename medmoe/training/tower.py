@@ -79,6 +79,17 @@ class LabelHeads(nn.Module):
         return SimpleNamespace(loss=heads_loss(self.heads, self.layout, self.pooled(pixel_values), labels))
 
 
+def label_heads(dim: int, classes: dict[str, list[str]], generator: torch.Generator) -> nn.ModuleDict:
+    """One linear head per family (dim -> its classes), initialised from `generator`: seeded,
+    independent of the global random state."""
+    heads = nn.ModuleDict({f: nn.Linear(dim, len(c)) for f, c in classes.items()})
+    bound = 1 / dim ** 0.5
+    for head in heads.values():
+        nn.init.uniform_(head.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(head.bias)
+    return heads
+
+
 def heads_loss(heads: nn.ModuleDict, layout: dict[str, slice], features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     losses, idle = [], []
     for family, head in heads.items():
@@ -132,11 +143,7 @@ def linear_probe(features: torch.Tensor, targets: torch.Tensor, classes: dict, l
                  seed: int, lr: float = 1e-3, batch_size: int = 64) -> nn.ModuleDict:
     """Heads trained on frozen features (Adam, seeded: the same probe before and after)."""
     g = torch.Generator().manual_seed(seed)
-    heads = nn.ModuleDict({f: nn.Linear(features.shape[1], len(c)) for f, c in classes.items()})
-    for head in heads.values():  # seeded initialisation, independent of the global random state
-        bound = 1 / features.shape[1] ** 0.5
-        nn.init.uniform_(head.weight, -bound, bound, generator=g)
-        nn.init.zeros_(head.bias)
+    heads = label_heads(features.shape[1], classes, g)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
     opt = torch.optim.Adam(heads.parameters(), lr=lr)
