@@ -221,6 +221,16 @@ def test_checkpoint_with_tied_weights_and_frozen_batch_norm_resumes(tmp_path):
     load_checkpoint(path, again, *optimizer_of(again))
     assert torch.equal(again.proj.weight, net.proj.weight)
     assert torch.equal(again.norm.running_mean, net.norm.running_mean)
+    # A trained parameter that gets no gradient (EfficientNet's unused classifier) has no optimizer state.
+    net.unused, again.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    opt, sched = optimizer_of(net)
+    net.proj(net.norm(net.embed(torch.arange(6)))).sum().backward()
+    opt.step()
+    path = save_checkpoint(str(tmp_path), 2, net, opt, sched, {"micro_batch": 2}, {})
+    opt_again = optimizer_of(again)
+    load_checkpoint(path, again, *opt_again)
+    assert torch.equal(opt_again[0].state[again.proj.weight]["exp_avg"], opt.state[net.proj.weight]["exp_avg"])
+    assert torch.equal(again.unused.weight, net.unused.weight)
     other = build()
     other.norm.weight.requires_grad_(True)
     with pytest.raises(CheckpointError, match="differ"):

@@ -141,7 +141,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     optim = {"state": _unflatten(load_file(os.path.join(path, "optimizer.safetensors"))),
              "param_groups": state["param_groups"]}
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    # Not strict: a trained parameter that never gets a gradient (the ImageNet classifier of an
+    # EfficientNet tower, which the image tokens do not use) has no AdamW state in either run.
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
     return state
