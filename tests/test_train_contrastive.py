@@ -74,7 +74,9 @@ def test_gradients_reach_tower_projector_and_head_not_the_text_encoder(tiny):
     encoder = WordVectors()
     alignment = ContrastiveAlignment(records, encoder, weight=1.0, temperature=0.07)
     assert alignment.caption_emb.shape[0] <= 12 < len(records)  # one caption per image of the sample
+    before = torch.random.get_rng_state()
     alignment.attach(model, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the phase's dropout draws as without the loss
     model.vision_tower.freeze(False)
     first = {}
     for i, r in enumerate(records):

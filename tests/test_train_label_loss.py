@@ -16,7 +16,7 @@ from medmoe.errors import ConfigError
 from medmoe.training.label_loss import HEAD, LabelLoss, setup
 from medmoe.training.recipe import load_recipe
 
-from train_helpers import one_thread, resumes_exactly
+from train_helpers import logged, one_thread, phase1_run, resumes_exactly
 
 
 def sample_records():
@@ -39,7 +39,9 @@ def test_the_loss_trains_heads_projector_and_tower_not_the_llm(tiny):
     records = sample_records()
     loss_fn = LabelLoss(records, weight=1.0, min_count=2)
     assert set(loss_fn.classes) == {"modality", "organ"} and loss_fn.counts() == {"modality": 12, "organ": 12}
+    before = torch.random.get_rng_state()
     loss_fn.attach(model, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the phase's dropout draws as without the loss
     model.vision_tower.freeze(False)
     batch = Collate(processor)([records_dataset(records, processor, "medmoe", 512)[i] for i in one_per_image(records)[:6]])
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
@@ -94,6 +96,9 @@ def test_a_phase_logs_the_label_loss_drops_its_heads_and_resumes_exactly(tmp_pat
     assert not any(k.startswith(HEAD) for k in load_file(whole / "model" / "model.safetensors"))
     checkpoint = next((whole / "checkpoints").iterdir())
     assert any(k.startswith(HEAD) for k in load_file(checkpoint / "model.safetensors"))
+    # One setting changed: the first step's answer loss is the one of the same run without it.
+    without = logged(phase1_run(tmp_path / "without", []))
+    assert rows[0]["loss"] - rows[0]["label_loss"] == pytest.approx(without[0]["loss"], rel=1e-6)
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["trainable"][HEAD] == 2 * (64 * 3 + 3)  # the tiny LLM's d 64 -> 3 modalities, 3 organs
     assert summary["label_loss_images"] == {"modality": 12, "organ": 12}

@@ -78,8 +78,10 @@ class ContrastiveAlignment(ProjectorHeadLoss):
         self.weight, self.temperature = weight, temperature
 
     def attach(self, model, seed: int = 0) -> None:
-        """The head (d -> text dim, seeded apart from the global generator) and the projector hook."""
-        head = nn.Linear(model.config.hidden_size, self.caption_emb.shape[1], bias=False)
+        """The head (d -> text dim, seeded apart from the global generator, which it leaves as it
+        was) and the projector hook."""
+        with torch.random.fork_rng(devices=[]):  # nn.Linear draws a first initialisation from it
+            head = nn.Linear(model.config.hidden_size, self.caption_emb.shape[1], bias=False)
         with torch.no_grad():
             head.weight.normal_(0.0, model.config.hidden_size ** -0.5, generator=torch.Generator().manual_seed(seed))
         super().attach(model, head)

@@ -80,9 +80,10 @@ class LabelHeads(nn.Module):
 
 
 def label_heads(dim: int, classes: dict[str, list[str]], generator: torch.Generator) -> nn.ModuleDict:
-    """One linear head per family (dim -> its classes), initialised from `generator`: seeded,
-    independent of the global random state."""
-    heads = nn.ModuleDict({f: nn.Linear(dim, len(c)) for f, c in classes.items()})
+    """One linear head per family (dim -> its classes), initialised from `generator`: seeded, and
+    the global random state (a phase's dropout) left as it was."""
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws a first initialisation from it
+        heads = nn.ModuleDict({f: nn.Linear(dim, len(c)) for f, c in classes.items()})
     bound = 1 / dim ** 0.5
     for head in heads.values():
         nn.init.uniform_(head.weight, -bound, bound, generator=generator)
