@@ -150,6 +150,6 @@ def test_label_loss_settings_are_checked(tmp_path):
 
 def test_the_bundled_recipe_changes_one_setting_of_nano():
     nano, variant = load_recipe("nano").to_dict(), load_recipe("nano-label-loss").to_dict()
-    assert variant["phase2"].pop("label_loss_weight") == 0.1 and nano["phase2"].pop("label_loss_weight") == 0.0
+    assert variant["phase2"].pop("label_loss_weight") == 1.0 and nano["phase2"].pop("label_loss_weight") == 0.0
     assert variant.pop("output_dir") == "runs/nano-label-loss"
     assert variant == {k: v for k, v in nano.items() if k != "output_dir"}
