@@ -25,8 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--train-projector", action="store_true",
                    help="also train the projector (a Med-MoE model; a dense model trains it anyway)")
     p.add_argument("--train-vision", action="store_true",
-                   help="also train the vision tower (at --lr, or lr_groups='{\"vision\": RATE}'), for images unlike "
-                        "the model's training data")
+                   help="also train the vision tower, for images unlike the model's training data; give the image "
+                        "path a lower rate than the experts, e.g. lr_groups='{\"vision\": 2e-5, \"projector\": 2e-5}' "
+                        "(docs/training.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="phase settings")
