@@ -9,6 +9,8 @@
 #                                                            # .gpu/whl: assemble, prepare, start the runs
 #   bash scripts/lab/gpu_nano_v2.sh wait 540                # back to back until it exits 0: progress,
 #                                                            # then each run's metrics into $OUT
+#   bash scripts/lab/gpu_nano_v2.sh fetch NAME              # at once (the machine is held 30 s): NAME's
+#                                                            # exported delta as NAME-delta.part?? (cat | tar xf -)
 #
 # VARIANTS (default "nano nano-balanced nano-tower-labels") are recipe names; each trains in
 # $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
@@ -82,8 +84,14 @@ wait_runs() {
   collect
 }
 
+fetch() {  # one variant's delta (30 MB): every variant's would pass the 64 MiB that comes back
+  (cd "$V2/${1:?name a variant}" && tar cf - export/nano) | split -b 15M - "$OUT/$1-delta.part"
+  ls -la "$OUT"
+}
+
 case ${1:-} in
   start) start ;;
   wait) wait_runs "${2:-540}" ;;
-  *) echo "usage: bash scripts/lab/gpu_nano_v2.sh start | wait [SECONDS]" >&2; exit 2 ;;
+  fetch) fetch "${2:-}" ;;
+  *) echo "usage: bash scripts/lab/gpu_nano_v2.sh start | wait [SECONDS] | fetch NAME" >&2; exit 2 ;;
 esac
