@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine: the engine's GPU tests and the measurements behind docs/speed.md's serving
-# and evaluation rows, in two back-to-back calls (the nano base weights travel as the payload of
-# scripts/lab/gpu_payload.sh, in two parts):
+# and evaluation rows, in back-to-back calls (the nano base weights travel as the payload of
+# scripts/lab/gpu_payload.sh, one part per call: the checkout and what a call carries stay under 64 MiB):
 #
 #   bash scripts/lab/gpu_engine.sh part1    # carrying .gpu/payload.partaa: stage it; GPU tests; decode bench
-#   bash scripts/lab/gpu_engine.sh part2    # carrying .gpu/payload.partab, .gpu/payload.sha256, .gpu/whl:
-#                                           # serve bench (Phi-2 size, 1 and 32 clients); eval of nano
+#   bash scripts/lab/gpu_engine.sh serve    # carrying the next part: stage it; serve bench (Phi-2 size, 1 and 32 clients)
+#   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
+#   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
 # Everything it prints goes to $OUT/log.txt too; results are JSON files in $OUT.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
@@ -16,8 +17,12 @@ step() { echo "== $(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
+stage() {
+  mkdir -p "$STAGE" && cp .gpu/payload.part?? "$STAGE/" && ls "$STAGE"
+}
+
 part1() {
-  mkdir -p "$STAGE" && cp .gpu/payload.partaa "$STAGE/"
+  stage
   step "GPU tests"
   timeout 240 python3 -m pytest -q -x tests/test_engine_gpu.py tests/test_decode_attention.py \
     tests/test_overlap.py tests/test_fused_qkv.py tests/test_prepare.py tests/test_kernels.py 2>&1 | tail -8
@@ -25,17 +30,21 @@ part1() {
   timeout 240 $M bench --what decode --decode-batches 1,8,32 --new-tokens 128 --out "$OUT/decode.json" 2>&1 | grep -v "^ *[0-9]*%|"
 }
 
+serve() {
+  stage
+  step "serve bench: Phi-2-size random Med-MoE through medmoe serve, 128-token answers"
+  timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
+  cp /tmp/serve/serve.json /tmp/serve/serve.png "$OUT/" 2>/dev/null
+}
+
 part2() {
   if [ ! -f "$STAGE/ready" ]; then
-    cp .gpu/payload.partab "$STAGE/" && cat "$STAGE"/payload.part?? > "$STAGE/payload.tar"
+    stage && cat "$STAGE"/payload.part?? > "$STAGE/payload.tar"
     echo "$(cat .gpu/payload.sha256)  $STAGE/payload.tar" | sha256sum -c - || exit 4
     tar xf "$STAGE/payload.tar" -C "$STAGE" && rm "$STAGE/payload.tar" "$STAGE"/payload.part??
     python3 -m pip install -q --no-deps --target "$STAGE/site" "$STAGE"/*.whl .gpu/whl/*.whl || exit 5
     touch "$STAGE/ready"
   fi
-  step "serve bench: Phi-2-size random Med-MoE through medmoe serve, 128-token answers"
-  timeout 260 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
-  cp /tmp/serve/serve.json /tmp/serve/serve.png "$OUT/" 2>/dev/null
   step "eval: the bundled model on VQA-RAD test, --max-new-tokens 32"
   $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
   $M data prepare medmnist --src "$STAGE/data/pneumoniamnist/pneumoniamnist.npz" --out /tmp/data/pneumoniamnist > /dev/null 2>&1

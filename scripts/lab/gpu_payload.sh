@@ -11,7 +11,7 @@
 #
 #   [MAX_SIDE=448] [TOWERS="lite1 lite2"] [WHEELS="pkg==v ..."] bash scripts/lab/gpu_payload.sh ../shared/data [PART_SIZE]
 set -euo pipefail
-SRC=$(cd "$1" && pwd); PART=${2:-60M}
+SRC=$(cd "$1" && pwd); PART=${2:-30M}  # the checkout (32 MB: the bundled model) travels with each part
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
