@@ -6,6 +6,7 @@
 #   bash scripts/lab/gpu_engine.sh part1    # carrying .gpu/payload.partaa: stage it; GPU tests; decode bench
 #   bash scripts/lab/gpu_engine.sh serve    # carrying the next part: stage it; serve bench (Phi-2 size, 1 and 32 clients)
 #   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
+#                                           # (serve_compile in its place: the serve bench with --compile)
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
 # Everything it prints goes to $OUT/log.txt too; results are JSON files in $OUT.
 set -uo pipefail
@@ -35,6 +36,15 @@ serve() {
   step "serve bench: Phi-2-size random Med-MoE through medmoe serve, 128-token answers"
   timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
   cp /tmp/serve/serve.json /tmp/serve/serve.png "$OUT/" 2>/dev/null
+}
+
+serve_compile() {  # the same with the decode step compiled at start-up (medmoe serve --compile)
+  stage
+  step "serve bench with --compile"
+  timeout 540 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --serve-args=--compile \
+    --out /tmp/serve-compile 2>&1 | tail -12
+  cp /tmp/serve-compile/serve.json "$OUT/serve-compile.json" 2>/dev/null
+  cp /tmp/serve-compile/serve.png "$OUT/serve-compile.png" 2>/dev/null
 }
 
 part2() {
