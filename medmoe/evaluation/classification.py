@@ -128,6 +128,16 @@ def batch_calibrated(logprobs: torch.Tensor) -> torch.Tensor:
     return (probs / prior).log().log_softmax(-1)
 
 
+def method_predictions(logprobs: Sequence[Sequence[float]], generated: Sequence[str], classes: Sequence[str]
+                       ) -> dict[str, list[int]]:
+    """Each item's predicted class by every method (`report.METHODS`): the best label
+    log-likelihood, the same batch-calibrated over these items, and the label the generated
+    answer names (or UNPARSED)."""
+    scores = torch.tensor([list(row) for row in logprobs], dtype=torch.float64)
+    return {"loglik": scores.argmax(-1).tolist(), "loglik_calibrated": batch_calibrated(scores).argmax(-1).tolist(),
+            "generate": [parse_choice(text, classes) for text in generated]}
+
+
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
     """Accuracy and per-class recall in percent; confusion[true][pred] with a last 'unparsed' column."""
     k = len(classes)

@@ -276,30 +276,36 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
 
 
 # ----- scoring the rows --------------------------------------------------------------------
-def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
-    from .classification import batch_calibrated, classification_metrics, parse_choice, plot_confusion
-    from .intervals import calibration, plot_calibration
-    from .report import METHODS
-
+def classification_groups(items: list[EvalItem]) -> dict[str, tuple[list[str], list[EvalItem]]]:
+    """dataset -> (its classes, its items with choices); every item of a dataset has the same choices
+    and an answer among them."""
     groups: dict[str, list[EvalItem]] = {}
     for item in items:
         if item.choices:
             groups.setdefault(item.gt.dataset, []).append(item)
-    results, figures = {}, {}
+    out = {}
     for dataset, group in groups.items():
         classes = list(group[0].choices)
         for i in group:
             if list(i.choices) != classes or i.gt.answer not in classes:
                 raise DataError(f"{i.gt.id}: classification records of {dataset!r} need the same choices {classes} "
                                 f"and an answer among them; got choices {i.choices}, answer {i.gt.answer!r}")
-        keep = group
+        out[dataset] = (classes, group)
+    return out
+
+
+def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Path) -> tuple[dict, dict]:
+    from .classification import classification_metrics, method_predictions, plot_confusion
+    from .intervals import calibration, plot_calibration
+    from .report import METHODS
+
+    results, figures = {}, {}
+    for dataset, (classes, keep) in classification_groups(items).items():
         truth = [classes.index(i.gt.answer) for i in keep]
-        loglik = [max(range(len(classes)), key=rows[i.gt.id]["choice_logprobs"].__getitem__) for i in keep]
-        generated = [parse_choice(rows[i.gt.id]["prediction"], classes) for i in keep]
-        calibrated = batch_calibrated(torch.tensor([rows[i.gt.id]["choice_logprobs"] for i in keep])).argmax(-1)
-        results[dataset] = {"loglik": classification_metrics(truth, loglik, classes),
-                            "loglik_calibrated": classification_metrics(truth, calibrated.tolist(), classes),
-                            "generate": classification_metrics(truth, generated, classes)}
+        predicted = method_predictions([rows[i.gt.id]["choice_logprobs"] for i in keep],
+                                       [rows[i.gt.id]["prediction"] for i in keep], classes)
+        loglik = predicted["loglik"]
+        results[dataset] = {method: classification_metrics(truth, pred, classes) for method, pred in predicted.items()}
         # Confidence of a label-likelihood answer: its probability among the labels.
         probs = [torch.tensor(rows[i.gt.id]["choice_logprobs"]).softmax(-1) for i in keep]
         confidence = [float(p[c]) for p, c in zip(probs, loglik)]

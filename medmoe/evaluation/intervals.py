@@ -4,7 +4,8 @@
   replacement (a fixed seed, so a report is reproducible). Test sets of a few hundred questions
   give intervals several points wide: two recipes whose intervals overlap are not ranked.
 - `balanced_accuracy` and `bootstrap_ci_paired`: the same for statistics of (truth, prediction)
-  pairs, such as the mean of the per-class recalls.
+  pairs, such as the mean of the per-class recalls, or of two runs' predictions on the same
+  questions (the difference of their balanced accuracies).
 - `calibration`: expected calibration error (ECE, equal-width confidence bins), the reliability
   diagram's bins, and accuracy against coverage when the least confident answers are withheld.
 """
@@ -46,18 +47,19 @@ def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int], num_classes:
     return 100.0 * float(np.mean(recalls)) if recalls else None
 
 
-def bootstrap_ci_paired(statistic: Callable[[np.ndarray, np.ndarray], float | None], y_true: Sequence[int],
-                        y_pred: Sequence[int], resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = LEVEL) -> list[float] | None:
-    """[low, high] of `statistic(truth, prediction)` over pairs resampled together."""
-    t, p = np.asarray(y_true), np.asarray(y_pred)
-    if len(t) < 2:
+def bootstrap_ci_paired(statistic: Callable[..., float | None], *columns: Sequence, resamples: int = RESAMPLES,
+                        seed: int = 0, level: float = LEVEL) -> list[float] | None:
+    """[low, high] of `statistic(*columns)` over rows resampled together: (truth, prediction), or
+    (truth, one run's prediction, another's) for a paired difference."""
+    cols = [np.asarray(c) for c in columns]
+    n = len(cols[0])
+    if n < 2:
         return None
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(resamples):
-        idx = rng.integers(0, len(t), len(t))  # rows: a multi-label sample's labels move together
-        value = statistic(t[idx], p[idx])
+        idx = rng.integers(0, n, n)  # rows: a multi-label sample's labels move together
+        value = statistic(*(c[idx] for c in cols))
         if value is not None:
             values.append(value)
     return _bounds(np.asarray(values), level) if values else None
