@@ -109,7 +109,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     n = only_a + only_b
     p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
     return {"both_right": int(((a == 1) & (b == 1)).sum()), "only_a": only_a, "only_b": only_b,
-            "both_wrong": int(((a == 0) & (b == 0)).sum()), "mcnemar_p": round(p, 4)}
+            "both_wrong": int(((a == 0) & (b == 0)).sum()), "mcnemar_p": float(f"{p:.3g}")}
 
 
 def vqa_rows(items: list[EvalItem], a: Run, b: Run) -> tuple[list[dict], dict | None]:
