@@ -128,6 +128,9 @@ def test_runs_of_different_data_are_refused(tmp_path, records):
     val = write_eval(tmp_path / "val", records, right(CLOSED), split="validation")
     with pytest.raises(DataError, match="split test.*split validation"):
         compare(a, val)
+    records.unlink()  # the data moved since the evaluation
+    with pytest.raises(DataError, match=r"toy\.jsonl: the data .*a/predictions\.jsonl was evaluated on is not there"):
+        compare(a, a)
 
 
 def test_no_shared_question_is_an_error(tmp_path, records):

@@ -46,7 +46,10 @@ class Run:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix or delete it and pass --gt") from None
 
 
 def read_run(path) -> Run:
@@ -70,10 +73,12 @@ def ground_truth(a: Run, b: Run, gt: str | None = None, split: str | None = None
     for run in (a, b):
         if run.data is None:
             continue
-        if not Path(run.data).exists():
+        try:
+            file = resolve_data_file(run.data, run.split)
+        except DataError:
             raise DataError(f"{run.data}: the data {run.path} was evaluated on is not there; pass --gt with its "
-                            "records file or prepared folder")
-        sides.append((run.path, resolve_data_file(run.data, run.split).resolve(), run.split or "test"))
+                            "records file or prepared folder") from None
+        sides.append((run.path, file.resolve(), run.split or "test"))
     if not sides:
         raise DataError(f"neither {a.path} nor {b.path} has a metrics.json or run.json beside it naming the data it "
                         "scored; pass --gt with the records file or prepared folder")
