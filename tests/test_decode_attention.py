@@ -256,4 +256,6 @@ def test_gpu_engine_tokens_with_the_rows_kernel_are_transformers():
     prepare(model)
     stats = {}
     assert torch.equal(engine_decode(model, ids, pixels, 12, stats), want)
-    assert stats["cuda_graph"]
+    assert stats["steps"] >= 10
+    # fp32 experts take the host-synced loop, so these steps run eagerly; the kernel inside CUDA graphs
+    # (bf16) is test_engine_gpu.py's test_graph_steps_equal_eager_steps.

@@ -79,3 +79,16 @@ def test_cached_prefixes_and_chunked_prefill_on_the_gpu():
             engine.step()
         assert [h.result().token_ids for h in handles] == expected
     assert engine.reused_tokens > 3 * 100
+
+
+def test_graphs_captured_again_after_the_cache_grows():
+    """An answer longer than the cache's first bucket moves the cache: the step's graphs are dropped
+    and captured again into a fresh memory pool (capturing into the freed one fails)."""
+    model, processor = fused_model("token", "full")
+    cfg = SamplingConfig(max_new_tokens=300, ignore_eos=True)
+    request = lambda: [Request(encode_question(processor, QUESTIONS[0], None), cfg)]  # noqa: E731
+    graphed = Engine(model, processor, max_slots=2)
+    fast = graphed.generate(request())[0]
+    assert graphed.cache.version >= 2 and graphed.step_fn.graphs
+    slow = Engine(model, processor, max_slots=2, cuda_graphs=False, overlap_steps=False).generate(request())[0]
+    assert fast.token_ids == slow.token_ids and len(fast.token_ids) == 300

@@ -78,6 +78,7 @@ class DecodeStep:
         if self.version != self.cache.version:  # the buffer moved: the graphs point at the old one
             self.graphs.clear()
             self.warm.clear()
+            self.pool = None  # the last graph of a pool frees it: capturing into its handle again fails
             self.version = self.cache.version
         key = (rows, span)
         if key in self.graphs:
