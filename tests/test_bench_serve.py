@@ -143,6 +143,9 @@ def test_random_phi2_folder_serves_image_prompts(tmp_path):
     answer = m.ask(Image.new("RGB", (64, 64), (90, 90, 90)), "What is shown?")
     assert answer.prompt_tokens > 576 and answer.routing.image_tokens == 576
     assert servers.is_random_preset("phi2") and not servers.is_random_preset("nano")
+    tokenizer = m.processor.tokenizer
+    assert len(tokenizer) <= 512 and tokenizer.convert_tokens_to_ids("<image>") < 512
+    assert all(tokenizer.decode([i]) for i in range(258, len(tokenizer) - 1))  # every word id streams text
 
 
 def test_a_server_that_does_not_start_is_a_one_line_error(tmp_path, capsys):

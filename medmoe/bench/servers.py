@@ -66,7 +66,7 @@ def random_model(name: str, device: torch.device, text: dict | None = None):
     """(model, processor) with random weights: `phi2` is the bench's Phi-2-size Med-MoE (bench/models.py,
     576 image tokens from a stand-in tower), any other preset is upcycled to a Med-MoE."""
     from ..data.processor import MedMoEProcessor
-    from ..model.pretrained import _fallback_tokenizer, build_model
+    from ..model.pretrained import build_model
     from . import models
 
     if name != "phi2":
@@ -76,9 +76,22 @@ def random_model(name: str, device: torch.device, text: dict | None = None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = models.phi2_medmoe(device, dtype, text=text)
     cfg = model.config
-    processor = MedMoEProcessor(_fallback_tokenizer(cfg), cfg.vision_config, template=cfg.chat_template)
+    tokenizer = word_tokenizer(cfg.text_config["vocab_size"])
+    processor = MedMoEProcessor(tokenizer, cfg.vision_config, template=cfg.chat_template)
     cfg.image_token_id = processor.image_token_id  # the placeholder the byte tokenizer writes
     return model, processor
+
+
+def word_tokenizer(vocab_size: int):
+    """The byte tokenizer with a word for every further id of the model's vocabulary ("w0", "w1", ...):
+    a random model's tokens then have text, so a stream sends one chunk per token (time to first
+    token and inter-token latency measurable); ids past the bytes would otherwise decode to nothing."""
+    from ..model.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    spare = 8  # room for the processor's image token and other special tokens
+    tok.add_tokens([f"w{i}" for i in range(max(vocab_size - spare - len(tok), 0))])
+    return tok
 
 
 def save_random_model(name: str, directory: str, device: torch.device, text: dict | None = None) -> str:
