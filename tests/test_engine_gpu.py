@@ -85,10 +85,14 @@ def test_graphs_captured_again_after_the_cache_grows():
     """An answer longer than the cache's first bucket moves the cache: the step's graphs are dropped
     and captured again into a fresh memory pool (capturing into the freed one fails)."""
     model, processor = fused_model("token", "full")
-    cfg = SamplingConfig(max_new_tokens=300, ignore_eos=True)
-    request = lambda: [Request(encode_question(processor, QUESTIONS[0], None), cfg)]  # noqa: E731
+
+    def answers(engine):  # a short answer captures graphs in the first bucket, a long one moves the cache
+        return [engine.generate([Request(encode_question(processor, QUESTIONS[0], None),
+                                         SamplingConfig(max_new_tokens=n, ignore_eos=True))])[0].token_ids
+                for n in (20, 300)]
+
     graphed = Engine(model, processor, max_slots=2)
-    fast = graphed.generate(request())[0]
+    fast = answers(graphed)
     assert graphed.cache.version >= 2 and graphed.step_fn.graphs
-    slow = Engine(model, processor, max_slots=2, cuda_graphs=False, overlap_steps=False).generate(request())[0]
-    assert fast.token_ids == slow.token_ids and len(fast.token_ids) == 300
+    slow = answers(Engine(model, processor, max_slots=2, cuda_graphs=False, overlap_steps=False))
+    assert fast == slow and [len(t) for t in fast] == [20, 300]
