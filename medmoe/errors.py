@@ -19,3 +19,15 @@ class DataError(MedMoEError, ValueError):
 
 class CheckpointError(MedMoEError, ValueError):
     """A checkpoint cannot be loaded: missing or unexpected keys, unsafe format, wrong shapes."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch  # here, so that importing the errors stays light
+
+    # A GPU raises OutOfMemoryError; the CPU allocator a plain RuntimeError; torch.compile may wrap either.
+    while err is not None:
+        if isinstance(err, torch.OutOfMemoryError) or (
+                isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+            return True
+        err = err.__cause__
+    return False

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 import sys
 
-from ..errors import MedMoEError
+from ..errors import MedMoEError, is_out_of_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +31,6 @@ OUT_OF_MEMORY_FIX = {
     "serve": "lower --max-batch or --max-prompt-tokens, or use --device cpu",
     "bench": "lower --train-batch or --tokens, or leave out the section that failed (--what)",
 }
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    import torch
-
-    # A GPU raises OutOfMemoryError; the CPU allocator a plain RuntimeError.
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def main(argv: list[str] | None = None) -> int:
