@@ -54,3 +54,52 @@ def test_compiled_step_compiles_at_warmup_only_and_gives_the_same_tokens(moe, ea
     assert counters["stats"]["unique_graphs"] == warm  # nothing compiled in a request's path
     breaks = counters["graph_break"]
     assert not breaks if not moe else all("disable" in reason for reason in breaks)
+
+
+def failing_compile(engine, err):
+    """The engine's compiled step raises `err` on its first call, as a compiler that fails on it does."""
+    calls = []
+
+    def forward(rows, span):
+        calls.append((rows, span))
+        raise err
+
+    engine.step_fn.forward = forward
+    return calls
+
+
+@pytest.mark.parametrize("err", [AssertionError("sources must not be empty for symbol s15"),
+                                 RuntimeError("backend compiler failed")], ids=["dynamo-assert", "runtime"])
+def test_a_compile_failure_falls_back_to_the_uncompiled_step(err, caplog):
+    torch.manual_seed(0)
+    model, processor = build_model("tiny-phi")
+    want = [r.token_ids for r in Engine(model, processor, max_slots=4).generate(requests([10, 12, 5]))]
+    engine = Engine(model, processor, max_slots=4, compile=True)
+    calls = failing_compile(engine, err)
+    with caplog.at_level("WARNING", logger="medmoe.engine.decode_step"):
+        got = [r.token_ids for r in engine.generate(requests([10, 12, 5]))]
+    assert got == want and len(calls) == 1
+    assert not engine.step_fn.compiled and engine.step_fn.forward == engine.step_fn._forward
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "uncompiled" in caplog.text and str(err) in caplog.text
+
+
+def wrapped_out_of_memory():
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError as oom:
+        try:
+            raise RuntimeError("backend compiler failed") from oom
+        except RuntimeError as err:
+            return err
+
+
+@pytest.mark.parametrize("err", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 wrapped_out_of_memory()], ids=["oom", "oom-inside-compile"])
+def test_out_of_memory_in_the_compiled_step_is_not_a_compile_failure(err):
+    model, processor = build_model("tiny-phi")
+    engine = Engine(model, processor, max_slots=4, compile=True)
+    failing_compile(engine, err)
+    with pytest.raises(type(err)) as raised:
+        engine.generate(requests([10]))
+    assert raised.value is err and engine.step_fn.compiled  # the engine's own handling: the requests fail

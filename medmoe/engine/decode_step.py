@@ -18,13 +18,18 @@ slot layer's `update` writes the keys and values.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..errors import is_out_of_memory
 from ..model.modeling import cache_argument
 from .fast_path import graph_safe
 from .slot_cache import BUCKET, SlotCache
 
 WARMUP_STEPS = 2
+
+logger = logging.getLogger(__name__)
 
 
 def row_bucket(n: int, slots: int) -> int:
@@ -71,14 +76,31 @@ class DecodeStep:
 
     def __call__(self, n: int, longest: int) -> torch.Tensor:
         """Logits [n, V] (float) of the next token of rows 0..n-1."""
+        try:
+            return self._step(n, longest)
+        except Exception as err:
+            # A compiler that fails on the step (dynamo raises plain AssertionErrors too) must not fail
+            # requests: the step runs uncompiled from now on. Out of memory is the caller's to handle.
+            if not self.compiled or is_out_of_memory(err):
+                raise
+            logger.warning("torch.compile failed on the decode step (%s: %s); running it uncompiled from now on "
+                           "(CUDA graphs stay on where they apply)", type(err).__name__, err)
+            self.compiled, self.forward = False, self._forward
+            self._drop_graphs()
+            return self._step(n, longest)  # what a failed compiled call wrote, the eager step writes again
+
+    def _drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.warm.clear()
+        self.pool = None  # the last graph of a pool frees it: capturing into its handle again fails
+
+    def _step(self, n: int, longest: int) -> torch.Tensor:
         rows, span = self.shape(n, longest)
         self._prepare(rows, span)
         if not self.cuda_graphs:
             return self.forward(rows, span)[:n]
         if self.version != self.cache.version:  # the buffer moved: the graphs point at the old one
-            self.graphs.clear()
-            self.warm.clear()
-            self.pool = None  # the last graph of a pool frees it: capturing into its handle again fails
+            self._drop_graphs()
             self.version = self.cache.version
         key = (rows, span)
         if key in self.graphs:
