@@ -42,8 +42,27 @@ def test_decode_bench_fuses_qkv_for_its_own_path_only():
     assert fused["overlapped_moe_layers"] == 1 and plain["overlapped_moe_layers"] == 0  # every other layer is MoE
     assert fused["decode_rotary_layers"] == 2 and plain["decode_rotary_layers"] == 0
     assert fused["first_tokens"] == plain["first_tokens"] and fused["graph_equals_eager"]
+    assert fused["compile"] is False and not fused["compile_fell_back"]
     assert not is_fused(model)  # handed back as it came
     assert fused["step_bytes"] == plain["step_bytes"]
+
+
+def test_decode_bench_reports_a_compile_that_fell_back(monkeypatch):
+    from medmoe.bench import decode
+
+    def failing_compile(fn, dynamic=None, mode=None):
+        def compiled(*args):
+            raise AssertionError("sources must not be empty for symbol s15")  # dynamo's, on torch 2.11
+        return compiled
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+    model = models.phi2_medmoe(torch.device("cpu"), torch.float32, text=tiny)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    row = decode.run(torch.device("cpu"), (1,), new_tokens=4, text_tokens=4, model=model, plain_steps=2,
+                     compile=True, log=lambda *a: None)["rows"][0]
+    assert row["compile"] is True and row["compile_fell_back"]
+    assert row["graph_equals_eager"]  # the fallen-back engine's tokens are the uncompiled engine's
 
 
 def test_checkpoint_every_settings_parse_or_fail_with_the_choices():

@@ -126,6 +126,8 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs
         graph, eager = {}, {}
         tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)
+        # A compiler that failed on the step left it uncompiled (DecodeStep warns): the row says so.
+        row["compile_fell_back"] = bool(compile) and not engine.step_fn.compiled
         del engine
         unprepare(model)  # the baselines run the model as transformers does
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
