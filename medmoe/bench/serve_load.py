@@ -171,6 +171,8 @@ def summarize(records: list[Record], wall_s: float) -> dict:
         "completion_tokens_per_request": {"min": min(per_request, default=0), "max": max(per_request, default=0),
                                           "mean": sum(per_request) / len(per_request) if per_request else 0},
         "prompt_tokens": percentile([r.prompt_tokens for r in ok], 50),
+        # Under 0.5, tokens came in bursts (or without text): TTFT and ITL then time bursts, not tokens.
+        "chunks_per_token": sum(len(r.chunk_times) for r in ok) / tokens if tokens else None,
         "ttft_ms": spread_ms([r.ttft for r in ok if r.ttft is not None]),
         "itl_ms": spread_ms(itl), "tpot_ms": spread_ms(tpot),
         "latency_ms": spread_ms([r.end - r.start for r in ok]),
@@ -216,6 +218,8 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
         run = await drive(base, n, requests_per_client, max_tokens, words, image)
         runs.append(run)
         log(row(run))
+    for note in filter(None, map(burst_note, runs)):
+        log(note)
     async with httpx.AsyncClient(timeout=60) as client:  # how the server batched the runs' requests
         after = (await client.get(f"{base}/health")).json()
     return {"server": health, "server_after": after, "prompt_words": words, "image": image, "runs": runs}
@@ -240,5 +244,15 @@ def row(run: dict) -> str:
             f"{_ms(run['itl_ms']['p50']):>8} {_ms(run['itl_ms']['p99']):>8}")
 
 
+def burst_note(run: dict) -> str | None:
+    """A warning when a run's tokens reached the clients in bursts (or without text)."""
+    per_token = run.get("chunks_per_token")
+    if per_token is None or per_token >= 0.5:
+        return None
+    return (f"note: {run['clients']} clients: {per_token:.2f} text chunks per token; time to first token and "
+            "inter-token latency time bursts of tokens, not single tokens")
+
+
 def table(report: dict) -> str:
-    return "\n".join([HEADER] + [row(r) for r in report["runs"]])
+    notes = [note for note in map(burst_note, report["runs"]) if note]
+    return "\n".join([HEADER] + [row(r) for r in report["runs"]] + notes)
