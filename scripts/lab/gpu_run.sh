@@ -5,7 +5,7 @@
 # log.txt, results.tgz (metrics, predictions, plots, logs; no weights) and, once exported, the
 # shipped delta as delta.part?? (15 MB each: cat delta.part?? | tar xf -). Stages resume.
 #
-#   cp .gpu/payload.partaa $STAGE/            # call 1, carrying .gpu/payload.partaa (likewise ab)
+#   cp .gpu/payload.partaa $STAGE/            # call 1, carrying .gpu/payload.partaa (likewise ab, ac: one 30 MB part a call)
 #   bash scripts/lab/gpu_run.sh prepare train     # last call, carrying the last part, .gpu/payload.sha256, .gpu/whl
 #
 # Runs longer than one call: DETACH=1 starts the stages in the background from a copy of the repo
