@@ -41,13 +41,13 @@ def test_summary_counts_tokens_latencies_and_errors_by_hand():
     assert s["ttft_ms"]["p50"] == pytest.approx(350.0)
     assert serve_load.percentile([1, 2, 3, 4], 99) == pytest.approx(3.97)
     assert serve_load.percentile([], 50) is None
-    assert s["chunks_per_token"] == pytest.approx(6 / 8) and "note" not in serve_load.table({"runs": [{**s, "clients": 2}]})
+    assert s["chunks_per_token"] == pytest.approx(6 / 8) and serve_load.burst_note({**s, "clients": 2}) is None
 
 
 def test_a_run_whose_tokens_arrive_in_one_burst_says_so():
     burst = serve_load.summarize([Record(start=0.0, end=1.0, chunk_times=[1.0], completion_tokens=128)], wall_s=1.0)
     assert burst["chunks_per_token"] == pytest.approx(1 / 128)
-    assert "note: 1 clients: 0.01 text chunks per token" in serve_load.table({"runs": [{**burst, "clients": 1}]})
+    assert serve_load.burst_note({**burst, "clients": 1}).startswith("note: 1 clients: 0.01 text chunks per token")
 
 
 def test_load_generator_counts_the_servers_tokens_without_errors(served):

@@ -252,7 +252,3 @@ def burst_note(run: dict) -> str | None:
     return (f"note: {run['clients']} clients: {per_token:.2f} text chunks per token; time to first token and "
             "inter-token latency time bursts of tokens, not single tokens")
 
-
-def table(report: dict) -> str:
-    notes = [note for note in map(burst_note, report["runs"]) if note]
-    return "\n".join([HEADER] + [row(r) for r in report["runs"]] + notes)
