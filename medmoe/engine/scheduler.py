@@ -357,10 +357,10 @@ class Engine:
         """Admit and prefill what fits, then one decode step; False when there was nothing to do."""
         with self.stepping:
             start = time.perf_counter()
-            busy = self._step()
-            if busy:
-                self.stats.busy_s += time.perf_counter() - start
-            return busy
+            try:
+                return self._step()
+            finally:
+                self.stats.step_s += time.perf_counter() - start
 
     def _step(self) -> bool:
         with self.lock:

@@ -5,7 +5,7 @@ growth, the device, the host's per-token work).
 The engine keeps one `EngineStats` (`engine.stats`), cumulative from its start, warm-up included
 (`warmup_s`, `warmup_captures`). Counting is cheap: integers, and time.perf_counter() around whole
 phases; nothing syncs with the device for it. The host-time phases do not overlap: an iteration's
-time (`busy_s`) is its prefill (with the hand-out of the first tokens, so the prefill's device
+time (`step_s`) is its prefill (with the hand-out of the first tokens, so the prefill's device
 time), the launch of its decode step, the wait for a step's tokens (the device time the host did
 not hide) and their hand-out, and a little bookkeeping.
 
@@ -53,7 +53,7 @@ class EngineStats:
     launch_s: float = 0.0  # decode steps launched and their tokens picked (host time; the device runs on)
     device_wait_s: float = 0.0  # waiting for a step's tokens to reach the host
     hand_out_s: float = 0.0  # tokens to requests: detokenising, stop strings, streaming callbacks
-    busy_s: float = 0.0  # engine iterations that had work
+    step_s: float = 0.0  # in the engine's iterations (Engine.step)
     idle_s: float = 0.0  # the background runner waiting for work
     warmup_s: float = 0.0
     warmup_captures: int = 0  # graphs captured by warm-up (graph_captures - warmup_captures: in requests)
@@ -95,4 +95,4 @@ def summary_line(s: dict) -> str:
             f"{s['graph_captures']} captures ({s['warmup_captures']} at warm-up) {s['capture_s']:.2f} s, "
             f"{s['graphs_dropped']} graphs dropped, {s['cache_growths']} cache growths, {s['compile_fallbacks']} "
             f"compile fallbacks; host s: launch {s['launch_s']:.2f}, device wait {s['device_wait_s']:.2f}, hand-out "
-            f"{s['hand_out_s']:.2f}, busy {s['busy_s']:.2f}, idle {s['idle_s']:.2f}, warm-up {s['warmup_s']:.2f}")
+            f"{s['hand_out_s']:.2f}, step {s['step_s']:.2f}, idle {s['idle_s']:.2f}, warm-up {s['warmup_s']:.2f}")
