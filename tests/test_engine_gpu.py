@@ -78,7 +78,7 @@ def test_cached_prefixes_and_chunked_prefill_on_the_gpu():
             handles.append(engine.submit(Request(encode_question(processor, q, None), cfg)))
             engine.step()
         assert [h.result().token_ids for h in handles] == expected
-    assert engine.reused_tokens > 3 * 100
+    assert engine.stats.reused_tokens > 3 * 100
 
 
 def test_graphs_captured_again_after_the_cache_grows():

@@ -72,7 +72,6 @@ def test_counters_of_a_batch_on_the_cpu():
     grown = engine.stats.since(before)
     assert (grown.cache_allocations, grown.cache_growths, grown.cache_capacity) == (1, 1, 2 * BUCKET)
     assert grown.requests_finished == 1 and grown.decode_steps == BUCKET - 1 and grown.largest_batch == 3
-    assert engine.steps == s.decode_steps and engine.prefilled_tokens == s.prefill_tokens
 
 
 def test_cancelled_requests_are_counted():

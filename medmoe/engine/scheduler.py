@@ -199,22 +199,6 @@ class Engine:
     def queued(self) -> int:
         return len(self.incoming) + len(self.waiting)
 
-    @property
-    def steps(self) -> int:
-        return self.stats.decode_steps
-
-    @property
-    def largest_batch(self) -> int:
-        return self.stats.largest_batch
-
-    @property
-    def prefilled_tokens(self) -> int:
-        return self.stats.prefill_tokens
-
-    @property
-    def reused_tokens(self) -> int:
-        return self.stats.reused_tokens
-
     def submit(self, request: Request) -> Handle:
         need = len(request.prompt.input_ids) + max(request.sampling.max_new_tokens, 1)
         if need > self.max_len:

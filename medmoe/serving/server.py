@@ -168,17 +168,6 @@ class Worker:
                                       max_waiting=limits.queue_size, compile=compile,
                                       prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk)
 
-    @property
-    def batches(self) -> int:
-        return self.engine.steps
-
-    @property
-    def largest_batch(self) -> int:
-        return self.engine.largest_batch
-
-    @property
-    def queued(self) -> int:
-        return self.engine.queued
 
     def stats(self) -> dict:
         """The engine's settings and its statistics since start-up (warm-up included)."""
@@ -343,10 +332,10 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
 
     @app.get("/health")
     async def health():
+        stats = engine.engine.stats
         return {"status": "ok", "model": model_name, "device": str(model.device),
-                "queued": engine.queued, "batches": engine.batches, "largest_batch": engine.largest_batch,
-                "prompt_tokens_prefilled": engine.engine.prefilled_tokens,
-                "prompt_tokens_reused": engine.engine.reused_tokens}
+                "queued": engine.engine.queued, "batches": stats.decode_steps, "largest_batch": stats.largest_batch,
+                "prompt_tokens_prefilled": stats.prefill_tokens, "prompt_tokens_reused": stats.reused_tokens}
 
     @app.get("/v1/engine/stats")
     async def engine_stats():
