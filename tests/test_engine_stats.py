@@ -165,3 +165,27 @@ def test_warmup_on_the_cpu_allocates_no_more_than_before():
     engine = Engine(model, processor, max_slots=4, max_len=2048)
     engine.warmup()
     assert engine.cache.capacity == BUCKET and engine.stats.graph_captures == 0 and engine.stats.decode_steps > 0
+
+
+def test_a_second_warmup_keeps_the_cache_and_its_graphs(monkeypatch):
+    monkeypatch.setattr(DecodeStep, "_capture", stand_in_capture)
+    model, processor = tiny_model()
+    engine = Engine(model, processor, max_slots=2, max_len=300, cuda_graphs=True, overlap_steps=False)
+    engine.warmup()
+    before = engine.stats.snapshot()
+    engine.warmup()
+    again = engine.stats.since(before)
+    assert (again.cache_allocations, again.cache_releases, again.graph_captures, again.graphs_dropped) == (0, 0, 0, 0)
+    assert again.graph_replays > 0 and len(engine.step_fn.graphs) == 4
+
+
+def test_the_bundled_model_decodes_in_graphs_in_the_dtype_eval_loads_it_in_on_a_gpu():
+    """`medmoe eval` loads nano in bfloat16 with the engine's layers on a GPU (load_for_inference);
+    its LoRA experts then run fused with the meta expert, without host syncs: graph_safe."""
+    from medmoe.engine.fast_path import graph_safe
+    from medmoe.loading import load_for_inference
+
+    model, _ = load_for_inference("nano", "cpu", "bfloat16", fuse_qkv=True)
+    assert model.dtype == torch.bfloat16 and graph_safe(model, torch.bfloat16, torch.device("cpu"))
+    model.moe_blocks[0].experts.fuse_with_shared = False  # the per-expert loop syncs with the host
+    assert not graph_safe(model, torch.bfloat16, torch.device("cpu"))

@@ -273,6 +273,8 @@ class Engine:
         return min(self.max_len, max(fit, BUCKET))
 
     def _allocate_at_bound(self) -> None:
+        if self.cache.capacity == self.max_len:  # at its bound already: an earlier warm-up's graphs stay
+            return
         if self.active or self.prefilling:
             raise RuntimeError("Engine.warmup runs before requests, not while they hold slots")
         self._release_cache()  # a buffer being replaced is not kept beside the new one

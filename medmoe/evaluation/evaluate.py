@@ -291,12 +291,14 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
     todo = [i for i in items if i.gt.id not in done]
     if done:
         print(f"medmoe eval: resuming, {len(items) - len(todo)} of {len(items)} items already in {pred_path}", flush=True)
-    start_time = time.perf_counter()
     engine = eval_engine(model, processor, todo, settings) if todo else None
+    start_time = time.perf_counter()
     if engine is not None:
         before = engine.stats.snapshot()
         if model.device.type == "cuda" and not engine.warm:
             engine.warmup()  # the cache allocated and every graph captured before the first question
+    warmup_seconds = time.perf_counter() - start_time
+    start_time += warmup_seconds
     with tqdm(total=len(todo), desc="eval", unit="q") as bar:
         # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
         # slots stay full; each chunk's rows are appended at once (what a resumed run keeps).
@@ -308,7 +310,7 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
             done.update((r["id"], r) for r in rows)
             bar.update(len(batch))
     seconds = time.perf_counter() - start_time
-    speed = {"generated": len(todo), "seconds": round(seconds, 2),
+    speed = {"generated": len(todo), "seconds": round(seconds, 2), "warmup_seconds": round(warmup_seconds, 2),
              "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
     return done, speed, None if engine is None else engine.stats.since(before).as_dict()
 
