@@ -64,7 +64,7 @@ def test_counters_of_a_batch_on_the_cpu():
     assert (s.eager_steps, s.graph_replays, s.graph_captures) == (7, 0, 0)  # no graphs on the CPU
     assert (s.cache_allocations, s.cache_growths, s.cache_capacity) == (1, 0, BUCKET)
     assert s.step_s > 0 and s.prefill_s > 0 and s.launch_s > 0 and s.hand_out_s > 0 and s.queue_wait_s >= 0
-    assert s.first_token_s >= s.queue_wait_s
+    assert s.request_s >= s.first_token_s >= s.queue_wait_s
     assert s.prefill_s + s.launch_s + s.hand_out_s + s.device_wait_s <= s.step_s  # phases do not overlap
     before = s.snapshot()
     long = SamplingConfig(max_new_tokens=BUCKET, ignore_eos=True)  # past the first bucket: the cache grows

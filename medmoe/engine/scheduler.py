@@ -749,4 +749,5 @@ class Engine:
             self.stats.requests_cancelled += 1
         else:
             self.stats.requests_finished += 1
+            self.stats.request_s += time.perf_counter() - run.handle.submitted
         run.handle._finish(result)

@@ -32,6 +32,7 @@ class EngineStats:
     queue_wait_s: float = 0.0  # submit -> a slot, summed over admitted requests
     first_token_s: float = 0.0  # submit -> first token handed out, summed over those requests
     first_tokens: int = 0  # requests that got their first token
+    request_s: float = 0.0  # submit -> result, summed over finished requests (a client adds its transport to it)
     prefills: int = 0  # prefill forwards (several prompts, or pieces of long ones, each)
     prefill_tokens: int = 0  # prompt tokens run through the model
     reused_tokens: int = 0  # prompt tokens copied from the prefix cache instead
@@ -88,8 +89,9 @@ def summary_line(s: dict) -> str:
     steps = s["decode_steps"]
     mean = lambda total, n: total / n if n else 0.0  # noqa: E731
     return (f"engine: {s['requests_finished']} requests ({s['requests_cancelled']} cancelled, {s['requests_failed']} failed), "
-            f"queue wait {mean(s['queue_wait_s'], s['requests_admitted']):.3f} s and first token "
-            f"{mean(s['first_token_s'], s['first_tokens']):.3f} s a request; prefill {s['prefill_tokens']} tokens in "
+            f"queue wait {mean(s['queue_wait_s'], s['requests_admitted']):.3f} s, first token "
+            f"{mean(s['first_token_s'], s['first_tokens']):.3f} s, whole {mean(s['request_s'], s['requests_finished']):.3f} s "
+            f"a request; prefill {s['prefill_tokens']} tokens in "
             f"{s['prefills']} forwards, {s['prefill_s']:.2f} s; {steps} decode steps (mean batch "
             f"{mean(s['decode_rows'], steps):.1f}): {s['graph_replays']} graph replays, {s['eager_steps']} eager, "
             f"{s['graph_captures']} captures ({s['warmup_captures']} at warm-up) {s['capture_s']:.2f} s, "
