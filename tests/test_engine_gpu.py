@@ -123,7 +123,7 @@ def test_after_warmup_no_request_captures_a_graph_or_grows_the_cache():
     results = [h.result() for h in handles]
     d = engine.stats.since(before)
     assert (d.graph_captures, d.cache_growths, d.cache_allocations, d.graphs_dropped, d.eager_steps) == (0, 0, 0, 0, 0)
-    assert d.graph_replays == d.decode_steps > 300
+    assert d.graph_replays == d.decode_steps > 250
     for (q, img, n), result in zip(asks, results):
         want = run_generation(model, processor, [q], [img], SamplingConfig(max_new_tokens=n, ignore_eos=True))
         assert result.token_ids == want.token_ids[0]

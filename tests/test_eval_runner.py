@@ -252,3 +252,11 @@ def test_encode_items_gives_encode_questions_prompts_with_each_image_read_once(t
         assert (prompt.pixel_values is None) == (want.pixel_values is None)
         if want.pixel_values is not None:
             assert torch.equal(prompt.pixel_values, want.pixel_values)
+
+
+def test_a_placeholder_without_an_image_names_the_question(tiny, records):
+    _, processor = tiny
+    item = ev.read_eval_items(records, "test")[0]
+    bad = ev.EvalItem(ev.replace(item.gt, question="<image> Is there a mass?"), None, None)
+    with pytest.raises(DataError, match="question q0: 1 <image> placeholders for 0 image"):
+        ev.encode_items(processor, [bad])

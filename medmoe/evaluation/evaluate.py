@@ -199,9 +199,14 @@ def _prompt_valid_mask(results, input_ids: torch.Tensor) -> torch.Tensor:
 
 def prompt_ids(processor, item: EvalItem) -> list[int]:
     """The token ids of an item's prompt (`<image>` expanded), as `encode_question` makes them."""
+    from ..config import IMAGE_TOKEN
     from ..data.templates import Turn
 
-    return list(processor.encode([Turn(processor.prompt(item.gt.question, item.image is not None), None)]).input_ids)
+    text = processor.prompt(item.gt.question, item.image is not None)
+    if text.count(IMAGE_TOKEN) != (item.image is not None):
+        raise DataError(f"question {item.gt.id}: {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders for "
+                        f"{int(item.image is not None)} image; a question holds at most one, and only with an image")
+    return list(processor.encode([Turn(text, None)]).input_ids)
 
 
 def encode_items(processor, items: list[EvalItem]) -> list:
