@@ -8,9 +8,10 @@
 #   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
 #                                           # (serve_compile in its place: the serve bench with --compile)
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
-#   bash scripts/lab/gpu_engine.sh profile  # carrying .gpu/srv: where the time goes, in one call (< 8 min): the serve
-#                                           # bench and, where part2 staged the payload, the eval of nano, each
-#                                           # with its engine's statistics (GET /v1/engine/stats, metrics.json run.engine)
+#   bash scripts/lab/gpu_engine.sh profile  # carrying .gpu/srv: where the time goes, in one call (< 8 min): the
+#                                           # warm-up's GPU test, the serve bench and, where part2 staged the payload,
+#                                           # the eval of nano, each with its engine's statistics
+#                                           # (GET /v1/engine/stats, metrics.json run.engine)
 # Everything it prints goes to $OUT/log.txt too; results are JSON files in $OUT.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
@@ -68,6 +69,8 @@ PY
 
 profile() {
   serve_packages
+  step "profile: no request captures a graph or grows the cache after warm-up (GPU test)"
+  timeout 60 python3 -m pytest -q tests/test_engine_gpu.py -k after_warmup 2>&1 | tail -3
   step "profile: serve bench, Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
   timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/profile-serve 2>&1 \
     | grep -v "^ *[0-9]*%|"
