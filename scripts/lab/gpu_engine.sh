@@ -76,6 +76,7 @@ profile() {
     | grep -v "^ *[0-9]*%|"
   cp /tmp/profile-serve/serve.json "$OUT/profile-serve.json" 2>/dev/null
   echo "server start (warm-up): $(engine_line /tmp/profile-serve/serve.json engine_at_start)"
+  grep -i "warn\|error" /tmp/profile-serve/serve-server.log | tail -5
   if [ ! -f "$STAGE/ready" ]; then
     echo "no payload staged in $STAGE (part2 stages it): the eval is skipped"
     return
