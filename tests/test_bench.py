@@ -45,6 +45,8 @@ def test_decode_bench_fuses_qkv_for_its_own_path_only():
     assert fused["compile"] is False and not fused["compile_fell_back"]
     assert not is_fused(model)  # handed back as it came
     assert fused["step_bytes"] == plain["step_bytes"]
+    graph = fused["graph"]  # the measured run, after warm-up: on the CPU every decode step is eager
+    assert (graph["eager_steps"], graph["graph_replays"], graph["graph_captures"], graph["cache_growths"]) == (3, 0, 0, 0)
 
 
 def test_decode_bench_reports_a_compile_that_fell_back(monkeypatch):

@@ -163,3 +163,17 @@ def test_a_server_that_does_not_start_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "exited with code 2" in err and "not a model folder" in err
     assert (tmp_path / "serve-server.log").exists()  # the server's own output, for the details
+
+
+def test_each_run_reports_what_the_servers_engine_did(served):
+    lines = []
+    report = serve_load.run(served.base, [1, 2], requests_per_client=2, max_tokens=4, prompt_tokens=12,
+                            log=lines.append)
+    assert report["engine_at_start"]["stats"]["warmup_s"] > 0
+    for run in report["runs"]:
+        engine = run["engine"]
+        assert engine["requests_finished"] == run["requests_ok"] == 2 * run["clients"]
+        assert engine["tokens_generated"] == run["completion_tokens"]
+        assert engine["first_tokens"] == 2 * run["clients"] and engine["decode_steps"] > 0
+    assert report["engine_after"]["stats"]["requests_finished"] >= 6
+    assert sum(line.startswith(("1 clients, engine:", "2 clients, engine:")) for line in lines) == 2

@@ -104,7 +104,7 @@ def test_a_request_joining_mid_generation_gets_the_reference_answer(phi, overlap
     assert_same(results[0], reference(model, processor, QUESTIONS[0], images()[0], cfg))
     assert_same(results[1], reference(model, processor, QUESTIONS[2], None, cfg))
     assert_same(results[2], reference(model, processor, QUESTIONS[1], images()[2], SamplingConfig(max_new_tokens=3)))
-    assert engine.largest_batch == 3 and not engine.active
+    assert engine.stats.largest_batch == 3 and not engine.active
 
 
 def test_the_slots_bound_the_batch_and_a_request_waits_for_one(phi, overlap):
@@ -118,7 +118,7 @@ def test_the_slots_bound_the_batch_and_a_request_waits_for_one(phi, overlap):
     while not all(h.done for h in handles):
         engine.step()
         seen = max(seen, len(engine.active))
-    assert seen <= 2 and engine.largest_batch == 2
+    assert seen <= 2 and engine.stats.largest_batch == 2
     for h, q in zip(handles, QUESTIONS):
         assert_same(h.result(), reference(model, processor, q, None, cfg))
 

@@ -32,9 +32,9 @@ def common(a: list[int], b: list[int]) -> int:
 
 def run_alone(engine, req):
     """One request through the engine; returns (result, prompt tokens prefilled, tokens reused)."""
-    prefilled, reused = engine.prefilled_tokens, engine.reused_tokens
+    prefilled, reused = engine.stats.prefill_tokens, engine.stats.reused_tokens
     result = engine.generate([req])[0]
-    return result, engine.prefilled_tokens - prefilled, engine.reused_tokens - reused
+    return result, engine.stats.prefill_tokens - prefilled, engine.stats.reused_tokens - reused
 
 
 def test_a_later_request_prefills_only_what_follows_the_cached_prefix(phi):
@@ -93,7 +93,7 @@ def test_requests_joining_mid_generation_with_cached_prefixes(phi):
         engine.step()
         engine.step()
     results = [h.result() for h in handles]
-    assert engine.reused_tokens > 1000 and engine.largest_batch == 3
+    assert engine.stats.reused_tokens > 1000 and engine.stats.largest_batch == 3
     for result, (q, i), cfg in zip(results, cases, cfgs):
         assert_same(result, reference(model, processor, q, i, cfg))
         alone = plain.generate([request(processor, q, i, cfg, output_routing=True)])[0]
@@ -108,7 +108,7 @@ def test_lora_experts_with_the_prefix_cache():
     engine = Engine(model, processor, max_slots=2)
     for q, i in list(zip(QUESTIONS, images())) * 2:
         assert_same(engine.generate([request(processor, q, i, CFG)])[0], reference(model, processor, q, i, CFG))
-    assert engine.reused_tokens > 0
+    assert engine.stats.reused_tokens > 0
 
 
 @pytest.mark.parametrize("routing", ["pooled", "sample"])
@@ -119,7 +119,7 @@ def test_per_sample_routing_never_reuses_a_prefix(routing):
     assert engine.prefix_cache is None and engine.prefill_chunk == 0
     for q, i in [(QUESTIONS[0], None), (QUESTIONS[2], None), (QUESTIONS[0], RED)]:
         assert_same(engine.generate([request(processor, q, i, CFG)])[0], reference(model, processor, q, i, CFG))
-    assert engine.reused_tokens == 0
+    assert engine.stats.reused_tokens == 0
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(phi):
@@ -161,12 +161,12 @@ def test_chunks_after_a_cached_prefix_and_beside_other_prompts(phi):
     for handle, (q, i) in zip(handles, cases):
         assert_same(handle.result(), reference(model, processor, q, i, CFG))
     assert_same(running.result(), reference(model, processor, QUESTIONS[3], None, cfg))
-    assert engine.reused_tokens >= 4 * 100
+    assert engine.stats.reused_tokens >= 4 * 100
     # A cached prefix without routing records is not reused by a request that wants them.
-    before = engine.reused_tokens
+    before = engine.stats.reused_tokens
     engine.generate([request(processor, "zz there", None, CFG)])
     engine.generate([request(processor, "zz where", None, CFG, output_routing=True)])  # not "zz "
-    assert engine.reused_tokens - before == 2 * 161
+    assert engine.stats.reused_tokens - before == 2 * 161
 
 
 def test_the_cache_stays_within_its_bytes_and_keeps_the_shared_start():
@@ -231,14 +231,14 @@ def test_one_prefill_of_prompts_with_and_without_cached_prefixes(phi):
     engine.generate([request(processor, QUESTIONS[0], RED, CFG), request(processor, QUESTIONS[2], None, CFG)])
     alone = SamplingConfig(max_new_tokens=6, ignore_eos=True, share_prefix=False)
     cases = [(QUESTIONS[1], RED, CFG), (QUESTIONS[2], None, alone), (QUESTIONS[2] + "?", None, CFG)]
-    reused, prefilled = engine.reused_tokens, engine.prefilled_tokens
+    reused, prefilled = engine.stats.reused_tokens, engine.stats.prefill_tokens
     batches, original = [], engine._prefill_pieces
     engine._prefill_pieces = lambda pieces: batches.append([(job.done, n) for job, n in pieces]) or original(pieces)
     results = engine.generate([request(processor, q, i, c) for q, i, c in cases])
     assert len(batches) == 1 and batches[0][1][0] == 0 and min(batches[0][0][0], batches[0][2][0]) > 161
-    assert engine.reused_tokens - reused > 2 * 161
+    assert engine.stats.reused_tokens - reused > 2 * 161
     lengths = [len(request(processor, q, i, c).prompt.input_ids) for q, i, c in cases]
-    assert engine.prefilled_tokens - prefilled == sum(lengths) - (engine.reused_tokens - reused)
+    assert engine.stats.prefill_tokens - prefilled == sum(lengths) - (engine.stats.reused_tokens - reused)
     for result, (q, i, c) in zip(results, cases):
         assert_same(result, reference(model, processor, q, i, c))
 

@@ -98,3 +98,17 @@ def test_health_counts_reused_prompt_tokens_and_the_cache_can_be_turned_off(serv
     assert (args.prefix_cache_mb, args.prefill_chunk) == (0.0, 64)
     worker = Worker(model, processor, Limits(prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk))
     assert worker.engine.prefix_cache is None and worker.engine.prefill_chunk == 64
+
+
+def test_engine_stats_endpoint_counts_the_requests_it_served(served):
+    _, _, client = served
+    before = client.get("/v1/engine/stats").json()
+    assert before["slots"] == 4 and before["cuda_graphs"] is False and before["stats"]["warmup_s"] > 0
+    body = {"messages": [{"role": "user", "content": "Any fracture?"}], "max_tokens": 5, "ignore_eos": True}
+    for _ in range(2):
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    after = client.get("/v1/engine/stats").json()
+    grew = {k: after["stats"][k] - before["stats"][k] for k in ("requests_finished", "tokens_generated", "first_tokens")}
+    assert grew == {"requests_finished": 2, "tokens_generated": 10, "first_tokens": 2}
+    assert after["stats"]["decode_steps"] >= before["stats"]["decode_steps"] + 8  # 4 steps after each first token
+    assert "decode steps" in after["summary"]

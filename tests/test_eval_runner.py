@@ -71,7 +71,11 @@ def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
     assert m["routing"]["layers"] and "--max-new-tokens 4" in m["run"]["command"]
     for name in ("report.md", "report.html", "routing.png", "confusion_pneumonia_loglik.png"):
         assert (out / name).stat().st_size > 0
-    assert "router modality accuracy" in capsys.readouterr().out
+    engine = m["run"]["engine"]  # what the engine did for this call
+    assert engine["requests_finished"] == engine["first_tokens"] == 8 and engine["tokens_generated"] > 0
+    assert engine["largest_batch"] == 3 and engine["graph_captures"] == 0
+    printed = capsys.readouterr().out
+    assert "router modality accuracy" in printed and "engine: 8 requests" in printed
     # scoring the same files with `medmoe score` gives the same VQA numbers
     vqa_gt = tmp_path / "vqa_gt.jsonl"
     vqa_gt.write_text("".join(l for l in records.read_text().splitlines(keepends=True) if '"q' in l[:10]))
@@ -98,11 +102,11 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     real = ev.run_batch
     seen = []
 
-    def crash_after_two_batches(model, processor, items, settings):
+    def crash_after_two_batches(model, processor, items, settings, engine=None):
         if len(seen) == 2:
             raise KeyboardInterrupt
         seen.append([i.gt.id for i in items])
-        return real(model, processor, items, settings)
+        return real(model, processor, items, settings, engine)
 
     monkeypatch.setattr(ev, "run_batch", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
@@ -113,7 +117,8 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     with open(pred_path, "a") as f:  # a torn line from a crash mid-write
         f.write('{"id": "q4", "predic')
     redone = []
-    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s: redone.extend(i.gt.id for i in items) or real(m, p, items, s))
+    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s, engine=None: redone.extend(i.gt.id for i in items)
+                        or real(m, p, items, s, engine))
     metrics = evaluate(settings, model, processor)
     assert sorted(redone) == ["c0", "c1", "c2", "q4"]  # finished items are not redone
     lines = pred_path.read_text().splitlines()
@@ -228,3 +233,30 @@ def test_shuffled_images_control(tmp_path, records, tiny_moe_dir):
     assert main(args[:6] + [str(tmp_path / "control")] + args[7:] + ["--shuffle-images"]) == 0
     run = json.loads((tmp_path / "control" / "metrics.json").read_text())["run"]
     assert "--shuffle-images" in run["command"] and "shuffled" in run["images"]
+
+
+def test_encode_items_gives_encode_questions_prompts_with_each_image_read_once(tmp_path, tiny, records, monkeypatch):
+    from medmoe.engine import encode_question
+
+    _, processor = tiny
+    items = ev.read_eval_items(records, "test") + ev.read_eval_items(records, "train")  # t0 asks about image 0 again
+    items.append(ev.EvalItem(items[0].gt, None, None))  # and a text-only question
+    reads = []
+    real = processor.image_tensor
+    monkeypatch.setattr(processor, "image_tensor", lambda image: reads.append(image) or real(image))
+    prompts = ev.encode_items(processor, items)
+    assert sorted(reads) == sorted({i.image for i in items if i.image}) and len(reads) == len(items) - 2
+    for item, prompt in zip(items, prompts):
+        want = encode_question(processor, item.gt.question, item.image)
+        assert prompt.input_ids == want.input_ids
+        assert (prompt.pixel_values is None) == (want.pixel_values is None)
+        if want.pixel_values is not None:
+            assert torch.equal(prompt.pixel_values, want.pixel_values)
+
+
+def test_a_placeholder_without_an_image_names_the_question(tiny, records):
+    _, processor = tiny
+    item = ev.read_eval_items(records, "test")[0]
+    bad = ev.EvalItem(ev.replace(item.gt, question="<image> Is there a mass?"), None, None)
+    with pytest.raises(DataError, match="question q0: 1 <image> placeholders for 0 image"):
+        ev.encode_items(processor, [bad])

@@ -50,7 +50,9 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
     """New tokens [B, new_tokens] of one request per row of `ids`, all admitted at once, through the
     engine (answers of a fixed length: EOS ignored). `stats` receives prefill_ms (the first
     iteration: prefill and first decode step), step_ms (the mean of the later iterations, each one
-    decode step of every row with its sampling and hand-out), steps and cuda_graph."""
+    decode step of every row with its sampling and hand-out), steps, cuda_graph, and the engine's
+    counts over the call (graph_replays, eager_steps, graph_captures, cache_growths: a measured run
+    after warm-up replays graphs only)."""
     batch = ids.shape[0]
     engine = engine or Engine(model, None, max_slots=batch, max_len=ids.shape[1] + new_tokens,
                               max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile,
@@ -61,6 +63,7 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
                                             pixels[row * per_image:(row + 1) * per_image] if per_image else None), cfg))
                for row in range(batch)]
     device = ids.device
+    before = engine.stats.snapshot()
     sync(device)
     t0 = time.perf_counter()
     engine.step()
@@ -72,8 +75,11 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
         steps += 1
     sync(device)
     t2 = time.perf_counter()
+    counts = engine.stats.since(before)
     stats.update(prefill_ms=(t1 - t0) * 1e3, steps=steps, step_ms=(t2 - t1) * 1e3 / max(steps, 1),
-                 cuda_graph=bool(engine.step_fn.graphs))
+                 cuda_graph=bool(engine.step_fn.graphs), graph_replays=counts.graph_replays,
+                 eager_steps=counts.eager_steps, graph_captures=counts.graph_captures,
+                 cache_growths=counts.cache_growths)
     return torch.tensor([h.result().token_ids for h in handles])
 
 
@@ -123,16 +129,19 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row["decode_rotary_layers"] = done.decode_attention_layers
         engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
                         compile=compile, prefix_cache_mb=0)
-        short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: kernels, graphs
+        engine.warmup()  # the cache at its bound, every graph captured
+        short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: prefill kernels
         graph, eager = {}, {}
         tokens = engine_decode(model, ids, pixels, new_tokens, graph, engine=engine)
         # A compiler that failed on the step left it uncompiled (DecodeStep warns): the row says so.
         row["compile_fell_back"] = bool(compile) and not engine.step_fn.compiled
+        engine_warmup = engine.stats.warmup_s, engine.stats.warmup_captures
         del engine
         unprepare(model)  # the baselines run the model as transformers does
         row["compile"], row["fused_qkv"], row["linear_matvec"] = compile, fuse_qkv, linear_matvec
         row["warmup"] = warm
         row["graph"] = graph
+        row["engine_warmup_s"], row["engine_warmup_captures"] = engine_warmup
         if baselines:
             eager_tokens = engine_decode(model, ids, pixels, 16, eager, cuda_graphs=False)
             row["graph_equals_eager"] = bool(torch.equal(short, eager_tokens))
@@ -149,7 +158,10 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
                    first_tokens=tokens[0, :8].tolist())
         row["fraction_of_floor"] = row["tokens_per_s"] / row["floor_tokens_per_s"]
         log(f"decode batch {batch}: {row['tokens_per_s']:.0f} tok/s (engine, {graph['step_ms']:.2f} ms/step, "
-            f"CUDA graph {graph['cuda_graph']}), engine eager {row['eager_static_tokens_per_s']:.0f}, plain {row['plain_tokens_per_s']:.0f}, "
+            f"CUDA graph {graph['cuda_graph']}: {graph['graph_replays']} replays, {graph['eager_steps']} eager steps, "
+            f"{graph['graph_captures']} captures, {graph['cache_growths']} cache growths; warm-up "
+            f"{row['engine_warmup_captures']} captures in {row['engine_warmup_s']:.1f} s), engine eager "
+            f"{row['eager_static_tokens_per_s']:.0f}, plain {row['plain_tokens_per_s']:.0f}, "
             f"floor {row['floor_tokens_per_s']:.0f} tok/s -> {100 * row['fraction_of_floor']:.0f}% of floor")
         rows.append(row)
     return {"copy_bandwidth_gbs": bandwidth, "params": sum(p.numel() for p in model.parameters()), "rows": rows}

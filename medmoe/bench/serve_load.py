@@ -6,7 +6,9 @@ with `ignore_eos: true` (vLLM's option); completion tokens are counted from the 
 `usage`, so an answer that still stops early counts what it produced. Reported per client count:
 aggregate tokens/s (completion tokens / wall time), time to first token (TTFT) and inter-token
 latency (ITL: the gap between content chunks) at p50 and p99, time per output token (TPOT: a
-request's decode time over its tokens after the first), and errors by kind.
+request's decode time over its tokens after the first), errors by kind, and what the server's
+engine did meanwhile (`GET /v1/engine/stats`, the difference over the run: decode steps by graph
+replay, eager step or capture, cache growths, host seconds by phase).
 """
 
 from __future__ import annotations
@@ -203,10 +205,31 @@ async def drive(base: str, clients: int, requests_per_client: int, max_tokens: i
             "load_average_1min": os.getloadavg()[0], **report}  # other work on the machine slows this down
 
 
+async def engine_stats(base: str) -> dict | None:
+    """The server's `GET /v1/engine/stats`, or None where it has none (another server)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        resp = await client.get(f"{base}/v1/engine/stats")
+    return resp.json() if resp.status_code == 200 else None
+
+
+def engine_delta(before: dict | None, after: dict | None) -> dict | None:
+    """What the engine did between two `engine_stats` answers."""
+    from ..engine.stats import delta
+
+    if before is None or after is None:
+        return None
+    return delta(after["stats"], before["stats"])
+
+
 async def run_async(base: str, clients: list[int], requests_per_client: int = 4, max_tokens: int = 64,
                     prompt_tokens: int = 64, image: str | None = None, log=print) -> dict:
     import httpx
 
+    from ..engine.stats import summary_line
+
+    started = await engine_stats(base)  # the warm-up's graphs and cache
     async with httpx.AsyncClient(timeout=600) as client:
         words = await calibrate_words(client, base, prompt_tokens, image)
         health = (await client.get(f"{base}/health")).json()
@@ -215,14 +238,20 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
     runs = []
     log(HEADER)
     for n in clients:
+        before = await engine_stats(base)
         run = await drive(base, n, requests_per_client, max_tokens, words, image)
+        run["engine"] = engine_delta(before, await engine_stats(base))
         runs.append(run)
         log(row(run))
+    for run in runs:
+        if run["engine"] is not None:
+            log(f"{run['clients']} clients, {summary_line(run['engine'])}")
     for note in filter(None, map(burst_note, runs)):
         log(note)
     async with httpx.AsyncClient(timeout=60) as client:  # how the server batched the runs' requests
         after = (await client.get(f"{base}/health")).json()
-    return {"server": health, "server_after": after, "prompt_words": words, "image": image, "runs": runs}
+    return {"server": health, "server_after": after, "engine_at_start": started, "engine_after": await engine_stats(base),
+            "prompt_words": words, "image": image, "runs": runs}
 
 
 def run(base: str, clients: list[int], **kwargs) -> dict:

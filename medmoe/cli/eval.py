@@ -54,6 +54,10 @@ def run(args) -> int:
     acc = (metrics["routing"] or {}).get("router_accuracy") or {}
     if acc.get("samples"):
         print(f"router modality accuracy: {acc['sample_accuracy']:.2f}% of {acc['samples']} samples")
+    if metrics["run"].get("engine"):
+        from ..engine.stats import summary_line
+
+        print(summary_line(metrics["run"]["engine"]))
     print(f"report: {args.out}/report.html")
     return 0
 

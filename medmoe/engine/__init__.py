@@ -8,7 +8,8 @@ declares, and the one object every user path (`serve`, `ask`, `chat`, `eval`, th
 
 scheduler.py (the engine), slot_cache.py (its KV cache), prefix_cache.py (prompt prefixes kept
 across requests), decode_step.py (the batched step, CUDA graphs), sampling.py (per-request
-sampling, log-probabilities), request.py (what goes in and out), batch.py (one engine per model;
+sampling, log-probabilities), request.py (what goes in and out), stats.py (what the engine did,
+where its time went), batch.py (one engine per model;
 results as the reference's output); the speed-ups the model takes for inference: fused_layers.py,
 overlap.py, decode_attention.py; static_decode.py (one batch of equal settings, static cache). The
 plain loop of generation/generate.py is the reference the engine is tested against.
@@ -25,7 +26,7 @@ _EXPORTS = {
     "Delta": "request", "Handle": "request", "Prompt": "request", "Request": "request", "Result": "request",
     "TokenLogprob": "request", "encode_conversation": "request", "encode_question": "request",
     "Engine": "scheduler", "EngineBusy": "scheduler", "RequestTooLong": "scheduler",
-    "as_generation_output": "batch", "shared_engine": "batch",
+    "as_generation_output": "batch", "shared_engine": "batch", "EngineStats": "stats",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,8 +5,9 @@ value there (slot_cache.py) and attends over the first `span` positions of its s
 masked. The inputs live in fixed buffers (`tokens`, `positions`, one row per slot), so on a GPU
 the step is captured as a CUDA graph per (rows, span) bucket and replayed: rows round up to a
 power of two (the extra rows are free slots, whose results are ignored), span to the cache's
-bucket. Graphs are captured lazily, after two eager steps of the same shape warm the kernels up,
-and dropped when the cache grows. On a GPU the step has the bucketed shapes also when it runs
+bucket. Graphs are captured after two eager steps of the same shape warm the kernels up: every
+bucket at once by `warm_up` (Engine.warmup: the cache at its bound first), else when a shape first
+occurs; they are dropped when the cache grows. On a GPU the step has the bucketed shapes also when it runs
 eagerly (a MoE block that syncs with the host, or cuda_graphs=False), so that the eager step is
 the graph's twin; on the CPU it runs eagerly over exactly the running rows and the longest length,
 unless it is compiled (bucketed shapes then, so that compiles are few).
@@ -19,6 +20,7 @@ slot layer's `update` writes the keys and values.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -26,6 +28,7 @@ from ..errors import is_out_of_memory
 from ..model.modeling import cache_argument
 from .fast_path import graph_safe
 from .slot_cache import BUCKET, SlotCache
+from .stats import EngineStats
 
 WARMUP_STEPS = 2
 
@@ -36,9 +39,18 @@ def row_bucket(n: int, slots: int) -> int:
     return min(1 << max(n - 1, 0).bit_length(), slots)
 
 
+def bucket_shapes(slots: int, capacity: int) -> list[tuple[int, int]]:
+    """Every (rows, span) a bucketed step can run at with `slots` rows of `capacity` tokens."""
+    rows = sorted({row_bucket(n, slots) for n in range(1, slots + 1)})
+    spans = sorted({min(k * BUCKET, capacity) for k in range(1, -(-capacity // BUCKET) + 1)})
+    return [(r, s) for r in rows for s in spans]
+
+
 class DecodeStep:
-    def __init__(self, model, cache: SlotCache, cuda_graphs: bool | None = None, compile: bool | str = False):
+    def __init__(self, model, cache: SlotCache, cuda_graphs: bool | None = None, compile: bool | str = False,
+                 stats: EngineStats | None = None):
         self.model, self.cache = model, cache
+        self.stats = stats if stats is not None else EngineStats()
         self.lm = model.language_model
         self.cache_name = cache_argument(self.lm)
         device = cache.device
@@ -69,15 +81,18 @@ class DecodeStep:
 
     def shape(self, n: int, longest: int) -> tuple[int, int]:
         """(rows, span) the step runs at for n rows whose longest has `longest` tokens after this one."""
-        if self.cache.device.type != "cuda" and not self.compiled:  # exactly the running rows and the longest length
+        if not (self.cache.device.type == "cuda" or self.cuda_graphs or self.compiled):  # exactly the running rows and the longest length
             return n, longest
         span = min(-(-longest // BUCKET) * BUCKET, self.cache.capacity)
         return row_bucket(n, self.cache.slots), span
 
     def __call__(self, n: int, longest: int) -> torch.Tensor:
         """Logits [n, V] (float) of the next token of rows 0..n-1."""
+        return self._guarded(*self.shape(n, longest))[:n]
+
+    def _guarded(self, rows: int, span: int) -> torch.Tensor:
         try:
-            return self._step(n, longest)
+            return self._run(rows, span)
         except Exception as err:
             # A compiler that fails on the step (dynamo raises plain AssertionErrors too) must not fail
             # requests: the step runs uncompiled from now on. Out of memory is the caller's to handle.
@@ -86,19 +101,21 @@ class DecodeStep:
             logger.warning("torch.compile failed on the decode step (%s: %s); running it uncompiled from now on "
                            "(CUDA graphs stay on where they apply)", type(err).__name__, err)
             self.compiled, self.forward = False, self._forward
+            self.stats.compile_fallbacks += 1
             self._drop_graphs()
-            return self._step(n, longest)  # what a failed compiled call wrote, the eager step writes again
+            return self._run(rows, span)  # what a failed compiled call wrote, the eager step writes again
 
     def _drop_graphs(self) -> None:
+        self.stats.graphs_dropped += len(self.graphs)
         self.graphs.clear()
         self.warm.clear()
         self.pool = None  # the last graph of a pool frees it: capturing into its handle again fails
 
-    def _step(self, n: int, longest: int) -> torch.Tensor:
-        rows, span = self.shape(n, longest)
+    def _run(self, rows: int, span: int) -> torch.Tensor:
         self._prepare(rows, span)
         if not self.cuda_graphs:
-            return self.forward(rows, span)[:n]
+            self.stats.eager_steps += 1
+            return self.forward(rows, span)
         if self.version != self.cache.version:  # the buffer moved: the graphs point at the old one
             self._drop_graphs()
             self.version = self.cache.version
@@ -106,12 +123,33 @@ class DecodeStep:
         if key in self.graphs:
             graph, logits = self.graphs[key]
             graph.replay()
-            return logits[:n]
+            self.stats.graph_replays += 1
+            return logits
         logits = self.forward(rows, span)
+        self.stats.eager_steps += 1
         self.warm[key] = self.warm.get(key, 0) + 1
         if self.warm[key] >= WARMUP_STEPS:
+            start = time.perf_counter()
             self.graphs[key] = self._capture(rows, span)
-        return logits[:n]
+            self.stats.graph_captures += 1
+            self.stats.capture_s += time.perf_counter() - start
+        return logits
+
+    def warm_up(self, shapes: list[tuple[int, int]]) -> int:
+        """Capture the graphs of `shapes` ((rows, span) buckets) ahead of requests, each after its
+        eager warm-up steps; no request may hold a slot (the steps write into the cache, at the last
+        position of each span, which a request overwrites before it reads). Returns the graphs captured."""
+        if not self.cuda_graphs:
+            return 0
+        before = self.stats.graph_captures
+        for rows, span in shapes:
+            self.positions[:rows] = span - 1
+            self._guarded(rows, span)  # drops graphs of a moved cache first
+            while (rows, span) not in self.graphs and self.cuda_graphs:
+                self._guarded(rows, span)
+        self.positions.zero_()
+        self.tokens.zero_()
+        return self.stats.graph_captures - before
 
     def _prepare(self, rows: int, span: int) -> None:
         state = self.model.moe_state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,6 +105,7 @@ class Handle:
 
     def __init__(self, request: Request, engine=None):
         self.request, self.engine = request, engine
+        self.submitted = time.perf_counter()  # for the engine's queue wait and time to first token
         self._cancel = False
         self._deltas: queue.Queue = queue.Queue()
         self._done = threading.Event()

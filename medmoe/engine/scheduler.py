@@ -16,8 +16,12 @@ Each iteration of `step`:
 
 The KV cache is bounded: `max_slots` requests run at once, each with at most `max_len` tokens of
 prompt and answer; a request waits in the queue for a free slot, a request longer than `max_len`
-is refused. `submit` returns a Handle at once; `generate` runs a list of requests to the end in
-the calling thread; `start()` runs the iterations in a background thread (the server).
+is refused. The cache grows on demand; on a GPU, `warmup` allocates it at its bound (as much of it
+as fits `KV_MEMORY_FRACTION` of the free memory) and captures the decode step's CUDA graph for
+every (rows, span) bucket, so that no request grows the cache or captures a graph. `submit`
+returns a Handle at once; `generate` runs a list of requests to the end in the calling thread;
+`start()` runs the iterations in a background thread (the server). `stats` (stats.py) counts
+what the engine did and where its time went.
 
     engine = Engine(model, processor, max_slots=16)
     results = engine.generate([Request(encode_question(processor, "What is shown?", image))])
@@ -39,16 +43,26 @@ from ..config import RuntimeOptions
 from ..errors import MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
-from .decode_step import WARMUP_STEPS, DecodeStep, row_bucket
+from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
 from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
 IDLE_PREFIX_KEEP_BYTES = 8 << 20  # what of the prefix cache an idle CPU runner keeps (the shared system prompt)
 CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
+KV_MEMORY_FRACTION = 0.75  # of the GPU's free memory, the most warm-up allocates for the KV cache
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate (free, and held by torch's allocator unused); None off a GPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _return_freed_memory() -> None:
@@ -156,10 +170,10 @@ class Engine:
             chunk = CUDA_PREFILL_CHUNK if weight.device.type == "cuda" else CPU_PREFILL_CHUNK
         self.prefill_chunk = chunk if safe else 0
         self.prefilling: list[_Prefilling] = []  # in slots, prompts being prefilled
-        self.prefilled_tokens = 0  # prompt tokens run through the model
-        self.reused_tokens = 0  # prompt tokens copied from the prefix cache instead
+        self.stats = EngineStats()
         self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
-        self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile)
+        self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile, self.stats)
+        self.warm = False  # warmup() has run
         # On a GPU the buffer stays (its CUDA graphs hold its address); on the CPU it is reallocated
         # at the next burst, cheaply, and the process's memory returns to where it started.
         self.release_when_idle = weight.device.type != "cuda"
@@ -175,8 +189,6 @@ class Engine:
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
-        self.steps = 0
-        self.largest_batch = 0
 
     # ----- submitting -------------------------------------------------------------------------
     @property
@@ -219,21 +231,79 @@ class Engine:
 
     def warmup(self) -> None:
         """Run short text requests through prefill and decode steps, so that the first user
-        requests do not pay for kernel set-up, torch.compile or graph capture: on a GPU, one
-        batch per row bucket (graphs of the first length bucket); longer contexts capture their
-        graphs when they first occur. A compiled step also runs one and two requests into the
-        second length bucket: the shapes that changed become symbolic (one row stays its own
+        requests do not pay for kernel set-up, torch.compile or graph capture: one batch per row
+        bucket where the step is bucketed (a GPU, a compiled step), one request on the CPU. On a
+        GPU the KV cache is allocated at its bound first (`kv_plan`) and the step's graph is
+        captured for every (rows, span) bucket up to it (`bucket_shapes`), so that no request
+        grows the cache or captures a graph. A compiled step also runs one and two requests into
+        the second length bucket: the shapes that changed become symbolic (one row stays its own
         case), so that no later request compiles."""
+        start = time.perf_counter()
+        captures = self.stats.graph_captures
+        step = self.step_fn
+        if self.cache.device.type == "cuda" or step.cuda_graphs:
+            self._allocate_at_bound()
         ids = self.processor(["hello"])["input_ids"][0].tolist() if self.processor is not None else [0] * 8
         cfg = SamplingConfig(max_new_tokens=WARMUP_STEPS + 3, ignore_eos=True)
         sizes = sorted({row_bucket(n, self.max_slots) for n in range(1, self.max_slots + 1)})
-        step = self.step_fn
         for size in sizes if step.cuda_graphs or step.compiled else [1]:
             self.generate([Request(Prompt(ids), cfg) for _ in range(size)])
         long = BUCKET  # every step attends over more than BUCKET positions
         if step.compiled and long + cfg.max_new_tokens <= self.max_len:
             for size in sorted({1, min(2, self.max_slots)}):
                 self.generate([Request(Prompt((ids * long)[:long]), cfg) for _ in range(size)])
+        if step.cuda_graphs and self.cache.capacity:
+            shapes = bucket_shapes(self.max_slots, self.cache.capacity)
+            with torch.no_grad():
+                step.warm_up(shapes)
+            logger.info("warm-up: %d CUDA graphs (%d rows x %d spans), KV cache %d slots x %d tokens (%.1f GiB)",
+                        len(step.graphs), len({r for r, _ in shapes}), len({s for _, s in shapes}),
+                        self.max_slots, self.cache.capacity, self.cache.nbytes() / 2**30)
+        self.stats.warmup_captures += self.stats.graph_captures - captures
+        self.stats.warmup_s += time.perf_counter() - start
+        self.warm = True
+
+    def kv_plan(self, free_bytes: int | None) -> int:
+        """Tokens per slot warm-up allocates: `max_len`, or as many buckets of it as fit
+        KV_MEMORY_FRACTION of `free_bytes` (at least one)."""
+        if free_bytes is None:
+            return self.max_len
+        per_token = self.max_slots * self.cache.bytes_per_token()
+        fit = int(free_bytes * KV_MEMORY_FRACTION) // per_token // BUCKET * BUCKET
+        return min(self.max_len, max(fit, BUCKET))
+
+    def _allocate_at_bound(self) -> None:
+        if self.cache.capacity == self.max_len:  # at its bound already: an earlier warm-up's graphs stay
+            return
+        if self.active or self.prefilling:
+            raise RuntimeError("Engine.warmup runs before requests, not while they hold slots")
+        self._release_cache()  # a buffer being replaced is not kept beside the new one
+        capacity = self.kv_plan(free_device_memory(self.cache.device))
+        self._reserve(capacity)
+        if capacity < self.max_len:
+            logger.warning("the KV cache of %d slots x %d tokens needs %.1f GiB, more than %.0f%% of the GPU's free "
+                           "memory: slots start with %d tokens and grow when a longer request comes (which captures "
+                           "the step's graphs again); lower the slots (medmoe serve --max-batch) or the tokens a "
+                           "request may hold (--max-prompt-tokens, --max-tokens) to keep it within memory",
+                           self.max_slots, self.max_len,
+                           self.max_slots * self.max_len * self.cache.bytes_per_token() / 2**30,
+                           100 * KV_MEMORY_FRACTION, capacity)
+
+    def _reserve(self, length: int) -> None:
+        """Cache capacity for `length` tokens; a reallocation of a buffer in use is a growth (a copy,
+        and every captured graph dropped)."""
+        before = self.cache.capacity
+        self.cache.reserve(length)
+        if self.cache.capacity != before:
+            self.stats.cache_allocations += 1
+            self.stats.cache_growths += before > 0
+        self.stats.cache_capacity = self.cache.capacity
+
+    def _release_cache(self) -> None:
+        if self.cache.kv is not None:
+            self.cache.release()
+            self.stats.cache_releases += 1
+            self.stats.cache_capacity = 0
 
     # ----- the background runner ----------------------------------------------------------------
     def start(self) -> None:
@@ -258,41 +328,51 @@ class Engine:
                 continue
             idle_since = idle_since or time.monotonic()
             if self.release_when_idle and self.cache.kv is not None and time.monotonic() - idle_since > IDLE_RELEASE_S:
-                self.cache.release()  # a CPU server gives its KV memory back between bursts
+                self._release_cache()  # a CPU server gives its KV memory back between bursts
                 if self.prefix_cache is not None:
                     self.prefix_cache.shrink(IDLE_PREFIX_KEEP_BYTES)
                 _return_freed_memory()
+            waited = time.perf_counter()
             self.wake.wait(0.05)
             self.wake.clear()
+            self.stats.idle_s += time.perf_counter() - waited
 
     # ----- one iteration -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> bool:
         """Admit and prefill what fits, then one decode step; False when there was nothing to do."""
         with self.stepping:
-            with self.lock:
-                self.waiting.extend(self.incoming)
-                self.incoming.clear()
-            self._drop_cancelled()
-            admitted = self._admit()
-            previous, self.in_flight = self.in_flight, None
+            start = time.perf_counter()
             try:
-                launched = self._decode() if self.active else None
-                if self.overlap_steps:
-                    # The host hands out the previous step's tokens while the device runs this one.
-                    self.in_flight = launched
-                    launched = None
-                for picked in (previous, launched):
-                    if picked is not None:
-                        self._hand_out(picked)
-            except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
-                logger.exception("decode step failed for %d requests", len(self.active))
-                for run in self.active:
-                    run.handle._finish(None, err)
-                self.active, self.in_flight = [], None
-                self.step_fn.positions.zero_()
-            return (admitted or previous is not None or self.in_flight is not None or bool(self.active)
-                    or bool(self.prefilling))
+                return self._step()
+            finally:
+                self.stats.step_s += time.perf_counter() - start
+
+    def _step(self) -> bool:
+        with self.lock:
+            self.waiting.extend(self.incoming)
+            self.incoming.clear()
+        self._drop_cancelled()
+        admitted = self._admit()
+        previous, self.in_flight = self.in_flight, None
+        try:
+            launched = self._decode() if self.active else None
+            if self.overlap_steps:
+                # The host hands out the previous step's tokens while the device runs this one.
+                self.in_flight = launched
+                launched = None
+            for picked in (previous, launched):
+                if picked is not None:
+                    self._hand_out(picked)
+        except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
+            logger.exception("decode step failed for %d requests", len(self.active))
+            for run in self.active:
+                run.handle._finish(None, err)
+            self.stats.requests_failed += len(self.active)
+            self.active, self.in_flight = [], None
+            self.step_fn.positions.zero_()
+        return (admitted or previous is not None or self.in_flight is not None or bool(self.active)
+                or bool(self.prefilling))
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -302,6 +382,7 @@ class Engine:
             if handle.cancelled or (deadline is not None and now > deadline):
                 handle._finish(Result("", [], "cancelled", len(handle.request.prompt.input_ids),
                                       list(handle.request.prompt.input_ids)))
+                self.stats.requests_cancelled += 1
             else:
                 keep.append(handle)
         self.waiting = keep
@@ -311,6 +392,7 @@ class Engine:
                 self.prefilling.remove(job)
                 ids = list(job.prompt.input_ids)
                 job.handle._finish(Result("", [], "cancelled", len(ids), ids))
+                self.stats.requests_cancelled += 1
         for i in reversed(range(len(self.active))):
             run = self.active[i]
             deadline = run.handle.request.deadline
@@ -342,6 +424,7 @@ class Engine:
         if not pieces:
             return False
         running = len(self.active)
+        start = time.perf_counter()
         try:
             self._prefill(pieces)
         except Exception as err:
@@ -351,11 +434,14 @@ class Engine:
                     self._prefill_alone(job, n)
             else:
                 self._drop(pieces[0][0], err)
+        self.stats.prefill_s += time.perf_counter() - start
         return True
 
     def _start(self, handle: Handle) -> _Prefilling:
         """A request enters a slot; the longest prefix of its prompt in the prefix cache is its start."""
         job = _Prefilling(handle)
+        self.stats.requests_admitted += 1
+        self.stats.queue_wait_s += time.perf_counter() - handle.submitted
         prompt = handle.request.prompt
         if self.prefix_cache is not None and handle.request.sampling.share_prefix:
             job.key = prompt_key(prompt.input_ids, prompt.pixel_values, self.model.config.image_token_id)
@@ -363,7 +449,7 @@ class Engine:
                 hit = self.prefix_cache.match(job.key, len(job.key) - 1, self._wants_routing(handle))
                 if hit.length:
                     job.done, job.past, job.routing = hit.length, (hit.kv[0], hit.kv[1]), hit.routing
-                    self.reused_tokens += hit.length
+                    self.stats.reused_tokens += hit.length
         return job
 
     def _wants_routing(self, handle: Handle) -> bool:
@@ -387,6 +473,7 @@ class Engine:
     def _fail(self, handle: Handle, err: Exception) -> None:
         if not isinstance(err, (MedMoEError, ValueError)):
             logger.exception("prefill failed", exc_info=err)
+        self.stats.requests_failed += 1
         handle._finish(None, err)
 
     # ----- prefill ---------------------------------------------------------------------------------
@@ -401,7 +488,7 @@ class Engine:
         if complete:
             needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
             needs += [len(job.prompt.input_ids) + job.handle.request.sampling.max_new_tokens for job in complete]
-            self.cache.reserve(max(needs))
+            self._reserve(max(needs))
         first = len(self.active)
         finished = []
         for row, ((job, n), (segment, records, probs)) in enumerate(zip(pieces, rows)):
@@ -433,7 +520,7 @@ class Engine:
         lengths = [r.length for r in self.active[first:]]
         self.step_fn.positions[first:first + len(lengths)] = torch.tensor(lengths, device=self.cache.device)
         rows_done = torch.tensor(finished, device=logits.device)
-        self._hand_out(self._pick(logits.index_select(0, rows_done), self.active[first:], first))
+        self._hand_out(self._pick(logits.index_select(0, rows_done), self.active[first:], first), timed=False)
 
     def _prefill_prompts(self, jobs: list[_Prefilling]):
         """Whole prompts, left-padded, through the model's own forward (images, per-sample routing,
@@ -463,7 +550,8 @@ class Engine:
                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=DynamicCache(), use_cache=True,
                         output_routing=want_routing, logits_to_keep=1)
             routing = out.routing
-        self.prefilled_tokens += sum(lengths) - shared * (len(jobs) - 1)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(lengths) - shared * (len(jobs) - 1)
         probs = dict(model.moe_state.sample_probs)
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, B, kv heads, width, head dim]
         values = torch.stack([layer.values for layer in out.cache.layers])
@@ -516,7 +604,8 @@ class Engine:
         want_routing = any(self._wants_routing(job.handle) for job, _ in pieces)
         out = model(inputs_embeds=embeds, attention_mask=mask.to(device), position_ids=positions.to(device),
                     cache=cache, use_cache=True, output_routing=want_routing, logits_to_keep=1)
-        self.prefilled_tokens += sum(n for _, n in pieces)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(n for _, n in pieces)
         keys = torch.stack([layer.keys[:, :, past:] for layer in out.cache.layers])
         values = torch.stack([layer.values[:, :, past:] for layer in out.cache.layers])
         rows = []
@@ -544,13 +633,18 @@ class Engine:
         runs = list(self.active)
         if all(r.generated + r.pending >= r.cfg.max_new_tokens for r in runs):
             return None
-        self.largest_batch = max(self.largest_batch, len(runs))
-        self.steps += 1
+        start = time.perf_counter()
+        stats = self.stats
+        stats.largest_batch = max(stats.largest_batch, len(runs))
+        stats.decode_steps += 1
+        stats.decode_rows += len(runs)
         logits = self.step_fn(len(runs), max(r.length for r in runs) + 1)
         self.step_fn.positions[:len(runs)] += 1
         for run in runs:
             run.length += 1
-        return self._pick(logits, runs, 0)
+        picked = self._pick(logits, runs, 0)
+        stats.launch_s += time.perf_counter() - start
+        return picked
 
     def _pick(self, logits: torch.Tensor, runs: list[_Running], first: int) -> _Picked:
         """The next token of rows first.. (logits [rows, V]) into the step's token buffer, and their
@@ -572,21 +666,31 @@ class Engine:
             done.record()
         return _Picked(runs, tokens, chosen, scores, wanted, top, done)
 
-    def _hand_out(self, picked: _Picked) -> None:
+    def _hand_out(self, picked: _Picked, timed: bool = True) -> None:
         """Give each request its token once it is on the host; release the requests that finished.
-        A request that finished (or was cancelled) after the step was launched ignores its token."""
+        A request that finished (or was cancelled) after the step was launched ignores its token.
+        `timed`: into the stats' device wait and hand-out (a prefill's first tokens count as prefill)."""
+        start = time.perf_counter()
         if picked.done is not None:
             picked.done.synchronize()
+            synced = time.perf_counter()
+            self.stats.device_wait_s += (synced - start) * timed
+            start = synced
         scores = logprobs_by_row(picked.scores, picked.wanted, picked.top)
         for i, (run, token, logp) in enumerate(zip(picked.runs, picked.tokens.tolist(), picked.chosen.tolist())):
             run.pending -= 1
             if run.finish is None and self._accept(run, token, logp, scores.get(i)):
                 self._release(self.active.index(run))
+        self.stats.hand_out_s += (time.perf_counter() - start) * timed
 
     def _accept(self, run: _Running, token: int, logp: float, score) -> bool:
         """Hand one token to its request; True when the request has finished."""
         cfg = run.cfg
         run.generated += 1
+        self.stats.tokens_generated += 1
+        if run.generated == 1:
+            self.stats.first_tokens += 1
+            self.stats.first_token_s += time.perf_counter() - run.handle.submitted
         new: list[int] = []
         entry = None
         if token in self.eos and not cfg.ignore_eos:
@@ -641,4 +745,9 @@ class Engine:
         confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
                         run.routing, run.logprobs, confidence)
+        if result.finish_reason == "cancelled":
+            self.stats.requests_cancelled += 1
+        else:
+            self.stats.requests_finished += 1
+            self.stats.request_s += time.perf_counter() - run.handle.submitted
         run.handle._finish(result)

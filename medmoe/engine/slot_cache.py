@@ -97,6 +97,10 @@ class SlotCache(Cache):
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
+    def nbytes(self) -> int:
+        """Bytes of the buffer now."""
+        return self.slots * self.capacity * self.bytes_per_token()
+
     def reserve(self, length: int) -> None:
         """Capacity for `length` tokens per slot (a multiple of BUCKET, at most max_len)."""
         if length <= self.capacity:

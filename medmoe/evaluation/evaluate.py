@@ -189,15 +189,50 @@ def _weights_of(model: str) -> str | None:
 
 
 # ----- the loop ----------------------------------------------------------------------------
-def _prompt_valid_mask(processor, items: list[EvalItem], input_ids: torch.Tensor) -> torch.Tensor:
+def _prompt_valid_mask(results, input_ids: torch.Tensor) -> torch.Tensor:
     """True on real prompt tokens of the left-padded batch."""
+    valid = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, result in enumerate(results):
+        valid[row, input_ids.shape[1] - result.prompt_tokens:] = True
+    return valid
+
+
+def prompt_ids(processor, item: EvalItem) -> list[int]:
+    """The token ids of an item's prompt (`<image>` expanded), as `encode_question` makes them."""
+    from ..config import IMAGE_TOKEN
     from ..data.templates import Turn
 
-    valid = torch.zeros_like(input_ids, dtype=torch.bool)
-    for row, item in enumerate(items):
-        n = len(processor.encode([Turn(processor.prompt(item.gt.question, item.image is not None))]).input_ids)
-        valid[row, input_ids.shape[1] - n:] = True
-    return valid
+    text = processor.prompt(item.gt.question, item.image is not None)
+    if text.count(IMAGE_TOKEN) != (item.image is not None):
+        raise DataError(f"question {item.gt.id}: {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders for "
+                        f"{int(item.image is not None)} image; a question holds at most one, and only with an image")
+    return list(processor.encode([Turn(text, None)]).input_ids)
+
+
+def encode_items(processor, items: list[EvalItem]) -> list:
+    """The engine prompts of `items`: each distinct image read and preprocessed once, several at a
+    time (decoding and resizing release the GIL), as `encode_question` would for each question."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..engine import Prompt
+
+    paths = list(dict.fromkeys(i.image for i in items if i.image))
+    pixels = {}
+    if paths:
+        with ThreadPoolExecutor(max_workers=min(IMAGE_WORKERS, len(paths))) as pool:
+            pixels = dict(zip(paths, pool.map(processor.image_tensor, paths)))
+    return [Prompt(prompt_ids(processor, i), pixels[i.image][None] if i.image else None) for i in items]
+
+
+def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings):
+    """The engine of an evaluation: `batch_size` slots, each as long as the longest prompt and its
+    answer need (so that a GPU's warm-up allocates and captures no more than the questions use)."""
+    from ..engine import shared_engine
+    from ..engine.slot_cache import BUCKET
+
+    longest = max((len(prompt_ids(processor, i)) for i in items), default=0)
+    max_len = max(longest + settings.max_new_tokens, BUCKET)
+    return shared_engine(model, processor, max_slots=settings.batch_size, max_len=max_len)
 
 
 def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
@@ -219,22 +254,23 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
 
 CHUNK_BATCHES = 4
 GPU_SLOTS, CPU_SLOTS = 64, 8
+IMAGE_WORKERS = 8  # threads reading and preprocessing a chunk's images
 
 
-def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
-    from ..engine import Request, as_generation_output, encode_question, shared_engine
+def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, engine=None) -> list[dict]:
+    from ..engine import Request, as_generation_output
     from ..generation import SamplingConfig
     from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
     cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
-    engine = shared_engine(model, processor, max_slots=settings.batch_size)
-    results = engine.generate([Request(encode_question(processor, i.gt.question, i.image), cfg, output_routing=want_routing)
-                               for i in items])
+    engine = engine or eval_engine(model, processor, items, settings)
+    results = engine.generate([Request(prompt, cfg, output_routing=want_routing)
+                               for prompt in encode_items(processor, items)])
     out = as_generation_output(results, engine.pad_id)
     counts = [None] * len(items)
     if want_routing and out.prompt_routing:
-        valid = _prompt_valid_mask(processor, items, out.input_ids)
+        valid = _prompt_valid_mask(results, out.input_ids)
         counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
     scores = choice_scores(model, processor, items, settings.share_prefix)
     rows = []
@@ -251,28 +287,37 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings) -
 
 
 def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path
-                 ) -> tuple[dict[str, dict], dict]:
-    """All rows by id (old and new) and the speed of this call's generation."""
+                 ) -> tuple[dict[str, dict], dict, dict | None]:
+    """All rows by id (old and new), the speed of this call's generation and what the engine did
+    (engine/stats.py; its warm-up included)."""
     from tqdm import tqdm
 
     done = read_done(pred_path)
     todo = [i for i in items if i.gt.id not in done]
     if done:
         print(f"medmoe eval: resuming, {len(items) - len(todo)} of {len(items)} items already in {pred_path}", flush=True)
+    engine = eval_engine(model, processor, todo, settings) if todo else None
     start_time = time.perf_counter()
+    if engine is not None:
+        before = engine.stats.snapshot()
+        if model.device.type == "cuda" and not engine.warm:
+            engine.warmup()  # the cache allocated and every graph captured before the first question
+    warmup_seconds = time.perf_counter() - start_time
+    start_time += warmup_seconds
     with tqdm(total=len(todo), desc="eval", unit="q") as bar:
         # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
         # slots stay full; each chunk's rows are appended at once (what a resumed run keeps).
         chunk = settings.batch_size * CHUNK_BATCHES
         for start in range(0, len(todo), chunk):
             batch = todo[start:start + chunk]
-            rows = run_batch(model, processor, batch, settings)
+            rows = run_batch(model, processor, batch, settings, engine=engine)
             append_jsonl(pred_path, rows)
             done.update((r["id"], r) for r in rows)
             bar.update(len(batch))
     seconds = time.perf_counter() - start_time
-    return done, {"generated": len(todo), "seconds": round(seconds, 2),
-                  "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
+    speed = {"generated": len(todo), "seconds": round(seconds, 2), "warmup_seconds": round(warmup_seconds, 2),
+             "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}
+    return done, speed, None if engine is None else engine.stats.since(before).as_dict()
 
 
 # ----- scoring the rows --------------------------------------------------------------------
@@ -374,7 +419,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     if settings.batch_size is None:
         settings = replace(settings, batch_size=GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
-    rows, speed = generate_all(model, processor, items, settings, out / "predictions.jsonl")
+    rows, speed, engine_stats = generate_all(model, processor, items, settings, out / "predictions.jsonl")
 
     vqa_items = [i for i in items if not i.choices]
     predictions = {i.gt.id: rows[i.gt.id]["prediction"] for i in vqa_items}
@@ -389,7 +434,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
                 **({"images": "shuffled among the questions (control)"} if settings.shuffle_images else {}),
                 "max_new_tokens": settings.max_new_tokens, "decoding": "greedy", "batch_size": settings.batch_size,
                 "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-                "this_call": speed, "medmoe": __version__, "command": settings.command()},
+                "this_call": speed, "engine": engine_stats, "medmoe": __version__, "command": settings.command()},
         "vqa": vqa, "calibration": answer_calibration, "classification": classification or None, "routing": routing,
         "figures": {**figures, **routing_fig},
     }

@@ -67,8 +67,9 @@ def routing_summaries(model, output: GenerationOutput) -> list[Routing | None]:
             continue
         total: Counter = Counter()
         layers = []
-        for record in output.prompt_routing:
-            top1 = record.expert_index[row, :, 0].to("cpu")[where.cpu()]
+        # One copy to the host for all layers (the engine's thread calls this as a request ends).
+        tops = torch.stack([record.expert_index[row, :, 0] for record in output.prompt_routing]).cpu()[:, where.cpu()]
+        for record, top1 in zip(output.prompt_routing, tops):
             counts = Counter({names[int(i)]: int(c) for i, c in zip(*[t.tolist() for t in top1.unique(return_counts=True)])})
             total.update(counts)
             layers.append({"layer": record.layer, "counts": {n: counts.get(n, 0) for n in names},

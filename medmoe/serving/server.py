@@ -4,6 +4,9 @@
                                 `image_url` parts; `stream: true` gives server-sent events
     GET  /v1/models             the one model served
     GET  /health                liveness and queue depth
+    GET  /v1/engine/stats       what the inference engine did (engine/stats.py): requests, prefill,
+                                decode steps by CUDA graph replay or eager, captures, cache growths,
+                                host seconds by phase
     POST /v1/preview            an uploaded image (DICOM/NIfTI too) as the PNG the model sees
     GET  /                      the web page
 
@@ -41,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ..data.templates import Turn
+from ..engine.stats import summary_line
 from ..errors import MedMoEError
 from ..generation import SamplingConfig
 from .auth import BearerAuth
@@ -164,17 +168,15 @@ class Worker:
                                       max_waiting=limits.queue_size, compile=compile,
                                       prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk)
 
-    @property
-    def batches(self) -> int:
-        return self.engine.steps
 
-    @property
-    def largest_batch(self) -> int:
-        return self.engine.largest_batch
-
-    @property
-    def queued(self) -> int:
-        return self.engine.queued
+    def stats(self) -> dict:
+        """The engine's settings and its statistics since start-up (warm-up included)."""
+        engine, step = self.engine, self.engine.step_fn
+        record = engine.stats.as_dict()
+        return {"slots": engine.max_slots, "max_len": engine.max_len, "cuda_graphs": step.cuda_graphs,
+                "compiled": step.compiled, "graphs": len(step.graphs), "overlap_steps": engine.overlap_steps,
+                "running": len(engine.active), "queued": engine.queued, "stats": record,
+                "summary": summary_line(record)}
 
     def start(self) -> None:
         self.engine.warmup()  # kernels, CUDA graphs and torch.compile before the first request
@@ -330,10 +332,14 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
 
     @app.get("/health")
     async def health():
+        stats = engine.engine.stats
         return {"status": "ok", "model": model_name, "device": str(model.device),
-                "queued": engine.queued, "batches": engine.batches, "largest_batch": engine.largest_batch,
-                "prompt_tokens_prefilled": engine.engine.prefilled_tokens,
-                "prompt_tokens_reused": engine.engine.reused_tokens}
+                "queued": engine.engine.queued, "batches": stats.decode_steps, "largest_batch": stats.largest_batch,
+                "prompt_tokens_prefilled": stats.prefill_tokens, "prompt_tokens_reused": stats.reused_tokens}
+
+    @app.get("/v1/engine/stats")
+    async def engine_stats():
+        return engine.stats()
 
     @app.get("/v1/models")
     async def models():

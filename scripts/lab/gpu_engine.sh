@@ -8,6 +8,10 @@
 #   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
 #                                           # (serve_compile in its place: the serve bench with --compile)
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
+#   bash scripts/lab/gpu_engine.sh profile  # carrying .gpu/srv: where the time goes, in one call (< 8 min): the
+#                                           # warm-up's GPU test, the serve bench and, where part2 staged the payload,
+#                                           # the eval of nano, each with its engine's statistics
+#                                           # (GET /v1/engine/stats, metrics.json run.engine)
 # Everything it prints goes to $OUT/log.txt too; results are JSON files in $OUT.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
@@ -50,6 +54,40 @@ serve_compile() {  # the same with the decode step compiled at start-up (medmoe 
     --out /tmp/serve-compile 2>&1 | tail -12
   cp /tmp/serve-compile/serve.json "$OUT/serve-compile.json" 2>/dev/null
   cp /tmp/serve-compile/serve.png "$OUT/serve-compile.png" 2>/dev/null
+}
+
+engine_line() {  # the engine's summary line of a bench or eval JSON: engine_line FILE KEY...
+  python3 - "$@" <<'PY'
+import json, sys
+from medmoe.engine.stats import summary_line
+record = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:
+    record = record.get(key) or {}
+print(summary_line(record.get("stats", record)) if record else "no engine statistics")
+PY
+}
+
+profile() {
+  serve_packages
+  step "profile: no request captures a graph or grows the cache after warm-up (GPU test)"
+  timeout 60 python3 -m pytest -q tests/test_engine_gpu.py -k after_warmup 2>&1 | tail -3
+  step "profile: serve bench, Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
+  timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/profile-serve 2>&1 \
+    | grep -v "^ *[0-9]*%|"
+  cp /tmp/profile-serve/serve.json "$OUT/profile-serve.json" 2>/dev/null
+  echo "server start (warm-up): $(engine_line /tmp/profile-serve/serve.json engine_at_start)"
+  grep -i "warn\|error" /tmp/profile-serve/serve-server.log | tail -5
+  if [ ! -f "$STAGE/ready" ]; then
+    echo "no payload staged in $STAGE (part2 stages it): the eval is skipped"
+    return
+  fi
+  step "profile: eval of nano on VQA-RAD test, --max-new-tokens 32"
+  $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
+  rm -rf /tmp/profile-eval  # a rerun on a warm machine would resume, not measure
+  timeout 150 $M eval --data /tmp/data/vqa-rad --split test --max-new-tokens 32 --out /tmp/profile-eval 2>&1 \
+    | grep -v "it/s\]\|q/s\]" | tail -4
+  cp /tmp/profile-eval/metrics.json "$OUT/profile-eval.json" 2>/dev/null
+  python3 -c "import json; r = json.load(open('/tmp/profile-eval/metrics.json'))['run']; print('eval:', r['this_call'], r['dtype'], r['device'])"
 }
 
 part2() {

@@ -81,7 +81,7 @@ def ttft(model, processor, repeats: int) -> None:
         row = {"prefix_cache_mb": mb, "requests": repeats, "ttft_p50_ms": percentile(times[mb], 50),
                "ttft_p90_ms": percentile(times[mb], 90), "cpu_p50_ms": percentile(cpu_times[mb], 50),
                "cpu_p90_ms": percentile(cpu_times[mb], 90), "prompt_tokens": len(request.prompt.input_ids),
-               "prefilled_tokens": engine.prefilled_tokens, "reused_tokens": engine.reused_tokens}
+               "prefilled_tokens": engine.stats.prefill_tokens, "reused_tokens": engine.stats.reused_tokens}
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
