@@ -7,8 +7,14 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one process at a time is the user's to keep
+    fcntl = None
 
 from .errors import DataError
 
@@ -32,6 +38,22 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def file_lock(path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing): processes that build the
+    same cache entry take turns, and the second finds the first one's result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def weights_fingerprint(folder, samples: int = 64, chunk: int = 1 << 16) -> str | None:

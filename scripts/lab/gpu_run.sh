@@ -21,8 +21,14 @@ if [ ! -f "$STAGE/ready" ]; then
   echo "$(cat .gpu/payload.sha256)  $STAGE/payload.tar" | sha256sum -c - || exit 4
   tar xf "$STAGE/payload.tar" -C "$STAGE" && rm "$STAGE/payload.tar" "$STAGE"/payload.part??
   python3 -m pip install -q --no-deps --target "$STAGE/site" "$STAGE"/*.whl .gpu/whl/*.whl || exit 5
+  if [ -d "$STAGE/prepared" ]; then  # prepared where the payload was built: its paths point here now
+    built=$(cat "$STAGE/prepared/.built_in")
+    sed -i "s#$built/work/data#$STAGE/work/data#g; s#$built/data#$STAGE/data#g" "$STAGE"/prepared/*/dataset.json
+    mkdir -p "$STAGE/work" && rm -rf "$STAGE/work/data" && mv "$STAGE/prepared" "$STAGE/work/data"
+  fi
   touch "$STAGE/ready"
 fi
+[ $# -gt 0 ] || exit 0  # no stages: the payload assembled, nothing run
 if [ "${DETACH:-0}" = 1 ]; then
   rm -rf "$STAGE/repo" "$STAGE/out" "$STAGE/run.pid" "$STAGE/run.done" && mkdir -p "$STAGE/repo" "$STAGE/out"
   tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$STAGE/repo"
@@ -39,8 +45,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --f
 start=$(date +%s)
 timeout --signal=TERM --kill-after=20 "${BUDGET:-560}" bash scripts/nano.sh "$STAGE/data" "$STAGE/work" "$@" 2>&1 \
   | grep --line-buffered -v -E "it/s\]|s/it\]|q/s\]" > "$OUT/log.txt"  # written as it goes: gpu_wait.sh shows it
-echo "stages $* rc=${PIPESTATUS[0]} wall=$(( $(date +%s) - start ))s" | tee -a "$OUT/log.txt"
-cd "$STAGE/work" || exit 0
+rc=${PIPESTATUS[0]}
+echo "stages $* rc=$rc wall=$(( $(date +%s) - start ))s" | tee -a "$OUT/log.txt"
+cd "$STAGE/work" || exit "$rc"
 tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='checkpoint*' --exclude=data runs evals 2>/dev/null
 if [ -d export/nano ]; then tar cf - export/nano | split -b 15M - "$OUT/delta.part"; fi
 tail -25 "$OUT/log.txt"
+exit "$rc"
