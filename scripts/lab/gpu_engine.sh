@@ -92,11 +92,7 @@ profile() {
 
 part2() {
   if [ ! -f "$STAGE/ready" ]; then
-    stage && cat "$STAGE"/payload.part?? > "$STAGE/payload.tar"
-    echo "$(cat .gpu/payload.sha256)  $STAGE/payload.tar" | sha256sum -c - || exit 4
-    tar xf "$STAGE/payload.tar" -C "$STAGE" && rm "$STAGE/payload.tar" "$STAGE"/payload.part??
-    python3 -m pip install -q --no-deps --target "$STAGE/site" "$STAGE"/*.whl .gpu/whl/*.whl || exit 5
-    touch "$STAGE/ready"
+    stage && bash scripts/lab/gpu_run.sh || exit $?  # assembles the payload (no stages run)
   fi
   step "eval: the bundled model on VQA-RAD test, --max-new-tokens 32"
   $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
