@@ -9,7 +9,7 @@ from PIL import Image
 
 import medmoe.evaluation.evaluate as ev
 from medmoe.cli import main
-from medmoe.errors import DataError
+from medmoe.errors import DataError, ImageError
 from medmoe.evaluation.evaluate import EvalSettings, evaluate
 
 
@@ -102,11 +102,11 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     real = ev.run_batch
     seen = []
 
-    def crash_after_two_batches(model, processor, items, settings, engine=None):
+    def crash_after_two_batches(model, processor, items, settings, engine=None, pixels=None):
         if len(seen) == 2:
             raise KeyboardInterrupt
         seen.append([i.gt.id for i in items])
-        return real(model, processor, items, settings, engine)
+        return real(model, processor, items, settings, engine, pixels)
 
     monkeypatch.setattr(ev, "run_batch", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
@@ -117,8 +117,8 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     with open(pred_path, "a") as f:  # a torn line from a crash mid-write
         f.write('{"id": "q4", "predic')
     redone = []
-    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s, engine=None: redone.extend(i.gt.id for i in items)
-                        or real(m, p, items, s, engine))
+    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s, engine=None, pixels=None:
+                        redone.extend(i.gt.id for i in items) or real(m, p, items, s, engine, pixels))
     metrics = evaluate(settings, model, processor)
     assert sorted(redone) == ["c0", "c1", "c2", "q4"]  # finished items are not redone
     lines = pred_path.read_text().splitlines()
@@ -246,6 +246,11 @@ def test_encode_items_gives_encode_questions_prompts_with_each_image_read_once(t
     monkeypatch.setattr(processor, "image_tensor", lambda image: reads.append(image) or real(image))
     prompts = ev.encode_items(processor, items)
     assert sorted(reads) == sorted({i.image for i in items if i.image}) and len(reads) == len(items) - 2
+    ahead = ev.encode_items(processor, items, ev.read_images(processor, items))  # read ahead, as eval's chunks are
+    assert [p.input_ids for p in ahead] == [p.input_ids for p in prompts]
+    for item, prompt, early in zip(items, prompts, ahead):
+        if prompt.pixel_values is not None:
+            assert torch.equal(prompt.pixel_values, early.pixel_values)
     for item, prompt in zip(items, prompts):
         want = encode_question(processor, item.gt.question, item.image)
         assert prompt.input_ids == want.input_ids
@@ -260,3 +265,17 @@ def test_a_placeholder_without_an_image_names_the_question(tiny, records):
     bad = ev.EvalItem(ev.replace(item.gt, question="<image> Is there a mass?"), None, None)
     with pytest.raises(DataError, match="question q0: 1 <image> placeholders for 0 image"):
         ev.encode_items(processor, [bad])
+
+
+def test_a_broken_image_read_ahead_names_its_file_and_keeps_the_finished_chunks(tmp_path, tiny, records, monkeypatch):
+    """The next chunk's images are read while this chunk is answered: a broken one stops the run
+    with its file named, after the chunks before it were written (a resumed run keeps them)."""
+    model, processor = tiny
+    (tmp_path / "imgs" / "4.png").write_bytes(b"not a png")  # q4: in the third chunk of two
+    monkeypatch.setattr(ev, "CHUNK_BATCHES", 1)
+    settings = EvalSettings(model="tiny", data=str(records), out=str(tmp_path / "out"), batch_size=2,
+                            max_new_tokens=2, routing=False)
+    with pytest.raises(ImageError, match="4.png: not a readable image"):
+        evaluate(settings, model, processor)
+    kept = [json.loads(line)["id"] for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert kept == ["q0", "q1", "q2", "q3"]

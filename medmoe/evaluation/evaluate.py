@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -209,18 +210,22 @@ def prompt_ids(processor, item: EvalItem) -> list[int]:
     return list(processor.encode([Turn(text, None)]).input_ids)
 
 
-def encode_items(processor, items: list[EvalItem]) -> list:
-    """The engine prompts of `items`: each distinct image read and preprocessed once, several at a
-    time (decoding and resizing release the GIL), as `encode_question` would for each question."""
-    from concurrent.futures import ThreadPoolExecutor
+def read_images(processor, items: list[EvalItem]) -> dict:
+    """Each distinct image of `items`, read and preprocessed once, several at a time (decoding and
+    resizing release the GIL): path -> pixel tensor."""
+    paths = list(dict.fromkeys(i.image for i in items if i.image))
+    if not paths:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(IMAGE_WORKERS, len(paths))) as pool:
+        return dict(zip(paths, pool.map(processor.image_tensor, paths)))
 
+
+def encode_items(processor, items: list[EvalItem], pixels: dict | None = None) -> list:
+    """The engine prompts of `items`, as `encode_question` would make them for each question;
+    `pixels` (read_images) when the images were read ahead."""
     from ..engine import Prompt
 
-    paths = list(dict.fromkeys(i.image for i in items if i.image))
-    pixels = {}
-    if paths:
-        with ThreadPoolExecutor(max_workers=min(IMAGE_WORKERS, len(paths))) as pool:
-            pixels = dict(zip(paths, pool.map(processor.image_tensor, paths)))
+    pixels = read_images(processor, items) if pixels is None else pixels
     return [Prompt(prompt_ids(processor, i), pixels[i.image][None] if i.image else None) for i in items]
 
 
@@ -257,7 +262,8 @@ GPU_SLOTS, CPU_SLOTS = 64, 8
 IMAGE_WORKERS = 8  # threads reading and preprocessing a chunk's images
 
 
-def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, engine=None) -> list[dict]:
+def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, engine=None,
+              pixels: dict | None = None) -> list[dict]:
     from ..engine import Request, as_generation_output
     from ..generation import SamplingConfig
     from .routing import sample_counts
@@ -266,7 +272,7 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, e
     cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
     engine = engine or eval_engine(model, processor, items, settings)
     results = engine.generate([Request(prompt, cfg, output_routing=want_routing)
-                               for prompt in encode_items(processor, items)])
+                               for prompt in encode_items(processor, items, pixels)])
     out = as_generation_output(results, engine.pad_id)
     counts = [None] * len(items)
     if want_routing and out.prompt_routing:
@@ -304,13 +310,18 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
             engine.warmup()  # the cache allocated and every graph captured before the first question
     warmup_seconds = time.perf_counter() - start_time
     start_time += warmup_seconds
-    with tqdm(total=len(todo), desc="eval", unit="q") as bar:
-        # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
-        # slots stay full; each chunk's rows are appended at once (what a resumed run keeps).
-        chunk = settings.batch_size * CHUNK_BATCHES
-        for start in range(0, len(todo), chunk):
-            batch = todo[start:start + chunk]
-            rows = run_batch(model, processor, batch, settings, engine=engine)
+    # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
+    # slots stay full; each chunk's rows are appended at once (what a resumed run keeps). The next
+    # chunk's images are read in a thread while this chunk's answers are generated.
+    size = settings.batch_size * CHUNK_BATCHES
+    chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
+    with tqdm(total=len(todo), desc="eval", unit="q") as bar, ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(read_images, processor, chunks[0]) if chunks else None
+        for k, batch in enumerate(chunks):
+            pixels = ahead.result()
+            if k + 1 < len(chunks):
+                ahead = reader.submit(read_images, processor, chunks[k + 1])
+            rows = run_batch(model, processor, batch, settings, engine=engine, pixels=pixels)
             append_jsonl(pred_path, rows)
             done.update((r["id"], r) for r in rows)
             bar.update(len(batch))
