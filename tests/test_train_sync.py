@@ -1,13 +1,147 @@
-"""The losses behind the forward select their positions with one host sync each (a read of a
-device value waits for the GPU): the same numbers and gradients as selecting by a boolean mask."""
+"""The training loop reads device values only where it logs them: the logged records equal those
+of a loop that read every value as soon as it was made (the loop before this rule), the losses
+are read only at log steps, tokens_per_s is the rate over the log window; the losses behind the
+forward select their positions with one host sync."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+from train_helpers import one_thread, samples
 
 from medmoe.model.modeling import causal_lm_loss, labelled_positions_loss
+from medmoe.training import params, trainer
+from medmoe.training.recipe import PhaseRecipe
 from medmoe.training.tower import heads_loss
+from medmoe.training.trainer import collate, cosine_with_warmup, epoch_batches, make_optimizer, train
+
+
+def extra_losses(model, batch):
+    """A named loss beside the model's, tied to the trained projector and to the batch."""
+    return {"pixel_loss": 0.1 * model.projector[0].weight.square().mean() * batch["pixel_values"].abs().mean()}
+
+
+def model_and_groups():
+    from medmoe.model.pretrained import build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model("tiny", seed=0)
+    return model, processor, params.select(model, params.phase2_groups(model))
+
+
+def reference_records(phase: PhaseRecipe, seed: int) -> list[dict]:
+    """Every step's record as the loop made it when it read each value as soon as it was made."""
+    model, processor, groups = model_and_groups()
+    data = samples(processor)
+    optimizer = make_optimizer(groups, phase)
+    scheduler = cosine_with_warmup(optimizer, phase.max_steps, phase.warmup_ratio, phase.min_lr_ratio)
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    per_epoch = len(epoch_batches(len(data), phase.batch_size, seed, 0))
+    model.train()
+    rows, micro = [], 0
+    for step in range(1, phase.max_steps + 1):
+        loss_sum, extra_sum = 0.0, {}
+        for _ in range(phase.grad_accum):
+            epoch, i = divmod(micro, per_epoch)
+            micro += 1
+            batch = collate([data[j] for j in epoch_batches(len(data), phase.batch_size, seed, epoch)[i]], 0)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"], labels=batch["labels"], return_logits=False)
+            extra = extra_losses(model, batch)
+            loss = out.loss + sum(extra.values())
+            (loss / phase.grad_accum).backward()
+            loss_sum += float(loss.detach()) / phase.grad_accum
+            for name, value in extra.items():
+                extra_sum[name] = extra_sum.get(name, 0.0) + float(value.detach()) / phase.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, phase.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        rows.append({"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4), "loss": loss_sum,
+                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **extra_sum})
+    return rows
+
+
+def logged(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def test_logged_records_are_the_logged_steps_values(tmp_path):
+    """Bit-identical to reading each value when it was made; a log step logs its own step's
+    values (not the previous step's, not a mean over the window)."""
+    phase = PhaseRecipe(lr=3e-3, max_steps=7, batch_size=2, grad_accum=2, warmup_ratio=0.2, save_every=-1)
+    with one_thread():
+        reference = reference_records(phase, seed=3)
+        for log_every in (1, 3):
+            model, processor, groups = model_and_groups()
+            run = tmp_path / str(log_every)
+            summary = train(model, samples(processor), groups, dataclasses.replace(phase, log_every=log_every),
+                            str(run), seed=3, extra_losses=extra_losses)
+            rows = logged(run)
+            expected = [r for r in reference if r["step"] % log_every == 0 or r["step"] == phase.max_steps]
+            assert [r["step"] for r in rows] == ([1, 2, 3, 4, 5, 6, 7] if log_every == 1 else [3, 6, 7])
+            keys = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "pixel_loss"]  # the order metrics.jsonl always had
+            assert [list(r) for r in rows] == [keys] * len(rows)
+            assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows] == expected
+            assert summary["last"] == rows[-1]
+    assert len({r["loss"] for r in reference}) == len(reference)  # every step's loss differs: a shifted log fails
+    assert not (tmp_path / "1" / "profile.txt").exists()  # profile_steps=0: no profile
+
+
+class Watched(torch.Tensor):
+    """A tensor that counts the times its value is read by the host."""
+
+    reads = 0
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__bool__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            Watched.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_losses_are_read_only_at_log_steps(tmp_path):
+    model, processor, groups = model_and_groups()
+    reads = []
+
+    def watched_loss(model, batch):
+        return {"watched": model.projector[0].weight.square().mean().as_subclass(Watched)}
+
+    Watched.reads = 0
+    with one_thread():
+        phase = PhaseRecipe(lr=1e-3, max_steps=7, batch_size=4, log_every=3, save_every=-1)
+        train(model, samples(processor), groups, phase, str(tmp_path), extra_losses=watched_loss,
+              on_step=lambda step: reads.append(Watched.reads))
+    new_reads = [after - before for before, after in zip([0] + reads, reads)]
+    assert [step for step, n in enumerate(new_reads, 1) if n] == [3, 6, 7]
+    assert logged(tmp_path)[0]["watched"] > 0
+
+
+def test_tokens_per_s_is_the_log_windows_rate(tmp_path, monkeypatch):
+    """Tokens since the previous log line over the seconds since then (a clock that moves one second
+    per micro-batch)."""
+    model, processor, groups = model_and_groups()
+    data = samples(processor)
+    clock = [0.0]
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def tick(model, batch):
+        clock[0] += 1.0
+        return {}
+
+    with one_thread():
+        phase = PhaseRecipe(lr=1e-3, max_steps=5, batch_size=2, log_every=2, save_every=-1)
+        train(model, data, groups, phase, str(tmp_path), seed=1, extra_losses=tick)
+    batches = epoch_batches(len(data), 2, seed=1, epoch=0) + epoch_batches(len(data), 2, seed=1, epoch=1)
+    tokens = [sum(len(data[i]["input_ids"]) for i in b) for b in batches]
+    assert [(r["step"], r["tokens_per_s"]) for r in logged(tmp_path)] == [
+        (2, sum(tokens[0:2]) / 2), (4, sum(tokens[2:4]) / 2), (5, tokens[4] / 1)]
 
 
 def test_losses_select_labelled_positions_as_the_boolean_mask_does():
