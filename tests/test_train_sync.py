@@ -1,7 +1,7 @@
 """The training loop reads device values only where it logs them: the logged records equal those
 of a loop that read every value as soon as it was made (the loop before this rule), the losses
 are read only at log steps, tokens_per_s is the rate over the log window; the losses behind the
-forward select their positions with one host sync."""
+forward select their positions with one host sync; the opt-in profile writes its tables."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from train_helpers import one_thread, samples
 
+from medmoe.errors import ConfigError
 from medmoe.model.modeling import causal_lm_loss, labelled_positions_loss
 from medmoe.training import params, trainer
 from medmoe.training.recipe import PhaseRecipe
@@ -142,6 +144,47 @@ def test_tokens_per_s_is_the_log_windows_rate(tmp_path, monkeypatch):
     tokens = [sum(len(data[i]["input_ids"]) for i in b) for b in batches]
     assert [(r["step"], r["tokens_per_s"]) for r in logged(tmp_path)] == [
         (2, sum(tokens[0:2]) / 2), (4, sum(tokens[2:4]) / 2), (5, tokens[4] / 1)]
+
+
+def test_profile_steps_writes_the_phase_profile(tmp_path):
+    model, processor, groups = model_and_groups()
+    with one_thread():
+        train(model, samples(processor), groups, PhaseRecipe(lr=1e-3, max_steps=6, batch_size=4, profile_steps=2,
+                                                             save_every=-1), str(tmp_path))
+    text = (tmp_path / "profile.txt").read_text()
+    assert text.startswith("profile of 2 optimizer steps after 3 warm-up steps on cpu")
+    assert "wall time per step" in text and "operators by self CPU time" in text
+    parts = [line.split()[0] for line in text.splitlines()[4:8]]
+    assert parts == ["data", "forward", "backward", "optimizer"]
+    assert "aten::mm" in text  # the model's matrix products
+    with pytest.raises(ConfigError, match="profile_steps"):
+        PhaseRecipe(profile_steps=-1)
+
+
+def test_profile_report_on_a_gpu_counts_each_kernel_once():
+    """The GPU path of profile.txt from stand-in events: device time per step sums the kernels' own
+    rows, not the CPU op that launched them, nor a user range spanning them; a part's host time is
+    its CPU row's, not its range's row on the GPU."""
+    from medmoe.training.profiling import report
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, device_type, device_us, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    class Averages(list):
+        def table(self, sort_by, row_limit):
+            return f"<table by {sort_by}, {row_limit} rows>"
+
+    averages = Averages([event("sm90_gemm", cuda, 3000.0), event("aten::mm", cpu, 3000.0, 500.0),
+                         event("forward", cpu, 0.0, 8000.0), event("forward", cuda, 9000.0, annotation=True),
+                         event("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", cpu, 0.0, 1000.0)])
+    text = report(averages, 2, 3, 0.5, torch.device("cuda", 0))
+    assert "wall time per step: 0.2500 s" in text
+    assert "device time per step: 0.0015 s" in text
+    assert "data       0.0005 s" in text and "forward    0.0040 s" in text
+    assert text.index("by self_device_time_total") < text.index("by self_cpu_time_total")
 
 
 def test_losses_select_labelled_positions_as_the_boolean_mask_does():
