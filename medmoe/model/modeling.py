@@ -87,20 +87,26 @@ def place(model: torch.nn.Module, dtype: torch.dtype | str | None, device) -> to
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled (answer) positions only."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    if not keep.any():
+    rows, cols, targets = labelled_positions(labels)
+    if rows.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+    return F.cross_entropy(logits[:, :-1][rows, cols].float(), targets)
 
 
 def labelled_positions_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     """`causal_lm_loss` with the output layer applied only to positions that predict a label."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    if not keep.any():
+    rows, cols, targets = labelled_positions(labels)
+    if rows.numel() == 0:
         return hidden.sum() * 0.0
-    return F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+    return F.cross_entropy(head(hidden[:, :-1][rows, cols]).float(), targets)
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, columns, targets) of the positions that predict a label, in row-major order: what
+    indexing by the boolean mask selects, for one host sync (sizing the selection) instead of three."""
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols, targets[rows, cols]
 
 
 class MedMoEForCausalLM(PreTrainedModel):

@@ -94,11 +94,11 @@ class ContrastiveAlignment(ProjectorHeadLoss):
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         pooled, images = self.pooled(batch)
-        image_ids, caption_ids = self.batch_ids(images)
         image_emb = F.normalize(getattr(model, HEAD)(pooled).float(), dim=-1)
-        device = image_emb.device
-        duplicates = duplicate_mask(image_ids.to(device), caption_ids.to(device))
-        loss = clip_loss(image_emb, self.caption_emb[caption_ids.to(device)], self.temperature, duplicates)
+        # Made on the host, copied without waiting for the device (a plain copy to a GPU waits for it).
+        image_ids, caption_ids = (ids.to(image_emb.device, non_blocking=True) for ids in self.batch_ids(images))
+        duplicates = duplicate_mask(image_ids, caption_ids)
+        loss = clip_loss(image_emb, self.caption_emb[caption_ids], self.temperature, duplicates)
         return {"contrastive_loss": self.weight * loss}
 
 

@@ -58,7 +58,8 @@ class LabelLoss(ProjectorHeadLoss):
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         pooled, images = self.pooled(batch)
-        rows = torch.tensor([self.row[image] for image in images], device=self.targets.device)
+        # Made on the host, copied without waiting for the device (a plain copy to a GPU waits for it).
+        rows = torch.tensor([self.row[image] for image in images]).to(self.targets.device, non_blocking=True)
         loss = heads_loss(getattr(model, HEAD), self.layout, pooled.float(), self.targets[rows])
         return {"label_loss": self.weight * loss}
 

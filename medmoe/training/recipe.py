@@ -93,12 +93,16 @@ class PhaseRecipe:
     save_every: int = setting(0, "optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)")
     keep_last: int = setting(2, "checkpoints kept")
     num_workers: int = setting(0, "data-loader worker processes")
+    profile_steps: int = setting(0, "> 0: profile this many optimizer steps (torch.profiler, CPU and CUDA) after 3 "
+                                 "warm-up steps and write profile.txt to the phase folder: where a step's time goes")
 
     def __post_init__(self):
         check_choices(self)
         for key in ("batch_size", "grad_accum", "keep_last", "grad_checkpointing_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.profile_steps < 0:
+            raise ConfigError(f"profile_steps={self.profile_steps}: must be at least 0 (0: no profile)")
         if self.label_loss_weight < 0 or self.label_loss_min_count < 1:
             raise ConfigError(f"label_loss_weight={self.label_loss_weight}, label_loss_min_count="
                               f"{self.label_loss_min_count}: the weight must be at least 0, the count at least 1")

@@ -95,8 +95,8 @@ def heads_loss(heads: nn.ModuleDict, layout: dict[str, slice], features: torch.T
     losses, idle = [], []
     for family, head in heads.items():
         t = targets[:, layout[family]]
-        known = t[:, 0] != -100
-        if not known.any():  # kept in the graph at no cost: DDP expects a gradient for every head
+        known = (t[:, 0] != -100).nonzero().squeeze(1)  # one host sync per family; indexing by it adds none
+        if known.numel() == 0:  # kept in the graph at no cost: DDP expects a gradient for every head
             idle.append(head(features[:0]).sum())
             continue
         logits = head(features[known])

@@ -3,7 +3,11 @@
 AdamW with per-group learning rates, cosine schedule with linear warmup, gradient accumulation,
 gradient clipping, bf16 autocast on CUDA, optional gradient checkpointing. Progress bar with
 loss / lr / tokens per second, metrics to `metrics.jsonl` (and TensorBoard when installed), a
-loss-curve PNG at the end, atomic checkpoints and exact resume.
+loss-curve PNG at the end, atomic checkpoints and exact resume, an opt-in profile (profiling.py).
+
+On a GPU nothing is read from the device between log steps (the host keeps queueing work while
+the GPU runs): losses and the gradient norm are read at log steps only, tokens are counted on the
+host, batches move from pinned memory without blocking.
 
 Data order is a pure function of (seed, epoch): micro-batch m of the run is always the same
 samples, so resuming at micro-batch m replays exactly what an uninterrupted run would have seen.
@@ -21,6 +25,7 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 import torch
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from ..data.templates import IGNORE_INDEX
@@ -29,6 +34,7 @@ from ..model.recompute import checkpointing_options
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, single_process
 from .params import Groups
+from .profiling import StepProfiler
 from .recipe import PhaseRecipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -205,6 +211,18 @@ def plot_loss(run_dir: str, title: str) -> str | None:
 
 # ----- the loop ------------------------------------------------------------------------------------
 
+def step_values(micro_losses: list[dict[str, torch.Tensor]], grad_accum: int) -> dict[str, float]:
+    """A step's named losses as numbers, each summed over its micro-batches divided by grad_accum,
+    read from the device in one copy. Float64 on the host, added in micro-batch order: the same
+    numbers as reading each loss when it was made."""
+    names = [name for micro in micro_losses for name in micro]
+    values = torch.stack([v.double() for micro in micro_losses for v in micro.values()]).tolist()
+    out: dict[str, float] = {}
+    for name, value in zip(names, values):
+        out[name] = out.get(name, 0.0) + value / grad_accum
+    return out
+
+
 def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, seed: int = 0,
           collate_fn: Callable | None = None, resume: bool = False, dist: DistInfo | None = None,
           wrapped=None, recipe: dict | None = None, title: str = "training",
@@ -250,57 +268,67 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     sampler = _Batches(n, phase.batch_size, seed, step * phase.grad_accum, total_micro, dist,
                        None if weights is None else torch.as_tensor(weights, dtype=torch.float64))
     # The loader draws its base seed from its own generator, not the global one: a resumed run's
-    # global random state (dropout) then continues exactly where the checkpoint left it.
+    # global random state (dropout) then continues exactly where the checkpoint left it. Pinned
+    # batches move to a GPU without blocking the host.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=phase.num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), pin_memory=dist.device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = phase.grad_clip if phase.grad_clip > 0 else float("inf")
     use_bf16 = phase.bf16 and dist.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    profiler = StepProfiler(phase.profile_steps if dist.is_main else 0, run_dir, dist.device, total_steps - step)
 
     from tqdm.auto import tqdm
 
+    # No value leaves the device between log steps: a read waits for the GPU, and the host could
+    # not queue the next step's work meanwhile. The step's losses stay tensors until it is logged.
     bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
-    window_loss, window_tokens, window_extra, t0, last = 0.0, 0, {}, time.perf_counter(), None
+    step_losses, window_tokens, window_start, last = [], 0, time.perf_counter(), None
     micro, started = 0, time.perf_counter()
-    for batch in loader:
-        batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        micro += 1
-        boundary = micro % phase.grad_accum == 0
-        sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        with sync, autocast():
-            out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
-            extra = extra_losses(model, batch) if extra_losses is not None else {}
-            loss = out.loss + sum(extra.values()) if extra else out.loss
-            (loss / phase.grad_accum).backward()
-        window_loss += float(loss.detach()) / phase.grad_accum
-        for name, value in extra.items():
-            window_extra[name] = window_extra.get(name, 0.0) + float(value.detach()) / phase.grad_accum
-        window_tokens += int(batch["attention_mask"].sum())
-        if not boundary:
-            continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, phase.grad_clip if phase.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - t0
-        record = {"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4), "loss": window_loss,
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "tokens_per_s": window_tokens * dist.world / max(elapsed, 1e-9), **window_extra}
-        last = record
-        if step % phase.log_every == 0 or step == total_steps:
-            log.write(record)
-        bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        window_loss, window_tokens, window_extra, t0 = 0.0, 0, {}, time.perf_counter()
-        if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
-            position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch,
-                        "train_seconds": seconds_before + time.perf_counter() - started}
-            save_checkpoint(run_dir, step, wrapped, optimizer, scheduler, position, recipe or {},
-                            keep_last=phase.keep_last, is_main=dist.is_main)
-        if on_step is not None:
-            on_step(step)
+    with profiler:  # off unless profile_steps > 0; an interrupted run still writes what it profiled
+        for batch in loader:
+            window_tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
+            batch = {k: v.to(dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            micro += 1
+            boundary = micro % phase.grad_accum == 0
+            sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync, autocast():
+                with record_function("forward"):
+                    out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
+                    extra = extra_losses(model, batch) if extra_losses is not None else {}
+                    loss = out.loss + sum(extra.values()) if extra else out.loss
+                with record_function("backward"):
+                    (loss / phase.grad_accum).backward()
+            step_losses.append({"loss": loss.detach(), **{name: value.detach() for name, value in extra.items()}})
+            if not boundary:
+                continue
+            with record_function("optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % phase.log_every == 0 or step == total_steps:
+                losses = step_values(step_losses, phase.grad_accum)
+                now = time.perf_counter()  # after the read: the window's GPU work has finished
+                last = {"step": step, "epoch": round(step * phase.grad_accum / per_epoch, 4),
+                        "loss": losses.pop("loss"), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens * dist.world / max(now - window_start, 1e-9), **losses}
+                log.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+                window_tokens, window_start = 0, now
+            bar.update(1)
+            step_losses = []
+            if phase.save_every >= 0 and ((phase.save_every and step % phase.save_every == 0) or step == total_steps):
+                position = {"micro_batch": step * phase.grad_accum, "epoch": step * phase.grad_accum // per_epoch,
+                            "train_seconds": seconds_before + time.perf_counter() - started}
+                save_checkpoint(run_dir, step, wrapped, optimizer, scheduler, position, recipe or {},
+                                keep_last=phase.keep_last, is_main=dist.is_main)
+            profiler.step()
+            if on_step is not None:
+                on_step(step)
     bar.close()
     log.close()
     if phase.grad_checkpointing != "off":
