@@ -61,11 +61,20 @@ def test_recipe_variable_trains_another_recipe(tmp_path):
     assert out.strip() == "medmoe train --recipe nano-balanced --resume output_dir=runs/nano"
 
 
+def prepared_stage(tmp_path, datasets=("vqa-rad", "slake", "pathvqa", "pneumoniamnist")) -> Path:
+    """A GPU machine's stage with the payload assembled and `datasets` prepared."""
+    stage = tmp_path / "stage"
+    for ds in datasets:
+        (stage / "work" / "data" / ds).mkdir(parents=True)
+        (stage / "work" / "data" / ds / "dataset.json").write_text("{}")
+    (stage / "data").mkdir(parents=True)
+    (stage / "ready").touch()
+    return stage
+
+
 def test_gpu_nano_v2_starts_each_variant_and_collects(tmp_path):
     """Dry: each variant trains, exports and evaluates in its own work folder beside the others."""
-    stage = tmp_path / "stage"
-    (stage / "work" / "data" / "pneumoniamnist").mkdir(parents=True)  # prepared already
-    (stage / "data").mkdir()
+    stage = prepared_stage(tmp_path)
     env = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "VARIANTS": "nano nano-balanced",
            "OUT": str(tmp_path / "out")}
     (tmp_path / "out").mkdir()
@@ -80,6 +89,43 @@ def test_gpu_nano_v2_starts_each_variant_and_collects(tmp_path):
     assert "--data data/slake --split test --out evals/medmoe-shuffled/slake --shuffle-images" in log
     assert "medmoe export runs/nano/phase3/model export/nano" in log
     assert (stage / "v2" / "nano" / "data").is_symlink() and (tmp_path / "out" / "nano.tgz").exists()
+
+
+def test_gpu_nano_v2_start_returns_while_the_runs_go_on(tmp_path):
+    """The call that starts the runs ends at once, though its output is a pipe the caller reads to
+    the end: no background process keeps it open."""
+    stage = prepared_stage(tmp_path)
+    slow = tmp_path / "slow-medmoe"
+    slow.write_text("#!/bin/sh\nsleep 20\n")
+    slow.chmod(0o755)
+    env = {**os.environ, "STAGE": str(stage), "MEDMOE": str(slow), "VARIANTS": "nano", "OUT": str(tmp_path)}
+    start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=15)
+    assert start.returncode == 0 and "started nano" in start.stdout
+    subprocess.run(["pkill", "-f", str(slow)], check=False)
+
+
+def test_gpu_nano_v2_refuses_a_payload_without_every_dataset(tmp_path):
+    stage = prepared_stage(tmp_path, datasets=("vqa-rad", "pneumoniamnist"))
+    env = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "VARIANTS": "nano", "OUT": str(tmp_path)}
+    start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert start.returncode == 3 and "no prepared slake" in start.stdout and "started" not in start.stdout
+
+
+def test_place_prepared_points_the_payloads_data_at_the_stage(tmp_path):
+    """Data prepared where the payload was built move under work/data, their image roots
+    rewritten to the stage's copy of the images."""
+    stage = tmp_path / "stage"
+    built = "/tmp/build-xyz"
+    (stage / "prepared" / "slake").mkdir(parents=True)
+    (stage / "prepared" / ".built_in").write_text(built + "\n")
+    (stage / "prepared" / "slake" / "dataset.json").write_text(f'{{"image_root": "{built}/data/slake"}}')
+    (stage / "work" / "data").mkdir(parents=True)  # an older preparation, replaced
+    subprocess.run(["bash", "scripts/lab/place_prepared.sh", str(stage)], cwd=ROOT, check=True)
+    assert (stage / "work" / "data" / "slake" / "dataset.json").read_text() == f'{{"image_root": "{stage}/data/slake"}}'
+    assert not (stage / "prepared").exists()
+    subprocess.run(["bash", "scripts/lab/place_prepared.sh", str(stage)], cwd=ROOT, check=True)  # again: nothing to do
 
 
 def test_gpu_run_detached_then_gpu_wait_brings_back_its_output(tmp_path):

@@ -21,11 +21,7 @@ if [ ! -f "$STAGE/ready" ]; then
   echo "$(cat .gpu/payload.sha256)  $STAGE/payload.tar" | sha256sum -c - || exit 4
   tar xf "$STAGE/payload.tar" -C "$STAGE" && rm "$STAGE/payload.tar" "$STAGE"/payload.part??
   python3 -m pip install -q --no-deps --target "$STAGE/site" "$STAGE"/*.whl .gpu/whl/*.whl || exit 5
-  if [ -d "$STAGE/prepared" ]; then  # prepared where the payload was built: its paths point here now
-    built=$(cat "$STAGE/prepared/.built_in")
-    sed -i "s#$built/work/data#$STAGE/work/data#g; s#$built/data#$STAGE/data#g" "$STAGE"/prepared/*/dataset.json
-    mkdir -p "$STAGE/work" && rm -rf "$STAGE/work/data" && mv "$STAGE/prepared" "$STAGE/work/data"
-  fi
+  bash scripts/lab/place_prepared.sh "$STAGE" || exit 6  # data prepared where the payload was built
   touch "$STAGE/ready"
 fi
 [ $# -gt 0 ] || exit 0  # no stages: the payload assembled, nothing run
