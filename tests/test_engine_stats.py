@@ -5,6 +5,7 @@ checks the warm-up's logic; tests/test_engine_gpu.py checks the same with real g
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -189,3 +190,34 @@ def test_the_bundled_model_decodes_in_graphs_in_the_dtype_eval_loads_it_in_on_a_
     assert model.dtype == torch.bfloat16 and graph_safe(model, torch.bfloat16, torch.device("cpu"))
     model.moe_blocks[0].experts.fuse_with_shared = False  # the per-expert loop syncs with the host
     assert not graph_safe(model, torch.bfloat16, torch.device("cpu"))
+
+
+def test_a_capture_that_fails_leaves_the_step_eager_with_the_same_tokens(monkeypatch):
+    """A graph that cannot be captured (a driver or kernel fault) costs speed, not answers: warm-up
+    stops capturing, the step runs eagerly at the same shapes, and out of memory still propagates."""
+    calls = []
+
+    def capture_fails_on_the_second(self, rows, span):
+        calls.append((rows, span))
+        if len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return stand_in_capture(self, rows, span)
+
+    monkeypatch.setattr(DecodeStep, "_capture", capture_fails_on_the_second)
+    model, processor = tiny_model()
+    engine = Engine(model, processor, max_slots=4, max_len=600, cuda_graphs=True, overlap_steps=False)
+    engine.warmup()
+    s = engine.stats
+    assert (s.graph_fallbacks, s.graph_captures, len(calls)) == (1, 1, 2)
+    assert not engine.step_fn.cuda_graphs and not engine.step_fn.graphs and s.graphs_dropped == 1
+    assert "1 graph fallbacks" in s.summary()
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)
+    result = engine.generate([Request(encode_question(processor, QUESTIONS[0], None), cfg)])[0]
+    assert result.token_ids == run_generation(model, processor, [QUESTIONS[0]], None, cfg).token_ids[0]
+
+    def capture_out_of_memory(self, rows, span):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DecodeStep, "_capture", capture_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        Engine(model, processor, max_slots=4, max_len=600, cuda_graphs=True, overlap_steps=False).warmup()

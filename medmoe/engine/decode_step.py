@@ -130,10 +130,25 @@ class DecodeStep:
         self.warm[key] = self.warm.get(key, 0) + 1
         if self.warm[key] >= WARMUP_STEPS:
             start = time.perf_counter()
-            self.graphs[key] = self._capture(rows, span)
+            try:
+                self.graphs[key] = self._capture(rows, span)
+            except Exception as err:
+                # A step that cannot be captured still decodes: eagerly, at the same shapes. Out
+                # of memory is the caller's to handle (the engine's queue waits, the server answers 503).
+                if is_out_of_memory(err):
+                    raise
+                self._disable_graphs(err)
+                return logits
             self.stats.graph_captures += 1
             self.stats.capture_s += time.perf_counter() - start
         return logits
+
+    def _disable_graphs(self, err: Exception) -> None:
+        logger.warning("capturing the decode step's CUDA graph failed (%s: %s); decoding without CUDA graphs "
+                       "from now on (slower, the same tokens)", type(err).__name__, err)
+        self.cuda_graphs = False
+        self.stats.graph_fallbacks += 1
+        self._drop_graphs()
 
     def warm_up(self, shapes: list[tuple[int, int]]) -> int:
         """Capture the graphs of `shapes` ((rows, span) buckets) ahead of requests, each after its
@@ -143,6 +158,8 @@ class DecodeStep:
             return 0
         before = self.stats.graph_captures
         for rows, span in shapes:
+            if not self.cuda_graphs:  # a capture failed: the step runs eagerly, nothing more to capture
+                break
             self.positions[:rows] = span - 1
             self._guarded(rows, span)  # drops graphs of a moved cache first
             while (rows, span) not in self.graphs and self.cuda_graphs:

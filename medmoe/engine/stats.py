@@ -46,6 +46,7 @@ class EngineStats:
     capture_s: float = 0.0
     graphs_dropped: int = 0  # captured graphs thrown away (the cache moved, or the compiler failed)
     compile_fallbacks: int = 0  # torch.compile failed on the step: it runs uncompiled from then on
+    graph_fallbacks: int = 0  # capturing the step's CUDA graph failed: it runs eagerly from then on
     cache_allocations: int = 0  # the KV buffer (re)allocated
     cache_growths: int = 0  # of those, while it held keys and values (copied; every graph dropped)
     cache_releases: int = 0  # freed while idle (CPU)
@@ -96,5 +97,5 @@ def summary_line(s: dict) -> str:
             f"{mean(s['decode_rows'], steps):.1f}): {s['graph_replays']} graph replays, {s['eager_steps']} eager, "
             f"{s['graph_captures']} captures ({s['warmup_captures']} at warm-up) {s['capture_s']:.2f} s, "
             f"{s['graphs_dropped']} graphs dropped, {s['cache_growths']} cache growths, {s['compile_fallbacks']} "
-            f"compile fallbacks; host s: launch {s['launch_s']:.2f}, device wait {s['device_wait_s']:.2f}, hand-out "
+            f"compile fallbacks, {s.get('graph_fallbacks', 0)} graph fallbacks; host s: launch {s['launch_s']:.2f}, device wait {s['device_wait_s']:.2f}, hand-out "
             f"{s['hand_out_s']:.2f}, step {s['step_s']:.2f}, idle {s['idle_s']:.2f}, warm-up {s['warmup_s']:.2f}")
