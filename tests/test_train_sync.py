@@ -161,6 +161,21 @@ def test_profile_steps_writes_the_phase_profile(tmp_path):
         PhaseRecipe(profile_steps=-1)
 
 
+def test_a_profile_that_cannot_be_summarised_does_not_end_the_run(tmp_path, monkeypatch):
+    import medmoe.training.profiling as profiling
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'FunctionEventAvg' object has no attribute 'self_device_time_total'")
+
+    monkeypatch.setattr(profiling, "report", broken)
+    model, processor, groups = model_and_groups()
+    with one_thread(), pytest.warns(UserWarning, match="training goes on"):
+        summary = train(model, samples(processor), groups, PhaseRecipe(lr=1e-3, max_steps=6, batch_size=4,
+                                                                       profile_steps=2, save_every=-1), str(tmp_path))
+    assert summary["steps"] == 6
+    assert "failed: AttributeError" in (tmp_path / "profile.txt").read_text()
+
+
 def test_profile_report_on_a_gpu_counts_each_kernel_once():
     """The GPU path of profile.txt from stand-in events: device time per step sums the kernels' own
     rows, not the CPU op that launched them, nor a user range spanning them; a part's host time is

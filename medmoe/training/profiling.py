@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -64,16 +65,22 @@ class StepProfiler:
         self.t0 = time.perf_counter()
 
     def _finish(self) -> None:
+        self.steps = 0  # once per run
         self._sync()
         wall = time.perf_counter() - self.t0
         prof, self.prof = self.prof, None
-        prof.stop()
         profiled = self.done - self.start_after
+        try:
+            prof.stop()
+            text = report(prof.key_averages(), profiled, self.start_after, wall, self.device)
+        except Exception as err:  # a diagnostic must not end a training run (profilers differ between torch builds)
+            warnings.warn(f"profile_steps: the profile could not be summarised ({type(err).__name__}: {err}); "
+                          "training goes on", stacklevel=2)
+            text = f"profile of {profiled} optimizer steps failed: {type(err).__name__}: {err}\n"
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(report(prof.key_averages(), profiled, self.start_after, wall, self.device))
+            f.write(text)
         os.replace(tmp, self.path)
-        self.steps = 0  # once per run
 
 
 def report(averages, steps: int, after: int, wall: float, device: torch.device) -> str:
