@@ -97,5 +97,5 @@ def summary_line(s: dict) -> str:
             f"{mean(s['decode_rows'], steps):.1f}): {s['graph_replays']} graph replays, {s['eager_steps']} eager, "
             f"{s['graph_captures']} captures ({s['warmup_captures']} at warm-up) {s['capture_s']:.2f} s, "
             f"{s['graphs_dropped']} graphs dropped, {s['cache_growths']} cache growths, {s['compile_fallbacks']} "
-            f"compile fallbacks, {s.get('graph_fallbacks', 0)} graph fallbacks; host s: launch {s['launch_s']:.2f}, device wait {s['device_wait_s']:.2f}, hand-out "
+            f"compile fallbacks, {s['graph_fallbacks']} graph fallbacks; host s: launch {s['launch_s']:.2f}, device wait {s['device_wait_s']:.2f}, hand-out "
             f"{s['hand_out_s']:.2f}, step {s['step_s']:.2f}, idle {s['idle_s']:.2f}, warm-up {s['warmup_s']:.2f}")
