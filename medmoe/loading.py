@@ -56,8 +56,9 @@ def load_model(path: str, dtype=None, device=None) -> tuple[MedMoEForCausalLM, M
 def load_for_inference(path: str, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
                        merge_adapters: bool = True, fuse_qkv: bool | None = None):
     """(model, processor) in eval mode on the chosen device (auto: GPU when present) and dtype
-    (auto: bfloat16 on a GPU, float32 on a CPU). LLM LoRA adapters are merged into the weights
-    (computed in float32): one matmul per projection instead of three, the same outputs.
+    (auto: bfloat16 on a GPU and on a CPU with bfloat16 hardware, else float32; `pick_dtype`). LLM
+    LoRA adapters are merged into the weights (computed in float32): one matmul per projection
+    instead of three, the same outputs.
     `fuse_qkv` (default: on a GPU) prepares the language model for fast decoding
     (`engine.prepare`: fused projections, the experts beside the attention, the one-token
     attention kernel): faster small-batch decoding, the same outputs to rounding."""

@@ -84,3 +84,19 @@ def test_checkpoint_every_settings_parse_or_fail_with_the_choices():
         with pytest.raises(ConfigError, match="grad_checkpointing="):
             checkpointing_setting(bad)
     assert main(["bench", "--what", "train", "--checkpoint-every", "1,x", "--device", "cpu"]) != 0
+
+
+def test_cpu_bench_runs_the_bundled_model_in_the_dtype_asked():
+    """`medmoe bench --what cpu --dtype D` times the bundled nano in D (auto: what `ask` picks here)."""
+    from conftest import require_efficientnet, require_smollm2
+    from medmoe.bench import cpu
+    from medmoe.model.pretrained import pick_dtype
+
+    require_smollm2()
+    require_efficientnet()
+    expected = {"bfloat16": "bfloat16", "auto": str(pick_dtype("auto", torch.device("cpu"))).replace("torch.", "")}
+    for dtype, name in expected.items():
+        result = cpu.run(threads=1, new_tokens=3, repeats=1, dtype=dtype, log=lambda *_: None)
+        assert result["dtype"] == name
+        assert 0 < result["first_token_ms"] < result["answer_ms"]
+        assert "lora_loop" in result and "adapters_unmerged" in result

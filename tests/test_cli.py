@@ -103,3 +103,16 @@ def test_a_named_file_the_system_refuses_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(eval_cli, "run", _raise(PermissionError(13, "Permission denied", "/data/answers.jsonl")))
     assert main(["eval", "--data", "sample", "--out", "x"]) == 2
     assert capsys.readouterr().err == "medmoe eval: error: /data/answers.jsonl: Permission denied\n"
+
+
+def test_serve_leaves_a_core_to_the_http_side_unless_told(monkeypatch):
+    from medmoe.cli import build_parser
+    from medmoe.cli.serve import model_threads
+    from medmoe.errors import ConfigError
+
+    assert [model_threads(None, cores) for cores in (1, 2, 16)] == [1, 1, 15]
+    assert model_threads(2, 2) == 2
+    with pytest.raises(ConfigError, match="--threads 0"):
+        model_threads(0, 8)
+    assert build_parser().parse_args(["serve", "--threads", "3"]).threads == 3
+    assert build_parser().parse_args(["serve"]).threads is None

@@ -562,3 +562,24 @@ def test_selective_checkpointing_reruns_no_matrix_product_in_backward(tiny):
     # Full checkpointing reruns every layer's forward products; selective keeps their outputs.
     assert counts["full"] > counts["none"]
     assert counts["selective"] == counts["none"]
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_dtype_is_bfloat16_on_a_cpu_with_bfloat16_hardware_only(monkeypatch, fast_bf16):
+    from medmoe.errors import ConfigError
+    from medmoe.model import pretrained
+
+    monkeypatch.setattr(pretrained, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cpu = torch.device("cpu")
+    assert pretrained.pick_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert pretrained.pick_dtype(None, cpu) == pretrained.pick_dtype("auto", cpu)
+    assert pretrained.pick_dtype("float32", cpu) == torch.float32  # named dtypes are never changed
+    assert pretrained.pick_dtype(torch.float16, cpu) == torch.float16
+    with pytest.raises(ConfigError, match="--dtype"):
+        pretrained.pick_dtype("float8", cpu)
+
+
+def test_the_cpu_bfloat16_probe_answers_without_failing():
+    from medmoe.model.pretrained import cpu_has_fast_bf16
+
+    assert isinstance(cpu_has_fast_bf16(), bool)

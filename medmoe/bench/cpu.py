@@ -26,14 +26,15 @@ from ..generation.generate import SamplingConfig
 BUNDLED = "(bundled)"
 
 
-def nano_model():
-    """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in."""
+def nano_model(dtype: str = "auto"):
+    """(model, processor, description): the bundled Med-MoE-Nano, or the nano preset as a stand-in,
+    in `dtype` (auto: what `ask` picks on this CPU)."""
     from ..model.presets import preset
     from ..loading import load_for_inference
-    from ..model.pretrained import build_model
+    from ..model.pretrained import build_model, pick_dtype
 
     try:
-        model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32)
+        model, processor = load_for_inference("nano", device="cpu", dtype=dtype)
         return model, processor, f"Med-MoE-Nano {BUNDLED}: SmolLM2-135M-Instruct + EfficientNet-Lite0, 4 LoRA experts + meta"
     except (ImportError, ConfigError):  # base weights not installed
         pass
@@ -46,12 +47,12 @@ def nano_model():
         model, processor = build_model("nano", config=cfg)
         description = f"nano LLM with a stand-in vision tower (49 x 1280 tokens; {err})"
     model.upcycle()
-    return model, processor, description
+    return model.to(pick_dtype(dtype, torch.device("cpu"))), processor, description
 
 
-def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, log=print) -> dict:
+def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, dtype: str = "auto", log=print) -> dict:
     torch.set_num_threads(threads)
-    model, processor, description = nano_model()
+    model, processor, description = nano_model(dtype)
     model.eval()
     img = Image.open(image).convert("RGB") if image else Image.new("RGB", (256, 256), (90, 90, 90))
     question = ["What imaging modality is shown?"]
@@ -71,12 +72,14 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
         return first, statistics.median(ms for ms, _ in runs), runs[0][1]
 
     first, total, text = timed()
-    result = {"model": description, "threads": threads, "new_tokens": new_tokens,
+    result = {"model": description, "dtype": str(model.dtype).replace("torch.", ""), "threads": threads,
+              "new_tokens": new_tokens,
               "prompt_tokens": int(processor(question, [img])["input_ids"].shape[1]),
               "first_token_ms": first, "answer_ms": total,
               "ms_per_new_token": (total - first) / max(new_tokens - 1, 1), "answer": text,
               "load_average_1min": os.getloadavg()[0]}  # other work on the machine slows this down
-    log(f"cpu ({threads} threads): first token {first:.0f} ms, {new_tokens}-token answer {total:.0f} ms")
+    log(f"cpu ({threads} threads, {result['dtype']}): first token {first:.0f} ms, "
+        f"{new_tokens}-token answer {total:.0f} ms")
     lora = [b.experts for b in model.moe_blocks if hasattr(b.experts, "fuse_with_shared")]
     if lora:  # the reference: LoRA experts one at a time, then the meta FFN
         for experts in lora:
@@ -89,7 +92,7 @@ def run(threads: int = 2, new_tokens: int = 16, repeats: int = 3, image=None, lo
     if BUNDLED in description:  # the reference: the LLM's LoRA adapters beside its weights, as trained
         from ..loading import load_for_inference
 
-        model, processor = load_for_inference("nano", device="cpu", dtype=torch.float32, merge_adapters=False)
+        model, processor = load_for_inference("nano", device="cpu", dtype=dtype, merge_adapters=False)
         model.eval()
         engine = Engine(model, processor, max_slots=1, prefix_cache_mb=0)
         first, total, _ = timed()

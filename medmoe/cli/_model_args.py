@@ -11,7 +11,8 @@ def add_model_args(p) -> None:
                    help="model folder (save_pretrained, `medmoe train` or `medmoe export` output) or a bundled model; "
                         "default: nano, the bundled Med-MoE-Nano (CPU is enough, no network)")
     p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU and on a CPU with bfloat16 "
+                   "hardware, else float32), float32, bfloat16, float16")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 linears and experts (about 3x less weight memory; see docs/serving.md)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")

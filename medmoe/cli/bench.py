@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                         "full: every layer; selective: every layer, matrix products kept; activations: no layer, the FFNs' "
                         "activation outputs recomputed)")
     p.add_argument("--threads", type=int, default=2, help="cpu: torch threads")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="cpu: the model's dtype (auto: bfloat16 on a CPU with bfloat16 hardware, else float32)")
     p.add_argument("--image", default=None, nargs="?", const="random",
                    help="cpu: an image file for the prompt (default: a grey square); serve: send an image with "
                         "every request, a random-noise PNG or this file")
@@ -135,7 +137,8 @@ def run(args) -> int:
             else:
                 from ..bench import cpu
 
-                report["cpu"] = cpu.run(threads=args.threads, image=None if args.image == "random" else args.image)
+                report["cpu"] = cpu.run(threads=args.threads, image=None if args.image == "random" else args.image,
+                                        dtype=args.dtype)
         except Exception as err:  # one failed section must not lose the others' numbers
             traceback.print_exc()
             report[f"{section}_error"] = f"{type(err).__name__}: {err}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import ConfigError
 from ._model_args import add_model_args, loading
 
 
@@ -35,13 +36,30 @@ def register(sub) -> None:
                         "prompt, an image asked about again); default 256")
     p.add_argument("--no-prefix-cache", dest="prefix_cache_mb", action="store_const", const=0.0,
                    help="prefill every prompt in full")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: the model's threads (default: the cores less one, which the HTTP side and the "
+                        "clients on the same machine need; docs/speed.md)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="while requests decode, the most prompt tokens prefilled between two decode steps "
                         "(longer prompts in pieces); 0: whole prompts; default 256 on the CPU, 2048 on a GPU")
     p.set_defaults(func=run)
 
 
+def model_threads(requested: int | None, cores: int) -> int:
+    """The server's torch threads on a CPU: as asked, else every core but one. The event loop,
+    streaming and any client on the machine then keep a core: on 2 cores, one model thread served
+    1 and 8 clients 1.2x and 1.07x faster than two (docs/lab/speed-history.md)."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--threads {requested}: give at least 1")
+        return requested
+    return max(1, cores - 1)
+
+
 def run(args) -> int:
+    import torch
+
+    from ..model.pretrained import pick_device
     from ..serving.auth import is_loopback
     from ..serving.server import Limits, create_app, serve
 
@@ -50,6 +68,9 @@ def run(args) -> int:
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
+    if pick_device(args.device).type == "cpu":
+        torch.set_num_threads(model_threads(args.threads, len(os.sched_getaffinity(0))
+                                            if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
     api_key = args.api_key or os.environ.get("MEDMOE_API_KEY") or None
     if api_key is None and not is_loopback(args.host):
         print(f"medmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "

@@ -88,7 +88,8 @@ class PhaseRecipe:
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '
                                       "only each FFN's activation output (no extra time, saves less)", CHECKPOINTING)
     grad_checkpointing_every: int = setting(1, 'with "full": checkpoint every n-th layer (less recompute, more memory)')
-    bf16: bool = setting(True, "autocast to bf16 on CUDA (ignored on a CPU)")
+    bf16: bool = setting(True, "autocast to bf16 on a GPU, and on a CPU with bfloat16 hardware "
+                         "(AVX512-BF16 or AMX; float32 on other CPUs)")
     log_every: int = setting(10, "optimizer steps between metrics lines")
     save_every: int = setting(0, "optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)")
     keep_last: int = setting(2, "checkpoints kept")

@@ -1,7 +1,7 @@
 """The one training loop every phase uses (phases differ in data, template and trainable set).
 
 AdamW with per-group learning rates, cosine schedule with linear warmup, gradient accumulation,
-gradient clipping, bf16 autocast on CUDA, optional gradient checkpointing. Progress bar with
+gradient clipping, bf16 autocast (GPU, and CPUs with bfloat16 hardware), optional gradient checkpointing. Progress bar with
 loss / lr / tokens per second, metrics to `metrics.jsonl` (and TensorBoard when installed), a
 loss-curve PNG at the end, atomic checkpoints and exact resume, an opt-in profile (profiling.py).
 
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
+from ..model.pretrained import cpu_has_fast_bf16
 from ..model.recompute import checkpointing_options
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, single_process
@@ -211,6 +212,14 @@ def plot_loss(run_dir: str, title: str) -> str | None:
 
 # ----- the loop ------------------------------------------------------------------------------------
 
+def autocast_context(bf16: bool, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on a GPU, and on a CPU with bfloat16 hardware (where a step runs about twice as
+    fast; docs/training.md); float32 elsewhere. Weights and optimizer state stay float32."""
+    if bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def step_values(micro_losses: list[dict[str, torch.Tensor]], grad_accum: int) -> dict[str, float]:
     """A step's named losses as numbers, each summed over its micro-batches divided by grad_accum,
     read from the device in one copy. Float64 on the host, added in micro-batch order: the same
@@ -274,8 +283,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
                         generator=torch.Generator().manual_seed(seed), pin_memory=dist.device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = phase.grad_clip if phase.grad_clip > 0 else float("inf")
-    use_bf16 = phase.bf16 and dist.device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    autocast = autocast_context(phase.bf16, dist.device)
     profiler = StepProfiler(phase.profile_steps if dist.is_main else 0, run_dir, dist.device, total_steps - step)
 
     from tqdm.auto import tqdm
