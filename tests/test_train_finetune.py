@@ -92,3 +92,22 @@ def test_finetune_can_train_the_image_path_of_a_med_moe_model(tmp_path):
     assert not any("running_" in k for k in moved)  # BatchNorm statistics stay those of the model's training
     summary = json.load(open(out / "summary.json"))
     assert summary["finetune"]["train_projector"] and summary["finetune"]["train_vision"]
+
+
+def test_finetune_with_the_label_loss_teaches_the_projector_and_drops_its_heads(tmp_path, capsys):
+    start, before = saved(tmp_path, moe=True)
+    out = tmp_path / "ft"
+    labelled = [*QUICK, "label_loss_weight=1", "label_loss_min_count=1", "log_every=1"]
+    with one_thread():
+        assert main(["finetune", "--model", str(start), "--out", str(out), *labelled]) == 2  # the projector is frozen
+        assert "--train-projector" in capsys.readouterr().err
+        assert main(["finetune", "--model", str(start), "--out", str(out), "--train-projector", *labelled]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["label_loss"] > 0 for r in rows)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["label_loss_images"] and summary["finetune"]["phase"]["label_loss_weight"] == 1
+    model, _ = load_model(str(out / "model"))
+    assert not hasattr(model, "label_heads")
+    assert not any("label_heads" in k for k in model.state_dict())
+    assert set(model.state_dict()) == set(before)
+    assert any("projector" in k for k in changed(before, model.state_dict()))

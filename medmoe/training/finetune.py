@@ -15,7 +15,8 @@ import os
 import torch
 
 from ..errors import ConfigError
-from . import distributed, params
+from . import distributed, label_loss, params
+from .image_loss import combined
 from .data import Collate, load_records, records_dataset, sample_weights
 from .phases import check_fresh, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
@@ -38,6 +39,21 @@ def finetune_groups(model, train_router: bool = False, train_projector: bool = F
     return groups
 
 
+def label_loss_for(model, records, phase: PhaseRecipe, groups: dict, dist, seed: int):
+    """With `label_loss_weight > 0`: the label loss of phase 2 (training/label_loss.py) on the
+    fine-tuning records, its heads a group of their own; it teaches the projector, so the
+    projector must train (a dense model's always does; a Med-MoE model's with --train-projector)."""
+    if phase.label_loss_weight <= 0:
+        return None
+    if "projector" not in groups:
+        raise ConfigError("label_loss_weight > 0 trains the projector through image-level labels: add "
+                          "--train-projector (and --train-vision to let the tower learn them too)")
+    labels = label_loss.setup(model, records, phase.label_loss_weight, phase.label_loss_families,
+                              phase.label_loss_min_count, "2", dist, seed=seed)
+    groups[labels.head_name] = labels.head_parameters(model)
+    return labels
+
+
 def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = False, train_router: bool = False,
              seed: int = 0, train_projector: bool = False, train_vision: bool = False) -> dict:
     """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
@@ -46,15 +62,14 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     if phase.contrastive_weight > 0:
         raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
                           "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
-    if phase.label_loss_weight > 0:
-        raise ConfigError("label_loss_weight: fine-tuning has no label loss; it is a setting of `medmoe train` "
-                          "phases 1 and 2 (set label_loss_weight=0 here)")
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)
     records = load_records(phase.data)  # a wrong --data fails here, before the model loads
     model, processor = load_model(model_path)
-    groups = params.select(model, finetune_groups(model, train_router, train_projector, train_vision))
+    groups = finetune_groups(model, train_router, train_projector, train_vision)
+    labels = label_loss_for(model, records, phase, groups, dist, seed)
+    groups = params.select(model, groups)
     if train_vision:  # its weights adapt; its BatchNorm statistics stay those of its training
         model.vision_tower.batch_norm_frozen = True
     dataset = records_dataset(records, processor, phase.template, phase.max_length, phase.augment_images)
@@ -64,10 +79,14 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
                              "phase": dataclasses.asdict(phase)}}
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune",
-                    weights=sample_weights(records, phase.balanced_sampling))
+                    weights=sample_weights(records, phase.balanced_sampling),
+                    extra_losses=combined([labels] if labels else []))
+    if labels:
+        labels.remove(model)
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        write_summary(out_dir, summary, groups, settings)
+        extra = {"label_loss_images": labels.counts()} if labels else {}
+        write_summary(out_dir, summary, groups, {**settings, **extra})
     summary.update(dir=out_dir, model_dir=out)
     return summary
