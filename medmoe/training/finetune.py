@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from . import distributed, label_loss, params
+from . import distributed, image_contrast, label_loss, params
 from .image_loss import combined
 from .data import Collate, load_records, records_dataset, sample_weights
 from .phases import check_fresh, load_model, save_model, write_summary
@@ -77,10 +77,12 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     settings = {"finetune": {"model": model_path, "train_router": train_router, "train_projector": train_projector,
                              "train_vision": train_vision, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
+    terms = ([labels] if labels else []) + image_contrast.setup(phase.image_contrast_weight,
+                                                                phase.image_contrast_cap, "finetune", dist)
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune",
                     weights=sample_weights(records, phase.balanced_sampling),
-                    extra_losses=combined([labels] if labels else []))
+                    extra_losses=combined(terms))
     if labels:
         labels.remove(model)
     out = os.path.join(out_dir, "model")

@@ -19,7 +19,7 @@ import torch
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
-from . import contrastive, distributed, label_loss, params
+from . import contrastive, distributed, image_contrast, label_loss, params
 from .checkpoint import list_checkpoints
 from .data import Collate, build_dataset, load_records, sample_weights, split_repeat
 from .image_loss import combined
@@ -167,11 +167,12 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     for loss in losses:
         groups[loss.head_name] = loss.head_parameters(model)
     groups = params.select(model, groups)
+    terms = losses + image_contrast.setup(cfg.image_contrast_weight, cfg.image_contrast_cap, f"phase{phase}", dist)
     wrapped = distributed.wrap(model, dist, recipe.distributed)
     summary = train(model, dataset, groups, cfg, run_dir, seed=recipe.seed, resume=resume, dist=dist,
                     wrapped=wrapped, collate_fn=Collate(processor), recipe=recipe.to_dict(), title=f"phase {phase}",
                     on_step=on_step, weights=sample_weights(dataset.records, cfg.balanced_sampling),
-                    extra_losses=combined(losses))
+                    extra_losses=combined(terms))
     for loss in losses:
         loss.remove(model)
     out = model_dir(recipe, phase)

@@ -83,6 +83,10 @@ class PhaseRecipe:
     label_loss_families: list[str] = setting(doc="the label families of that loss: modality, organ, structures, class, finding",
                                              factory=lambda: list(FAMILIES))
     label_loss_min_count: int = setting(5, "classes of that loss held by fewer of the phase's images are left out")
+    image_contrast_weight: float = setting(0.0, "> 0: each step also asks the batch's questions with its images "
+                                           "rotated by one and subtracts this times that pass's answer loss, capped "
+                                           "(training/image_contrast.py; one more forward and backward a step)")
+    image_contrast_cap: float = setting(2.0, "the cap of that answer loss, in nats per answer token")
     grad_checkpointing: str = setting("off", 'activations recomputed in backward: "full": whole decoder layers '
                                       '(every grad_checkpointing_every-th); "selective": every layer, the matrix '
                                       'products\' outputs kept (almost no recompute); "activations": no layer, '
@@ -110,6 +114,9 @@ class PhaseRecipe:
         unknown = sorted(set(self.label_loss_families) - set(FAMILIES))
         if unknown or not self.label_loss_families:
             raise ConfigError(f"label_loss_families={self.label_loss_families}: choose one or more of {', '.join(FAMILIES)}")
+        if self.image_contrast_weight < 0 or self.image_contrast_cap <= 0:
+            raise ConfigError(f"image_contrast_weight={self.image_contrast_weight}, image_contrast_cap="
+                              f"{self.image_contrast_cap}: the weight must be at least 0, the cap above 0")
         if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
             raise ConfigError(f"contrastive_weight={self.contrastive_weight}, contrastive_temperature="
                               f"{self.contrastive_temperature}: the weight must be at least 0, the temperature above 0")
