@@ -69,8 +69,8 @@ def run(args) -> int:
                     queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk)
     if pick_device(args.device).type == "cpu":
-        torch.set_num_threads(model_threads(args.threads, len(os.sched_getaffinity(0))
-                                            if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(model_threads(args.threads, cores))
     api_key = args.api_key or os.environ.get("MEDMOE_API_KEY") or None
     if api_key is None and not is_loopback(args.host):
         print(f"medmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "
