@@ -243,6 +243,25 @@ def test_one_prefill_of_prompts_with_and_without_cached_prefixes(phi):
         assert_same(result, reference(model, processor, q, i, c))
 
 
+def test_images_of_one_prefill_go_through_the_tower_together(phi):
+    """Prompts with images after a cached system prompt: one tower forward for the prefill's images
+    (not one a request), the reference loop's answers, mixed with a text-only prompt."""
+    model, processor = phi
+    engine = Engine(model, processor, max_slots=4)
+    engine.generate([request(processor, QUESTIONS[2], None, CFG)])  # the system prompt into the cache
+    cases = [(QUESTIONS[0], RED), (QUESTIONS[1], BLUE), (QUESTIONS[2], None), (QUESTIONS[1], images()[0])]
+    batches, original = [], model.encode_images
+    model.encode_images = lambda pixels: batches.append(pixels.shape[0]) or original(pixels)
+    try:
+        results = engine.generate([request(processor, q, i, CFG) for q, i in cases])
+    finally:
+        del model.encode_images
+    assert engine.stats.reused_tokens > 3 * 100  # the pieces path: every prompt after its cached start
+    assert batches == [3]
+    for result, (q, i) in zip(results, cases):
+        assert_same(result, reference(model, processor, q, i, CFG))
+
+
 def test_changed_weights_empty_the_cache():
     """A training step or loaded weights change the keys and values of every prefix."""
     model, processor = moe_model("tiny", "token", "full")

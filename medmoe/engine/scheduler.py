@@ -598,9 +598,11 @@ class Engine:
                 cache.update(keys[layer], values[layer], layer)
         embeds = model.embed_inputs(ids.to(device), None)
         image_id = model.config.image_token_id
-        for row, (job, n) in enumerate(pieces):
-            if image_id is not None and image_id in job.prompt.input_ids[job.done:job.done + n]:
-                embeds[row, width - n:] = self._prompt_embeds(job)[job.done:job.done + n]
+        with_images = [(row, job, n) for row, (job, n) in enumerate(pieces)
+                       if image_id is not None and image_id in job.prompt.input_ids[job.done:job.done + n]]
+        self._encode_prompts([job for _, job, _ in with_images])
+        for row, job, n in with_images:
+            embeds[row, width - n:] = job.embeds[job.done:job.done + n]
         want_routing = any(self._wants_routing(job.handle) for job, _ in pieces)
         out = model(inputs_embeds=embeds, attention_mask=mask.to(device), position_ids=positions.to(device),
                     cache=cache, use_cache=True, output_routing=want_routing, logits_to_keep=1)
@@ -617,14 +619,26 @@ class Engine:
             rows.append(((keys[:, row, :, width - n:], values[:, row, :, width - n:]), records, {}))
         return rows, out.logits[:, -1].float()
 
-    def _prompt_embeds(self, job: _Prefilling) -> torch.Tensor:
-        """The input embeddings of the whole prompt, images spliced in (made once per request)."""
-        if job.embeds is None:
-            prompt = job.prompt
-            ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=self.cache.device)
-            pixels = prompt.pixel_values.to(self.cache.device) if prompt.pixel_values is not None else None
-            job.embeds = self.model.embed_inputs(ids, pixels)[0]
-        return job.embeds
+    def _encode_prompts(self, jobs: list[_Prefilling]) -> None:
+        """Each job's whole-prompt input embeddings, images spliced in (made once per request), the
+        images of all `jobs` through the tower in one batch: on a GPU a tower's forward costs its
+        kernel launches whatever the batch, so one image at a time would cost that per request."""
+        jobs = [job for job in jobs if job.embeds is None]
+        if not jobs:
+            return
+        model, device = self.model, self.cache.device
+        pixels = [job.prompt.pixel_values for job in jobs if job.prompt.pixel_values is not None]
+        tokens = None
+        if pixels:
+            tower_dtype = next(model.vision_tower.parameters()).dtype
+            tokens = model.encode_images(torch.cat(pixels).to(device, tower_dtype))
+        used = 0
+        for job in jobs:
+            ids = torch.tensor([job.prompt.input_ids], dtype=torch.long, device=device)
+            count = 0 if job.prompt.pixel_values is None else job.prompt.pixel_values.shape[0]
+            images = tokens[used:used + count] if count else None
+            job.embeds = model.embed_inputs(ids, None, image_tokens=images)[0]
+            used += count
 
     # ----- decode ------------------------------------------------------------------------------
     def _decode(self) -> _Picked | None:
