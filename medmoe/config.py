@@ -234,6 +234,11 @@ class RuntimeOptions:
                                         "decode steps; a longer prompt is prefilled in pieces; 0: whole prompts; "
                                         "unset: 256 on the CPU, 2048 on a GPU. Token routing only "
                                         "(Engine(prefill_chunk=...); medmoe serve --prefill-chunk)")
+    admit_batch: int | None = setting(None, "while requests decode, new prompts wait until this many slots are free "
+                                      "(or for at most 8 decode steps) and are then prefilled together: fewer prefill "
+                                      "forwards; unset: a quarter of the slots on a GPU, where a forward's kernel "
+                                      "launches cost as much for one prompt as for many, 1 on the CPU "
+                                      "(Engine(admit_batch=...); medmoe serve --admit-batch, medmoe eval --admit-batch)")
     quantize: str = setting("none", '"int8": weight-only int8 linears and experts, about 3x less weight memory '
                             "for a small accuracy cost (docs/serving.md); medmoe ask, chat, serve --quantize",
                             ("none", "int8"))

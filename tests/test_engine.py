@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from medmoe.engine import Engine, Request, encode_question
+from medmoe.engine.scheduler import ADMIT_DELAY_STEPS
+from medmoe.errors import ConfigError
 from medmoe.generation import SamplingConfig, run_generation
 from medmoe.model.pretrained import build_model
 
@@ -105,6 +107,37 @@ def test_a_request_joining_mid_generation_gets_the_reference_answer(phi, overlap
     assert_same(results[1], reference(model, processor, QUESTIONS[2], None, cfg))
     assert_same(results[2], reference(model, processor, QUESTIONS[1], images()[2], SamplingConfig(max_new_tokens=3)))
     assert engine.stats.largest_batch == 3 and not engine.active
+
+
+def test_admit_batch_prefills_arrivals_together_within_the_delay_bound(phi, overlap):
+    """While requests decode, arrivals wait for `admit_batch` free slots and then share one prefill;
+    none waits more than ADMIT_DELAY_STEPS steps for it; every answer is the reference's."""
+    model, processor = phi
+    assert Engine(model, processor, max_slots=4).admit_batch == 1  # the CPU's default: every step
+    with pytest.raises(ConfigError, match="admit_batch"):
+        Engine(model, processor, max_slots=4, admit_batch=0)
+    engine = Engine(model, processor, max_slots=4, overlap_steps=overlap, admit_batch=4)
+    long, short = SamplingConfig(max_new_tokens=40, ignore_eos=True), SamplingConfig(max_new_tokens=3, ignore_eos=True)
+    cases = [(QUESTIONS[0], images()[0], long), (QUESTIONS[2], None, short), (QUESTIONS[1], images()[1], short),
+             (QUESTIONS[3], None, short)]
+    handles = [engine.submit(request(processor, *cases[0]))]
+    engine.step()
+    assert len(engine.active) == 1  # nothing was decoding: admitted at once
+    handles.append(engine.submit(request(processor, *cases[1])))
+    steps = 0
+    while len(engine.active) < 2:
+        engine.step()
+        steps += 1
+    assert steps == ADMIT_DELAY_STEPS + 1  # 3 slots free, fewer than 4: held back, for at most the bound
+    prefills = engine.stats.prefills
+    handles.append(engine.submit(request(processor, *cases[2])))
+    engine.step()
+    handles.append(engine.submit(request(processor, *cases[3])))  # a step later
+    while engine.waiting or engine.incoming:
+        engine.step()
+    assert engine.stats.prefills == prefills + 1  # the two arrivals in one prefill forward (admit_batch=1: two)
+    for handle, (q, i, cfg) in zip(handles, cases):
+        assert_same(handle.result(), reference(model, processor, q, i, cfg))
 
 
 def test_the_slots_bound_the_batch_and_a_request_waits_for_one(phi, overlap):

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--shuffle-images", action="store_true",
                    help="control run: every question gets another question's image (a fixed permutation), to "
                         "measure how much of the score comes from the question alone")
+    p.add_argument("--admit-batch", type=int, default=None,
+                   help="while requests decode, new prompts wait until this many slots are free (at most 8 decode steps) "
+                        "and are prefilled together; default a quarter of the slots on a GPU, 1 on the CPU")
     p.set_defaults(func=run)
 
 
@@ -40,7 +43,8 @@ def run(args) -> int:
     settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                             limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,
-                            share_prefix=args.share_prefix, shuffle_images=args.shuffle_images)
+                            share_prefix=args.share_prefix, shuffle_images=args.shuffle_images,
+                            admit_batch=args.admit_batch)
     metrics = evaluate(settings)
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="while requests decode, the most prompt tokens prefilled between two decode steps "
                         "(longer prompts in pieces); 0: whole prompts; default 256 on the CPU, 2048 on a GPU")
+    p.add_argument("--admit-batch", type=int, default=None,
+                   help="while requests decode, new prompts wait until this many slots are free (at most 8 decode steps) "
+                        "and are prefilled together; default a quarter of the slots on a GPU, 1 on the CPU")
     p.set_defaults(func=run)
 
 
@@ -67,7 +70,7 @@ def run(args) -> int:
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, admit_batch=args.admit_batch)
     if pick_device(args.device).type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(model_threads(args.threads, cores))

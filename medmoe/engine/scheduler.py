@@ -6,8 +6,10 @@ Each iteration of `step`:
      template's system prompt, an image asked about again), and prefills the rest together,
      left-padded: whole prompts up to `max_prefill_tokens` per iteration; while requests decode, at
      most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
-     running streams are not stalled for long. A request whose prompt is complete gets its keys and
-     values copied into its slot (and the prefix cache) and its first token;
+     running streams are not stalled for long; on a GPU, while requests decode, waiting requests
+     are admitted a few at once (`admit_batch`), since a prefill forward costs its kernel launches
+     whatever its size. A request whose prompt is complete gets its keys and values copied into
+     its slot (and the prefix cache) and its first token;
   2. runs ONE decode step over all running requests (decode_step.py) and hands each its next
      token by its own sampling settings;
   3. finishes requests at end-of-sequence (unless `ignore_eos`), a stop string, `max_new_tokens`,
@@ -40,7 +42,7 @@ import torch
 from transformers import DynamicCache
 
 from ..config import RuntimeOptions
-from ..errors import MedMoEError
+from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
 IDLE_PREFIX_KEEP_BYTES = 8 << 20  # what of the prefix cache an idle CPU runner keeps (the shared system prompt)
 CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
+ADMIT_DELAY_STEPS = 8  # the most decode steps a waiting request is held back to be prefilled with others
 KV_MEMORY_FRACTION = 0.75  # of the GPU's free memory, the most warm-up allocates for the KV cache
 
 
@@ -143,7 +146,8 @@ class Engine:
     def __init__(self, model, processor=None, max_slots: int = 8, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, max_waiting: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None,
-                 prefix_cache_mb: float | None = None, prefill_chunk: int | None = None):
+                 prefix_cache_mb: float | None = None, prefill_chunk: int | None = None,
+                 admit_batch: int | None = None):
         """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
         `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
         decode step through torch.compile (True, or its mode); call `warmup` before serving, so
@@ -152,7 +156,10 @@ class Engine:
         step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
         runs while the device computes; a request that ends then costs its row one extra step.
         `prefix_cache_mb` (0: off) and `prefill_chunk` (0: whole prompts): config.RuntimeOptions; both
-        only where the model routes by token (prefix_cache.reuse_safe)."""
+        only where the model routes by token (prefix_cache.reuse_safe).
+        `admit_batch` (config.RuntimeOptions; None: a quarter of the slots on a GPU, 1 on the CPU):
+        while requests decode, waiting requests take free slots only once this many are free or the
+        oldest has waited ADMIT_DELAY_STEPS steps, so that their prompts share one prefill forward."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
@@ -170,6 +177,13 @@ class Engine:
             chunk = CUDA_PREFILL_CHUNK if weight.device.type == "cuda" else CPU_PREFILL_CHUNK
         self.prefill_chunk = chunk if safe else 0
         self.prefilling: list[_Prefilling] = []  # in slots, prompts being prefilled
+        admit = defaults.admit_batch if admit_batch is None else admit_batch
+        if admit is None:
+            admit = max(1, max_slots // 4) if weight.device.type == "cuda" else 1
+        if admit < 1:
+            raise ConfigError(f"admit_batch {admit}: give at least 1 (1: waiting requests take free slots at every step)")
+        self.admit_batch = min(admit, max_slots)
+        self.held_steps = 0  # decode steps the oldest waiting request has been held back (admit_batch)
         self.stats = EngineStats()
         self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile, self.stats)
@@ -407,8 +421,9 @@ class Engine:
         the running streams are not stalled for long."""
         if self.prefix_cache is not None and self.waiting:
             self.prefix_cache.check(weights_version(self.model))
-        while self.waiting and len(self.active) + len(self.prefilling) < self.max_slots:
-            self.prefilling.append(self._start(self.waiting.popleft()))
+        if self._admitting():
+            while self.waiting and len(self.active) + len(self.prefilling) < self.max_slots:
+                self.prefilling.append(self._start(self.waiting.popleft()))
         chunk = self.prefill_chunk if self.active else 0
         budget = chunk or self.max_prefill_tokens
         pieces: list[tuple[_Prefilling, int]] = []
@@ -436,6 +451,22 @@ class Engine:
                 self._drop(pieces[0][0], err)
         self.stats.prefill_s += time.perf_counter() - start
         return True
+
+    def _admitting(self) -> bool:
+        """Whether waiting requests take free slots now: always when nothing decodes; while requests
+        decode, once `admit_batch` slots are free or the oldest has been held back ADMIT_DELAY_STEPS
+        decode steps (a slot free all that time), or when a prefill forward runs anyway (a long
+        prompt's next piece), so that prompts arriving a few steps apart share one prefill."""
+        if not self.waiting:
+            return False
+        free = self.max_slots - len(self.active) - len(self.prefilling)
+        if (not self.active or self.prefilling or free >= self.admit_batch
+                or self.held_steps >= ADMIT_DELAY_STEPS):
+            self.held_steps = 0
+            return True
+        if free > 0:
+            self.held_steps += 1
+        return False
 
     def _start(self, handle: Handle) -> _Prefilling:
         """A request enters a slot; the longest prefix of its prompt in the prefix cache is its start."""

@@ -46,6 +46,7 @@ class EvalSettings:
     routing: bool = True
     share_prefix: bool = True  # prefill the prompts' common start once per batch (generation/generate.py)
     shuffle_images: bool = False  # control run: each question sees another question's image (shuffle_images)
+    admit_batch: int | None = None  # engine: free slots new questions wait for while others decode; None: its default
 
     def command(self) -> str:
         import shlex
@@ -64,6 +65,8 @@ class EvalSettings:
             parts.append("--no-share-prefix")
         if self.shuffle_images:
             parts.append("--shuffle-images")
+        if self.admit_batch is not None:
+            parts += ["--admit-batch", str(self.admit_batch)]
         return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -237,7 +240,8 @@ def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings)
 
     longest = max((len(prompt_ids(processor, i)) for i in items), default=0)
     max_len = max(longest + settings.max_new_tokens, BUCKET)
-    return shared_engine(model, processor, max_slots=settings.batch_size, max_len=max_len)
+    options = {} if settings.admit_batch is None else {"admit_batch": settings.admit_batch}
+    return shared_engine(model, processor, max_slots=settings.batch_size, max_len=max_len, **options)
 
 
 def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:

@@ -74,6 +74,7 @@ class Limits:
     max_content_parts: int = 256  # text and image parts of all messages together
     prefix_cache_mb: float | None = None  # the engine's prefix cache (0: off); None: config.RuntimeOptions
     prefill_chunk: int | None = None  # prompt tokens prefilled between decode steps; None: config.RuntimeOptions
+    admit_batch: int | None = None  # free slots new prompts wait for while others decode; None: config.RuntimeOptions
 
     @property
     def text_bytes(self) -> int:
@@ -166,7 +167,8 @@ class Worker:
         self.engine = InferenceEngine(model, processor, max_slots=slots,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
                                       max_waiting=limits.queue_size, compile=compile,
-                                      prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk)
+                                      prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk,
+                                      admit_batch=limits.admit_batch)
 
 
     def stats(self) -> dict:
