@@ -70,18 +70,40 @@ def failing_compile(engine, err):
 
 @pytest.mark.parametrize("err", [AssertionError("sources must not be empty for symbol s15"),
                                  RuntimeError("backend compiler failed")], ids=["dynamo-assert", "runtime"])
-def test_a_compile_failure_falls_back_to_the_uncompiled_step(err, caplog):
+def test_a_compile_failure_retries_with_symbolic_shapes_then_runs_uncompiled(err, caplog, monkeypatch):
     torch.manual_seed(0)
     model, processor = build_model("tiny-phi")
     want = [r.token_ids for r in Engine(model, processor, max_slots=4).generate(requests([10, 12, 5]))]
     engine = Engine(model, processor, max_slots=4, compile=True)
     calls = failing_compile(engine, err)
+    retries = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, mode=None: retries.append(dynamic)
+                        or (lambda rows, span: calls.append((rows, span)) or failing(err)))
     with caplog.at_level("WARNING", logger="medmoe.engine.decode_step"):
         got = [r.token_ids for r in engine.generate(requests([10, 12, 5]))]
-    assert got == want and len(calls) == 1
+    assert got == want and len(calls) == 2 and retries == [True]
     assert not engine.step_fn.compiled and engine.step_fn.forward == engine.step_fn._forward
-    assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert "uncompiled" in caplog.text and str(err) in caplog.text
+    assert engine.stats.compile_fallbacks == 2
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "every shape symbolic" in caplog.records[0].message and "uncompiled" in caplog.records[1].message
+    assert str(err) in caplog.text
+
+
+def failing(err):
+    raise err
+
+
+def test_a_compile_that_fails_on_symbolic_recompiles_runs_compiled_with_dynamic_shapes(eager_backend):
+    """The retry of a failed compile (dynamic=True, dynamo's eager backend here) gives the same tokens
+    and stays compiled."""
+    torch.manual_seed(0)
+    model, processor = build_model("tiny-phi")
+    want = [[r.token_ids for r in Engine(model, processor, max_slots=4).generate(requests(b))] for b in BATCHES[:3]]
+    engine = Engine(model, processor, max_slots=4, compile=True)
+    failing_compile(engine, AssertionError("sources must not be empty for symbol s15"))
+    got = [[r.token_ids for r in engine.generate(requests(b))] for b in BATCHES[:3]]
+    assert got == want
+    assert engine.step_fn.compiled and engine.step_fn.dynamic is True and engine.stats.compile_fallbacks == 1
 
 
 def wrapped_out_of_memory():

@@ -71,9 +71,12 @@ class DecodeStep:
         # A mode must leave inductor's own CUDA graphs off ("max-autotune-no-cudagraphs"): ours capture the step.
         # Shapes are static at first and become symbolic where they change (rows, span, capacity), so a
         # few compiles (Engine.warmup makes them) cover every bucket, each still its own CUDA graph.
-        mode = compile if isinstance(compile, str) else None
+        # torch 2.11's dynamo failed on the recompile that makes shapes symbolic; a compile that fails so
+        # is retried once with every shape symbolic from the start (`dynamic=True`), then dropped.
+        self.compile_mode = compile if isinstance(compile, str) else None
         self.compiled = bool(compile)
-        self.forward = torch.compile(self._forward, dynamic=None, mode=mode) if compile else self._forward
+        self.dynamic: bool | None = None
+        self.forward = torch.compile(self._forward, dynamic=None, mode=self.compile_mode) if compile else self._forward
         self.graphs: dict[tuple, tuple] = {}
         self.warm: dict[tuple, int] = {}
         self.pool = None
@@ -98,12 +101,18 @@ class DecodeStep:
             # requests: the step runs uncompiled from now on. Out of memory is the caller's to handle.
             if not self.compiled or is_out_of_memory(err):
                 raise
-            logger.warning("torch.compile failed on the decode step (%s: %s); running it uncompiled from now on "
-                           "(CUDA graphs stay on where they apply)", type(err).__name__, err)
-            self.compiled, self.forward = False, self._forward
+            if self.dynamic is None:
+                logger.warning("torch.compile failed on the decode step (%s: %s); compiling it again with every "
+                               "shape symbolic", type(err).__name__, err)
+                self.dynamic = True
+                self.forward = torch.compile(self._forward, dynamic=True, mode=self.compile_mode)
+            else:
+                logger.warning("torch.compile failed on the decode step (%s: %s); running it uncompiled from now on "
+                               "(CUDA graphs stay on where they apply)", type(err).__name__, err)
+                self.compiled, self.forward = False, self._forward
             self.stats.compile_fallbacks += 1
             self._drop_graphs()
-            return self._run(rows, span)  # what a failed compiled call wrote, the eager step writes again
+            return self._guarded(rows, span)  # what a failed compiled call wrote, the retry writes again
 
     def _drop_graphs(self) -> None:
         self.stats.graphs_dropped += len(self.graphs)
