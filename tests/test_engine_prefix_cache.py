@@ -262,6 +262,27 @@ def test_images_of_one_prefill_go_through_the_tower_together(phi):
         assert_same(result, reference(model, processor, q, i, CFG))
 
 
+def test_the_tower_batch_padded_as_on_a_gpu_gives_the_same_answers(phi, monkeypatch):
+    """On a GPU the prefill's images are padded to a power of two (prefill_kernels.tower_batch):
+    the padding images change no answer."""
+    from medmoe.engine import scheduler
+
+    model, processor = phi
+    monkeypatch.setattr(scheduler, "tower_batch", lambda n, device: 1 << (n - 1).bit_length())
+    engine = Engine(model, processor, max_slots=4)
+    engine.generate([request(processor, QUESTIONS[2], None, CFG)])
+    cases = [(QUESTIONS[0], RED), (QUESTIONS[1], BLUE), (QUESTIONS[1], images()[0])]
+    batches, original = [], model.encode_images
+    model.encode_images = lambda pixels: batches.append(pixels.shape[0]) or original(pixels)
+    try:
+        results = engine.generate([request(processor, q, i, CFG) for q, i in cases])
+    finally:
+        del model.encode_images
+    assert batches == [4]
+    for result, (q, i) in zip(results, cases):
+        assert_same(result, reference(model, processor, q, i, CFG))
+
+
 def test_changed_weights_empty_the_cache():
     """A training step or loaded weights change the keys and values of every prefix."""
     model, processor = moe_model("tiny", "token", "full")

@@ -46,6 +46,7 @@ from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
+from .prefill_kernels import prefill_attention, tower_batch
 from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
@@ -511,10 +512,11 @@ class Engine:
     def _prefill(self, pieces: list[tuple[_Prefilling, int]]) -> None:
         """Run the pieces in one forward; a request whose prompt is complete goes into the next
         slot (its keys and values into the prefix cache) and gets its first token."""
-        if all(job.done == 0 and n == job.left for job, n in pieces):
-            rows, logits = self._prefill_prompts([job for job, _ in pieces])
-        else:
-            rows, logits = self._prefill_pieces(pieces)
+        with prefill_attention(self.cache.device):
+            if all(job.done == 0 and n == job.left for job, n in pieces):
+                rows, logits = self._prefill_prompts([job for job, _ in pieces])
+            else:
+                rows, logits = self._prefill_pieces(pieces)
         complete = [job for job, n in pieces if n == job.left]
         if complete:
             needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
@@ -662,7 +664,12 @@ class Engine:
         tokens = None
         if pixels:
             tower_dtype = next(model.vision_tower.parameters()).dtype
-            tokens = model.encode_images(torch.cat(pixels).to(device, tower_dtype))
+            pixels = torch.cat(pixels).to(device, tower_dtype)
+            count = pixels.shape[0]
+            padded = tower_batch(count, device)
+            if padded > count:  # zero images to a batch size the tower has run before (prefill_kernels.py)
+                pixels = torch.cat([pixels, pixels.new_zeros(padded - count, *pixels.shape[1:])])
+            tokens = model.encode_images(pixels)[:count]
         used = 0
         for job in jobs:
             ids = torch.tensor([job.prompt.input_ids], dtype=torch.long, device=device)

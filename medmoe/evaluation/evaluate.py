@@ -247,6 +247,7 @@ def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings)
 def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
     """Log-likelihood of each choice, by item id, for the items that have choices: one forward pass
     per set of choices in the batch."""
+    from ..engine.prefill_kernels import prefill_attention
     from .classification import choice_logprobs_batch
 
     groups: dict[tuple, list[EvalItem]] = {}
@@ -254,14 +255,17 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
         if item.choices:
             groups.setdefault(tuple(item.choices), []).append(item)
     scores = {}
-    for choices, group in groups.items():
-        values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
-                                       list(choices), share_prefix=share_prefix)
-        scores.update((item.gt.id, row) for item, row in zip(group, values))
+    rows = GPU_CHOICE_ROWS if model.device.type == "cuda" else CPU_CHOICE_ROWS
+    with prefill_attention(model.device):  # new shapes every pass: no per-shape cuDNN plans
+        for choices, group in groups.items():
+            values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
+                                           list(choices), max_rows=rows, share_prefix=share_prefix)
+            scores.update((item.gt.id, row) for item, row in zip(group, values))
     return scores
 
 
 CHUNK_BATCHES = 4
+GPU_CHOICE_ROWS, CPU_CHOICE_ROWS = 256, 32  # (question, choice) rows a choice-scoring forward holds
 GPU_SLOTS, CPU_SLOTS = 64, 8
 IMAGE_WORKERS = 8  # threads reading and preprocessing a chunk's images
 
