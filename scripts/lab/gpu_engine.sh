@@ -8,8 +8,8 @@
 #   bash scripts/lab/gpu_engine.sh stage    # carrying the next part, as often as parts are left but one
 #                                           # (serve_compile in its place: the serve bench with --compile)
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
-#   bash scripts/lab/gpu_engine.sh evals    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
-#                                           # with the default admission and --admit-batch 1 (engine statistics)
+#   bash scripts/lab/gpu_engine.sh evals [ARGS...]  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of
+#                                           # nano once per ARGS (extra eval options, "-" for none), engine statistics
 #   bash scripts/lab/gpu_engine.sh profile  # carrying .gpu/srv: where the time goes, in one call (< 8 min): the
 #                                           # warm-up's GPU test, the serve bench and, where part2 staged the payload,
 #                                           # the eval of nano, each with its engine's statistics
@@ -92,19 +92,23 @@ profile() {
   python3 -c "import json; r = json.load(open('/tmp/profile-eval/metrics.json'))['run']; print('eval:', r['this_call'], r['dtype'], r['device'])"
 }
 
-evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test with the
-           # engine's default admission (a quarter of the slots) and with --admit-batch 1, each with its statistics
+evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test, once per
+           # argument (extra eval options, "-" for none; default: "-" "--admit-batch 1" "-"), each with its statistics
   if [ ! -f "$STAGE/ready" ]; then
     stage && bash scripts/lab/gpu_run.sh || exit $?
   fi
   $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
-  for admit in default 1 default; do
-    step "eval: nano on VQA-RAD test, --max-new-tokens 32, admit_batch $admit"
-    rm -rf /tmp/eval-admit  # a rerun would resume, not measure
-    timeout 150 $M eval --data /tmp/data/vqa-rad --split test --max-new-tokens 32 --out /tmp/eval-admit \
-      $([ "$admit" = default ] || echo --admit-batch "$admit") 2>&1 | grep -E "^engine|bootstrap" | cut -c1-900
-    python3 -c "import json; r = json.load(open('/tmp/eval-admit/metrics.json'))['run']; print('eval:', r['this_call'], r['dtype'], r['device'])"
-    cp /tmp/eval-admit/metrics.json "$OUT/eval-admit-$admit.json" 2>/dev/null
+  [ $# -gt 0 ] || set -- - "--admit-batch 1" -
+  local k=0 extra
+  for extra in "$@"; do
+    [ "$extra" = - ] && extra=""
+    k=$((k + 1))
+    step "eval $k: nano on VQA-RAD test, --max-new-tokens 32 $extra"
+    rm -rf /tmp/eval-run  # a rerun would resume, not measure
+    timeout 150 $M eval --data /tmp/data/vqa-rad --split test --max-new-tokens 32 --out /tmp/eval-run $extra 2>&1 \
+      | grep -E "^engine|bootstrap" | cut -c1-900
+    python3 -c "import json; r = json.load(open('/tmp/eval-run/metrics.json'))['run']; print('eval:', r['this_call'], r['dtype'], r['device'])"
+    cp /tmp/eval-run/metrics.json "$OUT/eval-$k.json" 2>/dev/null
   done
 }
 
