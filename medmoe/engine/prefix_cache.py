@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..moe import LayerRouting
+from .routing_records import Records, join
 
 
 def reuse_safe(model) -> bool:
@@ -69,13 +69,13 @@ def prompt_key(input_ids: list[int], pixel_values: torch.Tensor | None, image_to
 class Hit:
     length: int  # prompt tokens found
     kv: torch.Tensor | None  # [2, layers, kv heads, length, head dim]
-    routing: list[LayerRouting] | None  # per MoE layer, [1, length, ...]
+    routing: Records | None  # the prompt's first `length` tokens
 
 
 class _Node:
     __slots__ = ("key", "kv", "routing", "children", "parent", "used")
 
-    def __init__(self, key: tuple, kv, routing, parent):
+    def __init__(self, key: tuple, kv, routing: Records | None, parent):
         self.key, self.kv, self.routing, self.parent = key, kv, routing, parent
         self.children: dict = {}
         self.used = 0
@@ -84,8 +84,7 @@ class _Node:
     def bytes(self) -> int:
         if self.kv is None:
             return 0
-        tensors = [self.kv] + [t for r in self.routing or () for t in (r.expert_index, r.probs)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.kv.numel() * self.kv.element_size() + (self.routing.bytes if self.routing is not None else 0)
 
 
 def _common(a: tuple, b: tuple, start: int, limit: int) -> int:
@@ -95,23 +94,8 @@ def _common(a: tuple, b: tuple, start: int, limit: int) -> int:
     return n
 
 
-def _slice(routing: list[LayerRouting] | None, start: int, end: int | None = None) -> list[LayerRouting] | None:
-    if routing is None:
-        return None
-    return [LayerRouting(r.layer, r.expert_index[:, start:end].clone(), r.probs[:, start:end].clone())
-            for r in routing]
-
-
-def join_routing(head: list[LayerRouting] | None, tail: list[LayerRouting] | None) -> list[LayerRouting] | None:
-    """The records of a prompt's first tokens followed by those of its next ones (None: not all known)."""
-    if tail is None or head is None:
-        return tail if head is None else None
-    return _join([head, tail])
-
-
-def _join(parts: list[list[LayerRouting]]) -> list[LayerRouting]:
-    return [LayerRouting(layer[0].layer, torch.cat([r.expert_index for r in layer], 1),
-                         torch.cat([r.probs for r in layer], 1)) for layer in zip(*parts)]
+def _slice(routing: Records | None, start: int, end: int | None = None) -> Records | None:
+    return None if routing is None else routing.slice(start, end)
 
 
 class PrefixCache:
@@ -151,13 +135,12 @@ class PrefixCache:
         kv = torch.cat([c.kv[..., :n, :] for c, n in parts], dim=3)
         routing = None
         if all(c.routing is not None for c, _ in parts):
-            routing = _join([[LayerRouting(r.layer, r.expert_index[:, :n], r.probs[:, :n]) for r in c.routing]
-                             for c, n in parts])
+            routing = join([c.routing.view(0, n) for c, n in parts])
         return Hit(at, kv, routing)
 
-    def insert(self, key: tuple, kv: torch.Tensor, routing: list[LayerRouting] | None = None) -> None:
+    def insert(self, key: tuple, kv: torch.Tensor, routing: Records | None = None) -> None:
         """Keep the keys and values kv [2, layers, kv heads, len(key), head dim] of a prompt (and its
-        routing records [1, len(key), ...] per layer, which nodes without records take)."""
+        routing records, which nodes without records take)."""
         path, node, at = [], self.root, 0
         while at < len(key):
             child = node.children.get(key[at])
@@ -168,11 +151,12 @@ class PrefixCache:
                 child = self._split(child, n)
             if child.routing is None and routing is not None:
                 child.routing = _slice(routing, at, at + n)
-                self.bytes += child.bytes - child.kv.numel() * child.kv.element_size()
+                self.bytes += child.routing.bytes
             path.append(child)
             node, at = child, at + n
         if at < len(key):
-            per_token = max(_Node((), kv[..., :1, :], _slice(routing, 0, 1), None).bytes, 1)
+            per_token = kv[..., :1, :].numel() * kv.element_size()
+            per_token += routing.bytes // max(len(routing), 1) if routing is not None else 0
             end = min(len(key), at + self.max_bytes // 2 // per_token)  # a prompt larger than the cache: its start
             if end > at:
                 leaf = _Node(key[at:end], kv[..., at:end, :].clone(), _slice(routing, at, end), node)

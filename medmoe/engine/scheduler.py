@@ -44,11 +44,11 @@ from transformers import DynamicCache
 from ..config import RuntimeOptions
 from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
-from ..moe import LayerRouting
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
 from .prefill_kernels import prefill_attention, tower_batch
-from .prefix_cache import PrefixCache, join_routing, prompt_key, reuse_safe, weights_version
+from .prefix_cache import PrefixCache, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
+from .routing_records import Records, forward_records, join_records, row_records
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
@@ -101,7 +101,7 @@ class _Running:
     generator: torch.Generator | None
     length: int  # tokens in the cache (the next token is fed at this position)
     prompt_ids: list[int]
-    routing: list[LayerRouting] | None
+    routing: Records | None
     tokens: list[int] = field(default_factory=list)
     pending: int = 0  # steps launched whose token the request has not been handed yet
     text: str = ""
@@ -119,7 +119,7 @@ class _Prefilling:
     key: tuple | None = None  # its prefix-cache key (None: not cached)
     done: int = 0  # prompt tokens whose keys and values are in `past`
     past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [layers, kv heads, done, head dim]
-    routing: list[LayerRouting] | None = None  # records of the first `done` tokens, [1, done, ...]
+    routing: Records | None = None  # records of the first `done` tokens
     embeds: torch.Tensor | None = None  # the whole prompt's input embeddings, when a piece has image tokens
 
     @property
@@ -525,7 +525,7 @@ class Engine:
         first = len(self.active)
         finished = []
         for row, ((job, n), (segment, records, probs)) in enumerate(zip(pieces, rows)):
-            job.routing = join_routing(job.routing, records) if job.done == 0 or job.routing is not None else None
+            job.routing = join_records(job.routing, records) if job.done == 0 or job.routing is not None else None
             if n < job.left:  # a piece of a long prompt: its keys and values wait for the rest
                 job.past = segment if job.past is None else tuple(torch.cat(p, 2) for p in zip(job.past, segment))
                 job.done += n
@@ -586,6 +586,7 @@ class Engine:
         self.stats.prefills += 1
         self.stats.prefill_tokens += sum(lengths) - shared * (len(jobs) - 1)
         probs = dict(model.moe_state.sample_probs)
+        batch_records = forward_records(routing)
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, B, kv heads, width, head dim]
         values = torch.stack([layer.values for layer in out.cache.layers])
         rows = []
@@ -596,10 +597,7 @@ class Engine:
                                 for t in (keys, values))
             else:  # [padding][prompt]
                 segment = (keys[:, row, :, start:], values[:, row, :, start:])
-            records = None  # in the left-padded layout
-            if routing:
-                records = [LayerRouting(r.layer, r.expert_index[row:row + 1, start:], r.probs[row:row + 1, start:])
-                           for r in routing]
+            records = row_records(batch_records, row, start)  # in the left-padded layout
             rows.append((segment, records, {layer: p[row] for layer, p in probs.items()}))
         return rows, out.logits[:, -1].float()
 
@@ -643,12 +641,10 @@ class Engine:
         self.stats.prefill_tokens += sum(n for _, n in pieces)
         keys = torch.stack([layer.keys[:, :, past:] for layer in out.cache.layers])
         values = torch.stack([layer.values[:, :, past:] for layer in out.cache.layers])
+        batch_records = forward_records(out.routing)
         rows = []
         for row, (job, n) in enumerate(pieces):
-            records = None
-            if out.routing:
-                records = [LayerRouting(r.layer, r.expert_index[row:row + 1, width - n:], r.probs[row:row + 1, width - n:])
-                           for r in out.routing]
+            records = row_records(batch_records, row, width - n)
             rows.append(((keys[:, row, :, width - n:], values[:, row, :, width - n:]), records, {}))
         return rows, out.logits[:, -1].float()
 
@@ -796,7 +792,7 @@ class Engine:
         self.step_fn.positions[last] = 0
         confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
-                        run.routing, run.logprobs, confidence)
+                        None if run.routing is None else run.routing.as_layers(), run.logprobs, confidence)
         if result.finish_reason == "cancelled":
             self.stats.requests_cancelled += 1
         else:
