@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from medmoe.engine import Engine
-from medmoe.engine.prefix_cache import PrefixCache, prompt_key
+from medmoe.engine.prefix_cache import PrefixCache, image_digest, prompt_key
 from medmoe.generation import SamplingConfig
 from test_engine import QUESTIONS, assert_same, images, moe_model, reference, request
 
@@ -217,6 +217,7 @@ def test_prompt_keys_name_images_by_their_pixels():
     key = prompt_key(ids, pixels, 7)
     assert key[:2] == (1, 2) and key[2][1] == 0 and key[3][1] == 1 and key[2][0] != key[5][0]
     assert prompt_key(ids, pixels.clone(), 7) == key
+    assert prompt_key(ids, pixels, 7, tuple(image_digest(p) for p in pixels)) == key  # digests made ahead (eval)
     other = pixels.clone()
     other[1, 0, 0, 0] += 1
     assert prompt_key(ids, other, 7)[:5] == key[:5] and prompt_key(ids, other, 7)[5] != key[5]

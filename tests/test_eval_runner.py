@@ -9,6 +9,7 @@ from PIL import Image
 
 import medmoe.evaluation.evaluate as ev
 from medmoe.cli import main
+from medmoe.engine.prefix_cache import image_digest
 from medmoe.errors import DataError, ImageError
 from medmoe.evaluation.evaluate import EvalSettings, evaluate
 
@@ -251,6 +252,7 @@ def test_encode_items_gives_encode_questions_prompts_with_each_image_read_once(t
     for item, prompt, early in zip(items, prompts, ahead):
         if prompt.pixel_values is not None:
             assert torch.equal(prompt.pixel_values, early.pixel_values)
+            assert early.image_digests == prompt.image_digests == (image_digest(prompt.pixel_values[0]),)
     for item, prompt in zip(items, prompts):
         want = encode_question(processor, item.gt.question, item.image)
         assert prompt.input_ids == want.input_ids

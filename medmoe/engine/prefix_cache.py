@@ -48,9 +48,11 @@ def image_digest(pixels: torch.Tensor) -> bytes:
     return hashlib.blake2b(f"{tuple(pixels.shape)}{pixels.dtype}".encode() + data, digest_size=16).digest()
 
 
-def prompt_key(input_ids: list[int], pixel_values: torch.Tensor | None, image_token_id: int | None) -> tuple | None:
-    """The prompt's tokens with image tokens named by their image; None when the images do not
-    match the image tokens (the prefill reports that error)."""
+def prompt_key(input_ids: list[int], pixel_values: torch.Tensor | None, image_token_id: int | None,
+               digests: tuple[bytes, ...] | None = None) -> tuple | None:
+    """The prompt's tokens with image tokens named by their image (`digests`: the images'
+    `image_digest`s, when known already); None when the images do not match the image tokens (the
+    prefill reports that error)."""
     image_at = [i for i, t in enumerate(input_ids) if t == image_token_id] if image_token_id is not None else []
     if not image_at:
         return tuple(input_ids)
@@ -58,7 +60,8 @@ def prompt_key(input_ids: list[int], pixel_values: torch.Tensor | None, image_to
     if images == 0 or len(image_at) % images:
         return None
     per_image = len(image_at) // images
-    digests = [image_digest(p) for p in pixel_values]
+    if digests is None or len(digests) != images:
+        digests = [image_digest(p) for p in pixel_values]
     key = list(input_ids)
     for n, i in enumerate(image_at):
         key[i] = (digests[n // per_image], n % per_image)

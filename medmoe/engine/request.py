@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 class Prompt:
     input_ids: list[int]  # the prompt's tokens, no padding; `<image>` expanded to the image's token count
     pixel_values: torch.Tensor | None = None  # [images, 3, H, W] in the order of the prompt's image tokens
+    # prefix_cache.image_digest of each image, where the caller computed them ahead (eval: in its image
+    # reader threads); None: the engine computes them when the request arrives
+    image_digests: tuple[bytes, ...] | None = None
 
 
 def encode_conversation(processor, turns: list[Turn], images: list) -> Prompt:

@@ -476,7 +476,8 @@ class Engine:
         self.stats.queue_wait_s += time.perf_counter() - handle.submitted
         prompt = handle.request.prompt
         if self.prefix_cache is not None and handle.request.sampling.share_prefix:
-            job.key = prompt_key(prompt.input_ids, prompt.pixel_values, self.model.config.image_token_id)
+            job.key = prompt_key(prompt.input_ids, prompt.pixel_values, self.model.config.image_token_id,
+                                 prompt.image_digests)
             if job.key is not None:
                 hit = self.prefix_cache.match(job.key, len(job.key) - 1, self._wants_routing(handle))
                 if hit.length:

@@ -214,13 +214,20 @@ def prompt_ids(processor, item: EvalItem) -> list[int]:
 
 
 def read_images(processor, items: list[EvalItem]) -> dict:
-    """Each distinct image of `items`, read and preprocessed once, several at a time (decoding and
-    resizing release the GIL): path -> pixel tensor."""
+    """Each distinct image of `items`, read and preprocessed once, several at a time (decoding,
+    resizing and hashing release the GIL): path -> (pixel tensor, its digest for the engine's prefix
+    cache, so that the engine's thread does not hash the pixels)."""
+    from ..engine.prefix_cache import image_digest
+
+    def read(path):
+        pixels = processor.image_tensor(path)
+        return pixels, image_digest(pixels)
+
     paths = list(dict.fromkeys(i.image for i in items if i.image))
     if not paths:
         return {}
     with ThreadPoolExecutor(max_workers=min(IMAGE_WORKERS, len(paths))) as pool:
-        return dict(zip(paths, pool.map(processor.image_tensor, paths)))
+        return dict(zip(paths, pool.map(read, paths)))
 
 
 def encode_items(processor, items: list[EvalItem], pixels: dict | None = None) -> list:
@@ -229,7 +236,8 @@ def encode_items(processor, items: list[EvalItem], pixels: dict | None = None) -
     from ..engine import Prompt
 
     pixels = read_images(processor, items) if pixels is None else pixels
-    return [Prompt(prompt_ids(processor, i), pixels[i.image][None] if i.image else None) for i in items]
+    return [Prompt(prompt_ids(processor, i), pixels[i.image][0][None], (pixels[i.image][1],)) if i.image
+            else Prompt(prompt_ids(processor, i)) for i in items]
 
 
 def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings):

@@ -18,7 +18,7 @@ items = read_eval_items(resolve_data_file(data, "test"), "test")
 engine = eval_engine(model, processor, items, settings)
 engine.warmup()
 for label, chunk in (("warm", items[:n]), ("probe", items[n:2 * n])):
-    pixels = read_images(processor, chunk)
+    pixels = read_images(processor, chunk)  # path -> (pixels, digest)
     torch.cuda.synchronize()
     start = time.perf_counter()
     if label == "probe":
