@@ -650,9 +650,9 @@ class Engine:
         return rows, out.logits[:, -1].float()
 
     def _encode_prompts(self, jobs: list[_Prefilling]) -> None:
-        """Each job's whole-prompt input embeddings, images spliced in (made once per request), the
-        images of all `jobs` through the tower in one batch: on a GPU a tower's forward costs its
-        kernel launches whatever the batch, so one image at a time would cost that per request."""
+        """Each job's whole-prompt input embeddings, images spliced in (made once per request), all
+        `jobs` at once and their images through the tower in one batch: on a GPU a tower's forward
+        costs its kernel launches whatever the batch, so one image at a time would cost that per request."""
         jobs = [job for job in jobs if job.embeds is None]
         if not jobs:
             return
@@ -667,13 +667,15 @@ class Engine:
             if padded > count:  # zero images to a batch size the tower has run before (prefill_kernels.py)
                 pixels = torch.cat([pixels, pixels.new_zeros(padded - count, *pixels.shape[1:])])
             tokens = model.encode_images(pixels)[:count]
-        used = 0
-        for job in jobs:
-            ids = torch.tensor([job.prompt.input_ids], dtype=torch.long, device=device)
-            count = 0 if job.prompt.pixel_values is None else job.prompt.pixel_values.shape[0]
-            images = tokens[used:used + count] if count else None
-            job.embeds = model.embed_inputs(ids, None, image_tokens=images)[0]
-            used += count
+        # One splice for all jobs (its check of the image-token count reads the device once, not once a job).
+        lengths = [len(job.prompt.input_ids) for job in jobs]
+        pad = self.pad_id if self.pad_id != model.config.image_token_id else 0
+        ids = torch.full((len(jobs), max(lengths)), pad, dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, :lengths[row]] = torch.tensor(job.prompt.input_ids, dtype=torch.long)
+        embeds = model.embed_inputs(ids.to(device), None, image_tokens=tokens)
+        for row, job in enumerate(jobs):
+            job.embeds = embeds[row, :lengths[row]]
 
     # ----- decode ------------------------------------------------------------------------------
     def _decode(self) -> _Picked | None:
