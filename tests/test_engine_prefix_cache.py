@@ -244,42 +244,24 @@ def test_one_prefill_of_prompts_with_and_without_cached_prefixes(phi):
         assert_same(result, reference(model, processor, q, i, c))
 
 
-def test_images_of_one_prefill_go_through_the_tower_together(phi):
+@pytest.mark.parametrize("padded", [False, True], ids=["cpu-batch", "gpu-batch"])
+def test_images_of_one_prefill_go_through_the_tower_together(phi, monkeypatch, padded):
     """Prompts with images after a cached system prompt: one tower forward for the prefill's images
-    (not one a request), the reference loop's answers, mixed with a text-only prompt."""
+    (not one a request), the reference loop's answers, mixed with a text-only prompt; on a GPU the
+    batch is padded to a power of two (prefill_kernels.tower_batch), and the padding changes no answer."""
+    from medmoe.engine import scheduler
+
     model, processor = phi
+    if padded:
+        monkeypatch.setattr(scheduler, "tower_batch", lambda n, device: 1 << (n - 1).bit_length())
     engine = Engine(model, processor, max_slots=4)
     engine.generate([request(processor, QUESTIONS[2], None, CFG)])  # the system prompt into the cache
     cases = [(QUESTIONS[0], RED), (QUESTIONS[1], BLUE), (QUESTIONS[2], None), (QUESTIONS[1], images()[0])]
     batches, original = [], model.encode_images
-    model.encode_images = lambda pixels: batches.append(pixels.shape[0]) or original(pixels)
-    try:
-        results = engine.generate([request(processor, q, i, CFG) for q, i in cases])
-    finally:
-        del model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels: batches.append(pixels.shape[0]) or original(pixels))
+    results = engine.generate([request(processor, q, i, CFG) for q, i in cases])
     assert engine.stats.reused_tokens > 3 * 100  # the pieces path: every prompt after its cached start
-    assert batches == [3]
-    for result, (q, i) in zip(results, cases):
-        assert_same(result, reference(model, processor, q, i, CFG))
-
-
-def test_the_tower_batch_padded_as_on_a_gpu_gives_the_same_answers(phi, monkeypatch):
-    """On a GPU the prefill's images are padded to a power of two (prefill_kernels.tower_batch):
-    the padding images change no answer."""
-    from medmoe.engine import scheduler
-
-    model, processor = phi
-    monkeypatch.setattr(scheduler, "tower_batch", lambda n, device: 1 << (n - 1).bit_length())
-    engine = Engine(model, processor, max_slots=4)
-    engine.generate([request(processor, QUESTIONS[2], None, CFG)])
-    cases = [(QUESTIONS[0], RED), (QUESTIONS[1], BLUE), (QUESTIONS[1], images()[0])]
-    batches, original = [], model.encode_images
-    model.encode_images = lambda pixels: batches.append(pixels.shape[0]) or original(pixels)
-    try:
-        results = engine.generate([request(processor, q, i, CFG) for q, i in cases])
-    finally:
-        del model.encode_images
-    assert batches == [4]
+    assert batches == [4 if padded else 3]
     for result, (q, i) in zip(results, cases):
         assert_same(result, reference(model, processor, q, i, CFG))
 

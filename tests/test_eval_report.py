@@ -49,6 +49,19 @@ def test_results_row():
                    "`medmoe eval --data a`<br>`medmoe eval --data b` |")
 
 
+def test_interval_row():
+    from medmoe.evaluation.report import interval_row
+
+    vqa = {"open": {"recall": 24.5531, "ci95": {"recall": [19.2828, 30.3738]}},
+           "closed": {"accuracy": 59.1912, "ci95": {"accuracy": [53.3088, 64.7059]}}}
+    loglik = {"accuracy": 95.8015, "accuracy_ci95": [94.0840, 97.5191],
+              "balanced_accuracy": 93.06, "balanced_accuracy_ci95": [89.78, 95.65]}
+    runs = [{"vqa": {"by": {"dataset": {"vqa-rad": vqa}}}},
+            {"classification": {"pneumoniamnist": {"loglik": loglik, "generate": {"accuracy": 1.0}}}}]
+    assert interval_row("nano", runs) == ("| nano | 24.55 [19.28, 30.37] | 59.19 [53.31, 64.71] |  |  |  |  | "
+                                          "95.80 [94.08, 97.52] | 93.06 [89.78, 95.65] |")
+
+
 def test_score_report(tmp_path):
     import json
 

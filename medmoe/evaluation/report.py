@@ -246,6 +246,30 @@ def write_reports(metrics: dict, out_dir, rows: list[dict] | None = None) -> tup
 RESULTS_DATASETS = ("vqa-rad", "slake", "pathvqa")
 
 
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}"
+
+
+def interval_row(label: str, runs: list[dict]) -> str:
+    """One Markdown row of docs/RESULTS.md's intervals table: each VQA dataset's open recall and
+    closed accuracy, then PneumoniaMNIST's accuracy and balanced accuracy (label log-likelihood),
+    each with its 95% bootstrap interval, from eval metrics."""
+    cells, pneumonia = {}, ["", ""]
+    for m in runs:
+        for name, agg in ((m.get("vqa") or {}).get("by", {}).get("dataset", {})).items():
+            o, c = agg.get("open") or {}, agg.get("closed") or {}
+            cells[name] = [_with_ci(o.get("recall"), (o.get("ci95") or {}).get("recall")),
+                           _with_ci(c.get("accuracy"), (c.get("ci95") or {}).get("accuracy"))]
+        loglik = ((m.get("classification") or {}).get("pneumoniamnist") or {}).get("loglik")
+        if loglik:
+            pneumonia = [_with_ci(loglik["accuracy"], loglik.get("accuracy_ci95")),
+                         _with_ci(loglik["balanced_accuracy"], loglik.get("balanced_accuracy_ci95"))]
+    values = [v for d in RESULTS_DATASETS for v in cells.get(d, ["", ""])] + pneumonia
+    return "| " + " | ".join([label, *values]) + " |"
+
+
 def results_row(label: str, activated: str, runs: list[dict]) -> str:
     """One Markdown row of docs/RESULTS.md's "Our runs" table from eval metrics (one per dataset
     or one covering several): open recall, closed accuracy substring / strict, and the commands."""
