@@ -459,6 +459,7 @@ class Engine:
         decode steps (a slot free all that time), or when a prefill forward runs anyway (a long
         prompt's next piece), so that prompts arriving a few steps apart share one prefill."""
         if not self.waiting:
+            self.held_steps = 0
             return False
         free = self.max_slots - len(self.active) - len(self.prefilling)
         if (not self.active or self.prefilling or free >= self.admit_batch
