@@ -38,8 +38,8 @@ def run(args) -> int:
     from ..evaluation.evaluate import DEFAULT_MAX_NEW_TOKENS, EvalSettings, evaluate
     from ..evaluation.report import score_text
 
-    if (args.batch_size is not None and args.batch_size < 1) or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        raise ConfigError("--batch-size and --max-new-tokens must be at least 1")
+    if any(value is not None and value < 1 for value in (args.batch_size, args.max_new_tokens, args.admit_batch)):
+        raise ConfigError("--batch-size, --max-new-tokens and --admit-batch must be at least 1")
     settings = EvalSettings(model=args.model, data=args.data, out=args.out, split=args.split,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                             limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,

@@ -66,6 +66,8 @@ def run(args) -> int:
     from ..serving.auth import is_loopback
     from ..serving.server import Limits, create_app, serve
 
+    if args.admit_batch is not None and args.admit_batch < 1:
+        raise ConfigError(f"--admit-batch {args.admit_batch}: give at least 1 (1: new requests join at every step)")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
