@@ -25,6 +25,7 @@
 #   pooled     (not in ablations) per-sample routing from the router's own training feature
 # TRAIN_ARGS adds recipe overrides to the train stage, e.g. TRAIN_ARGS="phase2.train_vision=true".
 # RECIPE (default nano) trains another recipe the same way, e.g. RECIPE=nano-balanced.
+# EVAL_DATASETS (default "vqa-rad slake pathvqa pneumoniamnist") picks and orders the evaluations.
 set -euo pipefail
 DATA_SRC=$(cd "$1" && pwd); WORK=$2; shift 2
 STAGES=${*:-prepare train export eval}
@@ -40,12 +41,12 @@ prepare() {
   $MEDMOE data prepare medmnist --src "$DATA_SRC/pneumoniamnist/pneumoniamnist.npz" --out data/pneumoniamnist
 }
 
-evaluate() {  # evaluate MODEL_DIR OUT_DIR
-  local model=$1 out=$2
-  $MEDMOE eval --model "$model" --data data/vqa-rad --split test --out "$out/vqa-rad" $EVAL_ARGS
-  $MEDMOE eval --model "$model" --data data/slake --split test --out "$out/slake" $EVAL_ARGS
-  $MEDMOE eval --model "$model" --data data/pathvqa --split heldout --out "$out/pathvqa" $EVAL_ARGS
-  $MEDMOE eval --model "$model" --data data/pneumoniamnist --split validation --out "$out/pneumoniamnist" $EVAL_ARGS
+evaluate() {  # evaluate MODEL_DIR OUT_DIR: the datasets of EVAL_DATASETS, in its order
+  local model=$1 out=$2 ds split
+  for ds in ${EVAL_DATASETS:-vqa-rad slake pathvqa pneumoniamnist}; do
+    case $ds in pathvqa) split=heldout ;; pneumoniamnist) split=validation ;; *) split=test ;; esac
+    $MEDMOE eval --model "$model" --data "data/$ds" --split "$split" --out "$out/$ds" $EVAL_ARGS
+  done
 }
 
 ablation() {  # ablation NAME OVERRIDES...: phase 3 only, from the main run's phase 2 and router

@@ -26,6 +26,11 @@ set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
 VARIANTS=${VARIANTS:-nano nano-balanced nano-tower-labels}
 V2=$STAGE/v2
+# The small evaluations and the shuffled-image control before PathVQA's 2,000 held-out questions:
+# a run cut short by the session's device time still answers the image question.
+STAGES='set -e; bash scripts/nano.sh "$1" "$2" train export
+  EVAL_DATASETS="vqa-rad slake pneumoniamnist" bash scripts/nano.sh "$1" "$2" eval-medmoe control
+  EVAL_DATASETS=pathvqa bash scripts/nano.sh "$1" "$2" eval-medmoe'
 
 start() {
   bash scripts/lab/gpu_run.sh || exit $?  # assembles the payload once (with the data prepared where it was built)
@@ -46,8 +51,8 @@ start() {
     (cd "$V2/repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$V2/repo" \
        MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
        MEDMOE=${MEDMOE:-python3 -m medmoe} EVAL_ARGS=${EVAL_ARGS:---batch-size 128 --max-new-tokens 32} \
-       exec setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash scripts/nano.sh "$1" "$2" train export eval-medmoe control; echo "rc=$?" > "$3"' \
-       "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done") > "$V2/$name.log" 2>&1 < /dev/null &
+       exec setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash -c "$4" _ "$1" "$2"; echo "rc=$?" > "$3"' \
+       "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done" "$STAGES") > "$V2/$name.log" 2>&1 < /dev/null &
     echo "started $name in $V2/$name on GPU ${gpus[i % ${#gpus[@]}]}"
     i=$((i + 1))
   done
@@ -83,11 +88,11 @@ wait_runs() {
     newest=$(ls -t "$V2/$name"/runs/nano/*/metrics.jsonl 2>/dev/null | head -1)
     echo "$name: $(cat "$V2/$name.done" 2>/dev/null || echo running) ${newest:+${newest#"$V2"/}: $(tail -1 "$newest")}"
   done
+  collect  # every call: what has finished comes back even if the device time runs out later
   if running; then
     echo "still running after $(( $(date +%s) - begin )) s; call again"
     exit 10
   fi
-  collect
 }
 
 fetch() {  # one variant's delta (30 MB): every variant's would pass the 64 MiB that comes back
