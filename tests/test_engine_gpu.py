@@ -137,11 +137,11 @@ def test_after_warmup_no_request_captures_a_graph_or_grows_the_cache():
 
 def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
     """Prefill forwards run scaled_dot_product_attention without cuDNN's kernel, whose per-shape
-    plans cost 7.8 ms a call on an H100 (engine/prefill_kernels.py), and give the tokens of the
+    plans cost 7.8 ms a call on an H100 (model/attention_kernels.py), and give the tokens of the
     same engine with cuDNN allowed (near-ties aside: the answers' starts)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from medmoe.engine import prefill_kernels
+    from medmoe.model import attention_kernels
 
     model, processor = fused_model("token", "full")
     lengths = [6, 9, 4, 7]
@@ -149,10 +149,10 @@ def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
         fast = run(Engine(model, processor, max_slots=4), processor, lengths)
     names = {event.name for event in prof.events()}
     assert "aten::scaled_dot_product_attention" in names and "aten::_cudnn_attention_forward" not in names
-    allowed = prefill_kernels.PREFILL_ATTENTION
+    allowed = attention_kernels.VARYING_SHAPE_ATTENTION
     try:
-        prefill_kernels.PREFILL_ATTENTION = ("CUDNN_ATTENTION",) + allowed
+        attention_kernels.VARYING_SHAPE_ATTENTION = ("CUDNN_ATTENTION",) + allowed
         plain = run(Engine(model, processor, max_slots=4), processor, lengths)
     finally:
-        prefill_kernels.PREFILL_ATTENTION = allowed
+        attention_kernels.VARYING_SHAPE_ATTENTION = allowed
     assert [r.token_ids[:4] for r in fast] == [r.token_ids[:4] for r in plain]

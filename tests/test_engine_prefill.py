@@ -1,12 +1,13 @@
-"""The engine's prefill helpers: its kernel choices (engine/prefill_kernels.py: no cuDNN attention
-and few tower batch sizes on a GPU, nothing changed on the CPU) and its host-side routing records
+"""The engine's prefill helpers: its kernel choices (model/attention_kernels.py: no cuDNN attention,
+engine/prefill_kernels.py: few tower batch sizes; both on a GPU only, nothing changed on the CPU) and its host-side routing records
 (engine/routing_records.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from medmoe.engine.prefill_kernels import prefill_attention, tower_batch
+from medmoe.engine.prefill_kernels import tower_batch
+from medmoe.model.attention_kernels import varying_shape_attention
 
 
 def test_tower_batches_round_up_to_a_power_of_two_on_a_gpu_only():
@@ -15,15 +16,15 @@ def test_tower_batches_round_up_to_a_power_of_two_on_a_gpu_only():
     assert [tower_batch(n, cpu) for n in (1, 3, 33)] == [1, 3, 33]
 
 
-def test_prefill_attention_leaves_cudnn_out_on_a_gpu_and_restores_the_flags():
+def test_varying_shape_attention_leaves_cudnn_out_on_a_gpu_and_restores_the_flags():
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
               torch.backends.cuda.mem_efficient_sdp_enabled())
-    with prefill_attention(torch.device("cuda")):
+    with varying_shape_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
-    with prefill_attention(torch.device("cpu")):
+    with varying_shape_attention(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
 
 

@@ -147,6 +147,30 @@ def test_tokens_per_s_is_the_log_windows_rate(tmp_path, monkeypatch):
         (2, sum(tokens[0:2]) / 2), (4, sum(tokens[2:4]) / 2), (5, tokens[4] / 1)]
 
 
+def test_forward_and_backward_run_in_the_varying_shape_attention_context(tmp_path, monkeypatch):
+    """Every micro-batch's forward and backward run inside model/attention_kernels.py's context for
+    the training device (on a GPU: no cuDNN attention, whose plans are built per sequence length)."""
+    import contextlib
+
+    model, processor, groups = model_and_groups()
+    entered, inside = [], [False]
+
+    @contextlib.contextmanager
+    def watched(device):
+        entered.append(device)
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    seen = []
+    monkeypatch.setattr(trainer, "varying_shape_attention", watched)
+    with one_thread():
+        phase = PhaseRecipe(lr=1e-3, max_steps=3, batch_size=2, grad_accum=2, log_every=1, save_every=-1)
+        train(model, samples(processor), groups, phase, str(tmp_path),
+              extra_losses=lambda model, batch: seen.append(inside[0]) or {})
+    assert entered == [torch.device("cpu")] * 6 and seen == [True] * 6
+
+
 def test_profile_steps_writes_the_phase_profile(tmp_path):
     model, processor, groups = model_and_groups()
     with one_thread():

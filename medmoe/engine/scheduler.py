@@ -44,8 +44,9 @@ from transformers import DynamicCache
 from ..config import RuntimeOptions
 from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
+from ..model.attention_kernels import varying_shape_attention
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
-from .prefill_kernels import prefill_attention, tower_batch
+from .prefill_kernels import tower_batch
 from .prefix_cache import PrefixCache, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .routing_records import Records, forward_records, join_records, row_records
@@ -514,7 +515,7 @@ class Engine:
     def _prefill(self, pieces: list[tuple[_Prefilling, int]]) -> None:
         """Run the pieces in one forward; a request whose prompt is complete goes into the next
         slot (its keys and values into the prefix cache) and gets its first token."""
-        with prefill_attention(self.cache.device):
+        with varying_shape_attention(self.cache.device):
             if all(job.done == 0 and n == job.left for job, n in pieces):
                 rows, logits = self._prefill_prompts([job for job, _ in pieces])
             else:

@@ -255,7 +255,7 @@ def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings)
 def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
     """Log-likelihood of each choice, by item id, for the items that have choices: one forward pass
     per set of choices in the batch."""
-    from ..engine.prefill_kernels import prefill_attention
+    from ..model.attention_kernels import varying_shape_attention
     from .classification import choice_logprobs_batch
 
     groups: dict[tuple, list[EvalItem]] = {}
@@ -264,7 +264,7 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
             groups.setdefault(tuple(item.choices), []).append(item)
     scores = {}
     rows = GPU_CHOICE_ROWS if model.device.type == "cuda" else CPU_CHOICE_ROWS
-    with prefill_attention(model.device):  # new shapes every pass: no per-shape cuDNN plans
+    with varying_shape_attention(model.device):  # new shapes every pass: no per-shape cuDNN plans
         for choices, group in groups.items():
             values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
                                            list(choices), max_rows=rows, share_prefix=share_prefix)

@@ -137,19 +137,22 @@ def collate(items: list[dict]) -> dict:
 def pooled_features(model: LabelHeads, dataset: LabelImages, batch_size: int, device, num_workers: int = 0) -> torch.Tensor:
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-    return torch.cat([model.pooled(b["pixel_values"].to(device)).cpu() for b in loader])
+    return torch.cat([model.pooled(b["pixel_values"].to(device)) for b in loader])
 
 
 def linear_probe(features: torch.Tensor, targets: torch.Tensor, classes: dict, layout: dict, epochs: int,
                  seed: int, lr: float = 1e-3, batch_size: int = 64) -> nn.ModuleDict:
-    """Heads trained on frozen features (Adam, seeded: the same probe before and after)."""
+    """Heads trained on frozen features (Adam, seeded: the same probe before and after), on the
+    features' device: thousands of tiny steps, which a busy many-core host runs far slower than a GPU."""
     g = torch.Generator().manual_seed(seed)
-    heads = label_heads(features.shape[1], classes, g)
+    heads = label_heads(features.shape[1], classes, g).to(features.device)
+    targets = targets.to(features.device)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
     opt = torch.optim.Adam(heads.parameters(), lr=lr)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            idx = idx.to(features.device)
             loss = heads_loss(heads, layout, x[idx], targets[idx])
             opt.zero_grad()
             loss.backward()
@@ -163,6 +166,7 @@ def predictions(heads: nn.ModuleDict, features: torch.Tensor, targets: torch.Ten
     """Per family, the held-out images' true and predicted labels (evaluation/labels.py scores them)."""
     mean, std = heads.normalise
     x = (features - mean) / std
+    targets = targets.to(features.device)
     out = {}
     for family, head in heads.items():
         t = targets[:, layout[family]]

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
+from ..model.attention_kernels import varying_shape_attention
 from ..model.pretrained import cpu_has_fast_bf16
 from ..model.recompute import checkpointing_options
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -300,7 +301,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             micro += 1
             boundary = micro % phase.grad_accum == 0
             sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-            with sync, autocast():
+            with sync, autocast(), varying_shape_attention(dist.device):  # a new length every batch
                 with record_function("forward"):
                     out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
