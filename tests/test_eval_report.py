@@ -43,10 +43,12 @@ def test_results_row():
 
     agg = lambda r, a, s: {"open": {"recall": r}, "closed": {"accuracy": a, "accuracy_strict": s}}
     runs = [{"run": {"command": "medmoe eval --data a"}, "vqa": {"by": {"dataset": {"vqa-rad": agg(50, 80, 70)}}}},
-            {"run": {"command": "medmoe eval --data b"}, "vqa": {"by": {"dataset": {"slake": agg(75.123, 81, 79.5)}}}}]
+            {"run": {"command": "medmoe eval --data b"}, "vqa": {"by": {"dataset": {"slake": agg(75.123, 81, 79.5)}}}},
+            {"run": {"command": "medmoe eval --data c"},
+             "classification": {"pneumoniamnist": {"loglik": {"accuracy": 95.6107}, "generate": {"accuracy": 90.0}}}}]
     row = results_row("nano", "0.2B", runs)
-    assert row == ("| nano | 0.2B | 50.00 | 80.00 / 70.00 | 75.12 | 81.00 / 79.50 |  |  | "
-                   "`medmoe eval --data a`<br>`medmoe eval --data b` |")
+    assert row == ("| nano | 0.2B | 50.00 | 80.00 / 70.00 | 75.12 | 81.00 / 79.50 |  |  | 95.61 | "
+                   "`medmoe eval --data a`<br>`medmoe eval --data b`<br>`medmoe eval --data c` |")
 
 
 def test_interval_row():

@@ -252,6 +252,11 @@ def _with_ci(value, ci) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}"
 
 
+def _pneumonia_loglik(metrics: dict) -> dict | None:
+    """PneumoniaMNIST's scores by label log-likelihood (the column docs/RESULTS.md reports)."""
+    return ((metrics.get("classification") or {}).get("pneumoniamnist") or {}).get("loglik")
+
+
 def interval_row(label: str, runs: list[dict]) -> str:
     """One Markdown row of docs/RESULTS.md's intervals table: each VQA dataset's open recall and
     closed accuracy, then PneumoniaMNIST's accuracy and balanced accuracy (label log-likelihood),
@@ -262,7 +267,7 @@ def interval_row(label: str, runs: list[dict]) -> str:
             o, c = agg.get("open") or {}, agg.get("closed") or {}
             cells[name] = [_with_ci(o.get("recall"), (o.get("ci95") or {}).get("recall")),
                            _with_ci(c.get("accuracy"), (c.get("ci95") or {}).get("accuracy"))]
-        loglik = ((m.get("classification") or {}).get("pneumoniamnist") or {}).get("loglik")
+        loglik = _pneumonia_loglik(m)
         if loglik:
             pneumonia = [_with_ci(loglik["accuracy"], loglik.get("accuracy_ci95")),
                          _with_ci(loglik["balanced_accuracy"], loglik.get("balanced_accuracy_ci95"))]
@@ -272,12 +277,16 @@ def interval_row(label: str, runs: list[dict]) -> str:
 
 def results_row(label: str, activated: str, runs: list[dict]) -> str:
     """One Markdown row of docs/RESULTS.md's "Our runs" table from eval metrics (one per dataset
-    or one covering several): open recall, closed accuracy substring / strict, and the commands."""
-    cells = {}
+    or one covering several): open recall, closed accuracy substring / strict, PneumoniaMNIST's
+    accuracy (label log-likelihood), and the commands."""
+    cells, pneumonia = {}, ""
     for m in runs:
         for name, agg in ((m.get("vqa") or {}).get("by", {}).get("dataset", {})).items():
             o, c = agg.get("open") or {}, agg.get("closed") or {}
             cells[name] = [_pct(o.get("recall")), f"{_pct(c.get('accuracy'))} / {_pct(c.get('accuracy_strict'))}"]
-    values = [v for d in RESULTS_DATASETS for v in cells.get(d, ["", ""])]
+        loglik = _pneumonia_loglik(m)
+        if loglik:
+            pneumonia = _pct(loglik["accuracy"])
+    values = [v for d in RESULTS_DATASETS for v in cells.get(d, ["", ""])] + [pneumonia]
     commands = "<br>".join(f"`{m['run']['command']}`" for m in runs if m.get("run", {}).get("command"))
     return "| " + " | ".join([label, activated, *values, commands]) + " |"
