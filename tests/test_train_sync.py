@@ -171,6 +171,22 @@ def test_forward_and_backward_run_in_the_varying_shape_attention_context(tmp_pat
     assert entered == [torch.device("cpu")] * 6 and seen == [True] * 6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_steps_on_a_gpu_run_no_cudnn_attention(tmp_path):
+    """On a GPU, bf16 training steps of batches of different lengths run attention through the
+    flash or memory-efficient kernel, never cuDNN's (its plans are built per length)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, processor, groups = model_and_groups()
+    model.to("cuda")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(model, samples(processor), groups, PhaseRecipe(lr=1e-3, max_steps=3, batch_size=3, save_every=-1),
+              str(tmp_path), dist=trainer.single_process(torch.device("cuda")))
+    names = {event.name for event in prof.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert not any("cudnn_attention" in name for name in names)
+
+
 def test_profile_steps_writes_the_phase_profile(tmp_path):
     model, processor, groups = model_and_groups()
     with one_thread():
