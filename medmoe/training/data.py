@@ -3,6 +3,8 @@
 - a prepared dataset folder (`medmoe data prepare ...` output: {split}.jsonl + dataset.json),
 - a records file (.jsonl canonical records, or .json in the LLaVA format),
 - "captions:<source>": one caption per image of <source>, built from its metadata (phase 1).
+- "label-questions:<source>": closed yes/no questions about each image of <source>, built from its
+  image-level labels (modality, organ, SLAKE's structures; `data/label_questions.py`).
 Any of them may end in "*N" (a whole number) to repeat its records N times per epoch, so that a
 small set is not drowned by a large one: ["data/vqa-rad*3", "data/pathvqa"].
 The encoding itself (templates, image tokens, truncation) is the data layer's `VQADataset`.
@@ -48,7 +50,8 @@ def _source_records(source: str, split: str) -> list:
     if os.path.isfile(source):
         return [r for r in rec.read_records(source, resolve_images=True) if r.split == split or split == "any"]
     raise DataError(f"data source {source!r} not found: use 'sample', a prepared dataset folder "
-                    "(medmoe data prepare ...), a records .jsonl file, or captions:<one of those>")
+                    "(medmoe data prepare ...), a records .jsonl file, or captions: or label-questions: "
+                    "before one of those")
 
 
 def split_repeat(source: str) -> tuple[str, int]:
@@ -71,6 +74,10 @@ def load_records(sources: Sequence[str], split: str = "train") -> list:
             from ..data.captions import build_captions
 
             records = build_captions(_source_records(source.split(":", 1)[1], split), image_root="/")
+        elif source.startswith("label-questions:"):
+            from ..data.label_questions import label_questions
+
+            records = label_questions(_source_records(source.split(":", 1)[1], split))
         else:
             records = _source_records(source, split)
         out.extend(list(records) * repeat)
