@@ -170,3 +170,22 @@ def test_report_lines():
     many = {k: v * 10 if isinstance(v, list) else v for k, v in entry.items()}  # 40 images
     better = label_report({"before": {"class": {**many, "pred": [1] * 40}}, "after": {"class": many}})
     assert better["change"]["class"]["points"] == 50.0 and better["change"]["class"]["ci"][0] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_linear_probe_trains_on_the_features_device():
+    """The probe's heads train where its features are (a GPU: thousands of tiny steps that a busy
+    host ran at 0.2 s each) and predict what the same probe on the CPU predicts."""
+    from medmoe.training.tower import linear_probe, predictions
+
+    g = torch.Generator().manual_seed(0)
+    classes, layout = {"modality": ["CT", "MRI"]}, {"modality": slice(0, 1)}
+    targets = torch.randint(0, 2, (64, 1), generator=g).float()
+    features = torch.randn(64, 16, generator=g) + 3 * targets
+    heads = linear_probe(features.cuda(), targets, classes, layout, epochs=5, seed=0)
+    assert next(heads.parameters()).device.type == "cuda"
+    on_gpu = predictions(heads, features.cuda(), targets, classes, layout)
+    on_cpu = predictions(linear_probe(features, targets, classes, layout, epochs=5, seed=0), features, targets,
+                         classes, layout)
+    agree = sum(a == b for a, b in zip(on_gpu["modality"]["pred"], on_cpu["modality"]["pred"]))
+    assert agree >= 62 and on_gpu["modality"]["truth"] == on_cpu["modality"]["truth"]
