@@ -2,6 +2,7 @@
 
     medmoe data prepare vqa-rad --src PATH --out DIR [--json]
     medmoe data captions DIR [--split train]          # DIR/captions.jsonl for phase 1
+    medmoe data label-questions DIR [--split test]    # DIR/label-questions-test.jsonl: yes/no from image labels
     medmoe data convert IN OUT                         # .jsonl <-> LLaVA .json
 """
 
@@ -38,6 +39,14 @@ def register(subparsers) -> None:
     c.add_argument("--split", default="train", help="records to caption (default train: no test images)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=run_captions)
+
+    q = sub.add_parser("label-questions", help="closed yes/no questions from each image's labels (modality, organ, "
+                       "SLAKE structures): train on them, or evaluate whether a model reads the image")
+    q.add_argument("dir", help="a folder written by `medmoe data prepare`")
+    q.add_argument("--split", default="test", help="the split whose images are asked about (default test)")
+    q.add_argument("--out", help="records file to write (default DIR/label-questions-SPLIT.jsonl)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the classes the 'no' questions name")
+    q.set_defaults(func=run_label_questions)
 
     v = sub.add_parser("convert", help="canonical .jsonl <-> LLaVA conversation .json (by extension)")
     v.add_argument("input")
@@ -85,6 +94,23 @@ def run_captions(args) -> int:
     print(f"{len(captions)} captions -> {directory / 'captions.jsonl'}")
     for c in captions[:3]:
         print(f"  {c.image}: {c.answer}")
+    return 0
+
+
+def run_label_questions(args) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from ..data.label_questions import label_questions
+    from ..data.records import load_split, write_records
+
+    directory = Path(args.dir)
+    questions = label_questions(load_split(directory, args.split), seed=args.seed)
+    out = Path(args.out) if args.out else directory / f"label-questions-{args.split}.jsonl"
+    write_records(out, questions)
+    families = ", ".join(f"{k} {v}" for k, v in Counter(q.meta["question_type"] for q in questions).items())
+    print(f"{len(questions)} questions ({families}; half of them answered yes) -> {out}")
+    print(f"  medmoe eval --data {out} --split {args.split} --max-new-tokens 8")
     return 0
 
 
