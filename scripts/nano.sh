@@ -15,6 +15,8 @@
 #              on every test split (eval-dense, eval-medmoe: one of the two)
 #   control    the exported model on VQA-RAD and SLAKE test with each question shown another
 #              question's image (--shuffle-images): how much of the score comes from the image
+#   probe      the exported model on yes/no questions about VQA-RAD's and SLAKE's test images, made
+#              from their labels (medmoe data label-questions): does it read the image at all
 #   ablations  phase 3 again without the meta expert, with a plain learned router, with per-sample
 #              routing and with full (non-LoRA) experts, each evaluated the same way; each of
 #              these four is also a stage of its own: no-meta, plain-router, per-sample, full-experts
@@ -107,6 +109,12 @@ for stage in $STAGES; do
                $MEDMOE eval --model export/nano --data "data/$ds" --split test --out "evals/medmoe-shuffled/$ds" \
                  --shuffle-images $EVAL_ARGS
              done ;;
+    probe) for ds in vqa-rad slake; do
+             mkdir -p evals/label-questions
+             $MEDMOE data label-questions "data/$ds" --split test --out "evals/label-questions/$ds.jsonl"
+             $MEDMOE eval --model export/nano --data "evals/label-questions/$ds.jsonl" --split test \
+               --out "evals/medmoe-label-questions/$ds" $EVAL_ARGS --max-new-tokens 8
+           done ;;
     finetune) finetune_each ;;
     export) $MEDMOE export runs/nano/phase3/model export/nano --base nano --dtype bfloat16 ;;
     ablations) for name in no-meta plain-router per-sample full-experts; do "ablation_$name"; done ;;

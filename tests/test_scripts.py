@@ -53,6 +53,25 @@ def test_control_stage_shows_the_shipped_model_shuffled_images(tmp_path):
         assert "--shuffle-images" in line and f"--out evals/medmoe-shuffled/{ds}" in line
 
 
+def test_eval_datasets_picks_and_orders_the_evaluations(tmp_path):
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "MEDMOE": "echo medmoe", "EVAL_DATASETS": "pneumoniamnist vqa-rad"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "nano.sh"), str(tmp_path / "data"), str(tmp_path / "work"),
+                          "eval-medmoe"], env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert [line.split("--data ")[1].split()[0] for line in lines] == ["data/pneumoniamnist", "data/vqa-rad"]
+    assert "--split validation" in lines[0] and "--split test" in lines[1]
+
+
+def test_probe_asks_yes_no_label_questions_about_the_test_images(tmp_path):
+    lines = nano_sh(tmp_path, "probe")
+    assert len(lines) == 4
+    for (make, ask), ds in zip([lines[0:2], lines[2:4]], ["vqa-rad", "slake"], strict=True):
+        assert make == f"medmoe data label-questions data/{ds} --split test --out evals/label-questions/{ds}.jsonl"
+        assert ask.startswith(f"medmoe eval --model export/nano --data evals/label-questions/{ds}.jsonl --split test")
+        assert ask.endswith("--max-new-tokens 8")
+
+
 def test_recipe_variable_trains_another_recipe(tmp_path):
     (tmp_path / "data").mkdir()
     env = {**os.environ, "MEDMOE": "echo medmoe", "RECIPE": "nano-balanced"}

@@ -26,10 +26,11 @@ set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
 VARIANTS=${VARIANTS:-nano nano-balanced nano-tower-labels}
 V2=$STAGE/v2
-# The small evaluations and the shuffled-image control before PathVQA's 2,000 held-out questions:
+# The small evaluations, the shuffled-image control and the yes/no label probe before PathVQA's
+# 2,000 held-out questions:
 # a run cut short by the session's device time still answers the image question.
 STAGES='set -e; bash scripts/nano.sh "$1" "$2" train export
-  EVAL_DATASETS="vqa-rad slake pneumoniamnist" bash scripts/nano.sh "$1" "$2" eval-medmoe control
+  EVAL_DATASETS="vqa-rad slake pneumoniamnist" bash scripts/nano.sh "$1" "$2" eval-medmoe control probe
   EVAL_DATASETS=pathvqa bash scripts/nano.sh "$1" "$2" eval-medmoe'
 
 start() {
