@@ -11,7 +11,9 @@ no about another, so a model that answers from the question alone gets half of t
     organ        "Is this an image of the chest?"       VQA-RAD's organ, SLAKE's location, PathVQA's
     structures   "Does the picture contain liver?"      SLAKE's detection.json
 
-Pass training records only: the labels then say nothing a training question has not said.
+To train on them, pass training records: the labels then say nothing a training question has not
+said. As a probe of whether a model reads the image (`medmoe data label-questions DIR --split
+test`), pass a test split: its questions come from that split's own metadata.
 """
 
 from __future__ import annotations
