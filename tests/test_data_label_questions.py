@@ -63,13 +63,19 @@ def test_slake_structures_ask_whether_the_picture_contains_them(tmp_path):
         assert (name in contained) == (q.answer == "yes")
 
 
-def test_the_data_source_builds_them_from_a_prepared_folder(tmp_path):
+def prepared_folder(tmp_path, split: str, n: int = 10):
+    """A prepared VQA-RAD-like folder: n images of the split, CT of the abdomen or MRI of the head."""
     folder = tmp_path / "data"
     folder.mkdir()
     rows = [dict(id=str(k), image=f"{k}.jpg", question="q?", answer="yes", modality=["CT", "MRI"][k % 2],
-                 dataset="vqa-rad", split="train", meta={"organ": ["ABD", "HEAD"][k % 2]}) for k in range(10)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "dataset.json").write_text(json.dumps({"name": "vqa-rad", "splits": ["train"]}))
+                 dataset="vqa-rad", split=split, meta={"organ": ["ABD", "HEAD"][k % 2]}) for k in range(n)]
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "dataset.json").write_text(json.dumps({"name": "vqa-rad", "splits": [split]}))
+    return folder
+
+
+def test_the_data_source_builds_them_from_a_prepared_folder(tmp_path):
+    folder = prepared_folder(tmp_path, "train")
     questions = load_records([f"label-questions:{folder}"])
     assert len(questions) == 10 * 2 * 2 and {q.split for q in questions} == {"train"}
 
@@ -78,12 +84,7 @@ def test_the_data_command_writes_them_for_evaluation(tmp_path, capsys):
     from medmoe.cli import main
     from medmoe.data.records import read_records
 
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rows = [dict(id=str(k), image=f"{k}.jpg", question="q?", answer="yes", modality=["CT", "MRI"][k % 2],
-                 dataset="vqa-rad", split="test", meta={"organ": ["ABD", "HEAD"][k % 2]}) for k in range(10)]
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "dataset.json").write_text(json.dumps({"name": "vqa-rad", "splits": ["test"]}))
+    folder = prepared_folder(tmp_path, "test")
     assert main(["data", "label-questions", str(folder)]) == 0
     written = read_records(folder / "label-questions-test.jsonl")
     assert len(written) == 40 and {r.split for r in written} == {"test"}
