@@ -94,7 +94,8 @@ def test_graphs_captured_again_after_the_cache_grows():
     graphed = Engine(model, processor, max_slots=2)
     fast = answers(graphed)
     assert graphed.cache.version >= 2 and graphed.step_fn.graphs
-    slow = answers(Engine(model, processor, max_slots=2, cuda_graphs=False, overlap_steps=False))
+    # The same prefill path without graphs: bf16 answers this long follow the prefill's kernels.
+    slow = answers(Engine(model, processor, max_slots=2, cuda_graphs=False, overlap_steps=False, prefill_graphs=True))
     assert fast == slow and [len(t) for t in fast] == [20, 300]
 
 
@@ -156,3 +157,39 @@ def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
     finally:
         attention_kernels.VARYING_SHAPE_ATTENTION = allowed
     assert [r.token_ids[:4] for r in fast] == [r.token_ids[:4] for r in plain]
+
+
+def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward():
+    """Warm-up captures a prefill graph for every (rows, tokens) bucket; image and text prompts,
+    cached prefixes and 64-token pieces of prompts joining a running batch then replay them, with no
+    capture, and get the answers of the model's own prefill forward (float32: the same kernels)."""
+    from PIL import Image
+
+    model, processor = fused_model("token", "full", torch.float32)
+    engine = Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64)
+    step = engine.prefill_step
+    assert step is not None and step.cuda_graphs
+    engine.warmup()
+    assert sorted(step.graphs) == step.shapes() and engine.stats.prefill_captures == len(step.shapes())
+    before = engine.stats.snapshot()
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    long_question = " ".join(["describe the upper left lobe"] * 12)
+    asks = [(QUESTIONS[0], image, 8), (long_question, None, 40), (QUESTIONS[1], None, 30), (QUESTIONS[3], image, 20)]
+
+    def answers(engine):
+        rounds = []
+        for _ in range(2):  # the second round from the prefix cache
+            handles = []
+            for q, img, n in asks:
+                handles.append(engine.submit(Request(encode_question(processor, q, img),
+                                                     SamplingConfig(max_new_tokens=n, ignore_eos=True))))
+                engine.step()
+            rounds.append([h.result().token_ids for h in handles])
+        return rounds
+
+    fast = answers(engine)
+    d = engine.stats.since(before)
+    assert d.prefill_captures == 0 and d.graphs_dropped == 0 and d.prefill_replays == d.prefills > 8
+    assert d.reused_tokens > 0
+    slow = answers(Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64, prefill_graphs=False))
+    assert fast == slow

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--admit-batch", type=int, default=None,
                    help="while requests decode, new prompts wait until this many slots are free (at most 8 decode steps) "
                         "and are prefilled together; default a quarter of the slots on a GPU, 1 on the CPU")
+    p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false", default=None,
+                   help="GPU: prefill through the model's own forward, not CUDA graphs written into the KV cache "
+                        "(the same answers, slower; for measuring)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,7 @@ def run(args) -> int:
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                             limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,
                             share_prefix=args.share_prefix, shuffle_images=args.shuffle_images,
-                            admit_batch=args.admit_batch)
+                            admit_batch=args.admit_batch, prefill_graphs=args.prefill_graphs)
     metrics = evaluate(settings)
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))

@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--admit-batch", type=int, default=None,
                    help="while requests decode, new prompts wait until this many slots are free (at most 8 decode steps) "
                         "and are prefilled together; default a quarter of the slots on a GPU, 1 on the CPU")
+    p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false", default=None,
+                   help="GPU: prefill through the model's own forward, not CUDA graphs written into the KV cache "
+                        "(the same answers, slower; for measuring)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +75,8 @@ def run(args) -> int:
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
-                    prefill_chunk=args.prefill_chunk, admit_batch=args.admit_batch)
+                    prefill_chunk=args.prefill_chunk, admit_batch=args.admit_batch,
+                    prefill_graphs=args.prefill_graphs)
     if pick_device(args.device).type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(model_threads(args.threads, cores))

@@ -7,7 +7,8 @@ declares, and the one object every user path (`serve`, `ask`, `chat`, `eval`, th
     results = engine.generate([Request(encode_question(processor, "What is shown?", image))])
 
 scheduler.py (the engine), slot_cache.py (its KV cache), prefix_cache.py (prompt prefixes kept
-across requests), decode_step.py (the batched step, CUDA graphs), sampling.py (per-request
+across requests), decode_step.py (the batched step, CUDA graphs), prefill_step.py (prefill into the cache, CUDA graphs on a
+GPU), sampling.py (per-request
 sampling, log-probabilities), request.py (what goes in and out), stats.py (what the engine did,
 where its time went), batch.py (one engine per model;
 results as the reference's output); the speed-ups the model takes for inference: fused_layers.py,

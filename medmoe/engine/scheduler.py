@@ -8,8 +8,10 @@ Each iteration of `step`:
      most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
      running streams are not stalled for long; on a GPU, while requests decode, waiting requests
      are admitted a few at once (`admit_batch`), since a prefill forward costs its kernel launches
-     whatever its size. A request whose prompt is complete gets its keys and values copied into
-     its slot (and the prefix cache) and its first token;
+     whatever its size. On a GPU (token routing) each prompt is prefilled into a staging slot of
+     the cache by a CUDA graph per (rows, tokens) bucket (prefill_step.py); otherwise by the model's
+     own forward. A request whose prompt is complete gets its keys and values copied into its slot
+     (and the prefix cache) and its first token;
   2. runs ONE decode step over all running requests (decode_step.py) and hands each its next
      token by its own sampling settings;
   3. finishes requests at end-of-sequence (unless `ignore_eos`), a stop string, `max_new_tokens`,
@@ -46,7 +48,9 @@ from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..model.attention_kernels import varying_shape_attention
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
+from .fast_path import graph_safe
 from .prefill_kernels import tower_batch
+from .prefill_step import PrefillStep
 from .prefix_cache import PrefixCache, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .routing_records import Records, forward_records, join_records, row_records
@@ -60,6 +64,7 @@ IDLE_PREFIX_KEEP_BYTES = 8 << 20  # what of the prefix cache an idle CPU runner 
 CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
 ADMIT_DELAY_STEPS = 8  # the most decode steps a waiting request is held back to be prefilled with others
 KV_MEMORY_FRACTION = 0.75  # of the GPU's free memory, the most warm-up allocates for the KV cache
+MIN_STAGING_SLOTS = 16  # prompts prefilled at once into staging slots (prefill_step.py), at least (or max_slots)
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -118,10 +123,11 @@ class _Prefilling:
     """A request in a slot whose prompt is being prefilled (in pieces when it is long)."""
     handle: Handle
     key: tuple | None = None  # its prefix-cache key (None: not cached)
-    done: int = 0  # prompt tokens whose keys and values are in `past`
+    done: int = 0  # prompt tokens whose keys and values are in `past` (or in its staging slot)
     past: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [layers, kv heads, done, head dim]
+    stage: int | None = None  # its staging slot, where prefill_step.py writes its keys and values
     routing: Records | None = None  # records of the first `done` tokens
-    embeds: torch.Tensor | None = None  # the whole prompt's input embeddings, when a piece has image tokens
+    embeds: torch.Tensor | None = None  # the whole prompt's input embeddings (made once, when needed)
 
     @property
     def prompt(self) -> Prompt:
@@ -149,7 +155,7 @@ class Engine:
                  max_prefill_tokens: int = 4096, max_waiting: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | str = False, overlap_steps: bool | None = None,
                  prefix_cache_mb: float | None = None, prefill_chunk: int | None = None,
-                 admit_batch: int | None = None):
+                 admit_batch: int | None = None, prefill_graphs: bool | None = None):
         """`processor`: None for token-only use (benchmarks: no text, end ids from the model's config).
         `cuda_graphs`: None: on a GPU when every MoE block runs without host syncs. `compile`: the
         decode step through torch.compile (True, or its mode); call `warmup` before serving, so
@@ -161,7 +167,11 @@ class Engine:
         only where the model routes by token (prefix_cache.reuse_safe).
         `admit_batch` (config.RuntimeOptions; None: a quarter of the slots on a GPU, 1 on the CPU):
         while requests decode, waiting requests take free slots only once this many are free or the
-        oldest has waited ADMIT_DELAY_STEPS steps, so that their prompts share one prefill forward."""
+        oldest has waited ADMIT_DELAY_STEPS steps, so that their prompts share one prefill forward.
+        `prefill_graphs` (config.RuntimeOptions; None: where the decode step's CUDA graphs apply):
+        prompts are prefilled straight into staging slots of the KV cache, each forward a CUDA graph
+        per (rows, tokens) bucket (prefill_step.py); token routing only. True on the CPU runs the
+        same path without graphs."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight
@@ -187,8 +197,15 @@ class Engine:
         self.admit_batch = min(admit, max_slots)
         self.held_steps = 0  # decode steps the oldest waiting request has been held back (admit_batch)
         self.stats = EngineStats()
-        self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device)
+        if cuda_graphs is None:
+            cuda_graphs = weight.device.type == "cuda" and graph_safe(model, weight.dtype, weight.device)
+        staged = defaults.prefill_graphs if prefill_graphs is None else prefill_graphs
+        staged = (cuda_graphs if staged is None else staged) and safe
+        staging = min(max_slots, max(self.admit_batch, MIN_STAGING_SLOTS)) if staged else 0
+        self.cache = SlotCache(lm.config, max_slots, self.max_len, weight.dtype, weight.device, staging=staging)
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile, self.stats)
+        graphed = cuda_graphs and weight.device.type == "cuda"
+        self.prefill_step = PrefillStep(model, self.cache, graphed, max_prefill_tokens, self.stats) if staging else None
         self.warm = False  # warmup() has run
         # On a GPU the buffer stays (its CUDA graphs hold its address); on the CPU it is reallocated
         # at the next burst, cheaply, and the process's memory returns to where it started.
@@ -275,6 +292,11 @@ class Engine:
             logger.info("warm-up: %d CUDA graphs (%d rows x %d spans), KV cache %d slots x %d tokens (%.1f GiB)",
                         len(step.graphs), len({r for r, _ in shapes}), len({s for _, s in shapes}),
                         self.max_slots, self.cache.capacity, self.cache.nbytes() / 2**30)
+        prefill = self.prefill_step
+        if prefill is not None and prefill.cuda_graphs and self.cache.capacity:
+            with torch.no_grad():
+                prefill.warm_up()
+            logger.info("warm-up: %d prefill CUDA graphs (%d staging slots)", len(prefill.graphs), self.cache.staging)
         self.stats.warmup_captures += self.stats.graph_captures - captures
         self.stats.warmup_s += time.perf_counter() - start
         self.warm = True
@@ -284,7 +306,7 @@ class Engine:
         KV_MEMORY_FRACTION of `free_bytes` (at least one)."""
         if free_bytes is None:
             return self.max_len
-        per_token = self.max_slots * self.cache.bytes_per_token()
+        per_token = (self.max_slots + self.cache.staging) * self.cache.bytes_per_token()
         fit = int(free_bytes * KV_MEMORY_FRACTION) // per_token // BUCKET * BUCKET
         return min(self.max_len, max(fit, BUCKET))
 
@@ -424,7 +446,8 @@ class Engine:
         if self.prefix_cache is not None and self.waiting:
             self.prefix_cache.check(weights_version(self.model))
         if self._admitting():
-            while self.waiting and len(self.active) + len(self.prefilling) < self.max_slots:
+            while (self.waiting and len(self.active) + len(self.prefilling) < self.max_slots
+                   and (self.prefill_step is None or len(self.prefilling) < self.cache.staging)):
                 self.prefilling.append(self._start(self.waiting.popleft()))
         chunk = self.prefill_chunk if self.active else 0
         budget = chunk or self.max_prefill_tokens
@@ -474,6 +497,10 @@ class Engine:
     def _start(self, handle: Handle) -> _Prefilling:
         """A request enters a slot; the longest prefix of its prompt in the prefix cache is its start."""
         job = _Prefilling(handle)
+        if self.prefill_step is not None:
+            taken = {other.stage for other in self.prefilling}
+            job.stage = next(s for s in range(self.max_slots, self.max_slots + self.cache.staging) if s not in taken)
+            self._reserve(len(handle.request.prompt.input_ids) + handle.request.sampling.max_new_tokens)
         self.stats.requests_admitted += 1
         self.stats.queue_wait_s += time.perf_counter() - handle.submitted
         prompt = handle.request.prompt
@@ -483,7 +510,11 @@ class Engine:
             if job.key is not None:
                 hit = self.prefix_cache.match(job.key, len(job.key) - 1, self._wants_routing(handle))
                 if hit.length:
-                    job.done, job.past, job.routing = hit.length, (hit.kv[0], hit.kv[1]), hit.routing
+                    job.done, job.routing = hit.length, hit.routing
+                    if job.stage is None:
+                        job.past = (hit.kv[0], hit.kv[1])
+                    else:
+                        self.cache.load(job.stage, hit.kv[0], hit.kv[1])
                     self.stats.reused_tokens += hit.length
         return job
 
@@ -516,7 +547,9 @@ class Engine:
         """Run the pieces in one forward; a request whose prompt is complete goes into the next
         slot (its keys and values into the prefix cache) and gets its first token."""
         with varying_shape_attention(self.cache.device):
-            if all(job.done == 0 and n == job.left for job, n in pieces):
+            if self.prefill_step is not None:
+                rows, logits = self._prefill_staged(pieces)
+            elif all(job.done == 0 and n == job.left for job, n in pieces):
                 rows, logits = self._prefill_prompts([job for job, _ in pieces])
             else:
                 rows, logits = self._prefill_pieces(pieces)
@@ -530,13 +563,17 @@ class Engine:
         for row, ((job, n), (segment, records, probs)) in enumerate(zip(pieces, rows)):
             job.routing = join_records(job.routing, records) if job.done == 0 or job.routing is not None else None
             if n < job.left:  # a piece of a long prompt: its keys and values wait for the rest
-                job.past = segment if job.past is None else tuple(torch.cat(p, 2) for p in zip(job.past, segment))
+                if segment is not None:
+                    job.past = segment if job.past is None else tuple(torch.cat(p, 2) for p in zip(job.past, segment))
                 job.done += n
                 continue
             slot, length = len(self.active), len(job.prompt.input_ids)
-            if job.past is not None:
-                self.cache.load(slot, *job.past)
-            self.cache.load(slot, *segment, at=job.done)
+            if job.stage is not None:
+                self.cache.move(job.stage, slot, length)
+            else:
+                if job.past is not None:
+                    self.cache.load(slot, *job.past)
+                self.cache.load(slot, *segment, at=job.done)
             for layer, slot_probs in self.step_fn.slot_probs.items():
                 if layer in probs:
                     slot_probs[slot].copy_(probs[layer])
@@ -650,6 +687,19 @@ class Engine:
             records = row_records(batch_records, row, width - n)
             rows.append(((keys[:, row, :, width - n:], values[:, row, :, width - n:]), records, {}))
         return rows, out.logits[:, -1].float()
+
+    def _prefill_staged(self, pieces: list[tuple[_Prefilling, int]]):
+        """The pieces through prefill_step.py, each written into its staging slot. Returns as
+        `_prefill_prompts`, without keys and values (they are in the staging slots)."""
+        self._encode_prompts([job for job, _ in pieces])
+        logits, routing = self.prefill_step([(job.stage, job.done, job.embeds[job.done:job.done + n])
+                                             for job, n in pieces])
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(n for _, n in pieces)
+        want_routing = any(self._wants_routing(job.handle) for job, _ in pieces)
+        batch_records = forward_records(routing) if want_routing else None
+        width = batch_records.expert_index.shape[2] if batch_records is not None else 0
+        return [(None, row_records(batch_records, row, width - n), {}) for row, (_, n) in enumerate(pieces)], logits
 
     def _encode_prompts(self, jobs: list[_Prefilling]) -> None:
         """Each job's whole-prompt input embeddings, images spliced in (made once per request), all

@@ -1,8 +1,10 @@
 """The engine's KV cache: one preallocated row ("slot") per running request, each with its own length.
 
-All layers' keys and values live in one tensor [2, layers, slots, kv_heads, capacity, head_dim], so
-that moving a request from one slot to another, or loading a prefilled prompt into a slot, is one
-copy. A decode step runs on the first `rows` slots (the engine keeps its running requests in slots
+All layers' keys and values live in one tensor [2, layers, slots + staging, kv_heads, capacity,
+head_dim], so that moving a request from one slot to another, or loading a prefilled prompt into a
+slot, is one copy. The `staging` slots after the decode slots hold prompts being prefilled in place
+(prefill_step.py: `PrefillView` writes each row's tokens at their own positions there); decode
+steps never touch them. A decode step runs on the first `rows` slots (the engine keeps its running requests in slots
 0..n-1) and attends over the first `span` positions: every layer writes the new token's key and
 value at its row's own position (`write_at`, one per row) and returns views of the buffer, so a
 step has fixed addresses for a CUDA graph. The capacity grows in buckets (up to `max_len`) as
@@ -13,6 +15,7 @@ longer requests arrive; growing reallocates, so the engine drops its captured gr
     cache.load(slot, keys, values)             # a prefilled prompt into a slot
     cache.rows, cache.span, cache.write_at = n, span, positions[:n]
     lm(..., cache=cache)                       # one token per row
+    lm(..., cache=PrefillView(cache, staged_slots, positions))   # several tokens per row, into staging slots
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 staging: int = 0):
         self.num_layers, self.kv_heads, self.head_dim = _kv_shape(config)
         super().__init__(layers=[SlotLayer(self, i) for i in range(self.num_layers)])
-        self.slots, self.max_len = slots, max_len
+        self.slots, self.max_len, self.staging = slots, max_len, staging
         self.dtype, self.device = dtype, torch.device(device)
         self.kv: torch.Tensor | None = None
         self.capacity = 0
@@ -99,7 +103,7 @@ class SlotCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of the buffer now."""
-        return self.slots * self.capacity * self.bytes_per_token()
+        return (self.slots + self.staging) * self.capacity * self.bytes_per_token()
 
     def reserve(self, length: int) -> None:
         """Capacity for `length` tokens per slot (a multiple of BUCKET, at most max_len)."""
@@ -108,7 +112,7 @@ class SlotCache(Cache):
         if length > self.max_len:
             raise ValueError(f"{length} tokens do not fit a slot of {self.max_len}")
         capacity = min(-(-length // BUCKET) * BUCKET, self.max_len)
-        kv = torch.zeros(2, self.num_layers, self.slots, self.kv_heads, capacity, self.head_dim,
+        kv = torch.zeros(2, self.num_layers, self.slots + self.staging, self.kv_heads, capacity, self.head_dim,
                          dtype=self.dtype, device=self.device)
         if self.kv is not None:
             kv[..., : self.capacity, :].copy_(self.kv)
@@ -133,3 +137,55 @@ class SlotCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.longest
+
+
+class PrefillLayer(CacheLayerMixin):
+    """One layer's view of the staging slots for a prefill forward: row r's tokens land in slot
+    `slots[r]` at `positions[r]`; attention reads those slots' first `span` positions."""
+
+    is_compileable = True
+
+    def __init__(self, view: "PrefillView", index: int):
+        super().__init__()
+        self.view, self.index = view, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        view = self.view
+        kv = view.cache.kv
+        slots, positions = view.slots, view.positions
+        if key_states.shape[:1] + key_states.shape[2:3] != positions.shape:
+            raise RuntimeError(f"a prefill view of {tuple(positions.shape)} (rows, tokens) got keys of "
+                               f"{tuple(key_states.shape)}")
+        keys, values = kv[0, self.index], kv[1, self.index]  # [all slots, kv heads, capacity, head dim]
+        # Advanced indices on dims 0 and 2 put (rows, tokens) first: [rows, tokens, kv heads, head dim].
+        keys[slots[:, None], :, positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[slots[:, None], :, positions] = value_states.transpose(1, 2).to(values.dtype)
+        span = view.span
+        return keys[:, :, :span].index_select(0, slots), values[:, :, :span].index_select(0, slots)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.view.span, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.view.cache.capacity
+
+
+class PrefillView(Cache):
+    """The slot cache as a prefill forward sees it: `slots` [rows] (staging slots), `positions`
+    [rows, tokens] where each token's key and value go (a padding token at the last position of
+    the capacity, which no prompt token has: the slot's owner writes it before it reads it), and
+    the `span` of positions attention reads."""
+
+    def __init__(self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor, span: int):
+        self.cache, self.slots, self.positions, self.span = cache, slots, positions, span
+        super().__init__(layers=[PrefillLayer(self, i) for i in range(cache.num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0

@@ -47,6 +47,7 @@ class EvalSettings:
     share_prefix: bool = True  # prefill the prompts' common start once per batch (generation/generate.py)
     shuffle_images: bool = False  # control run: each question sees another question's image (shuffle_images)
     admit_batch: int | None = None  # engine: free slots new questions wait for while others decode; None: its default
+    prefill_graphs: bool | None = None  # engine: prefill as CUDA graphs into the KV cache; None: its default (a GPU)
 
     def command(self) -> str:
         import shlex
@@ -67,6 +68,8 @@ class EvalSettings:
             parts.append("--shuffle-images")
         if self.admit_batch is not None:
             parts += ["--admit-batch", str(self.admit_batch)]
+        if self.prefill_graphs is False:
+            parts.append("--no-prefill-graphs")
         return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -249,6 +252,8 @@ def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings)
     longest = max((len(prompt_ids(processor, i)) for i in items), default=0)
     max_len = max(longest + settings.max_new_tokens, BUCKET)
     options = {} if settings.admit_batch is None else {"admit_batch": settings.admit_batch}
+    if settings.prefill_graphs is not None:
+        options["prefill_graphs"] = settings.prefill_graphs
     return shared_engine(model, processor, max_slots=settings.batch_size, max_len=max_len, **options)
 
 

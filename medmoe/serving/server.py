@@ -75,6 +75,7 @@ class Limits:
     prefix_cache_mb: float | None = None  # the engine's prefix cache (0: off); None: config.RuntimeOptions
     prefill_chunk: int | None = None  # prompt tokens prefilled between decode steps; None: config.RuntimeOptions
     admit_batch: int | None = None  # free slots new prompts wait for while others decode; None: config.RuntimeOptions
+    prefill_graphs: bool | None = None  # prefill as CUDA graphs into the KV cache; None: config.RuntimeOptions
 
     @property
     def text_bytes(self) -> int:
@@ -168,7 +169,7 @@ class Worker:
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
                                       max_waiting=limits.queue_size, compile=compile,
                                       prefix_cache_mb=limits.prefix_cache_mb, prefill_chunk=limits.prefill_chunk,
-                                      admit_batch=limits.admit_batch)
+                                      admit_batch=limits.admit_batch, prefill_graphs=limits.prefill_graphs)
 
 
     def stats(self) -> dict:
@@ -177,6 +178,7 @@ class Worker:
         record = engine.stats.as_dict()
         return {"slots": engine.max_slots, "max_len": engine.max_len, "cuda_graphs": step.cuda_graphs,
                 "compiled": step.compiled, "graphs": len(step.graphs), "overlap_steps": engine.overlap_steps,
+                "prefill_graphs": len(engine.prefill_step.graphs) if engine.prefill_step is not None else None,
                 "running": len(engine.active), "queued": engine.queued, "stats": record,
                 "summary": summary_line(record)}
 

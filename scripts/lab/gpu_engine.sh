@@ -24,8 +24,8 @@ step() { echo "== $(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-stage() {
-  mkdir -p "$STAGE" && cp .gpu/payload.part?? "$STAGE/" && ls "$STAGE"
+stage() {  # the payload parts this call carries (PAYLOAD_DIR=.gpu/eval: scripts/lab/gpu_eval_payload.sh's)
+  mkdir -p "$STAGE" && cp "${PAYLOAD_DIR:-.gpu}"/payload.part?? "$STAGE/" && ls "$STAGE"
 }
 
 part1() {
@@ -90,6 +90,28 @@ profile() {
     | grep -v "it/s\]\|q/s\]" | tail -4
   cp /tmp/profile-eval/metrics.json "$OUT/profile-eval.json" 2>/dev/null
   python3 -c "import json; r = json.load(open('/tmp/profile-eval/metrics.json'))['run']; print('eval:', r['this_call'], r['dtype'], r['device'])"
+}
+
+prefill_ab() {  # carrying .gpu/srv (and a payload part, staged): the GPU tests of the engine, then the serve bench with prefill graphs (the
+                # default), without them (--no-prefill-graphs), and one client with --compile, in one call (< 10 min)
+  ls "${PAYLOAD_DIR:-.gpu}"/payload.part?? >/dev/null 2>&1 && stage
+  serve_packages
+  step "GPU tests: engine, prefill graphs"
+  timeout 150 python3 -m pytest -q tests/test_engine_gpu.py tests/test_prefill_step.py 2>&1 | grep -E "passed|failed|Error|^E " | head -12
+  local name extra
+  for name in graphs eager; do
+    extra=""; [ $name = eager ] && extra="--serve-args=--no-prefill-graphs"
+    step "serve bench ($name prefill): Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
+    timeout 200 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image $extra --out /tmp/serve-$name 2>&1 \
+      | grep -v "^ *[0-9]*%|" | tail -6
+    cp /tmp/serve-$name/serve.json "$OUT/serve-$name.json" 2>/dev/null
+    echo "server start (warm-up): $(engine_line /tmp/serve-$name/serve.json engine_at_start)"
+  done
+  step "serve bench with --compile, 1 client"
+  timeout 170 $M bench --what serve --model phi2 --clients 1 --max-tokens 128 --image --serve-args=--compile \
+    --out /tmp/serve-compile 2>&1 | grep -v "^ *[0-9]*%|" | tail -5
+  cp /tmp/serve-compile/serve.json "$OUT/serve-compile.json" 2>/dev/null
+  grep -i "compile\|warn" /tmp/serve-compile/serve-server.log 2>/dev/null | tail -4
 }
 
 evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test, once per

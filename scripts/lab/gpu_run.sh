@@ -5,6 +5,7 @@
 # log.txt, results.tgz (metrics, predictions, plots, logs; no weights) and, once exported, the
 # shipped delta as delta.part?? (15 MB each: cat delta.part?? | tar xf -). Stages resume.
 #
+#   (PAYLOAD_DIR: where the parts and payload.sha256 are, default .gpu; .gpu/eval for gpu_eval_payload.sh's)
 #   cp .gpu/payload.partaa $STAGE/            # call 1, carrying .gpu/payload.partaa (likewise ab, ac: one 30 MB part a call)
 #   bash scripts/lab/gpu_run.sh prepare train     # last call, carrying the last part, .gpu/payload.sha256, .gpu/whl
 #
@@ -18,7 +19,7 @@ REPO=$PWD; STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that co
 if [ ! -f "$STAGE/ready" ]; then
   ls "$STAGE"/payload.part?? >/dev/null || { echo "$STAGE holds no payload parts: copy them in first"; exit 3; }
   cat "$STAGE"/payload.part?? > "$STAGE/payload.tar"
-  echo "$(cat .gpu/payload.sha256)  $STAGE/payload.tar" | sha256sum -c - || exit 4
+  echo "$(cat "${PAYLOAD_DIR:-.gpu}/payload.sha256")  $STAGE/payload.tar" | sha256sum -c - || exit 4
   tar xf "$STAGE/payload.tar" -C "$STAGE" && rm "$STAGE/payload.tar" "$STAGE"/payload.part??
   python3 -m pip install -q --no-deps --target "$STAGE/site" "$STAGE"/*.whl .gpu/whl/*.whl || exit 5
   bash scripts/lab/place_prepared.sh "$STAGE" || exit 6  # data prepared where the payload was built

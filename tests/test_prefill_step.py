@@ -1,0 +1,109 @@
+"""Prefill written straight into the KV cache's staging slots (engine/prefill_step.py): on the CPU the
+path runs without CUDA graphs, at the same padded shapes, and must give the reference loop's answers
+and routing records whatever runs beside it (tests/test_engine_gpu.py replays it from graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import QUESTIONS, assert_same, images, moe_model, reference, request
+
+from medmoe.engine import Engine
+from medmoe.engine.prefill_step import MIN_TOKENS
+from medmoe.generation import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def phi():
+    torch.manual_seed(0)
+    return moe_model()
+
+
+@pytest.mark.parametrize("name,expert_type", [("tiny-phi", "full"), ("tiny", "lora")])
+def test_image_and_text_prompts_get_the_reference_answers_and_routing(name, expert_type):
+    torch.manual_seed(0)
+    model, processor = moe_model(name, "token", expert_type)
+    cfg = SamplingConfig(max_new_tokens=10)
+    staged = Engine(model, processor, max_slots=4, prefill_graphs=True)
+    assert staged.prefill_step is not None and not staged.prefill_step.cuda_graphs  # the CPU: no graphs
+    asks = [request(processor, q, i, cfg, output_routing=True) for q, i in zip(QUESTIONS, images())]
+    results = staged.generate(asks)
+    for result, q, i in zip(results, QUESTIONS, images()):
+        assert_same(result, reference(model, processor, q, i, cfg))
+    plain = Engine(model, processor, max_slots=4, prefill_graphs=False)
+    assert plain.prefill_step is None
+    for result, want in zip(results, plain.generate(asks)):
+        assert len(result.prompt_routing) == len(want.prompt_routing) == len(model.moe_blocks)
+        for got, expected in zip(result.prompt_routing, want.prompt_routing):
+            assert got.expert_index.shape == (1, result.prompt_tokens, 1)
+            assert torch.equal(got.expert_index, expected.expert_index)
+            torch.testing.assert_close(got.probs, expected.probs)
+
+
+def test_cached_prefixes_chunks_and_requests_joining_a_running_batch(phi):
+    """Round two starts from the prefix cache; prompts arriving while others decode are prefilled in
+    16-token pieces into their staging slots, beside decode steps that must not disturb them."""
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4, prefill_graphs=True, prefill_chunk=16)
+    expected = [reference(model, processor, q, i, cfg) for q, i in zip(QUESTIONS, images())]
+    for _ in range(2):
+        handles = []
+        for q, i in zip(QUESTIONS, images()):
+            handles.append(engine.submit(request(processor, q, i, cfg)))
+            engine.step()
+        for handle, want in zip(handles, expected):
+            assert_same(handle.result(), want)
+    assert engine.stats.reused_tokens > 3 * 100
+    assert engine.stats.prefills > 2 * len(QUESTIONS)  # chunks: more forwards than prompts
+
+
+def test_more_prompts_than_staging_slots_wait_for_one(phi):
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=3, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=6, prefill_graphs=True, admit_batch=2)
+    engine.cache.staging = 2  # as if the slots were many more than the staging slots
+    engine.prefill_step.slots = engine.prefill_step.slots[:2]
+    prefilling = []
+    original = engine._prefill
+    engine._prefill = lambda pieces: prefilling.append(len(engine.prefilling)) or original(pieces)
+    questions = [f"question number {k}?" for k in range(5)]
+    results = engine.generate([request(processor, q, None, cfg) for q in questions])
+    assert max(prefilling) == 2 and len(prefilling) >= 3
+    for result, q in zip(results, questions):
+        assert_same(result, reference(model, processor, q, None, cfg))
+
+
+def test_per_sample_routing_keeps_the_models_own_prefill():
+    model, processor = moe_model("tiny-phi", "pooled", "full")
+    assert Engine(model, processor, max_slots=2, prefill_graphs=True).prefill_step is None
+
+
+def test_buckets_round_rows_tokens_and_span_up_to_powers_of_two(phi):
+    model, processor = phi
+    engine = Engine(model, processor, max_slots=8, max_len=700, prefill_graphs=True, max_prefill_tokens=1024)
+    engine.cache.reserve(700)
+    step = engine.prefill_step
+    assert engine.cache.staging == 8
+    # (rows, tokens, span): span the furthest position reached, as tokens times a power of two
+    assert step.shape(3, 10, 10) == (4, MIN_TOKENS, MIN_TOKENS)
+    assert step.shape(3, 10, 200) == (4, MIN_TOKENS, 4 * MIN_TOKENS)
+    assert step.shape(8, 300, 300) == (8, 512, 512) and step.shape(1, 650, 660) == (1, 700, 700)
+    assert step.shape(1, 100, 600) == (1, 128, 700)  # at most the capacity
+    shapes = step.shapes()
+    assert (1, 700, 700) in shapes and (8, 256, 512) in shapes and (1, 64, 128) in shapes
+    assert not any(r == 8 and t == 512 for r, t, _ in shapes)  # 4096 > 2 x 1024 tokens
+    assert all(r * t <= 2 * 1024 and t <= s <= 700 for r, t, s in shapes)
+
+
+def test_a_shape_larger_than_any_captured_runs_from_its_own_inputs(phi):
+    """A forward larger than the graphs' input buffers runs eagerly without growing them."""
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4, prefill_graphs=True, max_prefill_tokens=64)
+    buffers = engine.prefill_step.embeds
+    questions = [QUESTIONS[2] * 3, QUESTIONS[0]]
+    results = engine.generate([request(processor, q, None, cfg) for q in questions])
+    assert engine.prefill_step.embeds is buffers and buffers.numel() == 128 * model.language_model.config.hidden_size
+    for result, q in zip(results, questions):
+        assert_same(result, reference(model, processor, q, None, cfg))
