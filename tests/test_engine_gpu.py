@@ -137,23 +137,38 @@ def test_after_warmup_no_request_captures_a_graph_or_grows_the_cache():
     assert [t[:16] for t in fast] == [t[:16] for t in slow]
 
 def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
-    """Prefill forwards run scaled_dot_product_attention without cuDNN's kernel, whose per-shape
-    plans cost 7.8 ms a call on an H100 (model/attention_kernels.py), and give the tokens of the
-    same engine with cuDNN allowed (near-ties aside: the answers' starts)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Eager prefill forwards (the model's own, `prefill_graphs=False`) run scaled_dot_product_attention
+    without cuDNN's kernel, whose per-shape plans cost 7.8 ms a call on an H100
+    (model/attention_kernels.py), and give the tokens of the same engine with cuDNN allowed (near-ties
+    aside: the answers' starts). Decode steps, CUDA graphs of fixed shapes, may use it."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from medmoe.model import attention_kernels
 
     model, processor = fused_model("token", "full")
     lengths = [6, 9, 4, 7]
+
+    def engine():
+        made = Engine(model, processor, max_slots=4, prefill_graphs=False)
+        prefill = made._prefill
+
+        def marked(pieces):
+            with record_function("PREFILL"):
+                return prefill(pieces)
+
+        made._prefill = marked
+        return made
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fast = run(Engine(model, processor, max_slots=4), processor, lengths)
-    names = {event.name for event in prof.events()}
-    assert "aten::scaled_dot_product_attention" in names and "aten::_cudnn_attention_forward" not in names
+        fast = run(engine(), processor, lengths)
+    events = prof.events()
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "PREFILL"]
+    inside = {e.name for e in events if any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans)}
+    assert spans and "aten::scaled_dot_product_attention" in inside and "aten::_cudnn_attention_forward" not in inside
     allowed = attention_kernels.VARYING_SHAPE_ATTENTION
     try:
         attention_kernels.VARYING_SHAPE_ATTENTION = ("CUDNN_ATTENTION",) + allowed
-        plain = run(Engine(model, processor, max_slots=4), processor, lengths)
+        plain = run(engine(), processor, lengths)
     finally:
         attention_kernels.VARYING_SHAPE_ATTENTION = allowed
     assert [r.token_ids[:4] for r in fast] == [r.token_ids[:4] for r in plain]
@@ -162,15 +177,15 @@ def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
 def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward():
     """Warm-up captures a prefill graph for every (rows, tokens) bucket; image and text prompts,
     cached prefixes and 64-token pieces of prompts joining a running batch then replay them, with no
-    capture, and get the answers of the model's own prefill forward (float32: the same kernels)."""
+    capture, and get the answers of the same prefill run eagerly (bf16: graphs need sync-free experts)."""
     from PIL import Image
 
-    model, processor = fused_model("token", "full", torch.float32)
+    model, processor = fused_model("token", "full")
     engine = Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64)
     step = engine.prefill_step
     assert step is not None and step.cuda_graphs
     engine.warmup()
-    assert sorted(step.graphs) == step.shapes() and engine.stats.prefill_captures == len(step.shapes())
+    assert sorted(step.graphs) == sorted(step.shapes()) and engine.stats.prefill_captures == len(step.shapes())
     before = engine.stats.snapshot()
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     long_question = " ".join(["describe the upper left lobe"] * 12)
@@ -191,5 +206,6 @@ def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward
     d = engine.stats.since(before)
     assert d.prefill_captures == 0 and d.graphs_dropped == 0 and d.prefill_replays == d.prefills > 8
     assert d.reused_tokens > 0
-    slow = answers(Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64, prefill_graphs=False))
+    slow = answers(Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64, prefill_graphs=True,
+                          cuda_graphs=False, overlap_steps=False))
     assert fast == slow

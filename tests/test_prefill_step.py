@@ -91,7 +91,9 @@ def test_buckets_round_rows_tokens_and_span_up_to_powers_of_two(phi):
     assert step.shape(8, 300, 300) == (8, 512, 512) and step.shape(1, 650, 660) == (1, 700, 700)
     assert step.shape(1, 100, 600) == (1, 128, 700)  # at most the capacity
     shapes = step.shapes()
-    assert (1, 700, 700) in shapes and (8, 256, 512) in shapes and (1, 64, 128) in shapes
+    assert step.shape(1, 100, 300) == (1, 128, 512)  # span: tokens times a power of four
+    assert (1, 700, 700) in shapes and (8, 256, 700) in shapes and (1, 64, 256) in shapes
+    assert shapes == sorted(shapes, key=lambda shape: (shape[0] * shape[1], shape[2]))  # warm-up: smallest first
     assert not any(r == 8 and t == 512 for r, t, _ in shapes)  # 4096 > 2 x 1024 tokens
     assert all(r * t <= 2 * 1024 and t <= s <= 700 for r, t, s in shapes)
 

@@ -13,9 +13,10 @@ staging slot) writes at the capacity's last position, which no prompt token has 
 writes before it reads. Each token attends over the first S positions of its slot, masked to the
 positions up to its own. The forward's shape is (rows, Q, S): rows round up to a power of two, Q
 to a power of two of at least MIN_TOKENS, S (the furthest position a row reaches) to Q times a
-power of two, at most the capacity. Every bucket of up to twice the engine's prefill budget is
-captured by `warm_up` (after one eager forward of its shape), else when a shape first occurs
-twice; larger ones run eagerly. The MoE blocks record their routing in every forward (the records
+power of four, at most the capacity. `warm_up` captures the buckets of up to twice the engine's
+prefill budget, smallest first, each after one eager forward of its shape, for at most
+WARMUP_SECONDS; a bucket it did not reach is captured when it first occurs twice. Larger shapes
+run eagerly. The MoE blocks record their routing in every forward (the records
 of the rows that want them are copied to the host).
 
 On the CPU (tests) the same path runs eagerly at the same bucketed shapes. The model's own forward
@@ -38,6 +39,7 @@ from .stats import EngineStats
 
 MIN_TOKENS = 64  # the shortest token bucket: shorter pieces pad up to it
 WARMUP_FORWARDS = 1  # eager forwards of a shape before its capture (kernel autotuning, cuBLAS handles)
+WARMUP_SECONDS = 20.0  # the most `warm_up` spends capturing (a Phi-2-size model has about a hundred buckets)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class PrefillStep:
         whose furthest token is at position end - 1."""
         capacity = self.cache.capacity
         q = min(pow2_at_least(tokens, MIN_TOKENS), capacity)
-        span = q * pow2_at_least(-(-end // q))
+        span = q * 4 ** ((pow2_at_least(-(-end // q)).bit_length()) // 2)  # q times the next power of four
         return min(pow2_at_least(rows), self.cache.staging), q, min(span, capacity)
 
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -88,7 +90,7 @@ class PrefillStep:
                     shape = self.shape(rows, min(tokens, capacity), min(end, capacity))
                     if shape[0] * shape[1] <= self.limit:
                         found.add(shape)
-        return sorted(found)
+        return sorted(found, key=lambda shape: (shape[0] * shape[1], shape[2]))
 
     def __call__(self, pieces: list[tuple[int, int, torch.Tensor]]):
         """Run one forward over `pieces`: (staging slot, position of the first token, embeddings [n, d]).
@@ -188,15 +190,15 @@ class PrefillStep:
         self.warm.clear()
         self.pool = None
 
-    def warm_up(self) -> int:
-        """Capture every bucket of `shapes` ahead of requests; no prompt may be in a staging slot
-        (the forwards write padding into the staging slots' last position only, but a capture
-        failure stops there). Returns the graphs captured."""
+    def warm_up(self, seconds: float = WARMUP_SECONDS) -> int:
+        """Capture the buckets of `shapes`, smallest first, for at most `seconds`, ahead of requests;
+        no prompt may be in a staging slot (the forwards write padding at the staging slots' last
+        position). Returns the graphs captured."""
         if not self.cuda_graphs:
             return 0
-        before = self.stats.prefill_captures
+        before, start = self.stats.prefill_captures, time.perf_counter()
         for shape in self.shapes():
-            if not self.cuda_graphs:
+            if not self.cuda_graphs or time.perf_counter() - start > seconds:
                 break
             inputs = self._fill([], *shape)  # every row and token padding
             while shape not in self.graphs and self.cuda_graphs:

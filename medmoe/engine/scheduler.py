@@ -64,7 +64,7 @@ IDLE_PREFIX_KEEP_BYTES = 8 << 20  # what of the prefix cache an idle CPU runner 
 CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK = 256, 2048  # default prompt tokens prefilled between decode steps
 ADMIT_DELAY_STEPS = 8  # the most decode steps a waiting request is held back to be prefilled with others
 KV_MEMORY_FRACTION = 0.75  # of the GPU's free memory, the most warm-up allocates for the KV cache
-MIN_STAGING_SLOTS = 16  # prompts prefilled at once into staging slots (prefill_step.py), at least (or max_slots)
+MIN_STAGING_SLOTS = 8  # prompts prefilled at once into staging slots (prefill_step.py), at least (or max_slots)
 
 
 def free_device_memory(device: torch.device) -> int | None:
