@@ -234,10 +234,11 @@ class RuntimeOptions:
                                         "decode steps; a longer prompt is prefilled in pieces; 0: whole prompts; "
                                         "unset: 256 on the CPU, 2048 on a GPU. Token routing only "
                                         "(Engine(prefill_chunk=...); medmoe serve --prefill-chunk)")
-    prefill_graphs: bool | None = setting(None, "prefill forwards write straight into the KV cache and run as a CUDA "
-                                          "graph per (rows, tokens) bucket, captured at warm-up; unset: where the "
-                                          "decode step's graphs apply. Token routing only (Engine(prefill_graphs=...); "
-                                          "medmoe serve --no-prefill-graphs, medmoe eval --no-prefill-graphs)")
+    prefill_graphs: bool | None = setting(None, "prefill forwards write straight into the KV cache, and small "
+                                          "(launch-bound) ones run as a CUDA graph per (rows, tokens, span) bucket "
+                                          "captured at warm-up; unset: where the decode step's graphs apply. Token "
+                                          "routing only (Engine(prefill_graphs=...); medmoe serve --no-prefill-graphs, "
+                                          "medmoe eval --no-prefill-graphs)")
     admit_batch: int | None = setting(None, "while requests decode, new prompts wait until this many slots are free "
                                       "(or for at most 8 decode steps) and are then prefilled together: fewer prefill "
                                       "forwards; unset: a quarter of the slots on a GPU, where a forward's kernel "

@@ -109,3 +109,21 @@ def test_a_shape_larger_than_any_captured_runs_from_its_own_inputs(phi):
     assert engine.prefill_step.embeds is buffers and buffers.numel() == 128 * model.language_model.config.hidden_size
     for result, q in zip(results, questions):
         assert_same(result, reference(model, processor, q, None, cfg))
+
+
+def test_forwards_above_the_graph_arithmetic_bound_run_unpadded(phi, monkeypatch):
+    """A forward whose padded arithmetic is large runs at its exact shape (no padding to pay for)."""
+    from medmoe.engine import prefill_step
+
+    model, processor = phi
+    monkeypatch.setattr(prefill_step, "GRAPH_MAX_FLOPS", 0)
+    cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4, prefill_graphs=True)
+    shapes, forward = [], engine.prefill_step._forward
+    engine.prefill_step._forward = lambda span, embeds, *rest: shapes.append((*embeds.shape[:2], span)) or forward(
+        span, embeds, *rest)
+    results = engine.generate([request(processor, q, i, cfg) for q, i in zip(QUESTIONS, images())])
+    lengths = [r.prompt_tokens for r in results]
+    assert shapes == [(len(QUESTIONS), max(lengths), max(lengths))] and not engine.prefill_step.shapes()
+    for result, q, i in zip(results, QUESTIONS, images()):
+        assert_same(result, reference(model, processor, q, i, cfg))

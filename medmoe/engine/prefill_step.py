@@ -15,8 +15,13 @@ positions up to its own. The forward's shape is (rows, Q, S): rows round up to a
 to a power of two of at least MIN_TOKENS, S (the furthest position a row reaches) to Q times a
 power of four, at most the capacity. `warm_up` captures the buckets of up to twice the engine's
 prefill budget, smallest first, each after one eager forward of its shape, for at most
-WARMUP_SECONDS; a bucket it did not reach is captured when it first occurs twice. Larger shapes
-run eagerly. The MoE blocks record their routing in every forward (the records
+WARMUP_SECONDS; a bucket it did not reach is captured when it first occurs twice.
+
+A graph saves a forward's launches but computes its padding. Where the padded forward's arithmetic
+is large (more than GRAPH_MAX_FLOPS, counting every language-model weight), the forward runs
+eagerly at its exact shape instead: on an H100, a Phi-2-size model's forward of one 820-token image
+prompt took 27 ms from a graph against 60 ms eagerly, but forwards of four to eight such prompts,
+padded to 4,096 or 8,192 tokens, took 94 ms against 80 (docs/lab/speed-history.md, run P). The MoE blocks record their routing in every forward (the records
 of the rows that want them are copied to the host).
 
 On the CPU (tests) the same path runs eagerly at the same bucketed shapes. The model's own forward
@@ -40,6 +45,7 @@ from .stats import EngineStats
 MIN_TOKENS = 64  # the shortest token bucket: shorter pieces pad up to it
 WARMUP_FORWARDS = 1  # eager forwards of a shape before its capture (kernel autotuning, cuBLAS handles)
 WARMUP_SECONDS = 20.0  # the most `warm_up` spends capturing (a Phi-2-size model has about a hundred buckets)
+GRAPH_MAX_FLOPS = 2e13  # 2 x language-model weights x padded tokens above which a forward runs eagerly, unpadded
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ class PrefillStep:
         self.slots = torch.zeros(cache.staging, device=device, dtype=torch.long)
         self.min = torch.finfo(cache.dtype).min
         self.record = model.is_moe
+        self.flops_per_token = 2 * sum(p.numel() for p in self.lm.parameters())
         self.graphs: dict[tuple[int, int, int], tuple] = {}
         self.warm: dict[tuple[int, int, int], int] = {}
         self.pool = None
@@ -79,16 +86,22 @@ class PrefillStep:
         span = q * 4 ** ((pow2_at_least(-(-end // q)).bit_length()) // 2)  # q times the next power of four
         return min(pow2_at_least(rows), self.cache.staging), q, min(span, capacity)
 
+    def graphable(self, shape: tuple[int, int, int]) -> bool:
+        """Whether a bucket runs from a CUDA graph (where graphs are on): its inputs fit the buffers
+        and its padded arithmetic is at most GRAPH_MAX_FLOPS."""
+        tokens = shape[0] * shape[1]
+        return tokens <= self.limit and tokens * self.flops_per_token <= GRAPH_MAX_FLOPS
+
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every bucket `warm_up` captures: rows up to the staging slots, tokens and span up to the
-        capacity, rows x tokens at most twice `max_tokens`."""
+        capacity, those `graphable`."""
         capacity = self.cache.capacity
         found = set()
         for rows in range(1, self.cache.staging + 1):
             for tokens in (MIN_TOKENS << k for k in range(capacity.bit_length())):
                 for end in (tokens << k for k in range(capacity.bit_length())):
                     shape = self.shape(rows, min(tokens, capacity), min(end, capacity))
-                    if shape[0] * shape[1] <= self.limit:
+                    if self.graphable(shape):
                         found.add(shape)
         return sorted(found, key=lambda shape: (shape[0] * shape[1], shape[2]))
 
@@ -96,17 +109,20 @@ class PrefillStep:
         """Run one forward over `pieces`: (staging slot, position of the first token, embeddings [n, d]).
         Returns the last tokens' logits [len(pieces), V] (float) and the forward's routing records
         (per MoE layer, [rows, tokens, ...], the pieces right-aligned in the bucket's tokens) or None."""
-        shape = self.shape(len(pieces), max(e.shape[0] for _, _, e in pieces),
-                           max(start + e.shape[0] for _, start, e in pieces))
+        tokens, end = max(e.shape[0] for _, _, e in pieces), max(start + e.shape[0] for _, start, e in pieces)
+        shape = self.shape(len(pieces), tokens, end)
+        bucketed = self.graphable(shape)
+        if not bucketed:  # arithmetic-bound: no padding, no graph
+            shape = (len(pieces), tokens, end)
         inputs = self._fill(pieces, *shape)
-        logits, routing = self._run(shape, inputs)
+        logits, routing = self._run(shape, inputs, capture=bucketed)
         return logits[:len(pieces)], routing
 
     def _inputs(self, rows: int, tokens: int):
         """(embeddings, positions, slots) of a forward: views of the graphs' buffers, or new tensors
-        for a shape larger than any captured."""
+        for a shape larger than they hold."""
         need, device = rows * tokens, self.cache.device
-        if need > self.limit:
+        if need > self.limit or rows > self.slots.numel():
             return (torch.zeros(rows, tokens, self.hidden, dtype=self.cache.dtype, device=device),
                     torch.zeros(rows, tokens, dtype=torch.long, device=device),
                     torch.zeros(rows, dtype=torch.long, device=device))
@@ -139,7 +155,7 @@ class PrefillStep:
                       logits_to_keep=1, **{self.cache_name: view})
         return out.logits[:, -1].float(), list(state.routing) if self.record else None
 
-    def _run(self, shape: tuple[int, int, int], inputs):
+    def _run(self, shape: tuple[int, int, int], inputs, capture: bool = True):
         if self.version != self.cache.version:  # the buffer moved: the graphs point at the old one
             self._drop_graphs()
             self.version = self.cache.version
@@ -150,7 +166,7 @@ class PrefillStep:
             return outputs
         with varying_shape_attention(self.cache.device):
             outputs = self._forward(shape[2], *inputs)
-        if not self.cuda_graphs or shape[0] * shape[1] > self.limit:
+        if not (self.cuda_graphs and capture):
             return outputs
         self.warm[shape] = self.warm.get(shape, 0) + 1
         if self.warm[shape] > WARMUP_FORWARDS:

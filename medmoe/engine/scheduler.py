@@ -9,8 +9,8 @@ Each iteration of `step`:
      running streams are not stalled for long; on a GPU, while requests decode, waiting requests
      are admitted a few at once (`admit_batch`), since a prefill forward costs its kernel launches
      whatever its size. On a GPU (token routing) each prompt is prefilled into a staging slot of
-     the cache by a CUDA graph per (rows, tokens) bucket (prefill_step.py); otherwise by the model's
-     own forward. A request whose prompt is complete gets its keys and values copied into its slot
+     the cache, a small forward replayed from a CUDA graph (prefill_step.py); otherwise by the
+     model's own forward. A request whose prompt is complete gets its keys and values copied into its slot
      (and the prefix cache) and its first token;
   2. runs ONE decode step over all running requests (decode_step.py) and hands each its next
      token by its own sampling settings;
@@ -169,9 +169,9 @@ class Engine:
         while requests decode, waiting requests take free slots only once this many are free or the
         oldest has waited ADMIT_DELAY_STEPS steps, so that their prompts share one prefill forward.
         `prefill_graphs` (config.RuntimeOptions; None: where the decode step's CUDA graphs apply):
-        prompts are prefilled straight into staging slots of the KV cache, each forward a CUDA graph
-        per (rows, tokens) bucket (prefill_step.py); token routing only. True on the CPU runs the
-        same path without graphs."""
+        prompts are prefilled straight into staging slots of the KV cache, a small forward as a CUDA
+        graph per bucket (prefill_step.py); token routing only. True on the CPU runs the same path
+        without graphs."""
         self.model, self.processor = model.eval(), processor
         lm = model.language_model
         weight = lm.get_input_embeddings().weight

@@ -114,6 +114,18 @@ prefill_ab() {  # carrying .gpu/srv (and a payload part, staged): the GPU tests 
   grep -i "compile\|warn" /tmp/serve-compile/serve-server.log 2>/dev/null | tail -4
 }
 
+prefill_check() {  # carrying .gpu/srv: the engine's GPU tests, then the serve bench with prefill graphs (< 5 min)
+  serve_packages
+  step "GPU tests: engine, prefill graphs"
+  timeout 100 python3 -m pytest -q tests/test_engine_gpu.py tests/test_prefill_step.py 2>&1 | grep -E "passed|failed|Error|^E " | head -12
+  step "serve bench (graphs prefill): Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
+  timeout 280 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve-graphs 2>&1 \
+    | grep -v "^ *[0-9]*%|" | tail -6
+  cp /tmp/serve-graphs/serve.json "$OUT/serve-graphs.json" 2>/dev/null
+  echo "server start (warm-up): $(engine_line /tmp/serve-graphs/serve.json engine_at_start)"
+  grep -i "warm-up\|warn" /tmp/serve-graphs/serve-server.log 2>/dev/null | tail -4
+}
+
 evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test, once per
            # argument (extra eval options, "-" for none; default: "-" "--admit-batch 1" "-"), each with its statistics
   if [ ! -f "$STAGE/ready" ]; then
