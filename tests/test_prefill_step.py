@@ -127,3 +127,27 @@ def test_forwards_above_the_graph_arithmetic_bound_run_unpadded(phi, monkeypatch
     assert shapes == [(len(QUESTIONS), max(lengths), max(lengths))] and not engine.prefill_step.shapes()
     for result, q, i in zip(results, QUESTIONS, images()):
         assert_same(result, reference(model, processor, q, i, cfg))
+
+
+def test_a_prompt_cancelled_mid_prefill_frees_its_staging_slot_for_the_next(phi):
+    """A long prompt cancelled between two of its pieces leaves its staging slot half written;
+    the request that takes the slot next still gets the reference answer."""
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=2, prefill_graphs=True, prefill_chunk=16)
+    assert engine.cache.staging == 2
+    running = engine.submit(request(processor, QUESTIONS[0], None, cfg))
+    engine.step()
+    long = engine.submit(request(processor, QUESTIONS[2] * 4, images()[0], cfg))
+    engine.step()
+    engine.step()
+    assert [job.handle for job in engine.prefilling] == [long] and engine.prefilling[0].done > 0
+    stage = engine.prefilling[0].stage
+    long.cancel()
+    engine.step()
+    assert not engine.prefilling and long.result().finish_reason == "cancelled"
+    after = engine.submit(request(processor, QUESTIONS[1], images()[2], cfg))
+    engine.step()
+    assert [job.stage for job in engine.prefilling] == [stage]  # the freed slot, over what the cancelled one wrote
+    assert_same(after.result(), reference(model, processor, QUESTIONS[1], images()[2], cfg))
+    assert_same(running.result(), reference(model, processor, QUESTIONS[0], None, cfg))
