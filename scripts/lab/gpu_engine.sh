@@ -10,6 +10,11 @@
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
 #   bash scripts/lab/gpu_engine.sh evals [ARGS...]  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of
 #                                           # nano once per ARGS (extra eval options, "-" for none), engine statistics
+#   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 5 min)
+#   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
+#   PAYLOAD_DIR=.gpu/eval ...               # the four-part payload of scripts/lab/gpu_eval_payload.sh for `stage`
+#                                           # and `evals` (nano and VQA-RAD only), e.g. the last call:
+#                                           # evals "--batch-size 128" "--batch-size 128 --no-prefill-graphs"
 #   bash scripts/lab/gpu_engine.sh profile  # carrying .gpu/srv: where the time goes, in one call (< 8 min): the
 #                                           # warm-up's GPU test, the serve bench and, where part2 staged the payload,
 #                                           # the eval of nano, each with its engine's statistics
