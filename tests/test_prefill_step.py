@@ -1,6 +1,8 @@
 """Prefill written straight into the KV cache's staging slots (engine/prefill_step.py): on the CPU the
 path runs without CUDA graphs, at the same padded shapes, and must give the reference loop's answers
-and routing records whatever runs beside it (tests/test_engine_gpu.py replays it from graphs)."""
+and routing records whatever runs beside it. The graph bookkeeping (warm-up, replays, captures of
+buckets warm-up did not reach, a failed capture) runs here through a stand-in graph;
+tests/test_engine_gpu.py replays real ones."""
 
 from __future__ import annotations
 
@@ -151,3 +153,109 @@ def test_a_prompt_cancelled_mid_prefill_frees_its_staging_slot_for_the_next(phi)
     assert [job.stage for job in engine.prefilling] == [stage]  # the freed slot, over what the cancelled one wrote
     assert_same(after.result(), reference(model, processor, QUESTIONS[1], images()[2], cfg))
     assert_same(running.result(), reference(model, processor, QUESTIONS[0], None, cfg))
+
+
+class StandInGraph:
+    """A CUDA graph's stand-in for the CPU: replay reruns the captured forward on the same inputs and
+    writes into the outputs the capture returned, as a graph does."""
+
+    def __init__(self, step, span, inputs, outputs):
+        self.step, self.span, self.inputs, self.outputs = step, span, inputs, outputs
+
+    def replay(self) -> None:
+        logits, routing = self.step._forward(self.span, *self.inputs)
+        self.outputs[0].copy_(logits)
+        for kept, new in zip(self.outputs[1] or [], routing or []):
+            kept.expert_index.copy_(new.expert_index)
+            kept.probs.copy_(new.probs)
+
+
+def stand_in_capture(fail_on: int | None = None):
+    calls = []
+
+    def capture(self, span, inputs):
+        calls.append(span)
+        if len(calls) == fail_on:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        outputs = self._forward(span, *inputs)  # tensors the replays overwrite
+        return StandInGraph(self, span, inputs, outputs), outputs
+
+    return capture, calls
+
+
+def graphed_engine(model, processor, monkeypatch, fail_on: int | None = None, **options):
+    """An engine whose prefill and decode step take the CUDA-graph paths on the CPU, through stand-ins;
+    returns it and the prefill captures' record."""
+    from test_engine_stats import stand_in_capture as decode_capture
+
+    from medmoe.engine.decode_step import DecodeStep
+    from medmoe.engine.prefill_step import PrefillStep
+
+    capture, calls = stand_in_capture(fail_on)
+    monkeypatch.setattr(DecodeStep, "_capture", decode_capture)
+    monkeypatch.setattr(PrefillStep, "_capture", capture)
+    engine = Engine(model, processor, max_slots=4, max_len=512, prefill_graphs=True, cuda_graphs=True,
+                    overlap_steps=False, **options)
+    engine.prefill_step.cuda_graphs = True  # the engine turns graphs on for CUDA devices only
+    return engine, calls
+
+
+ASKS = [(QUESTIONS[0], 0, 6), (" ".join(["describe the upper left lobe"] * 10), None, 20),
+        (QUESTIONS[1], None, 8), (QUESTIONS[3], 2, 12)]
+
+
+def answer_all(engine, processor, rounds=2):
+    results = []
+    for _ in range(rounds):  # the second round starts from the prefix cache
+        handles = []
+        for q, image, n in ASKS:
+            img = images()[image] if image is not None else None
+            handles.append(engine.submit(request(processor, q, img, SamplingConfig(max_new_tokens=n, ignore_eos=True))))
+            engine.step()  # each joins a running batch
+        results += [h.result() for h in handles]
+    return results
+
+
+def expected(model, processor, rounds=2):
+    return [reference(model, processor, q, images()[i] if i is not None else None,
+                      SamplingConfig(max_new_tokens=n, ignore_eos=True)) for q, i, n in ASKS] * rounds
+
+
+def test_warmup_captures_every_bucket_and_requests_only_replay(phi, monkeypatch):
+    model, processor = phi
+    engine, _ = graphed_engine(model, processor, monkeypatch, prefill_chunk=64)
+    engine.warmup()
+    step = engine.prefill_step
+    assert sorted(step.graphs) == sorted(step.shapes()) and engine.stats.prefill_captures == len(step.shapes())
+    before = engine.stats.snapshot()
+    results = answer_all(engine, processor)
+    d = engine.stats.since(before)
+    assert d.prefill_captures == 0 and d.prefill_replays == d.prefills > 8 and d.reused_tokens > 0
+    for result, want in zip(results, expected(model, processor)):
+        assert_same(result, want)
+
+
+def test_buckets_warmup_did_not_reach_are_captured_when_they_recur(phi, monkeypatch):
+    from medmoe.engine import prefill_step
+
+    monkeypatch.setattr(prefill_step, "WARMUP_SECONDS", -1.0)  # no time for any capture
+    model, processor = phi
+    engine, _ = graphed_engine(model, processor, monkeypatch)
+    engine.warmup()
+    assert not engine.prefill_step.graphs
+    results = answer_all(engine, processor, rounds=3)
+    assert engine.stats.prefill_captures > 0 and engine.stats.prefill_replays > 0
+    for result, want in zip(results, expected(model, processor, rounds=3)):
+        assert_same(result, want)
+
+
+def test_a_capture_that_fails_leaves_prefill_eager_with_the_same_answers(phi, monkeypatch):
+    model, processor = phi
+    engine, calls = graphed_engine(model, processor, monkeypatch, fail_on=2)
+    engine.warmup()
+    step = engine.prefill_step
+    assert len(calls) == 2 and not step.cuda_graphs and not step.graphs and engine.stats.graph_fallbacks == 1
+    results = answer_all(engine, processor)
+    assert engine.stats.prefill_replays == 0 and len(calls) == 2
+    for result, want in zip(results, expected(model, processor)):
+        assert_same(result, want)

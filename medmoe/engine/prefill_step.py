@@ -206,12 +206,13 @@ class PrefillStep:
         self.warm.clear()
         self.pool = None
 
-    def warm_up(self, seconds: float = WARMUP_SECONDS) -> int:
+    def warm_up(self, seconds: float | None = None) -> int:
         """Capture the buckets of `shapes`, smallest first, for at most `seconds`, ahead of requests;
         no prompt may be in a staging slot (the forwards write padding at the staging slots' last
         position). Returns the graphs captured."""
         if not self.cuda_graphs:
             return 0
+        seconds = WARMUP_SECONDS if seconds is None else seconds
         before, start = self.stats.prefill_captures, time.perf_counter()
         for shape in self.shapes():
             if not self.cuda_graphs or time.perf_counter() - start > seconds:
