@@ -47,7 +47,7 @@ def register(sub) -> None:
                         "and are prefilled together; default a quarter of the slots on a GPU, 1 on the CPU")
     p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false", default=None,
                    help="GPU: prefill through the model's own forward, not CUDA graphs written into the KV cache "
-                        "(the same answers, slower; for measuring)")
+                        "(for measuring; bf16 answers can differ where two tokens are near-tied)")
     p.set_defaults(func=run)
 
 
