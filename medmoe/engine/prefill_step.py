@@ -1,7 +1,6 @@
 """A prefill forward written straight into the KV cache, captured as a CUDA graph per shape bucket.
 
-On a GPU a prefill forward of a few prompts costs its kernel launches, not its arithmetic: about
-1,500 launches for nano, 0.15 s of host time for work the device does in a few milliseconds
+On a GPU a prefill forward of a few prompts costs its kernel launches, not its arithmetic
 (docs/lab/speed-history.md, runs O and 10). So prefill runs as the decode step does: from fixed
 input buffers, at a few shapes, each replayed from a CUDA graph.
 
@@ -18,11 +17,12 @@ prefill budget, smallest first, each after one eager forward of its shape, for a
 WARMUP_SECONDS; a bucket it did not reach is captured when it first occurs twice.
 
 A graph saves a forward's launches but computes its padding. Where the padded forward's arithmetic
-is large (more than GRAPH_MAX_FLOPS, counting every language-model weight), the forward runs
-eagerly at its exact shape instead: on an H100, a Phi-2-size model's forward of one 820-token image
-prompt took 27 ms from a graph against 60 ms eagerly, but forwards of four to eight such prompts,
-padded to 4,096 or 8,192 tokens, took 94 ms against 80 (docs/lab/speed-history.md, run P). The MoE blocks record their routing in every forward (the records
-of the rows that want them are copied to the host).
+is large (more than GRAPH_MAX_FLOPS, counting every language-model weight: two or more Phi-2-size
+image prompts), the padding costs more than the launches save (docs/lab/speed-history.md, run P),
+so the forward runs eagerly at its exact shape instead.
+
+The MoE blocks record their routing in every forward (the records of the rows that want them are
+copied to the host).
 
 On the CPU (tests) the same path runs eagerly at the same bucketed shapes. The model's own forward
 (scheduler.py: `_prefill_prompts`) stays the path for models that route per sample, where a
