@@ -56,7 +56,8 @@ def engine_decode(model, ids, pixels, new_tokens: int, stats: dict, compile: boo
     batch = ids.shape[0]
     engine = engine or Engine(model, None, max_slots=batch, max_len=ids.shape[1] + new_tokens,
                               max_prefill_tokens=ids.numel(), cuda_graphs=cuda_graphs, compile=compile,
-                              prefix_cache_mb=0)  # the same prompts again: prefill_ms measures a full prefill
+                              prefix_cache_mb=0,  # the same prompts again: prefill_ms measures a full prefill
+                              prefill_graphs=False)  # every row in one prefill forward (no staging-slot limit)
     per_image = pixels.shape[0] // batch if pixels is not None else 0
     cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
     handles = [engine.submit(Request(Prompt(ids[row].tolist(),
@@ -128,7 +129,7 @@ def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, 
         row["overlapped_moe_layers"] = done.overlapped_moe_layers
         row["decode_rotary_layers"] = done.decode_attention_layers
         engine = Engine(model, None, max_slots=batch, max_len=prompt + max(new_tokens, 16), max_prefill_tokens=ids.numel(),
-                        compile=compile, prefix_cache_mb=0)
+                        compile=compile, prefix_cache_mb=0, prefill_graphs=False)  # decode steps are what it measures
         engine.warmup()  # the cache at its bound, every graph captured
         short = engine_decode(model, ids, pixels, 16, warm, engine=engine)  # warm-up: prefill kernels
         graph, eager = {}, {}
