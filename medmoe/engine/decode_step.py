@@ -27,6 +27,7 @@ import torch
 from ..errors import is_out_of_memory
 from ..model.modeling import cache_argument
 from .fast_path import graph_safe
+from .prefill_kernels import pow2_at_least
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def row_bucket(n: int, slots: int) -> int:
-    return min(1 << max(n - 1, 0).bit_length(), slots)
+    return min(pow2_at_least(n), slots)
 
 
 def bucket_shapes(slots: int, capacity: int) -> list[tuple[int, int]]:

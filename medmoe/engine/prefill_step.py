@@ -39,6 +39,7 @@ import torch
 from ..errors import is_out_of_memory
 from ..model.attention_kernels import varying_shape_attention
 from ..model.modeling import cache_argument
+from .prefill_kernels import pow2_at_least
 from .slot_cache import PrefillView, SlotCache
 from .stats import EngineStats
 
@@ -48,10 +49,6 @@ WARMUP_SECONDS = 20.0  # the most `warm_up` spends capturing (a Phi-2-size model
 GRAPH_MAX_FLOPS = 2e13  # 2 x language-model weights x padded tokens above which a forward runs eagerly, unpadded
 
 logger = logging.getLogger(__name__)
-
-
-def pow2_at_least(n: int, least: int = 1) -> int:
-    return max(least, 1 << max(n - 1, 0).bit_length())
 
 
 class PrefillStep:
