@@ -1,4 +1,5 @@
-"""Shape buckets of the engine (powers of two), and the vision tower's batch sizes in prefill forwards, whose shapes change with every batch of prompts.
+"""The engine's shape buckets (powers of two), and the vision tower's batch sizes in prefill
+forwards, whose shapes change with every batch of prompts.
 
 cuDNN's convolutions build an execution plan the first time they see a shape: 2 ms per tower
 convolution on an H100 (docs/lab/speed-history.md, run O). So the tower sees a few batch sizes
