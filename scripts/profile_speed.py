@@ -8,6 +8,8 @@
     python scripts/profile_speed.py decode=qkv        # ... fused, but Phi's FFN projections apart from them
     python scripts/profile_speed.py decode-trace=DIR   # graph replays' kernels on each stream, a Chrome trace in DIR
     python scripts/profile_speed.py trace-summary=FILE # what docs/speed.md reads off one of those traces
+    python scripts/profile_speed.py prefill=32         # 32 image prompts at once through medmoe serve's engine: prefill only
+    python scripts/profile_speed.py prefill=32,eager   # ... with the model's own prefill forward (--no-prefill-graphs)
     python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
@@ -115,6 +117,65 @@ def decode(setting: str = "fused") -> None:
     on_gpu = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # kernels and copies
     print(f"GPU operations: {sum(e.count for e in on_gpu) / 100:.0f} per step, "
           f"{sum(e.self_device_time_total for e in on_gpu) / 100 / 1e3:.3f} ms per step (prefill included)")
+
+
+def prefill(setting: str = "32") -> None:
+    """`prefill=N[,eager]`: N image prompts (about 820 tokens) submitted at once to the engine
+    `medmoe serve` builds (its slots and lengths, prepared and warmed up), each answered with one
+    token, so the profile holds the prefill forwards alone; `eager`: the model's own prefill
+    forward. A first burst warms the kernels; the second, with other prompts, is profiled."""
+    count, _, path = setting.partition(",")
+    model = phi2_medmoe(DEVICE)
+    prefill_profile(model, DEVICE, int(count), eager=path == "eager")
+
+
+def prefill_profile(model, device: torch.device, count: int, eager: bool = False, text_tokens: int = 240) -> dict:
+    import time
+
+    from medmoe.engine import Engine, Prompt, Request
+    from medmoe.engine.prepare import prepare
+    from medmoe.generation.generate import SamplingConfig
+    from medmoe.serving.server import GPU_SLOTS, Limits
+
+    prepare(model)  # as load_for_inference does
+    limits = Limits()
+    engine = Engine(model, None, max_slots=GPU_SLOTS, max_len=limits.max_prompt_tokens + limits.max_tokens,
+                    prefill_graphs=False if eager else None)
+    engine.warmup()
+    sampling = SamplingConfig(max_new_tokens=1, ignore_eos=True)
+
+    def burst(seed: int) -> float:
+        ids, _, pixels = image_prompt(model, count, text_tokens, device, seed=seed)  # new images: no cache hits
+        handles = [engine.submit(Request(Prompt(ids[row].tolist(), pixels[row:row + 1]), sampling))
+                   for row in range(count)]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        while not all(h.done for h in handles):
+            engine.step()
+        sync()
+        return time.perf_counter() - t0
+
+    burst(1)
+    before = engine.stats.snapshot()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = burst(2)
+    counts = engine.stats.since(before)
+    averages = prof.key_averages()
+    device_s = sum(e.self_device_time_total for e in averages) / 1e6
+    path = "the model's own" if eager else "staged"
+    print(f"==== {count} image prompts of {ids_len(model, text_tokens)} tokens, {path} prefill: wall {wall:.3f} s, kernels {device_s:.3f} s; "
+          f"{counts.prefills} prefill forwards ({counts.prefill_replays} replayed), "
+          f"{counts.prefill_s:.3f} s")
+    if device.type == "cuda":
+        print(table(prof, 30))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
+    return {"wall_s": wall, "kernels_s": device_s, "prefill_forwards": counts.prefills}
+
+
+def ids_len(model, text_tokens: int) -> int:
+    return 1 + model.config.vision_config.num_tokens + text_tokens - 1
 
 
 def decode_trace(out_dir: str = ".") -> None:
@@ -274,7 +335,7 @@ def cat_callers(setting: str = "0") -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace,
+    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "prefill": prefill,
                 "trace-summary": trace_summary, "matvec": matvec, "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")

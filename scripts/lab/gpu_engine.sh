@@ -11,6 +11,8 @@
 #   bash scripts/lab/gpu_engine.sh evals [ARGS...]  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of
 #                                           # nano once per ARGS (extra eval options, "-" for none), engine statistics
 #   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 5 min)
+#   bash scripts/lab/gpu_engine.sh prefill_profile  # where 32 image prompts' prefill time goes, staged and the
+#                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
 #   PAYLOAD_DIR=.gpu/eval ...               # the four-part payload of scripts/lab/gpu_eval_payload.sh for `stage`
 #                                           # and `evals` (nano and VQA-RAD only), e.g. the last call:
@@ -129,6 +131,15 @@ prefill_check() {  # carrying .gpu/srv: the engine's GPU tests, then the serve b
   cp /tmp/serve-graphs/serve.json "$OUT/serve-graphs.json" 2>/dev/null
   echo "server start (warm-up): $(engine_line /tmp/serve-graphs/serve.json engine_at_start)"
   grep -i "warm-up\|warn" /tmp/serve-graphs/serve-server.log 2>/dev/null | tail -4
+}
+
+prefill_profile() {  # wall time against kernel time of the prefill forwards of 32 image prompts, both paths
+  local path
+  for path in 32 32,eager; do
+    step "prefill profile: $path"
+    timeout 150 python3 scripts/profile_speed.py prefill=$path > "$OUT/prefill-profile-$path.txt" 2>&1
+    grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
+  done
 }
 
 evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test, once per
