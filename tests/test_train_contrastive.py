@@ -185,3 +185,19 @@ def test_real_minilm_puts_similar_captions_closer_than_unrelated_ones():
     assert v.shape == (4, 384)
     assert cos[0, 1] > cos[0, 2] > cos[0, 3]
     assert cos[0, 1] > 0.7 and cos[0, 3] < 0.2
+
+
+def test_the_loss_follows_the_model_to_its_device_after_attach(tiny):
+    """Phases attach the loss before the trainer moves the model (to the GPU): the caption vectors
+    must follow. The meta device stands in for a second device here."""
+    model, _ = tiny
+    records = sample_records()
+    alignment = ContrastiveAlignment(records, WordVectors(), weight=1.0, temperature=0.07)
+    alignment.attach(model, seed=0)
+    getattr(model, HEAD).to("meta")
+    first = {}
+    for r in records:
+        first.setdefault(r.image, r.id)
+    alignment._keep(None, None, torch.empty(3, 3, model.config.hidden_size, device="meta"))
+    loss = alignment(model, {"ids": list(first.values())[:3]})["contrastive_loss"]
+    assert loss.device.type == "meta" and loss.shape == () and alignment.caption_emb.device.type == "meta"

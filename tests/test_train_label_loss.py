@@ -149,3 +149,22 @@ def test_the_bundled_recipe_changes_one_setting_of_nano():
     assert variant["phase2"].pop("label_loss_weight") == 1.0 and nano["phase2"].pop("label_loss_weight") == 0.0
     assert variant.pop("output_dir") == "runs/nano-label-loss"
     assert variant == {k: v for k, v in nano.items() if k != "output_dir"}
+
+
+def test_the_loss_follows_the_model_to_its_device_after_attach(tiny, monkeypatch):
+    """Phases attach the loss before the trainer moves the model (to the GPU): the targets must
+    follow. The meta device stands in for a second device here (the loss itself reads the labelled
+    rows back, which meta tensors cannot, so a stand-in takes what it would be given)."""
+    model, _ = tiny
+    records = sample_records()
+    loss_fn = LabelLoss(records, weight=1.0, min_count=2)
+    loss_fn.attach(model, seed=0)
+    getattr(model, HEAD).to("meta")
+    given = {}
+    monkeypatch.setattr("medmoe.training.label_loss.heads_loss",
+                        lambda heads, layout, features, targets: given.update(targets=targets) or features.sum())
+    images = [records[i].image for i in one_per_image(records)][:3]
+    ids = [next(r.id for r in records if r.image == image) for image in images]
+    loss_fn._keep(None, None, torch.empty(3, 3, model.config.hidden_size, device="meta"))
+    loss_fn(model, {"ids": ids})
+    assert given["targets"].device.type == "meta" and given["targets"].shape[0] == 3

@@ -85,7 +85,6 @@ class ContrastiveAlignment(ProjectorHeadLoss):
         with torch.no_grad():
             head.weight.normal_(0.0, model.config.hidden_size ** -0.5, generator=torch.Generator().manual_seed(seed))
         super().attach(model, head)
-        self.caption_emb = self.caption_emb.to(model.device)
 
     def batch_ids(self, images: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image index, caption index) of each image of a batch."""
@@ -95,6 +94,8 @@ class ContrastiveAlignment(ProjectorHeadLoss):
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         pooled, images = self.pooled(batch)
         image_emb = F.normalize(getattr(model, HEAD)(pooled).float(), dim=-1)
+        if self.caption_emb.device != image_emb.device:  # attached before the trainer moved the model
+            self.caption_emb = self.caption_emb.to(image_emb.device)
         # Made on the host, copied without waiting for the device (a plain copy to a GPU waits for it).
         image_ids, caption_ids = (ids.to(image_emb.device, non_blocking=True) for ids in self.batch_ids(images))
         duplicates = duplicate_mask(image_ids, caption_ids)

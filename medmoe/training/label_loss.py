@@ -54,12 +54,13 @@ class LabelLoss(ProjectorHeadLoss):
     def attach(self, model, seed: int = 0) -> None:
         """The heads (seeded apart from the global generator) and the projector hook."""
         super().attach(model, label_heads(model.config.hidden_size, self.classes, torch.Generator().manual_seed(seed)))
-        self.targets = self.targets.to(model.device)
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
         pooled, images = self.pooled(batch)
+        if self.targets.device != pooled.device:  # attached before the trainer moved the model
+            self.targets = self.targets.to(pooled.device)
         # Made on the host, copied without waiting for the device (a plain copy to a GPU waits for it).
-        rows = torch.tensor([self.row[image] for image in images]).to(self.targets.device, non_blocking=True)
+        rows = torch.tensor([self.row[image] for image in images]).to(pooled.device, non_blocking=True)
         loss = heads_loss(getattr(model, HEAD), self.layout, pooled.float(), self.targets[rows])
         return {"label_loss": self.weight * loss}
 
