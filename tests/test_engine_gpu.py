@@ -174,12 +174,15 @@ def test_prefill_leaves_cudnn_attention_out_and_answers_as_before():
     assert [r.token_ids[:4] for r in fast] == [r.token_ids[:4] for r in plain]
 
 
-def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward():
+def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward(monkeypatch):
     """Warm-up captures a prefill graph for every (rows, tokens) bucket; image and text prompts,
     cached prefixes and 64-token pieces of prompts joining a running batch then replay them, with no
     capture, and get the answers of the same prefill run eagerly (bf16: graphs need sync-free experts)."""
     from PIL import Image
 
+    from medmoe.engine import prefill_step
+
+    monkeypatch.setattr(prefill_step, "WARMUP_SECONDS", 1e9)  # every bucket, however busy the machine
     model, processor = fused_model("token", "full")
     engine = Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64)
     step = engine.prefill_step

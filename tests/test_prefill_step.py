@@ -222,6 +222,9 @@ def expected(model, processor, rounds=2):
 
 
 def test_warmup_captures_every_bucket_and_requests_only_replay(phi, monkeypatch):
+    from medmoe.engine import prefill_step
+
+    monkeypatch.setattr(prefill_step, "WARMUP_SECONDS", 1e9)  # every bucket, however busy the machine
     model, processor = phi
     engine, _ = graphed_engine(model, processor, monkeypatch, prefill_chunk=64)
     engine.warmup()
