@@ -11,7 +11,7 @@
 #   bash scripts/lab/gpu_engine.sh evals [ARGS...]  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of
 #                                           # nano once per ARGS (extra eval options, "-" for none), engine statistics
 #   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 5 min)
-#   bash scripts/lab/gpu_engine.sh prefill_profile  # where 32 image prompts' prefill time goes, staged and the
+#   bash scripts/lab/gpu_engine.sh prefill_profile  # carrying .gpu/srv: where 32 image prompts' prefill time goes, staged and the
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
 #   PAYLOAD_DIR=.gpu/eval ...               # the four-part payload of scripts/lab/gpu_eval_payload.sh for `stage`
@@ -134,6 +134,7 @@ prefill_check() {  # carrying .gpu/srv: the engine's GPU tests, then the serve b
 }
 
 prefill_profile() {  # wall time against kernel time of the prefill forwards of 32 image prompts, both paths
+  serve_packages  # the profile builds its engine as medmoe serve does (serving.server's limits)
   local path
   for path in 32 32,eager; do
     step "prefill profile: $path"
