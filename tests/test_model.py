@@ -71,6 +71,21 @@ def test_images_are_spliced_in_order_and_several_per_prompt_work(tiny):
     assert not torch.allclose(a, b)  # order matters: each image lands at its own placeholder
 
 
+def test_image_positions_found_on_the_host_splice_as_the_mask_does(tiny):
+    model, processor = tiny
+    batch = processor(["<image> left and <image> right", "<image> only"], [[image((255, 0, 0)), image((0, 0, 255))],
+                                                                         [image((0, 255, 0))]])
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        tokens = model.encode_images(batch["pixel_values"])
+        by_mask = model.embed_inputs(ids, None, image_tokens=tokens)
+        positions = (ids.view(-1) == processor.image_token_id).nonzero().squeeze(1)
+        by_positions = model.embed_inputs(ids, None, image_tokens=tokens, image_positions=positions)
+        torch.testing.assert_close(by_positions, by_mask, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="image-token positions"):
+            model.embed_inputs(ids, None, image_tokens=tokens, image_positions=positions[:-1])
+
+
 def test_image_count_mismatch_is_a_clear_error(tiny):
     model, processor = tiny
     batch = processor(["hello"], [image()])

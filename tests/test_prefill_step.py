@@ -42,12 +42,15 @@ def test_image_and_text_prompts_get_the_reference_answers_and_routing(name, expe
             torch.testing.assert_close(got.probs, expected.probs)
 
 
-def test_cached_prefixes_chunks_and_requests_joining_a_running_batch(phi):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cached_prefixes_chunks_and_requests_joining_a_running_batch(phi, overlap):
     """Round two starts from the prefix cache; prompts arriving while others decode are prefilled in
-    16-token pieces into their staging slots, beside decode steps that must not disturb them."""
+    16-token pieces into their staging slots, beside decode steps that must not disturb them.
+    `overlap` (a GPU's default): a prefill's first tokens are handed out after the next decode
+    step is launched."""
     model, processor = phi
     cfg = SamplingConfig(max_new_tokens=12, ignore_eos=True)
-    engine = Engine(model, processor, max_slots=4, prefill_graphs=True, prefill_chunk=16)
+    engine = Engine(model, processor, max_slots=4, prefill_graphs=True, prefill_chunk=16, overlap_steps=overlap)
     expected = [reference(model, processor, q, i, cfg) for q, i in zip(QUESTIONS, images())]
     for _ in range(2):
         handles = []

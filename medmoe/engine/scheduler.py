@@ -161,8 +161,9 @@ class Engine:
         decode step through torch.compile (True, or its mode); call `warmup` before serving, so
         that no request waits for a compile.
         `overlap_steps` (default: on a GPU): launch each decode step before handing out the previous
-        step's tokens, so that the host's work (sampling bookkeeping, detokenising, streaming)
-        runs while the device computes; a request that ends then costs its row one extra step.
+        step's tokens, and a prefill's first tokens, so that the host's work (sampling bookkeeping,
+        detokenising, streaming) runs while the device computes; a request that ends then costs its
+        row one extra step.
         `prefix_cache_mb` (0: off) and `prefill_chunk` (0: whole prompts): config.RuntimeOptions; both
         only where the model routes by token (prefix_cache.reuse_safe).
         `admit_batch` (config.RuntimeOptions; None: a quarter of the slots on a GPU, 1 on the CPU):
@@ -214,6 +215,7 @@ class Engine:
         self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
         self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
         self.in_flight: _Picked | None = None
+        self.first_tokens: list[_Picked] = []  # prefills' first tokens, picked on the device, not yet handed out
         self.active: list[_Running] = []
         self.waiting: collections.deque[Handle] = collections.deque()
         self.incoming: collections.deque[Handle] = collections.deque()
@@ -393,6 +395,7 @@ class Engine:
         self._drop_cancelled()
         admitted = self._admit()
         previous, self.in_flight = self.in_flight, None
+        firsts, self.first_tokens = self.first_tokens, []
         try:
             launched = self._decode() if self.active else None
             if self.overlap_steps:
@@ -402,6 +405,11 @@ class Engine:
             for picked in (previous, launched):
                 if picked is not None:
                     self._hand_out(picked)
+            if firsts:  # this step's prefill's first tokens (their wait for the device counts as prefill)
+                start = time.perf_counter()
+                for picked in firsts:
+                    self._hand_out(picked, timed=False)
+                self.stats.prefill_s += time.perf_counter() - start
         except Exception as err:  # a bug or out of memory: fail the running requests, keep serving
             logger.exception("decode step failed for %d requests", len(self.active))
             for run in self.active:
@@ -593,7 +601,11 @@ class Engine:
         lengths = [r.length for r in self.active[first:]]
         self.step_fn.positions[first:first + len(lengths)] = torch.tensor(lengths, device=self.cache.device)
         rows_done = torch.tensor(finished, device=logits.device)
-        self._hand_out(self._pick(logits.index_select(0, rows_done), self.active[first:], first), timed=False)
+        picked = self._pick(logits.index_select(0, rows_done), self.active[first:], first)
+        if self.overlap_steps:  # handed out once the next decode step is launched (_step): no wait here
+            self.first_tokens.append(picked)
+        else:
+            self._hand_out(picked, timed=False)
 
     def _prefill_prompts(self, jobs: list[_Prefilling]):
         """Whole prompts, left-padded, through the model's own forward (images, per-sample routing,
@@ -719,13 +731,15 @@ class Engine:
             if padded > count:  # zero images to a batch size the tower has run before (prefill_kernels.py)
                 pixels = torch.cat([pixels, pixels.new_zeros(padded - count, *pixels.shape[1:])])
             tokens = model.encode_images(pixels)[:count]
-        # One splice for all jobs (its check of the image-token count reads the device once, not once a job).
+        # One splice for all jobs, at image positions found on the host (no read from the device).
         lengths = [len(job.prompt.input_ids) for job in jobs]
-        pad = self.pad_id if self.pad_id != model.config.image_token_id else 0
+        image_id = model.config.image_token_id
+        pad = self.pad_id if self.pad_id != image_id else 0
         ids = torch.full((len(jobs), max(lengths)), pad, dtype=torch.long)
         for row, job in enumerate(jobs):
             ids[row, :lengths[row]] = torch.tensor(job.prompt.input_ids, dtype=torch.long)
-        embeds = model.embed_inputs(ids.to(device), None, image_tokens=tokens)
+        positions = (ids.view(-1) == image_id).nonzero().squeeze(1) if tokens is not None else None
+        embeds = model.embed_inputs(ids.to(device), None, image_tokens=tokens, image_positions=positions)
         for row, job in enumerate(jobs):
             job.embeds = embeds[row, :lengths[row]]
 

@@ -186,10 +186,13 @@ class MedMoEForCausalLM(PreTrainedModel):
         return self.projector(features.to(proj_dtype))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                     image_tokens: torch.Tensor | None = None,
+                     image_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with every `<image>` position filled by image tokens, in order.
         `image_tokens` [n, num_tokens, d]: already encoded images (`encode_images`), e.g. one image
-        scored against several answers, instead of `pixel_values`."""
+        scored against several answers, instead of `pixel_values`. `image_positions`: the flat
+        indices of the `<image>` positions, where the caller found them on the host (the inference
+        engine), so that nothing is read back from the device."""
         embed = self.language_model.get_input_embeddings()
         image_id = self.config.image_token_id
         is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
@@ -200,11 +203,16 @@ class MedMoEForCausalLM(PreTrainedModel):
         if tokens is None:
             tower_dtype = next(self.vision_tower.parameters()).dtype
             tokens = self.encode_images(pixel_values.to(self.device, tower_dtype))
-        found, expected = int(is_image.sum()), tokens.shape[0] * tokens.shape[1]
+        found = int(is_image.sum()) if image_positions is None else image_positions.numel()
+        expected = tokens.shape[0] * tokens.shape[1]
         if found != expected:
             raise ValueError(f"{found} image-token positions in input_ids but {tokens.shape[0]} images x "
                              f"{tokens.shape[1]} tokens = {expected}; build inputs with MedMoEProcessor")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        tokens = tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        if image_positions is None:
+            return embeds.masked_scatter(is_image.unsqueeze(-1), tokens)
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        return flat.index_copy(0, image_positions.to(flat.device, non_blocking=True), tokens).view_as(embeds)
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
