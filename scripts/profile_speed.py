@@ -10,6 +10,7 @@
     python scripts/profile_speed.py trace-summary=FILE # what docs/speed.md reads off one of those traces
     python scripts/profile_speed.py prefill=32         # 32 image prompts at once through medmoe serve's engine: prefill only
     python scripts/profile_speed.py prefill=32,eager   # ... with the model's own prefill forward (--no-prefill-graphs)
+    python scripts/profile_speed.py eval=DATA[,SPLIT]  # medmoe eval of the bundled model: the engine's parts (host and device)
     python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
 
@@ -178,6 +179,42 @@ def ids_len(model, text_tokens: int) -> int:
     return 1 + model.config.vision_config.num_tokens + text_tokens - 1
 
 
+def eval_profile(setting: str) -> None:
+    """`eval=DATA[,SPLIT]`: `medmoe eval` of the bundled model (batch 128, 32 new tokens) on a
+    prepared dataset, profiled after a first evaluation that loads the weights and warms the
+    kernels. Prints the engine's parts (scheduler.py's record_function ranges: prefill forward,
+    its images and splice, its finish, decode launches, hand-outs), their host and device time,
+    then the host's most expensive operators."""
+    import tempfile
+    import time
+
+    from medmoe.evaluation.evaluate import EvalSettings, evaluate
+    from medmoe.loading import load_for_inference
+
+    data, _, split = setting.partition(",")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a check of this script
+    model, processor = load_for_inference("nano", device)
+    with tempfile.TemporaryDirectory() as out:
+        def run(name: str, limit: int | None = None) -> float:
+            settings = EvalSettings(model="nano", data=data, out=f"{out}/{name}", split=split or "test", batch_size=128,
+                                    max_new_tokens=32, limit=limit)
+            start = time.perf_counter()
+            evaluate(settings, model, processor)
+            return time.perf_counter() - start
+
+        run("warm", limit=256)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            wall = run("profiled")
+    averages = prof.key_averages()
+    print(f"==== medmoe eval of nano on {data} ({split or 'test'}), batch 128: {wall:.2f} s in all (warm-up, "
+          "loading the data and scoring included)")
+    print(f"{'range':28s} {'calls':>6s} {'host s':>8s} {'device s':>9s}")
+    for event in sorted((e for e in averages if e.key.startswith("engine.")), key=lambda e: -e.cpu_time_total):
+        print(f"{event.key:28s} {event.count:6d} {event.cpu_time_total / 1e6:8.3f} {event.device_time_total / 1e6:9.3f}")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
 def decode_trace(out_dir: str = ".") -> None:
     """Five replays of the compiled batch-1 step's CUDA graph, experts beside the attention and after
     it: each stream's kernels (busy time, count) per step, and the Chrome traces (decode_*.json)."""
@@ -335,7 +372,7 @@ def cat_callers(setting: str = "0") -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "prefill": prefill,
+    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "prefill": prefill, "eval": eval_profile,
                 "trace-summary": trace_summary, "matvec": matvec, "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")

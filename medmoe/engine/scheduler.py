@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache
 
 from ..config import RuntimeOptions
@@ -554,13 +555,19 @@ class Engine:
     def _prefill(self, pieces: list[tuple[_Prefilling, int]]) -> None:
         """Run the pieces in one forward; a request whose prompt is complete goes into the next
         slot (its keys and values into the prefix cache) and gets its first token."""
-        with varying_shape_attention(self.cache.device):
+        with varying_shape_attention(self.cache.device), record_function("engine.prefill_forward"):
             if self.prefill_step is not None:
                 rows, logits = self._prefill_staged(pieces)
             elif all(job.done == 0 and n == job.left for job, n in pieces):
                 rows, logits = self._prefill_prompts([job for job, _ in pieces])
             else:
                 rows, logits = self._prefill_pieces(pieces)
+        with record_function("engine.prefill_finish"):
+            self._finish_prefill(pieces, rows, logits)
+
+    def _finish_prefill(self, pieces, rows, logits) -> None:
+        """After the forward: complete prompts move to decode slots (and the prefix cache) and get
+        their first tokens; pieces of longer ones keep their keys and values for the next."""
         complete = [job for job, n in pieces if n == job.left]
         if complete:
             needs = [r.length + r.cfg.max_new_tokens - r.generated for r in self.active]
@@ -718,8 +725,11 @@ class Engine:
         `jobs` at once and their images through the tower in one batch: on a GPU a tower's forward
         costs its kernel launches whatever the batch, so one image at a time would cost that per request."""
         jobs = [job for job in jobs if job.embeds is None]
-        if not jobs:
-            return
+        if jobs:
+            with record_function("engine.encode_prompts"):
+                self._encode(jobs)
+
+    def _encode(self, jobs: list[_Prefilling]) -> None:
         model, device = self.model, self.cache.device
         pixels = [job.prompt.pixel_values for job in jobs if job.prompt.pixel_values is not None]
         tokens = None
@@ -750,6 +760,10 @@ class Engine:
         runs = list(self.active)
         if all(r.generated + r.pending >= r.cfg.max_new_tokens for r in runs):
             return None
+        with record_function("engine.decode_launch"):
+            return self._launch(runs)
+
+    def _launch(self, runs: list[_Running]) -> _Picked:
         start = time.perf_counter()
         stats = self.stats
         stats.largest_batch = max(stats.largest_batch, len(runs))
@@ -787,6 +801,10 @@ class Engine:
         """Give each request its token once it is on the host; release the requests that finished.
         A request that finished (or was cancelled) after the step was launched ignores its token.
         `timed`: into the stats' device wait and hand-out (a prefill's first tokens count as prefill)."""
+        with record_function("engine.hand_out"):
+            self._give_tokens(picked, timed)
+
+    def _give_tokens(self, picked: _Picked, timed: bool) -> None:
         start = time.perf_counter()
         if picked.done is not None:
             picked.done.synchronize()

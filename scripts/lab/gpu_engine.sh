@@ -13,6 +13,8 @@
 #   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 5 min)
 #   bash scripts/lab/gpu_engine.sh prefill_profile  # carrying .gpu/srv: where 32 image prompts' prefill time goes, staged and the
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
+#   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
+#                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
 #   PAYLOAD_DIR=.gpu/eval ...               # the four-part payload of scripts/lab/gpu_eval_payload.sh for `stage`
 #                                           # and `evals` (nano and VQA-RAD only), e.g. the last call:
@@ -141,6 +143,16 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
     timeout 150 python3 scripts/profile_speed.py prefill=$path > "$OUT/prefill-profile-$path.txt" 2>&1
     grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
   done
+}
+
+eval_profile() {  # the engine's parts in nano's evaluation of VQA-RAD test, host and device time
+  if [ ! -f "$STAGE/ready" ]; then
+    stage && bash scripts/lab/gpu_run.sh || exit $?
+  fi
+  $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
+  step "eval profile: nano on VQA-RAD test, batch 128, 32 new tokens"
+  timeout 240 python3 scripts/profile_speed.py eval=/tmp/data/vqa-rad > "$OUT/eval-profile.txt" 2>&1
+  grep -A 45 "^====" "$OUT/eval-profile.txt" | cut -c1-200
 }
 
 evals() {  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano on VQA-RAD test, once per
