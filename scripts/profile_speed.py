@@ -166,17 +166,13 @@ def prefill_profile(model, device: torch.device, count: int, eager: bool = False
     averages = prof.key_averages()
     device_s = sum(e.self_device_time_total for e in averages) / 1e6
     path = "the model's own" if eager else "staged"
-    print(f"==== {count} image prompts of {ids_len(model, text_tokens)} tokens, {path} prefill: wall {wall:.3f} s, kernels {device_s:.3f} s; "
+    print(f"==== {count} image prompts of {model.config.vision_config.num_tokens + text_tokens} tokens, {path} prefill: wall {wall:.3f} s, kernels {device_s:.3f} s; "
           f"{counts.prefills} prefill forwards ({counts.prefill_replays} replayed), "
           f"{counts.prefill_s:.3f} s")
     if device.type == "cuda":
         print(table(prof, 30))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
     return {"wall_s": wall, "kernels_s": device_s, "prefill_forwards": counts.prefills}
-
-
-def ids_len(model, text_tokens: int) -> int:
-    return 1 + model.config.vision_config.num_tokens + text_tokens - 1
 
 
 def eval_profile(setting: str) -> None:
