@@ -166,7 +166,8 @@ def prefill_profile(model, device: torch.device, count: int, eager: bool = False
     averages = prof.key_averages()
     device_s = sum(e.self_device_time_total for e in averages) / 1e6
     path = "the model's own" if eager else "staged"
-    print(f"==== {count} image prompts of {model.config.vision_config.num_tokens + text_tokens} tokens, {path} prefill: wall {wall:.3f} s, kernels {device_s:.3f} s; "
+    tokens = model.config.vision_config.num_tokens + text_tokens
+    print(f"==== {count} image prompts of {tokens} tokens, {path} prefill: wall {wall:.3f} s, kernels {device_s:.3f} s; "
           f"{counts.prefills} prefill forwards ({counts.prefill_replays} replayed), "
           f"{counts.prefill_s:.3f} s")
     if device.type == "cuda":
