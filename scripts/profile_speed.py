@@ -37,6 +37,33 @@ from medmoe.training.recipe import checkpointing_setting
 DEVICE = torch.device("cuda")
 
 
+def export_trace(prof) -> None:
+    """With PROFILE_TRACE=FILE.json.gz set, the profile's timeline as a gzipped Chrome trace
+    (chrome://tracing, ui.perfetto.dev) of what a timeline question needs: the ranges, the kernels
+    and copies, and the host's waits and graph launches (the host's operators left out: they
+    would make it hundreds of MB)."""
+    import gzip
+    import json
+    import os
+    import tempfile
+
+    path = os.environ.get("PROFILE_TRACE")
+    if not path:
+        return
+    waits = ("Synchronize", "Memcpy", "GraphLaunch", "StreamWaitEvent")
+    with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+        prof.export_chrome_trace(raw.name)
+        with open(raw.name) as f:
+            trace = json.load(f)
+    kept = ("user_annotation", "gpu_user_annotation", "kernel", "gpu_memcpy", "gpu_memset")
+    trace["traceEvents"] = [e for e in trace["traceEvents"]
+                            if e.get("cat") in kept or e.get("ph") == "M"
+                            or e.get("cat") == "cuda_runtime" and any(w in e.get("name", "") for w in waits)]
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    print(f"trace: {path} ({len(trace['traceEvents'])} events)")
+
+
 def table(prof, rows: int = 40) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=100)
 
@@ -173,6 +200,7 @@ def prefill_profile(model, device: torch.device, count: int, eager: bool = False
     if device.type == "cuda":
         print(table(prof, 30))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
+    export_trace(prof)
     return {"wall_s": wall, "kernels_s": device_s, "prefill_forwards": counts.prefills}
 
 
@@ -212,9 +240,11 @@ def eval_profile(setting: str) -> None:
     print(f"==== medmoe eval of nano on {data} ({split or 'test'}), batch 128: {wall:.2f} s in all (reading the "
           "images and scoring included)")
     print(f"{'range':28s} {'calls':>6s} {'host s':>8s} {'device s':>9s}")
-    for event in sorted((e for e in averages if e.key.startswith("engine.")), key=lambda e: -e.cpu_time_total):
+    ranges = (e for e in averages if e.key.startswith(("engine.", "eval.")))
+    for event in sorted(ranges, key=lambda e: -e.cpu_time_total):
         print(f"{event.key:28s} {event.count:6d} {event.cpu_time_total / 1e6:8.3f} {event.device_time_total / 1e6:9.3f}")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    export_trace(prof)
 
 
 def decode_trace(out_dir: str = ".") -> None:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from ..errors import ConfigError, DataError
 from ..files import weights_fingerprint
@@ -292,14 +293,16 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, e
     want_routing = settings.routing and model.is_moe
     cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
     engine = engine or eval_engine(model, processor, items, settings)
-    results = engine.generate([Request(prompt, cfg, output_routing=want_routing)
-                               for prompt in encode_items(processor, items, pixels)])
+    with record_function("eval.generate"):
+        results = engine.generate([Request(prompt, cfg, output_routing=want_routing)
+                                   for prompt in encode_items(processor, items, pixels)])
     out = as_generation_output(results, engine.pad_id)
     counts = [None] * len(items)
     if want_routing and out.prompt_routing:
         valid = _prompt_valid_mask(results, out.input_ids)
         counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
-    scores = choice_scores(model, processor, items, settings.share_prefix)
+    with record_function("eval.choice_scores"):
+        scores = choice_scores(model, processor, items, settings.share_prefix)
     rows = []
     for item, text, reason, routing, result in zip(items, out.texts, out.finish_reasons, counts, results):
         row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,
@@ -339,7 +342,8 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
     with tqdm(total=len(todo), desc="eval", unit="q") as bar, ThreadPoolExecutor(max_workers=1) as reader:
         ahead = reader.submit(read_images, processor, chunks[0]) if chunks else None
         for k, batch in enumerate(chunks):
-            pixels = ahead.result()
+            with record_function("eval.wait_for_images"):
+                pixels = ahead.result()
             if k + 1 < len(chunks):
                 ahead = reader.submit(read_images, processor, chunks[k + 1])
             rows = run_batch(model, processor, batch, settings, engine=engine, pixels=pixels)

@@ -140,7 +140,8 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
   local path
   for path in 32 32,eager; do
     step "prefill profile: $path"
-    timeout 150 python3 scripts/profile_speed.py prefill=$path > "$OUT/prefill-profile-$path.txt" 2>&1
+    PROFILE_TRACE="$OUT/prefill-trace-${path/,/-}.json.gz" timeout 150 python3 scripts/profile_speed.py prefill=$path \
+      > "$OUT/prefill-profile-$path.txt" 2>&1
     grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
   done
 }
@@ -151,7 +152,8 @@ eval_profile() {  # the engine's parts in nano's evaluation of VQA-RAD test, hos
   fi
   $M data prepare vqa-rad --src "$STAGE/data/vqa-rad" --out /tmp/data/vqa-rad > /dev/null 2>&1
   step "eval profile: nano on VQA-RAD test, batch 128, 32 new tokens"
-  timeout 240 python3 scripts/profile_speed.py eval=/tmp/data/vqa-rad > "$OUT/eval-profile.txt" 2>&1
+  PROFILE_TRACE="$OUT/eval-trace.json.gz" timeout 240 python3 scripts/profile_speed.py eval=/tmp/data/vqa-rad \
+    > "$OUT/eval-profile.txt" 2>&1
   grep -A 45 "^====" "$OUT/eval-profile.txt" | cut -c1-200
 }
 
