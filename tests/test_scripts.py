@@ -216,3 +216,28 @@ def test_profile_trace_summary_reads_layers_and_kernels_off_a_trace(tmp_path):
     assert "MoE 90.0 us (5), dense 60.0 us (10)" in out  # the gaps between replays are not layers
     assert "7: 10 kernels" in out and "9: 1 kernels" in out
     assert "expert products: 15.0 us median" in out and "attention: 8.0 us median" in out
+
+
+def test_trace_timeline_charges_device_idle_time_to_the_innermost_host_range(tmp_path):
+    import gzip
+    import json
+
+    def event(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [event("user_annotation", "eval.generate", 0, 10_000),
+              event("user_annotation", "engine.prefill_forward", 1_000, 3_000),  # the device idles 2 ms of it
+              event("kernel", "gemm", 0, 1_000), event("kernel", "gemm", 3_000, 6_000),
+              event("gpu_memcpy", "copy", 9_000, 500),  # a copy is device work too
+              event("cuda_runtime", "cudaStreamSynchronize", 2_000, 1_000),
+              event("cpu_op", "aten::mm", 0, 10_000)]  # host operators are not device work
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "lab" / "trace_timeline.py"), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "(75%)" in out  # busy 1 + 6 + 0.5 ms of 10
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("eval.", "engine."))}
+    assert lines["engine.prefill_forward"][1:] == ["1", "0.003", "0.002"]
+    assert lines["eval.generate"][1:] == ["1", "0.010", "0.001"]  # the last 0.5 ms after the copy
+    assert "cudaStreamSynchronize" in out and "2.00 ms at +  0.001 s in engine.prefill_forward" in out
