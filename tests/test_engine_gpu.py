@@ -128,6 +128,7 @@ def test_after_warmup_no_request_captures_a_graph_or_grows_the_cache():
 
     fast = answers(engine)
     d = engine.stats.since(before)
+    assert engine.stats.graph_fallbacks == 0  # no capture failed (a failed one logs why)
     assert (d.graph_captures, d.cache_growths, d.cache_allocations, d.graphs_dropped, d.eager_steps) == (0, 0, 0, 0, 0)
     assert d.graph_replays == d.decode_steps > 250
     slow = answers(Engine(model, processor, max_slots=4, max_len=700, cuda_graphs=False, overlap_steps=False))
@@ -212,3 +213,61 @@ def test_prefill_graphs_after_warmup_replay_and_answer_as_the_models_own_forward
     slow = answers(Engine(model, processor, max_slots=4, max_len=700, prefill_chunk=64, prefill_graphs=True,
                           cuda_graphs=False, overlap_steps=False))
     assert fast == slow
+
+
+def test_a_warm_engines_iterations_never_wait_for_the_device(monkeypatch):
+    """After warm-up, image and text prompts with routing records, cached prefixes, requests joining
+    and leaving: no operation synchronizes with the device (torch's sync debug mode), where a copy
+    from pageable memory, a scalar write or a routing-record read would wait for every queued
+    kernel. Only the hand-out waits, for its step's tokens (an event)."""
+    import gc
+    import warnings
+
+    from PIL import Image
+
+    from medmoe.engine import prefill_step
+
+    monkeypatch.setattr(prefill_step, "WARMUP_SECONDS", 1e9)
+    model, processor = fused_model("token", "full")
+    engine = Engine(model, processor, max_slots=4, max_len=700)
+    engine.warmup()
+    assert gc.get_freeze_count() > 0  # what lived at warm-up is out of the collector's sight
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    asks = [(QUESTIONS[0], image, 8), (QUESTIONS[1], None, 30), (QUESTIONS[0], image, 12), (QUESTIONS[3], image, 20)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handles = []
+            for q, img, n in asks * 2:
+                handles.append(engine.submit(Request(encode_question(processor, q, img),
+                                                     SamplingConfig(max_new_tokens=n, ignore_eos=True),
+                                                     output_routing=True)))
+                engine.step()
+            results = [h.result() for h in handles]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert syncs == []
+    assert engine.stats.reused_tokens > 0 and all(r.prompt_routing for r in results)
+    assert [len(r.token_ids) for r in results] == [n for _, _, n in asks * 2]
+
+
+def test_the_towers_graphs_encode_images_as_the_tower_does():
+    """Warm-up captures the vision tower per power-of-two batch (tower_graphs.py); a replay gives
+    the eager tower's tokens, and prefill forwards with images replay it."""
+    from PIL import Image
+
+    model, processor = fused_model("token", "full")
+    engine = Engine(model, processor, max_slots=4, max_len=700)
+    engine.warmup()
+    assert engine.tower is not None and len(engine.tower.graphs) == 3  # 1, 2 and 4 images (4 staging slots)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(4, 3, size, size, device="cuda").to(next(model.vision_tower.parameters()).dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.tower(pixels).clone(), model.encode_images(pixels), rtol=1e-2, atol=1e-2)
+    before = engine.stats.snapshot()
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    engine.generate([Request(encode_question(processor, QUESTIONS[0], image), SamplingConfig(max_new_tokens=3))])
+    assert engine.stats.since(before).tower_replays == 1

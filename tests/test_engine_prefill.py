@@ -48,3 +48,25 @@ def test_routing_records_join_slice_and_hand_out_per_layer():
     assert [r.layer for r in layers] == [0, 2] and layers[0].probs.shape == (1, 10, 4)
     assert torch.equal(layers[1].probs[0], probs[1][1])
     assert whole.bytes == 2 * 10 * 1 * 8 + 2 * 10 * 4 * 4
+
+
+def test_routing_records_wait_for_their_copy_only_when_read():
+    """Records still on their way from the device (`ready`) are made, cut per row and joined without
+    waiting; the first read of their tensors waits, once."""
+    from medmoe.engine.routing_records import Records, join_records, row_records
+
+    class Copy:  # stands in for the copy's CUDA event
+        waits = 0
+
+        def synchronize(self):
+            Copy.waits += 1
+
+    index, probs = torch.randint(0, 4, (2, 3, 10, 1)), torch.rand(2, 3, 10, 4)
+    batch = Records((0, 2), index, probs, ready=Copy())
+    cached = Records((0, 2), torch.zeros(2, 5, 1, dtype=torch.long), torch.zeros(2, 5, 4))  # on the host already
+    whole = join_records(cached, row_records(batch, 1, 0))
+    assert len(whole) == 15 and whole.bytes == 2 * 15 * 8 + 2 * 15 * 4 * 4 and Copy.waits == 0
+    assert torch.equal(whole.expert_index[:, 5:], index[:, 1]) and Copy.waits == 1
+    assert torch.equal(whole.probs[:, :5], torch.zeros(2, 5, 4)) and Copy.waits == 1  # joined once
+    kept = row_records(batch, 2, 3).slice(0, 4)
+    assert torch.equal(kept.probs, probs[:, 2, 3:7]) and Copy.waits == 2

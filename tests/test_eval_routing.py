@@ -65,3 +65,23 @@ def test_tiny_moe_model_routing(tiny):
     n_text = int(batch["attention_mask"].sum()) - 2 * n_image
     assert sum(stats.counts[("text", m)].sum().item() for m in ("CT", "X-Ray")) == n_text * len(out.routing) * k
     assert stats.summary()["layers"] == [r.layer for r in out.routing]
+
+
+def test_one_prompts_counts_equal_those_of_its_row_in_a_padded_batch():
+    """evaluation/routing.py: `prompt_counts` (an engine result's own records) against
+    `sample_counts` (a left-padded batch), on random choices."""
+    from medmoe.evaluation.routing import prompt_counts, sample_counts
+    from medmoe.moe import LayerRouting
+
+    torch.manual_seed(0)
+    image_id, lengths, width = 7, [9, 6], 9
+    ids = torch.randint(0, 6, (2, width))
+    ids[:, 2:5] = image_id
+    valid = torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]
+    routing = [LayerRouting(layer, torch.randint(0, 4, (2, width, 2)), torch.rand(2, width, 4)) for layer in (1, 3, 5)]
+    batch = sample_counts(routing, ids, valid, image_id)
+    for row, n in enumerate(lengths):
+        own = [LayerRouting(r.layer, r.expert_index[row:row + 1, width - n:], r.probs[row:row + 1, width - n:])
+               for r in routing]
+        assert prompt_counts(own, ids[row, width - n:].tolist(), image_id) == batch[row]
+    assert sum(map(sum, batch[0]["image"])) == 3 * 3 * 2  # 3 image tokens, 3 layers, top-2

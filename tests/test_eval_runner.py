@@ -100,16 +100,16 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     settings = EvalSettings(model="tiny", data=str(records), out=str(tmp_path / "out"), batch_size=2,
                             max_new_tokens=3, routing=False)
     monkeypatch.setattr(ev, "CHUNK_BATCHES", 1)  # rows are appended per chunk of batches: one batch here
-    real = ev.run_batch
+    real = ev.collect_batch
     seen = []
 
-    def crash_after_two_batches(model, processor, items, settings, engine=None, pixels=None):
+    def crash_after_two_batches(model, processor, items, handles, settings):
         if len(seen) == 2:
             raise KeyboardInterrupt
         seen.append([i.gt.id for i in items])
-        return real(model, processor, items, settings, engine, pixels)
+        return real(model, processor, items, handles, settings)
 
-    monkeypatch.setattr(ev, "run_batch", crash_after_two_batches)
+    monkeypatch.setattr(ev, "collect_batch", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         evaluate(settings, model, processor)
     pred_path = tmp_path / "out" / "predictions.jsonl"
@@ -117,9 +117,11 @@ def test_resume_after_interruption(tmp_path, tiny, records, monkeypatch):
     assert len(first) == 4
     with open(pred_path, "a") as f:  # a torn line from a crash mid-write
         f.write('{"id": "q4", "predic')
+    monkeypatch.setattr(ev, "collect_batch", real)
     redone = []
-    monkeypatch.setattr(ev, "run_batch", lambda m, p, items, s, engine=None, pixels=None:
-                        redone.extend(i.gt.id for i in items) or real(m, p, items, s, engine, pixels))
+    submit = ev.submit_batch
+    monkeypatch.setattr(ev, "submit_batch", lambda m, p, items, *args: redone.extend(i.gt.id for i in items)
+                        or submit(m, p, items, *args))
     metrics = evaluate(settings, model, processor)
     assert sorted(redone) == ["c0", "c1", "c2", "q4"]  # finished items are not redone
     lines = pred_path.read_text().splitlines()
@@ -281,3 +283,20 @@ def test_a_broken_image_read_ahead_names_its_file_and_keeps_the_finished_chunks(
         evaluate(settings, model, processor)
     kept = [json.loads(line)["id"] for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert kept == ["q0", "q1", "q2", "q3"]
+
+
+def test_the_next_chunk_is_queued_before_this_ones_answers_are_collected(tmp_path, tiny, records, monkeypatch):
+    """The engine's slots stay full across chunks: chunk k+1 is submitted before chunk k is
+    collected; the first chunk is one batch."""
+    model, processor = tiny
+    order = []
+    submit, collect = ev.submit_batch, ev.collect_batch
+    monkeypatch.setattr(ev, "submit_batch", lambda m, p, items, *a: order.append(("submit", len(items)))
+                        or submit(m, p, items, *a))
+    monkeypatch.setattr(ev, "collect_batch", lambda m, p, items, *a: order.append(("collect", len(items)))
+                        or collect(m, p, items, *a))
+    monkeypatch.setattr(ev, "CHUNK_BATCHES", 2)
+    settings = EvalSettings(model="tiny", data=str(records), out=str(tmp_path / "out"), batch_size=2,
+                            max_new_tokens=2, routing=False)
+    evaluate(settings, model, processor)
+    assert order == [("submit", 2), ("submit", 4), ("collect", 2), ("submit", 2), ("collect", 4), ("collect", 2)]

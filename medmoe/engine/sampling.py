@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..generation.generate import SamplingConfig, pick_next
+from .transfer import to_device
 
 MAX_TOP_LOGPROBS = 20
 
@@ -35,7 +36,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], 
     (K the largest of `top`), or None; `logprobs_by_row` reads them once they are on the host."""
     if not rows:
         return None
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device)
     logp = logits.index_select(0, index).float().log_softmax(-1)
     chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
     best = logp.topk(min(max(top), logp.shape[-1]), dim=-1)

@@ -34,6 +34,7 @@ what the engine did and where its time went.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import math
 import threading
@@ -58,6 +59,8 @@ from .routing_records import Records, forward_records, join_records, row_records
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
+from .tower_graphs import TowerGraphs
+from .transfer import to_device
 
 logger = logging.getLogger(__name__)
 IDLE_RELEASE_S = 1.0  # seconds without work before the background runner frees the KV cache (CPU)
@@ -208,6 +211,9 @@ class Engine:
         self.step_fn = DecodeStep(model, self.cache, cuda_graphs, compile, self.stats)
         graphed = cuda_graphs and weight.device.type == "cuda"
         self.prefill_step = PrefillStep(model, self.cache, graphed, max_prefill_tokens, self.stats) if staging else None
+        # The tower in CUDA graphs where prefill forwards are graphed (a GPU, token routing, a tower to run).
+        self.tower = (TowerGraphs(model, staging, self.stats)
+                      if staging and graphed and getattr(model, "vision_tower", None) is not None else None)
         self.warm = False  # warmup() has run
         # On a GPU the buffer stays (its CUDA graphs hold its address); on the CPU it is reallocated
         # at the next burst, cheaply, and the process's memory returns to where it started.
@@ -217,6 +223,8 @@ class Engine:
         self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
         self.in_flight: _Picked | None = None
         self.first_tokens: list[_Picked] = []  # prefills' first tokens, picked on the device, not yet handed out
+        # Prompts to keep in the prefix cache once the next decode step is launched: (key, slot, length, routing)
+        self.to_cache: list[tuple] = []
         self.active: list[_Running] = []
         self.waiting: collections.deque[Handle] = collections.deque()
         self.incoming: collections.deque[Handle] = collections.deque()
@@ -300,7 +308,17 @@ class Engine:
             with torch.no_grad():
                 prefill.warm_up()
             logger.info("warm-up: %d prefill CUDA graphs (%d staging slots)", len(prefill.graphs), self.cache.staging)
+        if self.tower is not None:
+            vision = self.model.config.vision_config
+            with torch.no_grad():
+                self.tower.warm_up(vision.image_size, next(self.model.vision_tower.parameters()).dtype,
+                                   self.cache.device)
         self.stats.warmup_captures += self.stats.graph_captures - captures
+        # What lives now (the model, its modules, the tokenizer's objects) lives as long as the engine:
+        # out of the garbage collector's sight, a full collection no longer walks it (tens of ms that
+        # stalled the steps every few hundred requests).
+        gc.collect()
+        gc.freeze()
         self.stats.warmup_s += time.perf_counter() - start
         self.warm = True
 
@@ -399,6 +417,7 @@ class Engine:
         firsts, self.first_tokens = self.first_tokens, []
         try:
             launched = self._decode() if self.active else None
+            self._cache_prefixes()  # before any hand-out moves a slot
             if self.overlap_steps:
                 # The host hands out the previous step's tokens while the device runs this one.
                 self.in_flight = launched
@@ -416,7 +435,7 @@ class Engine:
             for run in self.active:
                 run.handle._finish(None, err)
             self.stats.requests_failed += len(self.active)
-            self.active, self.in_flight = [], None
+            self.active, self.in_flight, self.to_cache = [], None, []
             self.step_fn.positions.zero_()
         return (admitted or previous is not None or self.in_flight is not None or bool(self.active)
                 or bool(self.prefilling))
@@ -594,7 +613,7 @@ class Engine:
                     slot_probs[slot].copy_(probs[layer])
             self.prefilling.remove(job)
             if job.key is not None and self.prefix_cache is not None:
-                self.prefix_cache.insert(job.key, self.cache.kv[:, :, slot, :, :length], job.routing)
+                self.to_cache.append((job.key, slot, length, job.routing))
             cfg = job.handle.request.sampling
             generator = None
             if cfg.do_sample and cfg.seed is not None:
@@ -606,13 +625,22 @@ class Engine:
         if not finished:
             return
         lengths = [r.length for r in self.active[first:]]
-        self.step_fn.positions[first:first + len(lengths)] = torch.tensor(lengths, device=self.cache.device)
-        rows_done = torch.tensor(finished, device=logits.device)
+        self.step_fn.positions[first:first + len(lengths)] = to_device(lengths, self.cache.device)
+        rows_done = to_device(finished, logits.device)
         picked = self._pick(logits.index_select(0, rows_done), self.active[first:], first)
         if self.overlap_steps:  # handed out once the next decode step is launched (_step): no wait here
             self.first_tokens.append(picked)
         else:
             self._hand_out(picked, timed=False)
+
+    def _cache_prefixes(self) -> None:
+        """Keep the prompts prefilled this iteration in the prefix cache. It runs after the next decode
+        step is launched: reading their routing records may wait for the prefill forward, and the
+        device is then busy meanwhile. The decode step writes past each prompt, so its keys and
+        values are unchanged."""
+        entries, self.to_cache = self.to_cache, []
+        for key, slot, length, routing in entries:
+            self.prefix_cache.insert(key, self.cache.kv[:, :, slot, :, :length], routing)
 
     def _prefill_prompts(self, jobs: list[_Prefilling]):
         """Whole prompts, left-padded, through the model's own forward (images, per-sample routing,
@@ -735,12 +763,12 @@ class Engine:
         tokens = None
         if pixels:
             tower_dtype = next(model.vision_tower.parameters()).dtype
-            pixels = torch.cat(pixels).to(device, tower_dtype)
+            pixels = to_device(pixels, device).to(tower_dtype)
             count = pixels.shape[0]
             padded = tower_batch(count, device)
             if padded > count:  # zero images to a batch size the tower has run before (prefill_kernels.py)
                 pixels = torch.cat([pixels, pixels.new_zeros(padded - count, *pixels.shape[1:])])
-            tokens = model.encode_images(pixels)[:count]
+            tokens = (self.tower or model.encode_images)(pixels)[:count]
         # One splice for all jobs, at image positions found on the host (no read from the device).
         lengths = [len(job.prompt.input_ids) for job in jobs]
         image_id = model.config.image_token_id
@@ -749,7 +777,9 @@ class Engine:
         for row, job in enumerate(jobs):
             ids[row, :lengths[row]] = torch.tensor(job.prompt.input_ids, dtype=torch.long)
         positions = (ids.view(-1) == image_id).nonzero().squeeze(1) if tokens is not None else None
-        embeds = model.embed_inputs(ids.to(device), None, image_tokens=tokens, image_positions=positions)
+        if positions is not None:
+            positions = to_device(positions, device)
+        embeds = model.embed_inputs(to_device(ids, device), None, image_tokens=tokens, image_positions=positions)
         for row, job in enumerate(jobs):
             job.embeds = embeds[row, :lengths[row]]
 
@@ -873,10 +903,10 @@ class Engine:
             moved = self.active[last]
             self.cache.move(last, slot, moved.length)
             for buffer in (self.step_fn.tokens, self.step_fn.positions, *self.step_fn.slot_probs.values()):
-                buffer[slot] = buffer[last]
+                buffer[slot].copy_(buffer[last])
             self.active[slot] = moved
         self.active.pop()
-        self.step_fn.positions[last] = 0
+        self.step_fn.positions[last].zero_()  # a kernel: `= 0` would copy from pageable memory and wait
         confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
                         None if run.routing is None else run.routing.as_layers(), run.logprobs, confidence)

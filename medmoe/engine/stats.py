@@ -39,6 +39,8 @@ class EngineStats:
     prefill_s: float = 0.0  # prefill forwards, with the first tokens' hand-out (their device time)
     prefill_replays: int = 0  # prefill forwards replayed from a CUDA graph (prefill_step.py)
     prefill_captures: int = 0  # prefill graphs captured (warm-up included)
+    tower_replays: int = 0  # prefill forwards' images encoded by a CUDA graph of the tower (tower_graphs.py)
+    tower_captures: int = 0
     decode_steps: int = 0  # = graph_replays + eager_steps
     decode_rows: int = 0  # running requests summed over decode steps (/ decode_steps: the mean batch)
     largest_batch: int = 0
@@ -96,7 +98,7 @@ def summary_line(s: dict) -> str:
             f"{mean(s['first_token_s'], s['first_tokens']):.3f} s, whole {mean(s['request_s'], s['requests_finished']):.3f} s "
             f"a request; prefill {s['prefill_tokens']} tokens in "
             f"{s['prefills']} forwards ({s.get('prefill_replays', 0)} graph replays, {s.get('prefill_captures', 0)} "
-            f"captures), {s['prefill_s']:.2f} s; {steps} decode steps (mean batch "
+            f"captures; tower {s.get('tower_replays', 0)} graph replays), {s['prefill_s']:.2f} s; {steps} decode steps (mean batch "
             f"{mean(s['decode_rows'], steps):.1f}): {s['graph_replays']} graph replays, {s['eager_steps']} eager, "
             f"{s['graph_captures']} captures ({s['warmup_captures']} at warm-up) {s['capture_s']:.2f} s, "
             f"{s['graphs_dropped']} graphs dropped, {s['cache_growths']} cache growths, {s['compile_fallbacks']} "

@@ -197,14 +197,6 @@ def _weights_of(model: str) -> str | None:
 
 
 # ----- the loop ----------------------------------------------------------------------------
-def _prompt_valid_mask(results, input_ids: torch.Tensor) -> torch.Tensor:
-    """True on real prompt tokens of the left-padded batch."""
-    valid = torch.zeros_like(input_ids, dtype=torch.bool)
-    for row, result in enumerate(results):
-        valid[row, input_ids.shape[1] - result.prompt_tokens:] = True
-    return valid
-
-
 def prompt_ids(processor, item: EvalItem) -> list[int]:
     """The token ids of an item's prompt (`<image>` expanded), as `encode_question` makes them."""
     from ..config import IMAGE_TOKEN
@@ -286,27 +278,38 @@ IMAGE_WORKERS = 8  # threads reading and preprocessing a chunk's images
 
 def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, engine=None,
               pixels: dict | None = None) -> list[dict]:
-    from ..engine import Request, as_generation_output
+    """The rows of `items`, answered by the engine (one batch, start to end)."""
+    engine = engine or eval_engine(model, processor, items, settings)
+    return collect_batch(model, processor, items, submit_batch(model, processor, items, settings, engine, pixels),
+                         settings)
+
+
+def submit_batch(model, processor, items: list[EvalItem], settings: EvalSettings, engine, pixels: dict | None = None):
+    """`items` into the engine's queue (they run when the engine steps); their handles."""
+    from ..engine import Request
     from ..generation import SamplingConfig
-    from .routing import sample_counts
 
     want_routing = settings.routing and model.is_moe
     cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, share_prefix=settings.share_prefix)
-    engine = engine or eval_engine(model, processor, items, settings)
+    return [engine.submit(Request(prompt, cfg, output_routing=want_routing))
+            for prompt in encode_items(processor, items, pixels)]
+
+
+def collect_batch(model, processor, items: list[EvalItem], handles, settings: EvalSettings) -> list[dict]:
+    """The rows of `items` once their requests have finished (stepping the engine until then)."""
+    from .routing import prompt_counts
+
     with record_function("eval.generate"):
-        results = engine.generate([Request(prompt, cfg, output_routing=want_routing)
-                                   for prompt in encode_items(processor, items, pixels)])
-    out = as_generation_output(results, engine.pad_id)
-    counts = [None] * len(items)
-    if want_routing and out.prompt_routing:
-        valid = _prompt_valid_mask(results, out.input_ids)
-        counts = sample_counts(out.prompt_routing, out.input_ids, valid, model.config.image_token_id)
+        results = [handle.result() for handle in handles]
+    image_id = model.config.image_token_id
+    counts = [prompt_counts(r.prompt_routing, r.prompt_ids, image_id) if r.prompt_routing else None for r in results]
     with record_function("eval.choice_scores"):
         scores = choice_scores(model, processor, items, settings.share_prefix)
     rows = []
-    for item, text, reason, routing, result in zip(items, out.texts, out.finish_reasons, counts, results):
-        row = {"id": item.gt.id, "prediction": text, "answer": item.gt.answer, "answer_type": item.gt.answer_type,
-               "dataset": item.gt.dataset, "modality": item.gt.modality, "finish": reason,
+    for item, result, routing in zip(items, results, counts):
+        row = {"id": item.gt.id, "prediction": result.text, "answer": item.gt.answer,
+               "answer_type": item.gt.answer_type, "dataset": item.gt.dataset, "modality": item.gt.modality,
+               "finish": result.finish_reason,
                "confidence": None if result.confidence is None else round(result.confidence, 5)}
         if item.choices:
             row["choice_logprobs"] = [round(float(s), 5) for s in scores[item.gt.id]]
@@ -314,6 +317,14 @@ def run_batch(model, processor, items: list[EvalItem], settings: EvalSettings, e
             row["routing"] = routing
         rows.append(row)
     return rows
+
+
+def _read_while_stepping(future, engine):
+    """The images `future` reads, the engine stepping (answering what it holds) meanwhile."""
+    with record_function("eval.wait_for_images"):
+        while engine is not None and not engine.running and not future.done() and engine.step():
+            pass
+        return future.result()
 
 
 def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path
@@ -334,22 +345,37 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
             engine.warmup()  # the cache allocated and every graph captured before the first question
     warmup_seconds = time.perf_counter() - start_time
     start_time += warmup_seconds
-    # Chunks of several batches: the engine admits a question as soon as a slot frees, so its
-    # slots stay full; each chunk's rows are appended at once (what a resumed run keeps). The next
-    # chunk's images are read in a thread while this chunk's answers are generated.
+    # Chunks of several batches (the first one batch, so that answering starts early); each chunk's
+    # rows are appended at once (what a resumed run keeps). A chunk is queued as soon as its images
+    # are read, before the previous chunk's answers are collected, so that the engine's slots stay
+    # full across chunks; the engine steps while the next chunk's images are read in a thread.
     size = settings.batch_size * CHUNK_BATCHES
-    chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
+    first = todo[:settings.batch_size]
+    chunks = ([first] if first else []) + [todo[at:at + size] for at in range(len(first), len(todo), size)]
+    pending = None  # (items, handles) of the chunk queued last
     with tqdm(total=len(todo), desc="eval", unit="q") as bar, ThreadPoolExecutor(max_workers=1) as reader:
-        ahead = reader.submit(read_images, processor, chunks[0]) if chunks else None
-        for k, batch in enumerate(chunks):
-            with record_function("eval.wait_for_images"):
-                pixels = ahead.result()
-            if k + 1 < len(chunks):
-                ahead = reader.submit(read_images, processor, chunks[k + 1])
-            rows = run_batch(model, processor, batch, settings, engine=engine, pixels=pixels)
+        def write(chunk, handles) -> None:
+            rows = collect_batch(model, processor, chunk, handles, settings)
             append_jsonl(pred_path, rows)
             done.update((r["id"], r) for r in rows)
-            bar.update(len(batch))
+            bar.update(len(rows))
+
+        ahead = reader.submit(read_images, processor, chunks[0]) if chunks else None
+        for k, batch in enumerate(chunks + [None]):
+            queued = None
+            if batch is not None:
+                try:
+                    pixels = _read_while_stepping(ahead, engine)
+                except Exception:  # a broken image: the chunk queued before it is still answered and kept
+                    if pending is not None:
+                        write(*pending)
+                    raise
+                if k + 1 < len(chunks):
+                    ahead = reader.submit(read_images, processor, chunks[k + 1])
+                queued = (batch, submit_batch(model, processor, batch, settings, engine, pixels))
+            if pending is not None:
+                write(*pending)
+            pending = queued
     seconds = time.perf_counter() - start_time
     speed = {"generated": len(todo), "seconds": round(seconds, 2), "warmup_seconds": round(warmup_seconds, 2),
              "questions_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None}

@@ -26,16 +26,30 @@ def sample_counts(routing, input_ids: torch.Tensor, valid: torch.Tensor, image_t
     valid = valid.bool().cpu()
     is_image = (input_ids.cpu() == image_token_id) if image_token_id is not None else torch.zeros_like(valid)
     choice = torch.stack([r.expert_index.cpu() for r in routing], dim=2)  # [B, S, layers, k]
-    out = []
-    for b in range(choice.shape[0]):
-        counts = {}
-        for kind, mask in (("image", valid[b] & is_image[b]), ("text", valid[b] & ~is_image[b])):
-            picked = choice[b][mask]  # [tokens, layers, k]
-            counts[kind] = torch.nn.functional.one_hot(picked, num_experts).sum(dim=(0, 2)).tolist()
-            if kind == "image":
-                counts["image_top1"] = torch.bincount(picked[..., 0].flatten(), minlength=num_experts).tolist()
-        out.append(counts)
-    return out
+    return [_counts(choice[b][valid[b]], is_image[b][valid[b]], num_experts) for b in range(choice.shape[0])]
+
+
+def prompt_counts(routing, prompt_ids: list[int], image_token_id: int | None) -> dict:
+    """`sample_counts` of one prompt from its own records (an engine Result's `prompt_routing`:
+    per layer [1, tokens, k]), without a padded batch."""
+    choice = torch.stack([r.expert_index[0].cpu() for r in routing], dim=1)  # [tokens, layers, k]
+    ids = torch.tensor(prompt_ids)
+    is_image = ids == image_token_id if image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+    return _counts(choice, is_image, routing[0].probs.shape[-1])
+
+
+def _counts(choice: torch.Tensor, is_image: torch.Tensor, num_experts: int) -> dict:
+    """choice [tokens, layers, k] of one sample's real tokens, is_image [tokens]."""
+    layers = choice.shape[1]
+    offsets = torch.arange(layers)[None, :, None] * num_experts  # (layer, expert) pairs as one index
+    counts = {}
+    for kind, mask in (("image", is_image), ("text", ~is_image)):
+        picked = choice[mask]  # [tokens, layers, k]
+        pairs = torch.bincount((picked + offsets).flatten(), minlength=layers * num_experts)
+        counts[kind] = pairs.view(layers, num_experts).tolist()
+        if kind == "image":
+            counts["image_top1"] = torch.bincount(picked[..., 0].flatten(), minlength=num_experts).tolist()
+    return counts
 
 
 class RoutingStats:

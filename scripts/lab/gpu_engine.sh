@@ -16,6 +16,8 @@
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
+#   CODE=$PWD/.gpu/old ...                  # any of them with another checkout's medmoe package (an A/B on one
+#                                           # machine: git archive REV medmoe | tar -x -C .gpu/old, carry .gpu/old)
 #   PAYLOAD_DIR=.gpu/eval ...               # the four-part payload of scripts/lab/gpu_eval_payload.sh for `stage`
 #                                           # and `evals` (nano and VQA-RAD only), e.g. the last call:
 #                                           # evals "--batch-size 128" "--batch-size 128 --no-prefill-graphs"
@@ -26,8 +28,9 @@
 # Everything it prints goes to $OUT/log.txt too; results are JSON files in $OUT.
 set -uo pipefail
 STAGE=${STAGE:-/root/stage}; OUT=${OUT:?set OUT to the folder that comes back}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$STAGE/site:$PWD" MEDMOE_CACHE="$STAGE/cache"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$STAGE/site:${CODE:-$PWD}" MEDMOE_CACHE="$STAGE/cache"  # CODE: another checkout's package (an A/B)
 M="python3 -m medmoe"
+[ -n "${CODE:-}" ] && M="env -C $CODE python3 -m medmoe"  # run from there: python -m puts the working folder first
 exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { echo "== $(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
