@@ -265,3 +265,23 @@ def test_a_capture_that_fails_leaves_prefill_eager_with_the_same_answers(phi, mo
     assert engine.stats.prefill_replays == 0 and len(calls) == 2
     for result, want in zip(results, expected(model, processor)):
         assert_same(result, want)
+
+
+def test_a_question_whose_image_is_cached_skips_the_tower(phi, monkeypatch):
+    """A second question about the same image starts from the prefix cache past the image tokens:
+    its prompt's embeddings are made without the tower, and it still gets the reference answer."""
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)
+    engine = Engine(model, processor, max_slots=4, prefill_graphs=True)
+    image = images()[0]
+    engine.generate([request(processor, QUESTIONS[0], image, cfg)])
+    encoded = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels: encoded.append(pixels.shape[0]) or encode(pixels))
+    reused = engine.stats.reused_tokens
+    results = engine.generate([request(processor, q, image, cfg) for q in QUESTIONS[1:3]]
+                              + [request(processor, QUESTIONS[3], images()[2], cfg)])
+    assert engine.stats.reused_tokens - reused > 2 * model.config.vision_config.num_tokens
+    assert encoded == [1]  # the new image only
+    for result, (q, i) in zip(results, [(QUESTIONS[1], image), (QUESTIONS[2], image), (QUESTIONS[3], images()[2])]):
+        assert_same(result, reference(model, processor, q, i, cfg))

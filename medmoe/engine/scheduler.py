@@ -759,7 +759,13 @@ class Engine:
 
     def _encode(self, jobs: list[_Prefilling]) -> None:
         model, device = self.model, self.cache.device
-        pixels = [job.prompt.pixel_values for job in jobs if job.prompt.pixel_values is not None]
+        image_id = model.config.image_token_id
+        # A prompt whose image tokens all came from the prefix cache (another question about the same
+        # image) needs no tower: only its tokens from `done` on are prefilled.
+        cached = {id(job) for job in jobs if job.prompt.pixel_values is not None
+                  and image_id not in job.prompt.input_ids[job.done:]}
+        pixels = [job.prompt.pixel_values for job in jobs
+                  if job.prompt.pixel_values is not None and id(job) not in cached]
         tokens = None
         if pixels:
             tower_dtype = next(model.vision_tower.parameters()).dtype
@@ -771,11 +777,12 @@ class Engine:
             tokens = (self.tower or model.encode_images)(pixels)[:count]
         # One splice for all jobs, at image positions found on the host (no read from the device).
         lengths = [len(job.prompt.input_ids) for job in jobs]
-        image_id = model.config.image_token_id
         pad = self.pad_id if self.pad_id != image_id else 0
         ids = torch.full((len(jobs), max(lengths)), pad, dtype=torch.long)
         for row, job in enumerate(jobs):
             ids[row, :lengths[row]] = torch.tensor(job.prompt.input_ids, dtype=torch.long)
+            if id(job) in cached:  # its image positions stay text embeddings, never read
+                ids[row, ids[row] == image_id] = pad
         positions = (ids.view(-1) == image_id).nonzero().squeeze(1) if tokens is not None else None
         if positions is not None:
             positions = to_device(positions, device)
