@@ -278,3 +278,19 @@ def test_changed_weights_empty_the_cache():
     assert reused == 0 and prefilled == len(request(processor, QUESTIONS[0], None, CFG).prompt.input_ids)
     assert_same(result, reference(model, processor, QUESTIONS[0], None, CFG))
     assert run_alone(engine, request(processor, QUESTIONS[0], None, CFG))[2] > 0  # filled again
+
+
+def test_a_prompt_that_cannot_be_cached_still_gets_its_answer(phi, monkeypatch, caplog):
+    """Keeping a prompt in the prefix cache runs after the next decode step is launched; if it fails
+    (no memory for the copy) the request is not failed with it."""
+    model, processor = phi
+    cfg = SamplingConfig(max_new_tokens=6)
+    engine = Engine(model, processor, max_slots=2)
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("no memory for the copy")
+
+    monkeypatch.setattr(engine.prefix_cache, "insert", full)
+    result = engine.generate([request(processor, QUESTIONS[0], images()[0], cfg)])[0]
+    assert_same(result, reference(model, processor, QUESTIONS[0], images()[0], cfg))
+    assert "prefix cache failed" in caplog.text and engine.stats.requests_failed == 0

@@ -640,7 +640,10 @@ class Engine:
         values are unchanged."""
         entries, self.to_cache = self.to_cache, []
         for key, slot, length, routing in entries:
-            self.prefix_cache.insert(key, self.cache.kv[:, :, slot, :, :length], routing)
+            try:
+                self.prefix_cache.insert(key, self.cache.kv[:, :, slot, :, :length], routing)
+            except Exception:  # out of memory for the copy: the prompt is not cached, its request runs on
+                logger.warning("keeping a prompt in the prefix cache failed; it is not cached", exc_info=True)
 
     def _prefill_prompts(self, jobs: list[_Prefilling]):
         """Whole prompts, left-padded, through the model's own forward (images, per-sample routing,
