@@ -300,3 +300,14 @@ def test_the_next_chunk_is_queued_before_this_ones_answers_are_collected(tmp_pat
                             max_new_tokens=2, routing=False)
     evaluate(settings, model, processor)
     assert order == [("submit", 2), ("submit", 4), ("collect", 2), ("submit", 2), ("collect", 4), ("collect", 2)]
+
+
+def test_default_gpu_slots_fit_a_quarter_of_the_free_memory():
+    """`medmoe eval` without --batch-size: 128 slots on a GPU where their KV cache fits, halved for a
+    large model on a small card, never below 16; 8 on the CPU."""
+    mib = 2**20
+    assert ev.gpu_slots(9 * mib, 70 * 1024 * mib) == 128  # nano's 400-token slots on an H100
+    assert ev.gpu_slots(230 * mib, 74 * 1024 * mib) == 64  # Phi-2-size 700-token slots: 14.4 of 18.5 GiB
+    assert ev.gpu_slots(230 * mib, 18 * 1024 * mib) == 16  # ... on a 24 GB card: the floor
+    model = type("CpuModel", (), {"device": torch.device("cpu")})()
+    assert ev.default_batch_size(model, None, [], None) == ev.CPU_SLOTS

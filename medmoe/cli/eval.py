@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="questions decoded together (the engine's slots; default 64 on a GPU, 8 on a CPU)")
+                   help="questions decoded together (the engine's slots; default 128 on a GPU, fewer where "
+                        "their KV cache would take over a quarter of its free memory; 8 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default 64)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (quick checks)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

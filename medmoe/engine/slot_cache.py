@@ -34,6 +34,15 @@ def _kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in a slot cache of a language model with `config`."""
+    return kv_bytes_per_token_of(*_kv_shape(config), dtype)
+
+
+def kv_bytes_per_token_of(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's view of the slot buffer: writes each row's token at the row's own position."""
 
@@ -99,7 +108,7 @@ class SlotCache(Cache):
         self.write_at: torch.Tensor | None = None
 
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return kv_bytes_per_token_of(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
 
     def nbytes(self) -> int:
         """Bytes of the buffer now."""

@@ -39,7 +39,7 @@ class EvalSettings:
     data: str
     out: str
     split: str | None = "test"
-    batch_size: int | None = None  # engine slots; None: 64 on a GPU, 8 on a CPU (resolved by `evaluate`)
+    batch_size: int | None = None  # engine slots; None: `default_batch_size` (128 on a GPU where memory allows, 8 on a CPU)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     limit: int | None = None
     device: str = "auto"
@@ -240,14 +240,43 @@ def eval_engine(model, processor, items: list[EvalItem], settings: EvalSettings)
     """The engine of an evaluation: `batch_size` slots, each as long as the longest prompt and its
     answer need (so that a GPU's warm-up allocates and captures no more than the questions use)."""
     from ..engine import shared_engine
-    from ..engine.slot_cache import BUCKET
 
-    longest = max((len(prompt_ids(processor, i)) for i in items), default=0)
-    max_len = max(longest + settings.max_new_tokens, BUCKET)
+    max_len = slot_length(processor, items, settings)
     options = {} if settings.admit_batch is None else {"admit_batch": settings.admit_batch}
     if settings.prefill_graphs is not None:
         options["prefill_graphs"] = settings.prefill_graphs
     return shared_engine(model, processor, max_slots=settings.batch_size, max_len=max_len, **options)
+
+
+def slot_length(processor, items: list[EvalItem], settings: EvalSettings) -> int:
+    """Tokens an engine slot needs: the longest prompt and its answer."""
+    from ..engine.slot_cache import BUCKET
+
+    longest = max((len(prompt_ids(processor, i)) for i in items), default=0)
+    return max(longest + settings.max_new_tokens, BUCKET)
+
+
+def default_batch_size(model, processor, items: list[EvalItem], settings: EvalSettings) -> int:
+    """Engine slots when `--batch-size` is not given: CPU_SLOTS on the CPU; on a GPU, GPU_SLOTS
+    (the setting of docs/speed.md's evaluations) unless their KV cache would take more than EVAL_KV_FRACTION of
+    the GPU's free memory (a large model on a small card)."""
+    if model.device.type != "cuda":
+        return CPU_SLOTS
+    from ..engine.scheduler import free_device_memory
+    from ..engine.slot_cache import kv_bytes_per_token
+
+    dtype = model.language_model.get_input_embeddings().weight.dtype
+    per_slot = slot_length(processor, items, settings) * kv_bytes_per_token(model.language_model.config, dtype)
+    return gpu_slots(per_slot, free_device_memory(model.device))
+
+
+def gpu_slots(per_slot_bytes: int, free_bytes: int) -> int:
+    """GPU_SLOTS, halved while that many slots would take more than EVAL_KV_FRACTION of `free_bytes`
+    (at least MIN_GPU_SLOTS)."""
+    slots = GPU_SLOTS
+    while slots > MIN_GPU_SLOTS and slots * per_slot_bytes > free_bytes * EVAL_KV_FRACTION:
+        slots //= 2
+    return slots
 
 
 def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
@@ -272,7 +301,8 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
 
 CHUNK_BATCHES = 4
 GPU_CHOICE_ROWS, CPU_CHOICE_ROWS = 256, 32  # (question, choice) rows a choice-scoring forward holds
-GPU_SLOTS, CPU_SLOTS = 64, 8
+GPU_SLOTS, MIN_GPU_SLOTS, CPU_SLOTS = 128, 16, 8  # default engine slots (docs/speed.md measures 128 on a GPU)
+EVAL_KV_FRACTION = 0.25  # of the GPU's free memory, the most the default slots' KV cache takes
 IMAGE_WORKERS = 8  # threads reading and preprocessing a chunk's images
 
 
@@ -480,7 +510,7 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
 
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     if settings.batch_size is None:
-        settings = replace(settings, batch_size=GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
+        settings = replace(settings, batch_size=default_batch_size(model, processor, items, settings))
     rows, speed, engine_stats = generate_all(model, processor, items, settings, out / "predictions.jsonl")
 
     vqa_items = [i for i in items if not i.choices]
