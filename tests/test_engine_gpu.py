@@ -220,7 +220,6 @@ def test_a_warm_engines_iterations_never_wait_for_the_device(monkeypatch):
     and leaving: no operation synchronizes with the device (torch's sync debug mode), where a copy
     from pageable memory, a scalar write or a routing-record read would wait for every queued
     kernel. Only the hand-out waits, for its step's tokens (an event)."""
-    import gc
     import warnings
 
     from PIL import Image
@@ -231,7 +230,6 @@ def test_a_warm_engines_iterations_never_wait_for_the_device(monkeypatch):
     model, processor = fused_model("token", "full")
     engine = Engine(model, processor, max_slots=4, max_len=700)
     engine.warmup()
-    assert gc.get_freeze_count() > 0  # what lived at warm-up is out of the collector's sight
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     asks = [(QUESTIONS[0], image, 8), (QUESTIONS[1], None, 30), (QUESTIONS[0], image, 12), (QUESTIONS[3], image, 20)]
     torch.cuda.synchronize()

@@ -49,9 +49,16 @@ def records(tmp_path):
 
 
 def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
+    import gc
+
     out = tmp_path / "out"
-    code = main(["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(out),
-                 "--batch-size", "3", "--max-new-tokens", "4"])
+    gc.unfreeze()
+    try:
+        code = main(["eval", "--model", str(tiny_moe_dir), "--data", str(records), "--out", str(out),
+                     "--batch-size", "3", "--max-new-tokens", "4"])
+        assert gc.get_freeze_count() > 0  # the CLI's process keeps its model: out of the collector's sight
+    finally:
+        gc.unfreeze()
     assert code == 0
     preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == ["c0", "c1", "c2", "q0", "q1", "q2", "q3", "q4"]  # no train row

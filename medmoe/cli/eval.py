@@ -49,7 +49,7 @@ def run(args) -> int:
                             limit=args.limit, device=args.device, dtype=args.dtype, routing=args.routing,
                             share_prefix=args.share_prefix, shuffle_images=args.shuffle_images,
                             admit_batch=args.admit_batch, prefill_graphs=args.prefill_graphs)
-    metrics = evaluate(settings)
+    metrics = evaluate(settings, long_lived=True)  # the process ends with it
     if metrics["vqa"]:
         print(score_text(metrics["vqa"]))
     for dataset, methods in (metrics["classification"] or {}).items():

@@ -79,6 +79,16 @@ def free_device_memory(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def keep_out_of_gc() -> None:
+    """Put every object alive now out of the garbage collector's sight (`gc.freeze`), for a process
+    that keeps its model to its end (the server, `medmoe eval`): Python's full collections then no
+    longer walk the model's and the tokenizer's objects, which stalled the engine's iterations for
+    65 to 82 ms every few hundred requests (docs/lab/speed-history.md, run Q). Frozen objects are
+    never collected, so a process that swaps models does not call it."""
+    gc.collect()
+    gc.freeze()
+
+
 def _return_freed_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc keeps them for reuse otherwise, so a
     burst's prefill activations would stay in the process's resident memory); best effort."""
@@ -314,11 +324,6 @@ class Engine:
                 self.tower.warm_up(vision.image_size, next(self.model.vision_tower.parameters()).dtype,
                                    self.cache.device)
         self.stats.warmup_captures += self.stats.graph_captures - captures
-        # What lives now (the model, its modules, the tokenizer's objects) lives as long as the engine:
-        # out of the garbage collector's sight, a full collection no longer walks it (tens of ms that
-        # stalled the steps every few hundred requests).
-        gc.collect()
-        gc.freeze()
         self.stats.warmup_s += time.perf_counter() - start
         self.warm = True
 

@@ -357,10 +357,11 @@ def _read_while_stepping(future, engine):
         return future.result()
 
 
-def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path
-                 ) -> tuple[dict[str, dict], dict, dict | None]:
+def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings, pred_path: Path,
+                 long_lived: bool = False) -> tuple[dict[str, dict], dict, dict | None]:
     """All rows by id (old and new), the speed of this call's generation and what the engine did
-    (engine/stats.py; its warm-up included)."""
+    (engine/stats.py; its warm-up included). `long_lived`: the process keeps the model to its end
+    (the CLI), so what lives after warm-up is put out of the garbage collector's sight."""
     from tqdm import tqdm
 
     done = read_done(pred_path)
@@ -373,6 +374,10 @@ def generate_all(model, processor, items: list[EvalItem], settings: EvalSettings
         before = engine.stats.snapshot()
         if model.device.type == "cuda" and not engine.warm:
             engine.warmup()  # the cache allocated and every graph captured before the first question
+        if long_lived:
+            from ..engine.scheduler import keep_out_of_gc
+
+            keep_out_of_gc()
     warmup_seconds = time.perf_counter() - start_time
     start_time += warmup_seconds
     # Chunks of several batches (the first one batch, so that answering starts early); each chunk's
@@ -493,8 +498,9 @@ def routing_results(items: list[EvalItem], rows: dict[str, dict], layers: list[i
     return summary, ({"routing": "routing.png"} if plot_routing(summary, out / "routing.png") else {})
 
 
-def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
-    """Run (or resume) an evaluation; returns the metrics written to OUT/metrics.json."""
+def evaluate(settings: EvalSettings, model=None, processor=None, long_lived: bool = False) -> dict:
+    """Run (or resume) an evaluation; returns the metrics written to OUT/metrics.json. `long_lived`:
+    the process ends with the evaluation (the CLI): see `generate_all`."""
     from ..version import __version__
     from .report import write_reports
 
@@ -511,7 +517,8 @@ def evaluate(settings: EvalSettings, model=None, processor=None) -> dict:
         model, processor = load_for_inference(settings.model, settings.device, settings.dtype)
     if settings.batch_size is None:
         settings = replace(settings, batch_size=default_batch_size(model, processor, items, settings))
-    rows, speed, engine_stats = generate_all(model, processor, items, settings, out / "predictions.jsonl")
+    rows, speed, engine_stats = generate_all(model, processor, items, settings, out / "predictions.jsonl",
+                                             long_lived)
 
     vqa_items = [i for i in items if not i.choices]
     predictions = {i.gt.id: rows[i.gt.id]["prediction"] for i in vqa_items}

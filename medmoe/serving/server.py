@@ -183,7 +183,10 @@ class Worker:
                 "summary": summary_line(record)}
 
     def start(self) -> None:
+        from ..engine.scheduler import keep_out_of_gc
+
         self.engine.warmup()  # kernels, CUDA graphs and torch.compile before the first request
+        keep_out_of_gc()  # the server keeps its model to the end
         self.engine.start()
 
     def stop(self) -> None:
