@@ -244,10 +244,14 @@ def test_a_warm_engines_iterations_never_wait_for_the_device(monkeypatch):
                                                      output_routing=True)))
                 engine.step()
             results = [h.result() for h in handles]
+        with warnings.catch_warnings(record=True) as control:  # the detector works: a read-back is caught
+            warnings.simplefilter("always")
+            torch.ones(1, device="cuda").item()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert syncs == []
+    assert any("synchroniz" in str(w.message).lower() for w in control)
     assert engine.stats.reused_tokens > 0 and all(r.prompt_routing for r in results)
     assert [len(r.token_ids) for r in results] == [n for _, _, n in asks * 2]
 
