@@ -221,7 +221,7 @@ class RuntimeOptions:
     cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "
                                       "model allows it (Engine(cuda_graphs=...), engine.static_decode.decode(cuda_graph=...))")
     compile: bool | str = setting(False, "also fuse the decode step with torch.compile; a string is its mode "
-                                  "(Engine(compile=...): medmoe serve --compile, medmoe bench --compile, --compile-mode)")
+                                  "(Engine(compile=...); medmoe serve compiles on a GPU unless --no-compile; medmoe bench --compile, --compile-mode)")
     check_every: int = setting(16, "decode steps between reads of the device for ended rows "
                                "(engine.static_decode.decode(check_every=...))")
     share_prefix: bool = setting(True, "prefill the prompts' common start once per batch "

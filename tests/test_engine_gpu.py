@@ -273,3 +273,26 @@ def test_the_towers_graphs_encode_images_as_the_tower_does():
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     engine.generate([Request(encode_question(processor, QUESTIONS[0], image), SamplingConfig(max_new_tokens=3))])
     assert engine.stats.since(before).tower_replays == 1
+
+
+def test_prompts_whose_pixels_are_already_on_the_gpu_answer_as_host_pixels():
+    """A Python caller may build prompts with pixel_values on the GPU (scripts/profile_speed.py
+    does); the engine's pinned host copies must take them as they are."""
+    import dataclasses
+
+    from PIL import Image
+
+    from medmoe.engine.transfer import to_device
+
+    on_gpu = torch.arange(6).reshape(3, 2).cuda()
+    assert torch.equal(to_device([on_gpu, torch.ones(1, 2, dtype=torch.long)], "cuda").cpu(),
+                       torch.cat([torch.arange(6).reshape(3, 2), torch.ones(1, 2, dtype=torch.long)]))
+    model, processor = fused_model("token", "full")
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    prompts = [encode_question(processor, q, image) for q in QUESTIONS[:3]]
+    moved = [dataclasses.replace(p, pixel_values=p.pixel_values.cuda()) for p in prompts]
+    cfg = SamplingConfig(max_new_tokens=8, ignore_eos=True)
+    host = Engine(model, processor, max_slots=4).generate([Request(p, cfg) for p in prompts])
+    device = Engine(model, processor, max_slots=4).generate([Request(p, cfg) for p in moved])
+    assert [r.finish_reason for r in device] == ["length"] * 3
+    assert [r.token_ids for r in device] == [r.token_ids for r in host]

@@ -203,6 +203,28 @@ def test_cli_serve_names_the_model_asks_for_a_key_and_warns(model_dir, monkeypat
     assert "warning" not in capsys.readouterr().err
 
 
+def test_cli_serve_compiles_the_decode_step_on_a_gpu_by_default_and_on_request(model_dir, monkeypatch, capsys):
+    import medmoe.serving.server as server
+    from medmoe.cli import main
+
+    apps = []
+    monkeypatch.setattr(server, "serve", lambda app, host, port: apps.append(app))
+    compiled = lambda: apps[-1].state.engine.engine.step_fn.compiled  # noqa: E731 (torch.compile compiles lazily)
+    assert main(["serve", "--model", model_dir, "--device", "cpu"]) == 0 and not compiled()  # the CPU's default
+    assert "torch.compile" not in capsys.readouterr().err
+    assert main(["serve", "--model", model_dir, "--device", "cpu", "--compile"]) == 0 and compiled()
+    assert "--no-compile skips it" in capsys.readouterr().err
+    monkeypatch.setattr("medmoe.model.pretrained.pick_device", lambda device=None: __import__("torch").device("cuda"))
+    monkeypatch.setattr(server, "create_app", lambda *a, **kw: apps.append(kw["compile"]) or _App())
+    assert main(["serve", "--model", model_dir]) == 0 and apps[-2] is True  # a GPU's default
+    assert main(["serve", "--model", model_dir, "--no-compile"]) == 0 and apps[-2] is False
+
+
+class _App:  # what `medmoe serve` reads of the app it made
+    class state:
+        model_name = "m"
+
+
 # --- HTTP server ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -125,16 +125,37 @@ def test_phase2_aligns_qa_images_with_a_trained_tower(tmp_path, monkeypatch):
     assert summary["last"]["contrastive_loss"] > 0
 
 
+def test_finetune_aligns_images_only_with_a_trained_projector_and_drops_its_head(tmp_path, monkeypatch, capsys):
+    from medmoe.cli import main
+    from medmoe.loading import load_model
+    from medmoe.model.pretrained import build_model
+
+    monkeypatch.setattr("medmoe.vision.text_encoder.load_minilm", lambda device="cpu": WordVectors())
+    model, processor = build_model("tiny")
+    model.upcycle()
+    start, out = tmp_path / "start", tmp_path / "ft"
+    model.save_pretrained(str(start))
+    processor.save_pretrained(str(start))
+    args = ["finetune", "--model", str(start), "--out", str(out), "--data", "sample", "--batch-size", "2",
+            "max_steps=2", "log_every=1", "contrastive_weight=0.5"]
+    with one_thread():
+        assert main(args) == 2  # a Med-MoE fine-tune freezes the projector unless asked
+        assert "--train-projector" in capsys.readouterr().err
+        assert main([*args, "--train-projector"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["contrastive_loss"] > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable"][HEAD] == 64 * 16 and summary["finetune"]["phase"]["contrastive_weight"] == 0.5
+    tuned, _ = load_model(str(out / "model"))
+    assert not hasattr(tuned, HEAD) and not any(k.startswith(HEAD) for k in tuned.state_dict())
+
+
 def test_contrastive_settings_are_checked(tmp_path):
     from medmoe.training.contrastive import setup
     from medmoe.training.distributed import single_process
-    from medmoe.training.finetune import finetune
-    from medmoe.training.recipe import PhaseRecipe
 
     with pytest.raises(ConfigError, match="temperature"):
         load_recipe("tiny", ["phase1.contrastive_temperature=0"])
-    with pytest.raises(ConfigError, match="fine-tuning"):
-        finetune("tiny", PhaseRecipe(contrastive_weight=1.0), str(tmp_path / "ft"))
     with pytest.raises(ConfigError, match="phase 3 freezes"):
         setup(None, [], 1.0, 0.07, "3", single_process(), text_encoder=WordVectors())
     with pytest.raises(ConfigError, match="one process"):

@@ -9,10 +9,13 @@ import torch
 
 
 def to_device(data, device: torch.device) -> torch.Tensor:
-    """`data` on `device`: a list of ints (as int64), a host tensor, or host tensors to concatenate
-    along their first dimension."""
+    """`data` on `device`: a list of ints (as int64), a tensor, or tensors to concatenate along
+    their first dimension (tensors already on a GPU, as a Python caller may pass, are copied there
+    directly)."""
     device = torch.device(device)
     tensors = isinstance(data, (list, tuple)) and len(data) > 0 and isinstance(data[0], torch.Tensor)
+    if not _on_host(data, tensors):
+        return torch.cat([t.to(device) for t in data]) if tensors else data.to(device)
     if device.type != "cuda":
         host = torch.cat(list(data)) if tensors else data if isinstance(data, torch.Tensor) else torch.tensor(data)
         return host.to(device)
@@ -22,3 +25,9 @@ def to_device(data, device: torch.device) -> torch.Tensor:
     else:
         host = (data if isinstance(data, torch.Tensor) else torch.tensor(data)).pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def _on_host(data, tensors: bool) -> bool:
+    if tensors:
+        return all(t.device.type == "cpu" for t in data)
+    return not isinstance(data, torch.Tensor) or data.device.type == "cpu"

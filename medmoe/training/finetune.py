@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from . import distributed, image_contrast, label_loss, params
+from . import contrastive, distributed, image_contrast, label_loss, params
 from .image_loss import combined
 from .data import Collate, load_records, records_dataset, sample_weights
 from .phases import check_fresh, load_model, save_model, write_summary
@@ -39,19 +39,28 @@ def finetune_groups(model, train_router: bool = False, train_projector: bool = F
     return groups
 
 
-def label_loss_for(model, records, phase: PhaseRecipe, groups: dict, dist, seed: int):
-    """With `label_loss_weight > 0`: the label loss of phase 2 (training/label_loss.py) on the
-    fine-tuning records, its heads a group of their own; it teaches the projector, so the
-    projector must train (a dense model's always does; a Med-MoE model's with --train-projector)."""
-    if phase.label_loss_weight <= 0:
-        return None
+def image_losses_for(model, records, phase: PhaseRecipe, groups: dict, dist, seed: int) -> list:
+    """The auxiliary image losses of phase 2 on the fine-tuning records (`contrastive_weight`:
+    training/contrastive.py; `label_loss_weight`: training/label_loss.py), each head a group of its
+    own. They teach the projector, so the projector must train (a dense model's always does; a
+    Med-MoE model's with --train-projector)."""
+    wanted = [name for name, weight in (("contrastive_weight", phase.contrastive_weight),
+                                         ("label_loss_weight", phase.label_loss_weight)) if weight > 0]
+    if not wanted:
+        return []
     if "projector" not in groups:
-        raise ConfigError("label_loss_weight > 0 trains the projector through image-level labels: add "
-                          "--train-projector (and --train-vision to let the tower learn them too)")
-    labels = label_loss.setup(model, records, phase.label_loss_weight, phase.label_loss_families,
-                              phase.label_loss_min_count, "2", dist, seed=seed)
-    groups[labels.head_name] = labels.head_parameters(model)
-    return labels
+        raise ConfigError(f"{' and '.join(wanted)} > 0 train the projector through the images: add "
+                          "--train-projector (and --train-vision to let the tower learn too)")
+    losses = []
+    if phase.contrastive_weight > 0:
+        losses.append(contrastive.setup(model, records, phase.contrastive_weight, phase.contrastive_temperature,
+                                        "2", dist, seed=seed))
+    if phase.label_loss_weight > 0:
+        losses.append(label_loss.setup(model, records, phase.label_loss_weight, phase.label_loss_families,
+                                       phase.label_loss_min_count, "2", dist, seed=seed))
+    for loss in losses:
+        groups[loss.head_name] = loss.head_parameters(model)
+    return losses
 
 
 def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = False, train_router: bool = False,
@@ -59,16 +68,13 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     """Train `model_path` (a model folder or a bundled name) on `phase.data`; the result goes to
     `out_dir/model`, checkpoints and the loss curve to `out_dir`. `train_projector` and
     `train_vision` also train the image path (the vision tower's rate: `phase.lr_groups["vision"]`)."""
-    if phase.contrastive_weight > 0:
-        raise ConfigError("contrastive_weight: fine-tuning has no contrastive alignment; it is a setting of "
-                          "`medmoe train` phases 1 and 2 (set contrastive_weight=0 here)")
     dist = distributed.setup()
     torch.manual_seed(seed)
     check_fresh(out_dir, resume)
     records = load_records(phase.data)  # a wrong --data fails here, before the model loads
     model, processor = load_model(model_path)
     groups = finetune_groups(model, train_router, train_projector, train_vision)
-    labels = label_loss_for(model, records, phase, groups, dist, seed)
+    heads = image_losses_for(model, records, phase, groups, dist, seed)
     groups = params.select(model, groups)
     if train_vision:  # its weights adapt; its BatchNorm statistics stay those of its training
         model.vision_tower.batch_norm_frozen = True
@@ -77,18 +83,18 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     settings = {"finetune": {"model": model_path, "train_router": train_router, "train_projector": train_projector,
                              "train_vision": train_vision, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
-    terms = ([labels] if labels else []) + image_contrast.setup(phase.image_contrast_weight,
+    terms = heads + image_contrast.setup(phase.image_contrast_weight,
                                                                 phase.image_contrast_cap, "finetune", dist)
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune",
                     weights=sample_weights(records, phase.balanced_sampling),
                     extra_losses=combined(terms))
-    if labels:
-        labels.remove(model)
+    for loss in heads:
+        loss.remove(model)
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        extra = {"label_loss_images": labels.counts()} if labels else {}
+        extra = {"label_loss_images": loss.counts() for loss in heads if isinstance(loss, label_loss.LabelLoss)}
         write_summary(out_dir, summary, groups, {**settings, **extra})
     summary.update(dir=out_dir, model_dir=out)
     return summary

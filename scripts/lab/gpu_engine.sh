@@ -10,7 +10,8 @@
 #   bash scripts/lab/gpu_engine.sh part2    # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of nano
 #   bash scripts/lab/gpu_engine.sh evals [ARGS...]  # carrying the last part, .gpu/payload.sha256, .gpu/whl: eval of
 #                                           # nano once per ARGS (extra eval options, "-" for none), engine statistics
-#   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 5 min)
+#   bash scripts/lab/gpu_engine.sh serves "1,32" "1,32 --no-compile"  # carrying .gpu/srv: the serve bench per serve-args
+#   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 8 min: the server compiles)
 #   bash scripts/lab/gpu_engine.sh prefill_profile  # carrying .gpu/srv: where 32 image prompts' prefill time goes, staged and the
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
@@ -57,7 +58,7 @@ serve_packages() {  # the GPU image has no fastapi: carry .gpu/srv (scripts/lab/
 serve() {
   stage; serve_packages
   step "serve bench: Phi-2-size random Med-MoE through medmoe serve, 128-token answers"
-  timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
+  timeout 480 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve 2>&1 | tail -12
   cp /tmp/serve/serve.json /tmp/serve/serve.png "$OUT/" 2>/dev/null
 }
 
@@ -68,6 +69,21 @@ serve_compile() {  # the same with the decode step compiled at start-up (medmoe 
     --out /tmp/serve-compile 2>&1 | tail -12
   cp /tmp/serve-compile/serve.json "$OUT/serve-compile.json" 2>/dev/null
   cp /tmp/serve-compile/serve.png "$OUT/serve-compile.png" 2>/dev/null
+}
+
+serves() {  # carrying .gpu/srv: the serve bench (Phi-2 size, image prompts, 128-token answers) once per argument:
+            # "CLIENTS SERVE-ARGS..." (e.g. "1,32" "1,32 --compile" "32 --prefill-chunk 8192"), each in a fresh server
+  serve_packages
+  local k=0 spec clients args
+  for spec in "$@"; do
+    k=$((k + 1)); clients=${spec%% *}; args=""; [ "$spec" != "$clients" ] && args=${spec#* }
+    step "serve $k: clients $clients, serve args '$args'"
+    timeout 420 $M bench --what serve --model phi2 --clients "$clients" --max-tokens 128 --image \
+      ${args:+"--serve-args=$args"} --out /tmp/serve-$k 2>&1 | grep -v "^ *[0-9]*%|" | tail -6
+    cp /tmp/serve-$k/serve.json "$OUT/serve-$k.json" 2>/dev/null
+    echo "server start (warm-up): $(engine_line /tmp/serve-$k/serve.json engine_at_start)"
+    grep -i "warn\|error\|fallback" /tmp/serve-$k/serve-server.log 2>/dev/null | tail -3
+  done
 }
 
 engine_line() {  # the engine's summary line of a bench or eval JSON: engine_line FILE KEY...
@@ -86,7 +102,7 @@ profile() {
   step "profile: no request captures a graph or grows the cache after warm-up (GPU test)"
   timeout 60 python3 -m pytest -q tests/test_engine_gpu.py -k after_warmup 2>&1 | tail -3
   step "profile: serve bench, Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
-  timeout 300 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/profile-serve 2>&1 \
+  timeout 480 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/profile-serve 2>&1 \
     | grep -v "^ *[0-9]*%|"
   cp /tmp/profile-serve/serve.json "$OUT/profile-serve.json" 2>/dev/null
   echo "server start (warm-up): $(engine_line /tmp/profile-serve/serve.json engine_at_start)"
@@ -112,9 +128,9 @@ prefill_ab() {  # carrying .gpu/srv (and a payload part, staged): the GPU tests 
   timeout 150 python3 -m pytest -q tests/test_engine_gpu.py tests/test_prefill_step.py 2>&1 | grep -E "passed|failed|Error|^E " | head -12
   local name extra
   for name in graphs eager; do
-    extra=""; [ $name = eager ] && extra="--serve-args=--no-prefill-graphs"
+    extra="--serve-args=--no-compile"; [ $name = eager ] && extra="--serve-args=--no-compile --no-prefill-graphs"
     step "serve bench ($name prefill): Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
-    timeout 200 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image $extra --out /tmp/serve-$name 2>&1 \
+    timeout 200 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image "$extra" --out /tmp/serve-$name 2>&1 \
       | grep -v "^ *[0-9]*%|" | tail -6
     cp /tmp/serve-$name/serve.json "$OUT/serve-$name.json" 2>/dev/null
     echo "server start (warm-up): $(engine_line /tmp/serve-$name/serve.json engine_at_start)"
@@ -131,7 +147,7 @@ prefill_check() {  # carrying .gpu/srv: the engine's GPU tests, then the serve b
   step "GPU tests: engine, prefill graphs"
   timeout 100 python3 -m pytest -q tests/test_engine_gpu.py tests/test_prefill_step.py 2>&1 | grep -E "passed|failed|Error|^E " | head -12
   step "serve bench (graphs prefill): Phi-2-size random Med-MoE, 1 and 32 clients, 128-token answers with an image"
-  timeout 280 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve-graphs 2>&1 \
+  timeout 480 $M bench --what serve --model phi2 --clients 1,32 --max-tokens 128 --image --out /tmp/serve-graphs 2>&1 \
     | grep -v "^ *[0-9]*%|" | tail -6
   cp /tmp/serve-graphs/serve.json "$OUT/serve-graphs.json" 2>/dev/null
   echo "server start (warm-up): $(engine_line /tmp/serve-graphs/serve.json engine_at_start)"
