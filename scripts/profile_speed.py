@@ -10,6 +10,7 @@
     python scripts/profile_speed.py trace-summary=FILE # what docs/speed.md reads off one of those traces
     python scripts/profile_speed.py prefill=32         # 32 image prompts at once through medmoe serve's engine: prefill only
     python scripts/profile_speed.py prefill=32,eager   # ... with the model's own prefill forward (--no-prefill-graphs)
+    python scripts/profile_speed.py serve=32[,4]       # 32 lock-step clients (4 requests each) on medmoe serve's engine, profiled
     python scripts/profile_speed.py eval=DATA[,SPLIT]  # medmoe eval of the bundled model: the engine's parts (host and device)
     python scripts/profile_speed.py matvec   # the one-token expert and dense kernels against cuBLAS (and _grouped_mm)
     python scripts/profile_speed.py cat-callers=activations   # CPU: who calls torch.cat in a training step
@@ -202,6 +203,66 @@ def prefill_profile(model, device: torch.device, count: int, eager: bool = False
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
     export_trace(prof)
     return {"wall_s": wall, "kernels_s": device_s, "prefill_forwards": counts.prefills}
+
+
+def serve(setting: str = "32") -> None:
+    """`serve=N[,R]`: the load of `medmoe bench --what serve --clients N --image` (R requests a
+    client, default 4, each sent when the client's previous answer has ended; 128-token answers
+    with EOS ignored; the Phi-2-size model) on the engine `medmoe serve` builds, without HTTP, the
+    whole run profiled. Prints tokens/s, the engine's summary line and its parts' host and device
+    time; with PROFILE_TRACE set, `scripts/lab/trace_timeline.py` then says where the device idled."""
+    clients, _, requests = setting.partition(",")
+    serve_profile(phi2_medmoe(DEVICE), DEVICE, int(clients), int(requests or 4))
+
+
+def serve_profile(model, device: torch.device, clients: int, requests: int, max_tokens: int = 128,
+                  text_tokens: int = 240, slots: int | None = None) -> dict:
+    import threading
+    import time
+
+    from medmoe.engine import Engine, Prompt, Request
+    from medmoe.engine.prepare import prepare
+    from medmoe.engine.stats import summary_line
+    from medmoe.generation.generate import SamplingConfig
+    from medmoe.serving.server import GPU_SLOTS, Limits
+
+    prepare(model)  # as load_for_inference does
+    limits = Limits()
+    engine = Engine(model, None, max_slots=slots or GPU_SLOTS, max_len=limits.max_prompt_tokens + limits.max_tokens)
+    engine.warmup()
+    sampling = SamplingConfig(max_new_tokens=max_tokens, ignore_eos=True)
+
+    def client(index: int) -> None:
+        for r in range(requests):  # a new image each time, on the host as the server's decoder leaves it
+            ids, _, pixels = image_prompt(model, 1, text_tokens, device, seed=1000 * (index + 1) + r)
+            done = threading.Event()
+            engine.submit(Request(Prompt(ids[0].tolist(), pixels.cpu()), sampling, on_done=lambda *_: done.set()))
+            done.wait()
+
+    before = engine.stats.snapshot()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):  # the engine's loop, in this thread (profiled)
+            if not engine.step():
+                time.sleep(0.0005)
+        wall = time.perf_counter() - start
+    counts = engine.stats.since(before)
+    tokens = clients * requests * max_tokens
+    print(f"==== {clients} clients x {requests} requests, {max_tokens}-token answers: {wall:.2f} s, "
+          f"{tokens / wall:.1f} tok/s")
+    print(summary_line(counts.as_dict()))
+    averages = prof.key_averages()
+    print(f"{'range':28s} {'calls':>6s} {'host s':>8s} {'device s':>9s}")
+    for event in sorted((e for e in averages if e.key.startswith("engine.")), key=lambda e: -e.cpu_time_total):
+        print(f"{event.key:28s} {event.count:6d} {event.cpu_time_total / 1e6:8.3f} {event.device_time_total / 1e6:9.3f}")
+    if device.type == "cuda":
+        print(table(prof, 30))
+    export_trace(prof)
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "stats": counts.as_dict()}
 
 
 def eval_profile(setting: str) -> None:
@@ -404,7 +465,7 @@ def cat_callers(setting: str = "0") -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "prefill": prefill, "eval": eval_profile,
+    sections = {"moe": moe, "train": train, "decode": decode, "decode-trace": decode_trace, "prefill": prefill, "serve": serve, "eval": eval_profile,
                 "trace-summary": trace_summary, "matvec": matvec, "cat-callers": cat_callers}
     for arg in sys.argv[1:] or sections:
         name, _, value = arg.partition("=")

@@ -241,3 +241,27 @@ def test_trace_timeline_charges_device_idle_time_to_the_innermost_host_range(tmp
     assert lines["engine.prefill_forward"][1:] == ["1", "0.003", "0.002"]
     assert lines["eval.generate"][1:] == ["1", "0.010", "0.001"]  # the last 0.5 ms after the copy
     assert "cudaStreamSynchronize" in out and "2.00 ms at +  0.001 s in engine.prefill_forward" in out
+
+
+def test_serve_profile_runs_lock_step_clients_through_one_engine(capsys):
+    """profile_speed.py serve=N: each client sends its next request when its answer ends; the
+    engine (stepped by the profiling thread) batches the clients' decode steps together."""
+    import importlib.util
+
+    import torch
+
+    from medmoe.bench.models import phi2_medmoe
+
+    spec = importlib.util.spec_from_file_location("profile_speed", ROOT / "scripts" / "profile_speed.py")
+    profile_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_speed)
+    torch.manual_seed(0)
+    model = phi2_medmoe(torch.device("cpu"), torch.float32,
+                        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, vocab_size=300))
+    result = profile_speed.serve_profile(model, torch.device("cpu"), clients=3, requests=2, max_tokens=4,
+                                         text_tokens=8, slots=4)
+    stats = result["stats"]
+    assert stats["requests_finished"] == 6 and stats["requests_failed"] == 0
+    assert stats["decode_steps"] < 6 * 3  # 3 steps a request after its prefilled first token, shared between clients
+    assert "3 clients x 2 requests" in capsys.readouterr().out and result["tokens_per_s"] > 0

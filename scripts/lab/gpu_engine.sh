@@ -14,6 +14,7 @@
 #   bash scripts/lab/gpu_engine.sh prefill_check  # carrying .gpu/srv: the GPU tests and the serve bench (< 8 min: the server compiles)
 #   bash scripts/lab/gpu_engine.sh prefill_profile  # carrying .gpu/srv: where 32 image prompts' prefill time goes, staged and the
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
+#   bash scripts/lab/gpu_engine.sh serve_profile  # 32 lock-step clients on the serve engine, profiled, and the trace's timeline
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
@@ -163,6 +164,13 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
       > "$OUT/prefill-profile-$path.txt" 2>&1
     grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
   done
+}
+
+serve_profile() {  # where 32 lock-step clients' time goes on the serve engine (profile_speed.py serve=32; < 4 min)
+  step "serve profile: 32 clients x 4 requests, Phi-2-size random Med-MoE, 128-token answers with an image"
+  PROFILE_TRACE="$OUT/serve-trace.json.gz" timeout 300 python3 scripts/profile_speed.py serve=32 > "$OUT/serve-profile.txt" 2>&1
+  grep -A 12 "^====" "$OUT/serve-profile.txt" | cut -c1-400
+  python3 scripts/lab/trace_timeline.py "$OUT/serve-trace.json.gz" | head -40
 }
 
 eval_profile() {  # the engine's parts in nano's evaluation of VQA-RAD test, host and device time
