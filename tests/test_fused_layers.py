@@ -54,7 +54,9 @@ def test_fused_logits_and_decoded_tokens_equal_the_plain_modules(preset):
 
 @pytest.mark.parametrize("routing", ["token", "sample", "pooled"])
 @pytest.mark.parametrize("expert_type", ["full", "lora"])
-def test_phi_parallel_layers_with_medmoe_blocks_equal_the_plain_layers(routing, expert_type):
+@pytest.mark.parametrize("join_max", [0, 10**6])  # the output products apart (a prefill's path) or joined
+def test_phi_parallel_layers_with_medmoe_blocks_equal_the_plain_layers(routing, expert_type, join_max, monkeypatch):
+    monkeypatch.setattr(fused_layers, "JOIN_MAX_TOKENS", join_max)
     model, processor = _moe("tiny-phi", routing, expert_type)
     batch = _batch(processor)
     want, want_tokens = _logits_and_tokens(model, batch, output_routing=True)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
@@ -46,6 +47,10 @@ from ..moe import MedMoEBlock, kernels
 from ..moe.experts import fast_activation, plain_ffn
 from . import decode_attention
 from .overlap import OverlappedMoE
+
+# Phi's parallel layer joins its two output products' inputs up to this many tokens (decode steps, small
+# prefills) and adds two products above it (FusedPhiDecoderLayer._output_product).
+JOIN_MAX_TOKENS = 256
 
 
 # ----- stacked weights ------------------------------------------------------------------------------
@@ -163,7 +168,10 @@ class RotaryAttention(nn.Module):
         if r == self.head_dim:
             return apply_rotary_pos_emb(query, keys, cos, sin)
         query_rot, keys_rot = apply_rotary_pos_emb(query[..., :r], keys[..., :r], cos, sin)
-        return torch.cat((query_rot, query[..., r:]), dim=-1), torch.cat((keys_rot, keys[..., r:]), dim=-1)
+        # Written over the rotated features in place, not joined with the rest in a copy: query and keys
+        # are views of this layer's own product, which nothing else reads.
+        query[..., :r], keys[..., :r] = query_rot, keys_rot
+        return query, keys
 
 
 # ----- one attention layer --------------------------------------------------------------------------
@@ -262,13 +270,25 @@ class FusedPhiDecoderLayer(PhiDecoderLayer):
         q, k, v, ffn_in = product.split(self.sizes, dim=-1)
         attn, _ = self.attention(q, k, v, position_embeddings, attention_mask, cache, position_ids=position_ids,
                                  use_cache=use_cache, **kwargs)
-        # dense(attn) + fc2(act(fc1)) in one product
-        out = _product(self.output, torch.cat([attn, self.activation_fn(ffn_in)], dim=-1))
+        out = self._output_product(attn, self.activation_fn(ffn_in))
         if routed is not None:
             out = self.beside.finish(routed, out, h)  # the main stream waits for the side one here, as late as it can
         elif self.mlp is not None:
             out = out + self.mlp(h)
         return hidden_states + out
+
+    def _output_product(self, attn: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """dense(attn) + fc2(act): one product over the joined inputs for a few tokens (a decode
+        step: one launch), two for many (a prefill: joining would copy every token's inputs once
+        more), the second added into the first."""
+        tokens = attn.numel() // attn.shape[-1]
+        if type(self.output) is not nn.Linear or tokens <= JOIN_MAX_TOKENS:
+            return _product(self.output, torch.cat([attn, act], dim=-1))
+        split = self.output_sizes[0]
+        weight = self.output.weight
+        out = F.linear(act, weight[:, split:], self.output.bias)
+        out.view(tokens, -1).addmm_(attn.reshape(tokens, split), weight[:, :split].t())
+        return out
 
     def unfused(self) -> PhiDecoderLayer:
         """The plain layer this one replaced, its projections rebuilt from `input` and `output`."""
