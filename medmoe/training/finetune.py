@@ -15,10 +15,10 @@ import os
 import torch
 
 from ..errors import ConfigError
-from . import contrastive, distributed, image_contrast, label_loss, params
+from . import distributed, image_contrast, params
 from .image_loss import combined
 from .data import Collate, load_records, records_dataset, sample_weights
-from .phases import check_fresh, load_model, save_model, write_summary
+from .phases import check_fresh, image_losses, label_counts, load_model, save_model, write_summary
 from .recipe import PhaseRecipe
 from .trainer import train
 
@@ -40,24 +40,14 @@ def finetune_groups(model, train_router: bool = False, train_projector: bool = F
 
 
 def image_losses_for(model, records, phase: PhaseRecipe, groups: dict, dist, seed: int) -> list:
-    """The auxiliary image losses of phase 2 on the fine-tuning records (`contrastive_weight`:
-    training/contrastive.py; `label_loss_weight`: training/label_loss.py), each head a group of its
-    own. They teach the projector, so the projector must train (a dense model's always does; a
-    Med-MoE model's with --train-projector)."""
-    wanted = [name for name, weight in (("contrastive_weight", phase.contrastive_weight),
-                                         ("label_loss_weight", phase.label_loss_weight)) if weight > 0]
-    if not wanted:
-        return []
-    if "projector" not in groups:
+    """Phase 2's auxiliary image losses on the fine-tuning records (`contrastive_weight`,
+    `label_loss_weight`), each head a group of its own. They teach the projector, so the projector
+    must train (a dense model's always does; a Med-MoE model's with --train-projector)."""
+    wanted = [name for name in ("contrastive_weight", "label_loss_weight") if getattr(phase, name) > 0]
+    if wanted and "projector" not in groups:
         raise ConfigError(f"{' and '.join(wanted)} > 0 train the projector through the images: add "
                           "--train-projector (and --train-vision to let the tower learn too)")
-    losses = []
-    if phase.contrastive_weight > 0:
-        losses.append(contrastive.setup(model, records, phase.contrastive_weight, phase.contrastive_temperature,
-                                        "2", dist, seed=seed))
-    if phase.label_loss_weight > 0:
-        losses.append(label_loss.setup(model, records, phase.label_loss_weight, phase.label_loss_families,
-                                       phase.label_loss_min_count, "2", dist, seed=seed))
+    losses = image_losses(model, records, phase, "2", dist, seed)
     for loss in losses:
         groups[loss.head_name] = loss.head_parameters(model)
     return losses
@@ -83,8 +73,7 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     settings = {"finetune": {"model": model_path, "train_router": train_router, "train_projector": train_projector,
                              "train_vision": train_vision, "seed": seed,
                              "phase": dataclasses.asdict(phase)}}
-    terms = heads + image_contrast.setup(phase.image_contrast_weight,
-                                                                phase.image_contrast_cap, "finetune", dist)
+    terms = heads + image_contrast.setup(phase.image_contrast_weight, phase.image_contrast_cap, "finetune", dist)
     summary = train(model, dataset, groups, phase, out_dir, seed=seed, resume=resume, dist=dist, wrapped=wrapped,
                     collate_fn=Collate(processor), recipe=settings, title="fine-tune",
                     weights=sample_weights(records, phase.balanced_sampling),
@@ -94,7 +83,6 @@ def finetune(model_path: str, phase: PhaseRecipe, out_dir: str, resume: bool = F
     out = os.path.join(out_dir, "model")
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        extra = {"label_loss_images": loss.counts() for loss in heads if isinstance(loss, label_loss.LabelLoss)}
-        write_summary(out_dir, summary, groups, {**settings, **extra})
+        write_summary(out_dir, summary, groups, {**settings, **label_counts(heads)})
     summary.update(dir=out_dir, model_dir=out)
     return summary

@@ -96,6 +96,25 @@ def write_summary(run_dir: str, summary: dict, groups, extra: dict | None = None
         json.dump({**(extra or {}), **{k: v for k, v in summary.items() if k != "phase"}}, f, indent=2)
 
 
+def image_losses(model, records, cfg, phase: str, dist, seed: int) -> list:
+    """The auxiliary image losses `cfg` asks for (`contrastive_weight`: training/contrastive.py;
+    `label_loss_weight`: training/label_loss.py), attached to `model` before its parameters are
+    grouped; each is the trainer's extra loss and names its head's parameter group."""
+    losses = []
+    if cfg.contrastive_weight > 0:
+        losses.append(contrastive.setup(model, records, cfg.contrastive_weight, cfg.contrastive_temperature,
+                                        phase, dist, seed=seed))
+    if cfg.label_loss_weight > 0:
+        losses.append(label_loss.setup(model, records, cfg.label_loss_weight, cfg.label_loss_families,
+                                       cfg.label_loss_min_count, phase, dist, seed=seed))
+    return losses
+
+
+def label_counts(losses) -> dict:
+    """{"label_loss_images": the label loss's images per family} for the run's summary, or {}."""
+    return {"label_loss_images": loss.counts() for loss in losses if isinstance(loss, label_loss.LabelLoss)}
+
+
 def check_fresh(run_dir: str, resume: bool) -> None:
     if not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
@@ -154,15 +173,8 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     if phase == "3":
         upcycle_for_phase3(model, recipe)
     dataset = build_dataset(cfg.data, processor, cfg.template, cfg.max_length, augment_images=cfg.augment_images)
-    losses = []  # auxiliary losses: their heads join the model for this phase (checkpoints, resume), then leave
-    if cfg.contrastive_weight > 0:
-        losses.append(contrastive.setup(model, dataset.records, cfg.contrastive_weight, cfg.contrastive_temperature,
-                                        phase, dist, seed=recipe.seed))
-    labels = None
-    if cfg.label_loss_weight > 0:
-        labels = label_loss.setup(model, dataset.records, cfg.label_loss_weight, cfg.label_loss_families,
-                                  cfg.label_loss_min_count, phase, dist, seed=recipe.seed)
-        losses.append(labels)
+    # auxiliary losses: their heads join the model for this phase (checkpoints, resume), then leave
+    losses = image_losses(model, dataset.records, cfg, phase, dist, recipe.seed)
     groups = _groups(model, recipe, phase)
     for loss in losses:
         groups[loss.head_name] = loss.head_parameters(model)
@@ -178,7 +190,7 @@ def run_phase(recipe: Recipe, phase: str, resume: bool = False, on_step=None) ->
     out = model_dir(recipe, phase)
     save_model(model, wrapped, processor, out, dist)
     if dist.is_main:
-        write_summary(run_dir, summary, groups, {"label_loss_images": labels.counts()} if labels else None)
+        write_summary(run_dir, summary, groups, label_counts(losses) or None)
     summary.update(phase=phase, dir=run_dir, model_dir=out)
     return summary
 
