@@ -23,6 +23,7 @@ larger, the GPU waited for the host (Python, the checkpointing policy's dispatch
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +160,6 @@ def prefill(setting: str = "32") -> None:
 
 
 def prefill_profile(model, device: torch.device, count: int, eager: bool = False, text_tokens: int = 240) -> dict:
-    import time
-
     from medmoe.engine import Engine, Prompt, Request
     from medmoe.engine.prepare import prepare
     from medmoe.generation.generate import SamplingConfig
@@ -215,10 +214,22 @@ def serve(setting: str = "32") -> None:
     serve_profile(phi2_medmoe(DEVICE), DEVICE, int(clients), int(requests or 4))
 
 
+def first_token_timer(sent: float, firsts: list[float]):
+    """An on_delta callback that appends the time from `sent` to the request's first delta."""
+    seen = False
+
+    def on_delta(delta) -> None:
+        nonlocal seen
+        if not seen:
+            seen = True
+            firsts.append(time.perf_counter() - sent)
+
+    return on_delta
+
+
 def serve_profile(model, device: torch.device, clients: int, requests: int, max_tokens: int = 128,
                   text_tokens: int = 240, slots: int | None = None) -> dict:
     import threading
-    import time
 
     from medmoe.engine import Engine, Prompt, Request
     from medmoe.engine.prepare import prepare
@@ -232,29 +243,51 @@ def serve_profile(model, device: torch.device, clients: int, requests: int, max_
     engine.warmup()
     sampling = SamplingConfig(max_new_tokens=max_tokens, ignore_eos=True)
 
-    def client(index: int) -> None:
-        for r in range(requests):  # a new image each time, on the host as the server's decoder leaves it
-            ids, _, pixels = image_prompt(model, 1, text_tokens, device, seed=1000 * (index + 1) + r)
-            done = threading.Event()
-            engine.submit(Request(Prompt(ids[0].tolist(), pixels.cpu()), sampling, on_done=lambda *_: done.set()))
-            done.wait()
+    def load(seed: int) -> tuple[float, list[float]]:
+        """The clients' requests to the end, the engine stepped in this thread; wall time and each
+        request's time to its first token."""
+        firsts: list[float] = []
+        prompts = []  # a new image each time, on the host as the server's decoder leaves it, made before the clock starts
+        for index in range(clients):
+            prompts.append([])
+            for r in range(requests):
+                ids, _, pixels = image_prompt(model, 1, text_tokens, device, seed=seed + 1000 * (index + 1) + r)
+                prompts[-1].append(Prompt(ids[0].tolist(), pixels.cpu()))
 
-    before = engine.stats.snapshot()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+        def client(index: int) -> None:
+            for prompt in prompts[index]:
+                done, sent = threading.Event(), time.perf_counter()
+                engine.submit(Request(prompt, sampling, on_delta=first_token_timer(sent, firsts),
+                                      on_done=lambda *_: done.set()))
+                done.wait()
+
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         start = time.perf_counter()
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads):  # the engine's loop, in this thread (profiled)
+        while any(thread.is_alive() for thread in threads):
             if not engine.step():
                 time.sleep(0.0005)
-        wall = time.perf_counter() - start
-    counts = engine.stats.since(before)
+        return time.perf_counter() - start, firsts
+
+    def report(name: str, wall: float, firsts: list[float], counts) -> None:
+        firsts = sorted(firsts)
+        pct = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))] * 1e3 if firsts else float("nan")  # noqa: E731
+        print(f"==== {name}: {clients} clients x {requests} requests, {max_tokens}-token answers: {wall:.2f} s, "
+              f"{tokens / wall:.1f} tok/s, first token p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms")
+        print(summary_line(counts.as_dict()))
+
     tokens = clients * requests * max_tokens
-    print(f"==== {clients} clients x {requests} requests, {max_tokens}-token answers: {wall:.2f} s, "
-          f"{tokens / wall:.1f} tok/s")
-    print(summary_line(counts.as_dict()))
+    before = engine.stats.snapshot()
+    wall, firsts = load(seed=0)  # unprofiled: the engine's own speed under this load
+    report("unprofiled", wall, firsts, engine.stats.since(before))
+    unprofiled = tokens / wall
+    before = engine.stats.snapshot()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall, firsts = load(seed=500_000)  # other images: no prefix-cache hits from the first run
+    counts = engine.stats.since(before)
+    report("profiled", wall, firsts, counts)
     averages = prof.key_averages()
     print(f"{'range':28s} {'calls':>6s} {'host s':>8s} {'device s':>9s}")
     for event in sorted((e for e in averages if e.key.startswith("engine.")), key=lambda e: -e.cpu_time_total):
@@ -262,7 +295,8 @@ def serve_profile(model, device: torch.device, clients: int, requests: int, max_
     if device.type == "cuda":
         print(table(prof, 30))
     export_trace(prof)
-    return {"wall_s": wall, "tokens_per_s": tokens / wall, "stats": counts.as_dict()}
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "unprofiled_tokens_per_s": unprofiled,
+            "stats": counts.as_dict()}
 
 
 def eval_profile(setting: str) -> None:
@@ -272,7 +306,6 @@ def eval_profile(setting: str) -> None:
     (scheduler.py's record_function ranges: prefill forward, its images and splice, its finish,
     decode launches, hand-outs), their host and device time, then the host's costliest operators."""
     import tempfile
-    import time
 
     from medmoe.evaluation.evaluate import EvalSettings, evaluate
     from medmoe.loading import load_for_inference

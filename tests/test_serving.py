@@ -634,3 +634,43 @@ def test_int8_keeps_the_llm_lora_adapters():
         exact, base_only = lora(x), torch.nn.functional.linear(x, lora.weight, lora.bias)
         error = (Int8Linear(lora)(x) - exact).abs().max()
     assert error < 0.05 * (exact - base_only).abs().max()  # the adapters' effect survives quantization
+
+
+def test_the_mailbox_hands_a_burst_of_events_over_in_order_with_one_wake_up():
+    """Events posted from the engine's thread reach each request's queue in order; a burst posted
+    before the loop runs costs one wake-up of the loop, not one per event."""
+    import asyncio
+    import threading
+
+    from medmoe.serving.server import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = Mailbox(loop)
+        wakeups = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(a) or call_soon_threadsafe(*a)
+        queues = [asyncio.Queue(), asyncio.Queue()]
+        burst = threading.Thread(target=lambda: [box.post(queues[i % 2], ("text", i)) for i in range(10)])
+        burst.start()
+        burst.join()  # all ten posted before the loop runs again
+        got = [[(await q.get())[1] for _ in range(5)] for q in queues]
+        box.post(queues[0], ("done", None))  # after a delivery, the next post wakes the loop again
+        assert (await queues[0].get()) == ("done", None)
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(main())
+    assert got == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert wakeups == 2
+
+
+def test_a_mailbox_whose_loop_is_gone_says_so():
+    import asyncio
+
+    from medmoe.serving.server import Mailbox
+
+    loop = asyncio.new_event_loop()
+    box = Mailbox(loop)
+    loop.close()
+    assert box.post(asyncio.Queue(), ("text", 1)) is False
+    assert box.posted == []

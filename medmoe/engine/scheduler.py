@@ -482,18 +482,7 @@ class Engine:
             while (self.waiting and len(self.active) + len(self.prefilling) < self.max_slots
                    and (self.prefill_step is None or len(self.prefilling) < self.cache.staging)):
                 self.prefilling.append(self._start(self.waiting.popleft()))
-        chunk = self.prefill_chunk if self.active else 0
-        budget = chunk or self.max_prefill_tokens
-        pieces: list[tuple[_Prefilling, int]] = []
-        for job in self.prefilling:
-            if job.left <= budget or not (pieces or chunk):
-                pieces.append((job, job.left))
-                budget -= job.left
-            elif chunk and budget > 0:
-                pieces.append((job, budget))
-                budget = 0
-            if budget <= 0:
-                break
+        pieces = self._pieces(self.prefill_chunk if self.active else 0)
         if not pieces:
             return False
         running = len(self.active)
@@ -509,6 +498,28 @@ class Engine:
                 self._drop(pieces[0][0], err)
         self.stats.prefill_s += time.perf_counter() - start
         return True
+
+    def _pieces(self, chunk: int) -> list[tuple[_Prefilling, int]]:
+        """This iteration's prefill: (prompt, its next n tokens), in admission order. A forward pads
+        every row to its longest piece, so the budget (`chunk` while requests decode, else
+        `max_prefill_tokens`) counts rows x longest piece: whole prompts while they fit; with a
+        chunk, the first prompt's next `chunk` tokens at most, and a longer prompt's piece as long
+        as the longest taken, no longer (a short piece would pad to a full row)."""
+        budget = chunk or self.max_prefill_tokens
+        pieces: list[tuple[_Prefilling, int]] = []
+        longest = 0
+        for job in self.prefilling:
+            if not pieces:
+                n = min(job.left, budget) if chunk else job.left
+            elif (len(pieces) + 1) * max(longest, job.left) <= budget:
+                n = job.left
+            elif chunk and (len(pieces) + 1) * longest <= budget:
+                n = longest
+            else:
+                break
+            pieces.append((job, n))
+            longest = max(longest, n)
+        return pieces
 
     def _admitting(self) -> bool:
         """Whether waiting requests take free slots now: always when nothing decodes; while requests

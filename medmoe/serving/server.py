@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,12 +137,55 @@ def open_upload(data: bytes, name: str, limits: Limits, window=None):
 
 # --- the worker -------------------------------------------------------------------------------
 
+class Mailbox:
+    """Events from the engine's thread to one event loop's queues, handed over in batches: the
+    engine's thread wakes the loop once for everything posted before the loop takes it, not once
+    per token and stream (32 wake-ups a decode step at 32 streams, each a write to the loop's
+    socket and a hand-over of the GIL)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.posted: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> bool:
+        """Queue `event` for `queue` (from any thread); False when the loop is gone."""
+        with self.lock:
+            self.posted.append((queue, event))
+            if len(self.posted) > 1:  # a wake-up is already on its way
+                return True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self.lock:
+                self.posted.clear()
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self.lock:
+            posted, self.posted = self.posted, []
+        for queue, event in posted:
+            queue.put_nowait(event)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's one mailbox (made in the loop's thread)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 @dataclass
 class Job:
     turns: list[Turn]
     images: list
     cfg: SamplingConfig
-    loop: asyncio.AbstractEventLoop
+    mailbox: Mailbox
     events: asyncio.Queue
     deadline: float
     cancelled: bool = False
@@ -149,9 +193,7 @@ class Job:
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is gone: the client left
+        if not self.mailbox.post(self.events, (kind, payload)):  # the loop is gone: the client left
             self.cancelled = True
 
 
@@ -376,8 +418,8 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         cfg = sampling_config(body, limits)
         turns, specs = parse_messages(body.get("messages"), limits)
         images = await run_in_threadpool(load_images, specs, limits)
-        loop = asyncio.get_running_loop()
-        job = Job(turns, images, cfg, loop, asyncio.Queue(), time.monotonic() + limits.timeout_s)
+        job = Job(turns, images, cfg, mailbox(asyncio.get_running_loop()), asyncio.Queue(),
+                  time.monotonic() + limits.timeout_s)
         await run_in_threadpool(engine.submit, job)  # tokenising and image preprocessing off the event loop
         if body.get("stream"):
             return StreamingResponse(sse(job), media_type="text/event-stream",
@@ -389,6 +431,8 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         return completion(job, answer)
 
     async def next_event(job: Job):
+        if not job.events.empty():  # most tokens of a busy server: no timeout to set up
+            return job.events.get_nowait()
         remaining = job.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0) + 1.0)

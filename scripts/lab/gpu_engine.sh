@@ -167,6 +167,7 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
 }
 
 serve_profile() {  # where 32 lock-step clients' time goes on the serve engine (profile_speed.py serve=32; < 4 min)
+  serve_packages  # the profile builds its engine as medmoe serve does (serving.server's limits)
   step "serve profile: 32 clients x 4 requests, Phi-2-size random Med-MoE, 128-token answers with an image"
   PROFILE_TRACE="$OUT/serve-trace.json.gz" timeout 300 python3 scripts/profile_speed.py serve=32 > "$OUT/serve-profile.txt" 2>&1
   grep -A 12 "^====" "$OUT/serve-profile.txt" | cut -c1-400
