@@ -6,7 +6,8 @@ Each iteration of `step`:
      template's system prompt, an image asked about again), and prefills the rest together,
      left-padded: whole prompts up to `max_prefill_tokens` per iteration; while requests decode, at
      most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
-     running streams are not stalled for long; on a GPU, while requests decode, waiting requests
+     running streams are not stalled for long (both budgets count every row at the forward's
+     longest piece, the arithmetic the padded forward does: `_pieces`); on a GPU, while requests decode, waiting requests
      are admitted a few at once (`admit_batch`), since a prefill forward costs its kernel launches
      whatever its size. On a GPU (token routing) each prompt is prefilled into a staging slot of
      the cache, a small forward replayed from a CUDA graph (prefill_step.py); otherwise by the
