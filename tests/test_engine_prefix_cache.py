@@ -296,10 +296,10 @@ def test_a_prompt_that_cannot_be_cached_still_gets_its_answer(phi, monkeypatch, 
     assert "prefix cache failed" in caplog.text and engine.stats.requests_failed == 0
 
 
-def test_a_prefill_forward_takes_what_fits_its_budget_counted_with_padding(phi):
-    """Every row of a forward pads to its longest piece: the chunk counts rows x longest piece, so
-    three 652-token prompts fill a 2048 chunk, and a fourth waits rather than adding a short piece
-    that would pad to a full row (a quarter of that forward's arithmetic)."""
+def test_a_prefill_forward_leaves_out_a_piece_that_would_be_mostly_padding(phi):
+    """Every row of a forward pads to its longest piece: three 652-token prompts and a 92-token
+    piece of a fourth would compute four full rows (2,608 tokens) for a chunk of 2048, so the
+    fourth waits; a piece at least half as long as the longest goes in."""
     from medmoe.engine.request import Handle, Prompt, Request
     from medmoe.engine.scheduler import _Prefilling
 
@@ -313,9 +313,9 @@ def test_a_prefill_forward_takes_what_fits_its_budget_counted_with_padding(phi):
         return [n for _, n in engine._pieces(chunk)]
 
     assert plan([652] * 5, 2048) == [652, 652, 652]
-    assert plan([652] * 5, 2048, done=[92]) == [560, 652, 652]  # a prompt's rest first
+    assert plan([652] * 5, 2048, done=[92]) == [560, 652, 652]  # a prompt's rest first; then 184 < 326 left
+    assert plan([600, 600, 900], 2048) == [600, 600, 848]  # 848 >= 300: a piece
+    assert plan([113, 113, 113], 256) == [113, 113]  # a 30-token piece would pad to a 113-token row
     assert plan([3000, 652], 2048) == [2048]  # a long prompt's first piece fills the chunk
-    assert plan([600, 600, 900], 2048) == [600, 600, 600]  # a longer prompt: a piece as long as the others
-    assert plan([400, 900, 700], 2048) == [400, 900]  # 2 x 900 fits; a third row would not
     assert plan([300, 300, 5000], 0) == [300, 300]  # nothing decoding: whole prompts within max_prefill_tokens
     assert plan([5000, 300], 0) == [5000]  # ... the first one whole whatever its length

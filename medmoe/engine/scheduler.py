@@ -6,8 +6,8 @@ Each iteration of `step`:
      template's system prompt, an image asked about again), and prefills the rest together,
      left-padded: whole prompts up to `max_prefill_tokens` per iteration; while requests decode, at
      most `prefill_chunk` tokens, a longer prompt in pieces over the next iterations, so that
-     running streams are not stalled for long (both budgets count every row at the forward's
-     longest piece, the arithmetic the padded forward does: `_pieces`); on a GPU, while requests decode, waiting requests
+     running streams are not stalled for long (a piece shorter than half the forward's longest,
+     which would be mostly padding, waits: `_pieces`); on a GPU, while requests decode, waiting requests
      are admitted a few at once (`admit_batch`), since a prefill forward costs its kernel launches
      whatever its size. On a GPU (token routing) each prompt is prefilled into a staging slot of
      the cache, a small forward replayed from a CUDA graph (prefill_step.py); otherwise by the
@@ -501,25 +501,27 @@ class Engine:
         return True
 
     def _pieces(self, chunk: int) -> list[tuple[_Prefilling, int]]:
-        """This iteration's prefill: (prompt, its next n tokens), in admission order. A forward pads
-        every row to its longest piece, so the budget (`chunk` while requests decode, else
-        `max_prefill_tokens`) counts rows x longest piece: whole prompts while they fit; with a
-        chunk, the first prompt's next `chunk` tokens at most, and a longer prompt's piece as long
-        as the longest taken, no longer (a short piece would pad to a full row)."""
+        """This iteration's prefill: (prompt, its next n tokens), in admission order, whole prompts
+        up to the budget (`chunk` prompt tokens while requests decode, else `max_prefill_tokens`,
+        the first prompt whole whatever its length); with a chunk, a prompt longer than what is
+        left of it goes in pieces. A forward pads every row to its longest piece, so a piece shorter
+        than half the longest waits for the next iteration: it would cost a row of mostly padding
+        (two 113-token prompts and a 30-token piece of a third computed 339 tokens for 256)."""
         budget = chunk or self.max_prefill_tokens
         pieces: list[tuple[_Prefilling, int]] = []
         longest = 0
         for job in self.prefilling:
-            if not pieces:
-                n = min(job.left, budget) if chunk else job.left
-            elif (len(pieces) + 1) * max(longest, job.left) <= budget:
+            if job.left <= budget or not (pieces or chunk):
                 n = job.left
-            elif chunk and (len(pieces) + 1) * longest <= budget:
-                n = longest
+            elif chunk and budget > 0 and (not pieces or 2 * budget >= longest):
+                n = budget
             else:
                 break
             pieces.append((job, n))
             longest = max(longest, n)
+            budget -= n
+            if budget <= 0:
+                break
         return pieces
 
     def _admitting(self) -> bool:
