@@ -231,6 +231,7 @@ def serve_profile(model, device: torch.device, clients: int, requests: int, max_
                   text_tokens: int = 240, slots: int | None = None) -> dict:
     import threading
 
+    from medmoe.bench.serve_load import spread_ms
     from medmoe.engine import Engine, Prompt, Request
     from medmoe.engine.prepare import prepare
     from medmoe.engine.stats import summary_line
@@ -271,10 +272,9 @@ def serve_profile(model, device: torch.device, clients: int, requests: int, max_
         return time.perf_counter() - start, firsts
 
     def report(name: str, wall: float, firsts: list[float], counts) -> None:
-        firsts = sorted(firsts)
-        pct = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))] * 1e3 if firsts else float("nan")  # noqa: E731
+        first = spread_ms(firsts)  # the serve bench's percentiles
         print(f"==== {name}: {clients} clients x {requests} requests, {max_tokens}-token answers: {wall:.2f} s, "
-              f"{tokens / wall:.1f} tok/s, first token p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms")
+              f"{tokens / wall:.1f} tok/s, first token p50 {first['p50']:.0f} ms, p99 {first['p99']:.0f} ms")
         print(summary_line(counts.as_dict()))
 
     tokens = clients * requests * max_tokens
