@@ -112,3 +112,24 @@ def test_engine_stats_endpoint_counts_the_requests_it_served(served):
     assert grew == {"requests_finished": 2, "tokens_generated": 10, "first_tokens": 2}
     assert after["stats"]["decode_steps"] >= before["stats"]["decode_steps"] + 8  # 4 steps after each first token
     assert "decode steps" in after["summary"]
+
+
+def test_engine_stats_split_a_streamed_request_into_front_end_stages(served):
+    from medmoe.engine.stats import delta
+    from medmoe.serving.front_end_stats import front_end_line
+
+    _, _, client = served
+    body = {"messages": [{"role": "user", "content": "Any fracture?"}], "max_tokens": 4, "ignore_eos": True}
+    before = client.get("/v1/engine/stats").json()
+    stream(client, body)
+    after = client.get("/v1/engine/stats").json()
+    front, engine = delta(after["front_end"], before["front_end"]), delta(after["stats"], before["stats"])
+    assert front["requests"] == 1 and front["first_chunks"] == 1 and engine["first_tokens"] == 1
+    # arrival -> first chunk holds the engine's submit -> first token, and the hand-off after it
+    assert front["to_first_chunk_s"] >= engine["first_token_s"] > 0
+    assert front["to_first_chunk_s"] >= front["handoff_s"] >= 0
+    assert min(front["read_s"], front["images_s"]) >= 0 and front["encode_s"] > 0
+    assert "arrival to first chunk" in front_end_line(front)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # not streamed: no first chunk
+    last = delta(client.get("/v1/engine/stats").json()["front_end"], after["front_end"])
+    assert last["requests"] == 1 and last["first_chunks"] == 0 and last["to_first_chunk_s"] == 0

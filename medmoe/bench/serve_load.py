@@ -223,13 +223,14 @@ async def engine_stats(base: str) -> dict | None:
     return resp.json() if resp.status_code == 200 else None
 
 
-def engine_delta(before: dict | None, after: dict | None) -> dict | None:
-    """What the engine did between two `engine_stats` answers."""
+def engine_delta(before: dict | None, after: dict | None, key: str = "stats") -> dict | None:
+    """What the engine (`key="stats"`) or the server's front end (`key="front_end"`) did between
+    two `engine_stats` answers."""
     from ..engine.stats import delta
 
-    if before is None or after is None:
+    if before is None or after is None or key not in before or key not in after:
         return None
-    return delta(after["stats"], before["stats"])
+    return delta(after[key], before[key])
 
 
 async def run_async(base: str, clients: list[int], requests_per_client: int = 4, max_tokens: int = 64,
@@ -237,6 +238,7 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
     import httpx
 
     from ..engine.stats import summary_line
+    from ..serving.front_end_stats import front_end_line
 
     started = await engine_stats(base)  # the warm-up's graphs and cache
     async with httpx.AsyncClient(timeout=600) as client:
@@ -250,12 +252,15 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
         bodies = request_bodies(n, requests_per_client, max_tokens, words, image)
         before = await engine_stats(base)  # the engine's idle time then leaves out building the bodies
         run = await drive(base, n, requests_per_client, max_tokens, words, image, bodies=bodies)
-        run["engine"] = engine_delta(before, await engine_stats(base))
+        after = await engine_stats(base)
+        run["engine"], run["front_end"] = engine_delta(before, after), engine_delta(before, after, "front_end")
         runs.append(run)
         log(row(run))
     for run in runs:
         if run["engine"] is not None:
             log(f"{run['clients']} clients, {summary_line(run['engine'])}")
+        if run["front_end"] is not None:
+            log(f"{run['clients']} clients, client TTFT mean {_ms(run['ttft_ms']['mean'])} ms; {front_end_line(run['front_end'])}")
     for note in filter(None, map(burst_note, runs)):
         log(note)
     async with httpx.AsyncClient(timeout=60) as client:  # how the server batched the runs' requests

@@ -49,6 +49,7 @@ from ..engine.stats import summary_line
 from ..errors import MedMoEError
 from ..generation import SamplingConfig
 from .auth import BearerAuth
+from .front_end_stats import FrontEndStats
 from .http_errors import HTTPProblem, install_error_handlers
 from .validation import check_content_type, check_model, parse_json, parse_messages, preview_spec, sampling_config
 
@@ -188,11 +189,15 @@ class Job:
     mailbox: Mailbox
     events: asyncio.Queue
     deadline: float
+    arrived: float = 0.0  # time.perf_counter() when the request reached its handler
+    first_post: float | None = None  # when the engine posted its first text (FrontEndStats.handoff_s)
     cancelled: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
+        if kind == "text" and self.first_post is None:
+            self.first_post = time.perf_counter()
         if not self.mailbox.post(self.events, (kind, payload)):  # the loop is gone: the client left
             self.cancelled = True
 
@@ -206,6 +211,7 @@ class Worker:
         from ..engine import Engine as InferenceEngine
 
         self.model, self.processor, self.limits = model, processor, limits
+        self.front = FrontEndStats()  # written by the event loop's thread only
         slots = limits.max_batch or (GPU_SLOTS if model.device.type == "cuda" else CPU_SLOTS)
         self.engine = InferenceEngine(model, processor, max_slots=slots,
                                       max_len=limits.max_prompt_tokens + limits.max_tokens,
@@ -222,7 +228,7 @@ class Worker:
                 "compiled": step.compiled, "graphs": len(step.graphs), "overlap_steps": engine.overlap_steps,
                 "prefill_graphs": len(engine.prefill_step.graphs) if engine.prefill_step is not None else None,
                 "running": len(engine.active), "queued": engine.queued, "stats": record,
-                "summary": summary_line(record)}
+                "summary": summary_line(record), "front_end": self.front.as_dict()}
 
     def start(self) -> None:
         from ..engine.scheduler import keep_out_of_gc
@@ -413,14 +419,22 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         body = await read_json(request, limits)
         check_model(body, model_name, accepted)
         cfg = sampling_config(body, limits)
         turns, specs = parse_messages(body.get("messages"), limits)
+        read = time.perf_counter()
         images = await run_in_threadpool(load_images, specs, limits)
+        loaded = time.perf_counter()
         job = Job(turns, images, cfg, mailbox(asyncio.get_running_loop()), asyncio.Queue(),
-                  time.monotonic() + limits.timeout_s)
+                  time.monotonic() + limits.timeout_s, arrived=arrived)
         await run_in_threadpool(engine.submit, job)  # tokenising and image preprocessing off the event loop
+        front = engine.front
+        front.requests += 1
+        front.read_s += read - arrived
+        front.images_s += loaded - read
+        front.encode_s += time.perf_counter() - loaded
         if body.get("stream"):
             return StreamingResponse(sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -470,7 +484,14 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                   "choices": [choice], **extra}
         return f"data: {json.dumps(record)}\n\n"
 
+    def first_chunk(job: Job) -> None:
+        now, front = time.perf_counter(), engine.front
+        front.first_chunks += 1
+        front.to_first_chunk_s += now - job.arrived
+        front.handoff_s += now - (job.first_post or now)
+
     async def sse(job: Job):
+        first = True
         try:
             yield chunk(job, {"role": "assistant"})
             while True:
@@ -480,6 +501,9 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                     kind, payload = "error", err
                 if kind == "text":
                     if payload.text or (job.cfg.logprobs and payload.logprobs):
+                        if first:
+                            first_chunk(job)
+                            first = False
                         yield chunk(job, {"content": payload.text}, logprobs=payload.logprobs if job.cfg.logprobs else None)
                 elif kind == "error":
                     yield payload.event()

@@ -80,7 +80,7 @@ serves() {  # carrying .gpu/srv: the serve bench (Phi-2 size, image prompts, 128
     k=$((k + 1)); clients=${spec%% *}; args=""; [ "$spec" != "$clients" ] && args=${spec#* }
     step "serve $k: clients $clients, serve args '$args'"
     timeout 420 $M bench --what serve --model phi2 --clients "$clients" --max-tokens 128 --image \
-      ${args:+"--serve-args=$args"} --out /tmp/serve-$k 2>&1 | grep -v "^ *[0-9]*%|" | tail -6
+      ${args:+"--serve-args=$args"} --out /tmp/serve-$k 2>&1 | grep -v "^ *[0-9]*%|" | tail -8
     cp /tmp/serve-$k/serve.json "$OUT/serve-$k.json" 2>/dev/null
     echo "server start (warm-up): $(engine_line /tmp/serve-$k/serve.json engine_at_start)"
     grep -i "warn\|error\|fallback" /tmp/serve-$k/serve-server.log 2>/dev/null | tail -3
