@@ -4,6 +4,7 @@ loopback in this process. Bounded in count and time; speed itself is never asser
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import httpx
@@ -68,6 +69,21 @@ def test_load_generator_counts_the_servers_tokens_without_errors(served):
     for key in ("ttft_ms", "itl_ms", "tpot_ms", "latency_ms"):
         assert set(concurrent[key]) == {"p50", "p99", "mean", "n"}
     assert concurrent["ttft_ms"]["n"] == len(concurrent["samples_ms"]["ttft"]) <= 6
+    assert concurrent["client_loop_lag_ms"]["n"] > 0
+
+
+def test_loop_lag_sees_a_blocked_event_loop():
+    async def main() -> list[float]:
+        lag: list[float] = []
+        probe = asyncio.create_task(serve_load.loop_lag(lag, period=0.001))
+        await asyncio.sleep(0.01)
+        time.sleep(0.08)  # a client's work that holds the loop
+        await asyncio.sleep(0.01)
+        probe.cancel()
+        return lag
+
+    lag = asyncio.run(main())
+    assert max(lag) >= 0.07 and min(lag) >= 0
 
 
 async def _calibrate(base: str, tokens: int) -> int:

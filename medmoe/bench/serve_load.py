@@ -193,6 +193,15 @@ def request_bodies(clients: int, requests_per_client: int, max_tokens: int, word
             for index in range(clients)]
 
 
+async def loop_lag(samples: list, period: float = 0.005) -> None:
+    """How late the clients' event loop wakes a task that sleeps `period`, until cancelled: while
+    the loop is busy with other streams, every client's chunk times are late by as much."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(period)
+        samples.append(max(0.0, time.perf_counter() - start - period))
+
+
 async def drive(base: str, clients: int, requests_per_client: int, max_tokens: int, words: int,
                 image: str | None = None, timeout_s: float = 600.0, bodies: list[list[dict]] | None = None) -> dict:
     """`clients` concurrent clients, each sending `requests_per_client` streaming requests in turn
@@ -206,10 +215,14 @@ async def drive(base: str, clients: int, requests_per_client: int, max_tokens: i
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30), limits=limits) as client:
+        lag: list[float] = []
+        probe = asyncio.create_task(loop_lag(lag))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
         wall = time.perf_counter() - t0
+        probe.cancel()
     report = summarize([r for rs in results for r in rs], wall)
+    report["client_loop_lag_ms"] = spread_ms(lag)
     return {"clients": clients, "requests_per_client": requests_per_client, "max_tokens": max_tokens,
             "load_average_1min": os.getloadavg()[0], **report}  # other work on the machine slows this down
 
@@ -260,7 +273,9 @@ async def run_async(base: str, clients: list[int], requests_per_client: int = 4,
         if run["engine"] is not None:
             log(f"{run['clients']} clients, {summary_line(run['engine'])}")
         if run["front_end"] is not None:
-            log(f"{run['clients']} clients, client TTFT mean {_ms(run['ttft_ms']['mean'])} ms; {front_end_line(run['front_end'])}")
+            lag = run["client_loop_lag_ms"]
+            log(f"{run['clients']} clients, client TTFT mean {_ms(run['ttft_ms']['mean'])} ms (its event loop late by "
+                f"p50 {_ms(lag['p50'])} / p99 {_ms(lag['p99'])} ms); {front_end_line(run['front_end'])}")
     for note in filter(None, map(burst_note, runs)):
         log(note)
     async with httpx.AsyncClient(timeout=60) as client:  # how the server batched the runs' requests
