@@ -246,11 +246,11 @@ def test_bf16_autocast_on_a_cpu_only_with_bfloat16_hardware(tiny, tmp_path, monk
 
     monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: fast_bf16)
     cpu = torch.device("cpu")
-    with trainer.autocast_context(True, cpu)():
+    with trainer.autocast_context(trainer.autocast_dtype(True, cpu), cpu)():
         assert torch.is_autocast_enabled("cpu") == fast_bf16
         x = torch.randn(4, 8)
         assert (x @ x.T).dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
-    with trainer.autocast_context(False, cpu)():
+    with trainer.autocast_context(trainer.autocast_dtype(False, cpu), cpu)():
         assert not torch.is_autocast_enabled("cpu")
 
     model, processor = tiny

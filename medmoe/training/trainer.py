@@ -34,7 +34,8 @@ from ..model.attention_kernels import varying_shape_attention
 from ..model.pretrained import cpu_has_fast_bf16
 from ..model.recompute import checkpointing_options
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, single_process
+from .distributed import DistInfo, is_sharded, single_process
+from .frozen_weights import frozen_weights_in
 from .params import Groups
 from .profiling import StepProfiler
 from .recipe import PhaseRecipe
@@ -213,11 +214,19 @@ def plot_loss(run_dir: str, title: str) -> str | None:
 
 # ----- the loop ------------------------------------------------------------------------------------
 
-def autocast_context(bf16: bool, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on a GPU, and on a CPU with bfloat16 hardware (where a step runs about twice as
-    fast; docs/training.md); float32 elsewhere. Weights and optimizer state stay float32."""
+def autocast_dtype(bf16: bool, device: torch.device) -> torch.dtype | None:
+    """bf16 on a GPU, and on a CPU with bfloat16 hardware (where a step runs about twice as fast;
+    docs/training.md); None (float32) elsewhere."""
     if bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Autocast to `dtype` (autocast_dtype's), or nothing. Trained weights and optimizer state stay
+    float32; frozen linear weights are cast once for the phase (frozen_weights.py)."""
+    if dtype is not None:
+        return lambda: torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext
 
 
@@ -284,7 +293,8 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
                         generator=torch.Generator().manual_seed(seed), pin_memory=dist.device.type == "cuda")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = phase.grad_clip if phase.grad_clip > 0 else float("inf")
-    autocast = autocast_context(phase.bf16, dist.device)
+    dtype = autocast_dtype(phase.bf16, dist.device)
+    autocast = autocast_context(dtype, dist.device)
     profiler = StepProfiler(phase.profile_steps if dist.is_main else 0, run_dir, dist.device, total_steps - step)
 
     from tqdm.auto import tqdm
@@ -294,7 +304,9 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     bar = tqdm(total=total_steps, initial=step, desc=title, disable=not dist.is_main, dynamic_ncols=True)
     step_losses, window_tokens, window_start, last = [], 0, time.perf_counter(), None
     micro, started = 0, time.perf_counter()
-    with profiler:  # off unless profile_steps > 0; an interrupted run still writes what it profiled
+    # Off unless profile_steps > 0; an interrupted run still writes what it profiled. FSDP's shards
+    # keep one dtype: its frozen weights stay as they are.
+    with profiler, frozen_weights_in(model, None if is_sharded(model) else dtype):
         for batch in loader:
             window_tokens += int(batch["attention_mask"].sum())  # counted on the host, before the batch moves
             batch = {k: v.to(dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -4,7 +4,8 @@
 # run 6 of docs/lab/results-history.md shared one the same way), each exported, evaluated on every
 # test split and, with --shuffle-images, on VQA-RAD and SLAKE: how much of each score is the image's.
 #
-#   (calls 1..k) cp .gpu/payload.partaa $STAGE/ ...        # every part but the last, one a call
+#   (calls 1..k) cp .gpu/payload.partaa $STAGE/ ...        # every part but the last, one a call (two a call
+#                                                            # with the bundled weights aside: scripts/lab/gpu_aside.sh)
 #   bash scripts/lab/gpu_nano_v2.sh start                   # carrying the last part, .gpu/payload.sha256,
 #                                                            # .gpu/whl: assemble, prepare, start the runs
 #   bash scripts/lab/gpu_nano_v2.sh wait 540                # back to back until it exits 0: progress,
@@ -32,6 +33,9 @@ V2=$STAGE/v2
 STAGES='set -e; bash scripts/nano.sh "$1" "$2" train export
   EVAL_DATASETS="vqa-rad slake pneumoniamnist" bash scripts/nano.sh "$1" "$2" eval-medmoe control probe
   EVAL_DATASETS=pathvqa bash scripts/nano.sh "$1" "$2" eval-medmoe'
+# EVALS=none: train and export only (about 250 s less per session); `fetch` each delta and evaluate
+# it here on the CPU, paired with the shipped model (docs/lab/nano-v2.md).
+[ "${EVALS:-all}" = none ] && STAGES='set -e; bash scripts/nano.sh "$1" "$2" train export'
 
 start() {
   bash scripts/lab/gpu_run.sh || exit $?  # assembles the payload once (with the data prepared where it was built)
