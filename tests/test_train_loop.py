@@ -261,3 +261,45 @@ def test_bf16_autocast_on_a_cpu_only_with_bfloat16_hardware(tiny, tmp_path, monk
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert result["last"]["loss"] < 0.8 * rows[0]["loss"]  # it learns
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones(tmp_path):
+    """`compile=true`: the same losses step by step (fused kernels round differently, so close, not
+    equal) and the parameters under their own names."""
+    from medmoe.model.pretrained import build_model
+
+    losses, names = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, processor = build_model("tiny")
+        groups = params.select(model, params.phase2_groups(model))
+        out = tmp_path / str(compiled)
+        with one_thread():
+            train(model, samples(processor), groups, PhaseRecipe(lr=1e-2, max_steps=4, batch_size=4, log_every=1,
+                                                                 compile=compiled), str(out), seed=0)
+        losses[compiled] = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+        names[compiled] = list(model.state_dict())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3) and len(losses[True]) == 4
+    assert names[True] == names[False]
+
+
+def test_a_compiler_failure_names_the_setting_that_turns_it_off(tiny, tmp_path, monkeypatch):
+    from torch._dynamo.exc import Unsupported
+
+    from medmoe.errors import ConfigError
+    from medmoe.moe.upcycle import decoder_layers
+    from medmoe.training import trainer
+
+    model, processor = tiny
+
+    def broken(model) -> int:  # as if the compiler met something it cannot trace
+        def fail(*args, **kwargs):
+            raise Unsupported("an op the compiler cannot trace")
+        for layer in decoder_layers(model.language_model):
+            monkeypatch.setattr(layer, "forward", fail)
+        return 1
+
+    monkeypatch.setattr(trainer, "compile_decoder_layers", broken)
+    groups = params.select(model, params.phase2_groups(model))
+    with pytest.raises(ConfigError, match="compile=false"):
+        train(model, samples(processor), groups, PhaseRecipe(max_steps=2, batch_size=4, compile=True), str(tmp_path))

@@ -94,6 +94,9 @@ class PhaseRecipe:
     grad_checkpointing_every: int = setting(1, 'with "full": checkpoint every n-th layer (less recompute, more memory)')
     bf16: bool = setting(True, "autocast to bf16 on a GPU, and on a CPU with bfloat16 hardware "
                          "(AVX512-BF16 or AMX; float32 on other CPUs)")
+    compile: bool = setting(False, "torch.compile each decoder layer of the language model (dynamic shapes): fewer, "
+                            "fused kernels where a step is bound by the host launching them (nano on a GPU); the "
+                            "first steps compile (about a minute), a failure stops the phase with a message")
     log_every: int = setting(10, "optimizer steps between metrics lines")
     save_every: int = setting(0, "optimizer steps between checkpoints; 0: only at the end; -1: none (no resume)")
     keep_last: int = setting(2, "checkpoints kept")

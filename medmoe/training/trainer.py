@@ -230,6 +230,23 @@ def autocast_context(dtype: torch.dtype | None, device: torch.device) -> Callabl
     return contextlib.nullcontext
 
 
+def _compiler_error(err: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (dynamo, inductor), not by the model itself."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer of the language model in place (`nn.Module.compile`: the
+    parameters keep their names, so checkpoints and saved models are unchanged), with dynamic
+    shapes since every batch has its own length. Returns how many layers."""
+    from ..moe.upcycle import decoder_layers
+
+    layers = decoder_layers(model.language_model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def step_values(micro_losses: list[dict[str, torch.Tensor]], grad_accum: int) -> dict[str, float]:
     """A step's named losses as numbers, each summed over its micro-batches divided by grad_accum,
     read from the device in one copy. Float64 on the host, added in micro-batch order: the same
@@ -296,6 +313,7 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
     dtype = autocast_dtype(phase.bf16, dist.device)
     autocast = autocast_context(dtype, dist.device)
     profiler = StepProfiler(phase.profile_steps if dist.is_main else 0, run_dir, dist.device, total_steps - step)
+    compiling = phase.compile and compile_decoder_layers(model) > 0
 
     from tqdm.auto import tqdm
 
@@ -313,14 +331,21 @@ def train(model, dataset, groups: Groups, phase: PhaseRecipe, run_dir: str, *, s
             micro += 1
             boundary = micro % phase.grad_accum == 0
             sync = contextlib.nullcontext() if boundary or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-            with sync, autocast(), varying_shape_attention(dist.device):  # a new length every batch
-                with record_function("forward"):
-                    out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
-                    extra = extra_losses(model, batch) if extra_losses is not None else {}
-                    loss = out.loss + sum(extra.values()) if extra else out.loss
-                with record_function("backward"):
-                    (loss / phase.grad_accum).backward()
+            try:
+                with sync, autocast(), varying_shape_attention(dist.device):  # a new length every batch
+                    with record_function("forward"):
+                        out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      pixel_values=batch.get("pixel_values"), labels=batch["labels"], return_logits=False)
+                        extra = extra_losses(model, batch) if extra_losses is not None else {}
+                        loss = out.loss + sum(extra.values()) if extra else out.loss
+                    with record_function("backward"):
+                        (loss / phase.grad_accum).backward()
+            except Exception as err:
+                if compiling and _compiler_error(err):
+                    raise ConfigError(f"{title}: torch.compile of the decoder layers failed ({type(err).__name__}: "
+                                      f"{str(err).splitlines()[0] if str(err) else ''}); run again with "
+                                      "compile=false for this phase (checkpoints resume)") from err
+                raise
             step_losses.append({"loss": loss.detach(), **{name: value.detach() for name, value in extra.items()}})
             if not boundary:
                 continue

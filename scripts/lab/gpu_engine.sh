@@ -15,6 +15,7 @@
 #   bash scripts/lab/gpu_engine.sh prefill_profile  # carrying .gpu/srv: where 32 image prompts' prefill time goes, staged and the
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh serve_profile  # 32 lock-step clients on the serve engine, profiled, and the trace's timeline
+#   bash scripts/lab/gpu_engine.sh train_speed    # nano's phase-2 training step, eager and compile=true (scripts/lab/train_speed.py)
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
@@ -164,6 +165,12 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
       > "$OUT/prefill-profile-$path.txt" 2>&1
     grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
   done
+}
+
+train_speed() {  # nano's phase-2 step through medmoe train's loop, eager against compile=true (random
+                 # weights: nothing carried; < 6 min)
+  step "train speed: nano phase 2 (random weights), batch 64, eager and compile=true"
+  timeout 480 python3 scripts/lab/train_speed.py --steps 40 --out "$OUT/train-speed.json" 2>&1 | grep -v "it/s\]"
 }
 
 serve_profile() {  # where 32 lock-step clients' time goes on the serve engine (profile_speed.py serve=32; < 4 min)
