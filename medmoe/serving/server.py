@@ -189,7 +189,7 @@ class Job:
     mailbox: Mailbox
     events: asyncio.Queue
     deadline: float
-    arrived: float = 0.0  # time.perf_counter() when the request reached its handler
+    arrived: float  # time.perf_counter() when the request reached its handler
     first_post: float | None = None  # when the engine posted its first text (FrontEndStats.handoff_s)
     cancelled: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
