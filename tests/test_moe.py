@@ -146,10 +146,11 @@ def test_top1_routing_picks_the_most_probable_expert_with_its_gate():
     torch.testing.assert_close(decision.expert_weight, weight)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-token router path runs on a CUDA GPU")
-def test_one_token_router_equals_its_linear_form():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode router path runs on a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 32, 64])
+def test_decode_router_equals_its_linear_form(rows):
     router = Router(64, 4).cuda()
-    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(router(x), nn.functional.linear(x.float(), router.weight, router.bias))
 
