@@ -110,6 +110,46 @@ def test_gpu_nano_v2_starts_each_variant_and_collects(tmp_path):
     assert (stage / "v2" / "nano" / "data").is_symlink() and (tmp_path / "out" / "nano.tgz").exists()
 
 
+def test_gpu_nano_v2_second_start_leaves_the_first_runs_code_and_settings(tmp_path):
+    """Two starts (other variants, other TRAIN_ARGS) beside each other: each run trains from its own
+    copy of the repository, with its own start's settings."""
+    stage = prepared_stage(tmp_path)
+    (tmp_path / "out").mkdir()
+    base = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "OUT": str(tmp_path / "out"), "EVALS": "none"}
+    for variants, args in (("nano-balanced", ""), ("nano", "phase2.compile=true")):
+        start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True,
+                               text=True, env={**base, "VARIANTS": variants, "TRAIN_ARGS": args}, timeout=60)
+        assert start.returncode == 0, start.stdout + start.stderr
+    wait = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "wait", "60"], cwd=ROOT, capture_output=True,
+                          text=True, env={**base, "VARIANTS": "nano-balanced nano"}, timeout=90)
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    assert len(list((stage / "v2").glob("repo.*"))) == 2
+    logs = {name: (tmp_path / "out" / f"{name}.log").read_text() for name in ("nano-balanced", "nano")}
+    assert "medmoe train --recipe nano-balanced --resume output_dir=runs/nano\n" in logs["nano-balanced"]
+    assert "medmoe train --recipe nano --resume output_dir=runs/nano phase2.compile=true" in logs["nano"]
+
+
+def test_gpu_nano_v2_fetch_brings_back_the_parts_asked_for(tmp_path):
+    stage = prepared_stage(tmp_path)
+    (stage / "v2" / "x" / "export" / "nano").mkdir(parents=True)
+    (stage / "v2" / "x" / "export" / "nano" / "model.safetensors").write_bytes(os.urandom(40 * 2**20))
+    env = {**os.environ, "STAGE": str(stage), "OUT": str(tmp_path / "out")}
+    got = []
+    for span in ("1-2", "3-4"):
+        (tmp_path / "out").mkdir()
+        subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "fetch", "x", span], cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=60)
+        got.append(sorted(p.name for p in (tmp_path / "out").iterdir()))
+        for p in (tmp_path / "out").iterdir():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+            p.unlink()
+        (tmp_path / "out").rmdir()
+    assert got == [["x-delta.partaa", "x-delta.partab"], ["x-delta.partac"]]
+    joined = b"".join((tmp_path / name).read_bytes() for name in got[0] + got[1])
+    tar = subprocess.run(["tar", "tf", "-"], input=joined, capture_output=True, check=True).stdout.decode()
+    assert "export/nano/model.safetensors" in tar
+
+
 def test_gpu_nano_v2_start_returns_while_the_runs_go_on(tmp_path):
     """The call that starts the runs ends at once, though its output is a pipe the caller reads to
     the end: no background process keeps it open."""

@@ -10,8 +10,9 @@
 #                                                            # .gpu/whl: assemble, prepare, start the runs
 #   bash scripts/lab/gpu_nano_v2.sh wait 540                # back to back until it exits 0: progress,
 #                                                            # then each run's metrics into $OUT
-#   bash scripts/lab/gpu_nano_v2.sh fetch NAME              # at once (the machine is held 30 s): NAME's
-#                                                            # exported delta as NAME-delta.part?? (cat | tar xf -)
+#   bash scripts/lab/gpu_nano_v2.sh fetch NAME [1-4]        # at once (the machine is held 30 s): NAME's
+#                                                            # exported delta as NAME-delta.part?? (cat | tar xf -),
+#                                                            # four 15 MB parts a call (then 5-8, ...)
 #
 # VARIANTS (default "nano nano-balanced nano-tower-labels") are recipe names; each trains in
 # $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
@@ -45,15 +46,17 @@ start() {
   for ds in vqa-rad slake pathvqa pneumoniamnist; do
     [ -f "$STAGE/work/data/$ds/dataset.json" ] || { echo "no prepared $ds in $STAGE/work/data: rebuild the payload from all four datasets"; exit 3; }
   done
-  rm -rf "$V2/repo" && mkdir -p "$V2/repo"  # the runs read this copy: a later call's tree cannot change them
-  tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$V2/repo"
+  # The runs read a copy of their own: neither a later call's tree nor a second `start` (other
+  # VARIANTS and TRAIN_ARGS beside runs still going) changes what they run.
+  local repo="$V2/repo.$(date +%s%N)"
+  mkdir -p "$repo" && tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$repo"
   local gpus=(${GPUS:-0}) i=0
   for name in $VARIANTS; do
     mkdir -p "$V2/$name" && ln -sfn "$STAGE/work/data" "$V2/$name/data"
     rm -f "$V2/$name.done"
     # The whole subshell writes to the log: a background process that kept this call's output open
     # would hold the call until the run ends.
-    (cd "$V2/repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$V2/repo" \
+    (cd "$repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$repo" \
        MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
        MEDMOE=${MEDMOE:-python3 -m medmoe} EVAL_ARGS=${EVAL_ARGS:---batch-size 128 --max-new-tokens 32} \
        exec setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash -c "$4" _ "$1" "$2"; echo "rc=$?" > "$3"' \
@@ -70,14 +73,15 @@ running() {
 }
 
 collect() {
-  local name row
+  local name row repo
+  repo=$(ls -d "$V2"/repo.* | tail -1)
   : > "$OUT/rows.md"
   for name in $VARIANTS; do
     cp "$V2/$name.log" "$OUT/$name.log" 2>/dev/null
     (cd "$V2/$name" && tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='checkpoint*' --exclude=data runs evals 2>/dev/null)
     for row in medmoe medmoe-shuffled; do
       ls "$V2/$name/evals/$row"/*/metrics.json >/dev/null 2>&1 || continue
-      (cd "$V2/repo" && PYTHONPATH="$STAGE/site:$V2/repo" python3 scripts/results_row.py "$name ($row)" 0.174B \
+      (cd "$repo" && PYTHONPATH="$STAGE/site:$repo" python3 scripts/results_row.py "$name ($row)" 0.174B \
          "$V2/$name/evals/$row"/*/metrics.json >> "$OUT/rows.md")
     done
     cat "$V2/$name/runs/nano/tower/tower_metrics.json" > "$OUT/$name-tower_metrics.json" 2>/dev/null || rm -f "$OUT/$name-tower_metrics.json"
@@ -100,14 +104,25 @@ wait_runs() {
   fi
 }
 
-fetch() {  # one variant's delta (30 MB): every variant's would pass the 64 MiB that comes back
-  (cd "$V2/${1:?name a variant}" && tar cf - export/nano) | split -b 15M - "$OUT/$1-delta.part"
+fetch() {  # one variant's delta (30 MB; nano-astra's about 150 MB with its tower): every variant's would pass the
+           # 64 MiB that comes back, so the parts are cut once and a call brings back at most FIRST..LAST of them
+           # (1-based, default 1-4: 60 MB): fetch nano-astra 1-4, then fetch nano-astra 5-8, ...
+  local name=${1:?name a variant} range=${2:-1-4} parts i=0
+  if ! ls "$V2/$name.delta.part"?? >/dev/null 2>&1; then
+    (cd "$V2/$name" && tar cf - export/nano) | split -b 15M - "$V2/$name.delta.part"
+  fi
+  parts=$(ls "$V2/$name.delta.part"??)
+  for part in $parts; do
+    i=$((i + 1))
+    [ "$i" -ge "${range%-*}" ] && [ "$i" -le "${range#*-}" ] && cp "$part" "$OUT/$name-delta.${part##*.}"
+  done
+  echo "$name: $(echo "$parts" | wc -w) parts in all"
   ls -la "$OUT"
 }
 
 case ${1:-} in
   start) start ;;
   wait) wait_runs "${2:-540}" ;;
-  fetch) fetch "${2:-}" ;;
-  *) echo "usage: bash scripts/lab/gpu_nano_v2.sh start | wait [SECONDS] | fetch NAME" >&2; exit 2 ;;
+  fetch) fetch "${2:-}" "${3:-1-4}" ;;
+  *) echo "usage: bash scripts/lab/gpu_nano_v2.sh start | wait [SECONDS] | fetch NAME [FIRST-LAST]" >&2; exit 2 ;;
 esac
