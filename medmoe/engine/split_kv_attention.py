@@ -5,7 +5,7 @@ At a decode step every row of the slot cache attends with one query over its own
 attention function transformers calls reads every row up to the step's span (the longest row
 rounded up to the cache's 256-token bucket) and masks the rest, so rows shorter than the longest
 are read in full anyway. Here each (row, head) is split into chunks of the span; a program
-attends over one chunk, stopping at the row's length, and keeps its running maximum, its sum of
+attends over one chunk up to the row's length and keeps its running maximum, its sum of
 exponentials and its weighted values; a second kernel joins a row's chunks:
 
     out = attend_rows(query, keys, values, last, scaling)
@@ -13,8 +13,10 @@ exponentials and its weighted values; a second kernel joins a row's chunks:
 query [B, H, 1, D] (rotated, as `decode_attention.rotary_cache_write_rows` returns it), keys and
 values [S, Hkv, L, D] with S >= B (a slot-cache layer, the last two dims contiguous), last an
 integer [B] on the device, each row's newest position (row b attends to tokens 0 .. last[b], as
-the slot cache's `write_at`) -> out [B, 1, H, D], the layout transformers' attention functions return. On a GPU with Triton it is two kernels with a
-grid fixed by the shapes (CUDA-graph safe); elsewhere `attend_rows_reference`.
+the slot cache's `write_at`) -> out [B, 1, H, D], the layout transformers' attention functions
+return. On a GPU with Triton it is two kernels with a grid fixed by the shapes (CUDA-graph safe);
+a program past its row's end reads nothing (its reads are masked off). Elsewhere it is
+`attend_rows_reference`.
 
 Off unless `enabled` is set (`RuntimeOptions.split_kv_attention`, `medmoe serve --split-kv-attention`,
 `medmoe bench --split-kv-attention`).
