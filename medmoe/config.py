@@ -216,10 +216,6 @@ class RuntimeOptions:
                                     "stream (engine.prepare(overlap_experts=...); medmoe bench --no-overlap-experts)")
     decode_rotary: bool = setting(True, "Phi's rotary embedding and cache write in one kernel at decode "
                                   "(engine/decode_attention.py; medmoe bench --no-decode-rotary)")
-    split_kv_attention: bool = setting(False, "GPU: a decode step's attention over the slot cache by split-KV "
-                                       "kernels that read each row only up to its own length "
-                                       "(engine/split_kv_attention.py; medmoe serve --split-kv-attention, "
-                                       "medmoe bench --split-kv-attention); off until measured on a GPU")
     linear_matvec: bool = setting(True, "one-row products by the matrix-vector kernel, not cuBLAS "
                                   "(moe.kernels.linear_matvec_enabled; medmoe bench --no-linear-matvec)")
     cuda_graph: bool | None = setting(None, "capture the decode step in a CUDA graph; unset: on a GPU when the "

@@ -7,8 +7,7 @@ attention's query, key and value projections fused as `engine.prepare` does on a
 `fuse_parallel=False`, the fused products at one row by the matrix-vector kernel unless
 `linear_matvec=False`, a Med-MoE layer's experts beside its attention on a second stream unless
 `overlap_experts=False`; Phi's one-kernel rotary embedding and cache write is installed unless
-`decode_rotary=False` but the engine's per-row cache does not take it), the attention over the
-slot cache by split-KV kernels with `split_kv=True` (engine/split_kv_attention.py), the engine without graphs
+`decode_rotary=False` but the engine's per-row cache does not take it), the engine without graphs
 and without the fusion, and a plain
 transformers-style loop (DynamicCache, `model.forward` per token), beside the memory floor: the
 bytes one step must read (weights of the dense layers, the meta expert and the experts in use, the
@@ -22,7 +21,6 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..engine import split_kv_attention
 from ..engine.prepare import Prepared, prepare, unprepare
 from ..engine.request import Prompt, Request
 from ..engine.scheduler import Engine
@@ -106,16 +104,13 @@ def plain_step_ms(model, ids, mask, pixels, steps: int) -> float:
 def run(device: torch.device, batches=(1, 8), new_tokens: int = 128, text_tokens: int = 64, model=None,
         plain_steps: int = 16, compile: bool | str = False, baselines: bool = True, fuse_qkv: bool = True,
         fuse_parallel: bool = True, linear_matvec: bool = True, overlap_experts: bool = True, decode_rotary: bool = True,
-        split_kv: bool = False, log=print) -> dict:
-    previous = kernels.linear_matvec_enabled, split_kv_attention.enabled
-    kernels.linear_matvec_enabled, split_kv_attention.enabled = linear_matvec, split_kv
+        log=print) -> dict:
+    previous, kernels.linear_matvec_enabled = kernels.linear_matvec_enabled, linear_matvec
     try:
-        report = _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv,
-                      fuse_parallel, linear_matvec, overlap_experts, decode_rotary, log)
-        report["split_kv_attention"] = split_kv
-        return report
+        return _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv,
+                    fuse_parallel, linear_matvec, overlap_experts, decode_rotary, log)
     finally:
-        kernels.linear_matvec_enabled, split_kv_attention.enabled = previous
+        kernels.linear_matvec_enabled = previous
 
 
 def _run(device, batches, new_tokens, text_tokens, model, plain_steps, compile, baselines, fuse_qkv, fuse_parallel,

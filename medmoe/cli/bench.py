@@ -45,9 +45,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-linear-matvec", dest="linear_matvec", action="store_false",
                    help="decode: run the fused products at one row by cuBLAS, not by the matrix-vector kernel "
                         "(moe/kernels.py: linear)")
-    p.add_argument("--split-kv-attention", action="store_true",
-                   help="decode: the engine's attention by split-KV kernels that read each row only up to its own "
-                        "length (engine/split_kv_attention.py)")
     p.add_argument("--train-batch", type=int, default=16, help="train: sequences per step (576 image + 64 text tokens)")
     p.add_argument("--checkpoint-every", default="1",
                    help="train: recompute activations in every n-th layer; a comma list measures each (0 or off: none; "
@@ -133,8 +130,7 @@ def run(args) -> int:
                                                   baselines=not args.no_baselines, fuse_qkv=args.fuse_qkv,
                                                   fuse_parallel=args.fuse_parallel, linear_matvec=args.linear_matvec,
                                                   overlap_experts=args.overlap_experts,
-                                                  decode_rotary=args.decode_rotary,
-                                                  split_kv=args.split_kv_attention)
+                                                  decode_rotary=args.decode_rotary)
                 else:
                     report["train"] = [train.run(device, batch=args.train_batch, model=model, checkpoint_every=n)
                                        for n in checkpointing]

@@ -51,9 +51,6 @@ def register(sub) -> None:
     p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false", default=None,
                    help="GPU: prefill through the model's own forward, not CUDA graphs written into the KV cache "
                         "(for measuring; bf16 answers can differ where two tokens are near-tied)")
-    p.add_argument("--split-kv-attention", action="store_true",
-                   help="GPU: decode attention by split-KV kernels that read each request only up to its own "
-                        "length (engine/split_kv_attention.py; not yet the default)")
     p.set_defaults(func=run)
 
 
@@ -71,7 +68,6 @@ def model_threads(requested: int | None, cores: int) -> int:
 def run(args) -> int:
     import torch
 
-    from ..engine import split_kv_attention
     from ..model.pretrained import pick_device
     from ..serving.auth import is_loopback
     from ..serving.server import Limits, create_app, serve
@@ -86,7 +82,6 @@ def run(args) -> int:
                     prefill_graphs=args.prefill_graphs)
     device = pick_device(args.device)
     compile = device.type == "cuda" if args.compile is None else args.compile
-    split_kv_attention.enabled = args.split_kv_attention
     if device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(model_threads(args.threads, cores))

@@ -19,10 +19,6 @@ nothing (the engine moves its positions on after the step):
 
     query = rotary_cache_write_rows(q, k, v, cos, sin, keys, values, positions)
 
-On the slot cache, `slot_attention` runs the attention itself where split_kv_attention.py's
-kernels are switched on (each row read only up to its own length), else the attention function
-does.
-
 The fused Phi modules (engine/fused_layers.py) run the attention themselves and call the op on their
 one-token path: `one_token_layer` says whether a step writes into a cache layer the op knows,
 `one_token_inputs` runs it. A Phi attention left unfused gets the same path from
@@ -45,7 +41,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi.modeling_phi import PhiAttention, eager_attention_forward
 
 from ..moe import kernels
-from . import split_kv_attention
 from .slot_cache import SlotCache, SlotLayer
 
 
@@ -224,14 +219,6 @@ def one_token_inputs(layer, q, k, v, position_embeddings, counter: torch.Tensor)
     return query, layer.keys, layer.values
 
 
-def slot_attention(layer, query, keys, values, scaling: float, sliding_window=None):
-    """The attention output [B, 1, H, D] of a slot-cache step by split_kv_attention's kernels (each
-    row read only up to its own length), where they run; else None: the attention function runs."""
-    if not isinstance(layer, SlotLayer) or sliding_window is not None or not split_kv_attention.use(query):
-        return None
-    return split_kv_attention.attend_rows(query, keys, values, layer.cache.write_at, scaling)
-
-
 def _attention_function(config):
     impl = config._attn_implementation
     return eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
@@ -259,11 +246,9 @@ class PhiDecodeAttention(nn.Module):
             return attn(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
         query, keys, values = one_token_inputs(layer, q, k, v, position_embeddings, self.decode_counter)
-        out, weights = slot_attention(layer, query, keys, values, attn.scaling), None
-        if out is None:
-            rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
-            out, weights = _attention_function(attn.config)(attn, query, keys, values, attention_mask,
-                                                            dropout=0.0, scaling=attn.scaling, **rest)
+        rest = {name: value for name, value in kwargs.items() if name not in ("cache", "past_key_values")}
+        out, weights = _attention_function(attn.config)(attn, query, keys, values, attention_mask,
+                                                        dropout=0.0, scaling=attn.scaling, **rest)
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return attn.dense(out), weights
 

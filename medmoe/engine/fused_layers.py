@@ -150,10 +150,6 @@ class RotaryAttention(nn.Module):
         if layer is not None:  # one token per row: rotary embedding and cache write in one op
             query, keys, values = decode_attention.one_token_inputs(layer, q, k, v, position_embeddings,
                                                                     self.decode_counter)
-            out = decode_attention.slot_attention(layer, query, keys, values, self.scaling,
-                                                  self.extra.get("sliding_window"))
-            if out is not None:
-                return out.reshape(*q.shape[:-1], -1), None
         else:
             query, keys, values = (t.view(*t.shape[:-1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             if self.q_layernorm is not None:

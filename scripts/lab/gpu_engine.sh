@@ -16,8 +16,6 @@
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh serve_profile  # 32 lock-step clients on the serve engine, profiled, and the trace's timeline
 #   bash scripts/lab/gpu_engine.sh train_speed    # nano's phase-2 training step, eager and compile=true (scripts/lab/train_speed.py)
-#   bash scripts/lab/gpu_engine.sh split_kv       # carrying .gpu/srv: split-KV decode attention against the masked one
-#                                           # (GPU tests, decode bench at batch 1/8/32, serve bench at 32 clients)
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
@@ -173,20 +171,6 @@ train_speed() {  # nano's phase-2 step through medmoe train's loop, eager agains
                  # weights: nothing carried; < 6 min)
   step "train speed: nano phase 2 (random weights), batch 64, eager and compile=true"
   timeout 480 python3 scripts/lab/train_speed.py --steps 40 --out "$OUT/train-speed.json" 2>&1 | grep -v "it/s\]"
-}
-
-split_kv() {  # carrying .gpu/srv: the split-KV kernels' GPU tests, the decode bench with and without them (batch
-             # 1, 8, 32), then the serve bench at 32 clients both ways (< 9 min)
-  serve_packages
-  step "GPU tests: split-KV attention, the router's decode path"
-  timeout 120 python3 -m pytest -q tests/test_split_kv_attention.py tests/test_moe.py -k "gpu or decode_router" 2>&1 | tail -3
-  local flag
-  for flag in "" --split-kv-attention; do
-    step "decode bench ${flag:-(masked attention)}"
-    timeout 120 $M bench --what decode --decode-batches 1,8,32 --no-baselines $flag --out "$OUT/decode${flag:+-split}.json" 2>&1 \
-      | grep "^decode batch"
-  done
-  serves "32 --no-compile" "32 --no-compile --split-kv-attention"
 }
 
 serve_profile() {  # where 32 lock-step clients' time goes on the serve engine (profile_speed.py serve=32; < 4 min)
