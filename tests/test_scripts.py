@@ -305,3 +305,26 @@ def test_serve_profile_runs_lock_step_clients_through_one_engine(capsys):
     assert stats["requests_finished"] == 6 and stats["requests_failed"] == 0
     assert stats["decode_steps"] < 6 * 3  # 3 steps a request after its prefilled first token, shared between clients
     assert "3 clients x 2 requests" in capsys.readouterr().out and result["tokens_per_s"] > 0
+
+
+def test_attention_bench_checks_each_option_against_the_reference(tmp_path):
+    """attention_bench.py --smoke: the engine's masked decode and prefill attention and FlexAttention
+    (eager on the CPU) agree with the float32 reference on rows of different lengths; an option
+    this machine cannot run says why instead of a time."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "scripts" / "lab" / "attention_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "attention.json"
+    report = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [c["batch"] for c in report["decode"]] == [1, 3] and [c["rows"] for c in report["prefill"]] == [1, 3]
+    for case in report["decode"] + report["prefill"]:
+        measured = {name: r for name, r in case.items() if isinstance(r, dict) and "max_abs_diff" in r}
+        assert {"flex"} < set(measured) and ("sdpa_bias" in measured or "sdpa_mask" in measured)
+        assert all(r["max_abs_diff"] < 1e-4 for r in measured.values())
+    assert "skipped" in report["decode"][0]["varlen_paged"] and "skipped" in report["prefill"][0]["varlen_causal"]
+    # rows of different lengths: a decode case spans its longest row, rounded up to a page
+    assert report["decode"][1]["span"] == 256 and len(set(report["decode"][1]["lengths"])) > 1

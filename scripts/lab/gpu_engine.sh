@@ -16,6 +16,8 @@
 #                                           # model's own forward (scripts/profile_speed.py prefill; < 3 min)
 #   bash scripts/lab/gpu_engine.sh serve_profile  # 32 lock-step clients on the serve engine, profiled, and the trace's timeline
 #   bash scripts/lab/gpu_engine.sh train_speed    # nano's phase-2 training step, eager and compile=true (scripts/lab/train_speed.py)
+#   bash scripts/lab/gpu_engine.sh attention      # decode and prefill attention kernels at the 32-client load's shapes
+#                                           # (scripts/lab/attention_bench.py; about a minute, nothing carried)
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
@@ -165,6 +167,11 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
       > "$OUT/prefill-profile-$path.txt" 2>&1
     grep -A 34 "^====" "$OUT/prefill-profile-$path.txt" | cut -c1-200
   done
+}
+
+attention() {  # the engine's decode and prefill attention against FlexAttention and varlen_attn (checked, then timed)
+  step "attention kernels: Phi-2 shapes, decode at batch 1/8/32, prefill of 1 and 3 image prompts"
+  timeout 300 python3 scripts/lab/attention_bench.py --out "$OUT/attention.json" 2>&1 | grep -v "^ *warnings.warn\|UserWarning"
 }
 
 train_speed() {  # nano's phase-2 step through medmoe train's loop, eager against compile=true (random
