@@ -328,3 +328,31 @@ def test_attention_bench_checks_each_option_against_the_reference(tmp_path):
     assert "skipped" in report["decode"][0]["varlen_paged"] and "skipped" in report["prefill"][0]["varlen_causal"]
     # rows of different lengths: a decode case spans its longest row, rounded up to a page
     assert report["decode"][1]["span"] == 256 and len(set(report["decode"][1]["lengths"])) > 1
+
+
+def test_overlap_bench_prefills_into_staging_slots_beside_the_decode_rows(tmp_path):
+    """overlap_bench.py --smoke: the prefill it times writes its prompts' keys into staging slots only,
+    so that on a GPU it can run beside the decode steps without touching their rows; the report is
+    written as JSON."""
+    import importlib.util
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("overlap_bench", ROOT / "scripts" / "lab" / "overlap_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    _, engine = bench.build(torch.device("cpu"), rows=3, prefill_rows=2, prompt=24, smoke=True)
+    prefill = bench.prefill_runner(engine, prefill_rows=2, prompt=24)
+    kv = engine.cache.kv
+    kv.zero_()
+    with torch.no_grad():
+        prefill()
+    slots = engine.cache.slots
+    assert kv[:, :, :slots].abs().sum() == 0  # the decode rows untouched
+    assert kv[:, :, slots:slots + 2, :, :24].abs().amin(dim=-1).gt(0).all()  # every prompt token written
+    assert kv[:, :, slots + 2:].abs().sum() == 0
+    out = tmp_path / "overlap.json"
+    report = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["decode_shape"] == [3, 880]

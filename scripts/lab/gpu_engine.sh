@@ -18,6 +18,8 @@
 #   bash scripts/lab/gpu_engine.sh train_speed    # nano's phase-2 training step, eager and compile=true (scripts/lab/train_speed.py)
 #   bash scripts/lab/gpu_engine.sh attention      # decode and prefill attention kernels at the 32-client load's shapes
 #                                           # (scripts/lab/attention_bench.py; about a minute, nothing carried)
+#   bash scripts/lab/gpu_engine.sh overlap        # a prefill forward beside decode steps on two streams, against one
+#                                           # after the other (scripts/lab/overlap_bench.py; about two minutes)
 #   bash scripts/lab/gpu_engine.sh eval_profile  # carrying the last part, .gpu/payload.sha256, .gpu/whl (PAYLOAD_DIR=.gpu/eval):
 #                                           # where nano's evaluation of VQA-RAD spends its time (profile_speed.py eval)
 #   bash scripts/lab/gpu_engine.sh prefill_ab     # the same, with and without prefill graphs, and --compile (< 10 min)
@@ -172,6 +174,12 @@ prefill_profile() {  # wall time against kernel time of the prefill forwards of 
 attention() {  # the engine's decode and prefill attention against FlexAttention and varlen_attn (checked, then timed)
   step "attention kernels: Phi-2 shapes, decode at batch 1/8/32, prefill of 1 and 3 image prompts"
   timeout 300 python3 scripts/lab/attention_bench.py --out "$OUT/attention.json" 2>&1 | grep -v "^ *warnings.warn\|UserWarning"
+}
+
+overlap() {  # a prefill forward beside decode steps on two CUDA streams, against one after the other
+  step "overlap: Phi-2 size, 32 rows decoding beside a prefill of 3 image prompts, from CUDA graphs"
+  timeout 300 python3 scripts/lab/overlap_bench.py --out "$OUT/overlap.json" 2>&1 \
+    | grep --line-buffered -v "^ *warnings.warn\|UserWarning"  # line by line: a run cut short still shows how far it got
 }
 
 train_speed() {  # nano's phase-2 step through medmoe train's loop, eager against compile=true (random
