@@ -6,10 +6,13 @@
 #
 #   (calls 1..k) cp .gpu/payload.partaa $STAGE/ ...        # every part but the last, one a call (two a call
 #                                                            # with the bundled weights aside: scripts/lab/gpu_aside.sh)
-#   bash scripts/lab/gpu_nano_v2.sh start                   # carrying the last part, .gpu/payload.sha256,
-#                                                            # .gpu/whl: assemble, prepare, start the runs
+#   bash scripts/lab/gpu_nano_v2.sh start && bash scripts/lab/gpu_nano_v2.sh wait 500
+#                                                            # carrying the last part, .gpu/payload.sha256,
+#                                                            # .gpu/whl: assemble, prepare, start the runs, wait
 #   bash scripts/lab/gpu_nano_v2.sh wait 540                # back to back until it exits 0: progress,
 #                                                            # then each run's metrics into $OUT
+# Runs in the background do not keep the machine: it goes back 30 s after a call ends, runs and
+# all. So `start` and the first `wait` share a call, and each `wait` follows the last at once.
 #   bash scripts/lab/gpu_nano_v2.sh fetch NAME [1-4]        # at once (the machine is held 30 s): NAME's
 #                                                            # exported delta as NAME-delta.part?? (cat | tar xf -),
 #                                                            # four 15 MB parts a call (then 5-8, ...)
