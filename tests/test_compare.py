@@ -6,7 +6,7 @@ import pytest
 
 from medmoe.cli import main
 from medmoe.errors import DataError
-from medmoe.evaluation.compare import agreement, compare, compare_text
+from medmoe.evaluation.compare import agreement, compare, compare_draws, compare_draws_text, compare_text
 
 CLOSED = [(f"c{i}", "yes" if i % 2 else "no") for i in range(12)]
 OPEN = [(f"o{i}", ["liver", "left lung", "brain"][i % 3]) for i in range(9)]
@@ -176,3 +176,54 @@ def test_cli_end_to_end(tmp_path, records, capsys):
     other = write_eval(tmp_path / "c", write_records(tmp_path / "other.jsonl"), right(CLOSED))
     assert main(["compare", str(a), str(other)]) == 2
     assert "different questions" in capsys.readouterr().err
+
+
+def half_right_closed():
+    """The first six closed questions right, the other six wrong."""
+    return {i: (a if n < 6 else ("no" if a == "yes" else "yes")) for n, (i, a) in enumerate(CLOSED)}
+
+
+def test_one_draw_a_side_is_the_paired_comparison(tmp_path, records):
+    """compare_draws with one draw a side gives compare's scores and differences, and the same
+    balanced-accuracy interval (the same questions resampled)."""
+    lean = {i: [-2.0, -0.1] for i, _ in PNEUMONIA}
+    a = write_eval(tmp_path / "a", records, {**wrong_closed(), **right(OPEN), **{i: "pneumonia" for i, _ in PNEUMONIA}},
+                   logprobs=lean)
+    b = write_eval(tmp_path / "b", records, {**half_right_closed(), **{i: "liver" for i, _ in OPEN},
+                                             **right(PNEUMONIA)})
+    one, draws = by_metric(compare(a, b)), by_metric(compare_draws([a], [b]))
+    assert set(draws) == set(one) - {"closed strict"}
+    for metric, r in draws.items():
+        assert (r["a"], r["b"], r["difference"]) == (one[metric]["a"], one[metric]["b"], one[metric]["difference"])
+        assert r["a_draws"] == [r["a"]] and r["b_draws"] == [r["b"]]
+    assert draws["pneumonia generate balanced acc."]["ci95"] == one["pneumonia generate balanced acc."]["ci95"]
+
+
+def test_draws_are_averaged_and_their_spread_widens_the_interval(tmp_path, records):
+    """B's two trainings disagree on every closed question (all right, then all wrong): B scores 50
+    on every resample of the questions, yet that is no evidence against A's 0, since a third
+    training could land anywhere between them. The interval resamples the draws too."""
+    a1 = write_eval(tmp_path / "a1", records, wrong_closed())
+    a2 = write_eval(tmp_path / "a2", records, wrong_closed())
+    b1 = write_eval(tmp_path / "b1", records, right(CLOSED))
+    b2 = write_eval(tmp_path / "b2", records, wrong_closed())
+    result = compare_draws([a1, a2], [b1, b2])
+    closed = by_metric(result)["closed accuracy"]
+    assert (closed["a"], closed["b"], closed["a_draws"], closed["b_draws"]) == (0.0, 50.0, [0.0, 0.0], [100.0, 0.0])
+    assert closed["ci95"] == [0.0, 100.0] and closed["verdict"] == "within noise"
+    assert by_metric(compare_draws([a1], [b1]))["closed accuracy"]["verdict"] == "B better"
+    assert result["counts"] == {"compared": 12, "not_in_every_draw": 0}
+    text = compare_draws_text(result)
+    assert "A, 2 draws:" in text and "100.00 / 0.00" in text
+
+
+def test_draws_need_the_same_questions(tmp_path, records, capsys):
+    a = write_eval(tmp_path / "a", records, right(CLOSED))
+    other = write_records(tmp_path / "val.jsonl", split="validation")
+    b = write_eval(tmp_path / "b", other, right(CLOSED), split="validation")
+    with pytest.raises(DataError, match="different questions"):
+        compare_draws([a, a], [b])
+    assert main(["compare", str(a), str(a), str(a)]) == 2  # three runs without --vs: which are A and B?
+    assert "--vs" in capsys.readouterr().err
+    assert main(["compare", str(a), str(a), "--vs", str(a), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["b_draws"] == [100.0]

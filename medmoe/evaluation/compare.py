@@ -13,6 +13,12 @@ rows (records with choices): accuracy and balanced accuracy of each method.
 
 The ground truth is the records file the runs' metrics.json names (run.json's data and split
 in a folder without one), or `gt`.
+
+`compare_draws(A_RUNS, B_RUNS)`: two recipes, each trained several times (draws), each draw
+evaluated on the same questions (`medmoe compare A1 A2 --vs B1 B2`). A side scores the mean over
+its draws; the interval resamples the questions and each side's draws
+(intervals.bootstrap_ci_draws), so it is as wide as the spread between trainings of one recipe
+makes it. Each draw's own score is listed beside the means.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from ..errors import DataError
 from .classification import method_predictions, parse_choice
 from .evaluate import EvalItem, classification_groups, read_eval_items, resolve_data_file
-from .intervals import LEVEL, RESAMPLES, balanced_accuracy, bootstrap_ci, bootstrap_ci_paired
+from .intervals import LEVEL, RESAMPLES, balanced_accuracy, bootstrap_ci, bootstrap_ci_draws, bootstrap_ci_paired
 from .metrics import CLOSED, closed_strict, closed_substring, open_recall
 from .report import text_table
 from .scoring import map_official_ids, read_json_objects, read_predictions
@@ -63,14 +69,14 @@ def read_run(path) -> Run:
                bool(run.get("shuffle_images") or run.get("images")))
 
 
-def ground_truth(a: Run, b: Run, gt: str | None = None, split: str | None = None) -> tuple[Path, str, list[EvalItem]]:
-    """(records file, split, its items): `gt` if given, else the data both runs scored."""
+def ground_truth(runs: list[Run], gt: str | None = None, split: str | None = None) -> tuple[Path, str, list[EvalItem]]:
+    """(records file, split, its items): `gt` if given, else the data every run scored."""
     if gt:
-        split = split or a.split or b.split or "test"
+        split = split or next((run.split for run in runs if run.split), None) or "test"
         file = resolve_data_file(gt, split)
         return file, split, read_eval_items(file, split)
     sides = []
-    for run in (a, b):
+    for run in runs:
         if run.data is None:
             continue
         try:
@@ -80,10 +86,13 @@ def ground_truth(a: Run, b: Run, gt: str | None = None, split: str | None = None
                             "records file or prepared folder") from None
         sides.append((run.path, file.resolve(), run.split or "test"))
     if not sides:
-        raise DataError(f"neither {a.path} nor {b.path} has a metrics.json or run.json beside it naming the data it "
-                        "scored; pass --gt with the records file or prepared folder")
-    if len({side[1:] for side in sides}) > 1:
-        (pa, fa, sa), (pb, fb, sb) = sides
+        paths = [str(run.path) for run in runs]
+        names = f"neither {paths[0]} nor {paths[1]}" if len(paths) == 2 else f"none of {', '.join(paths)}"
+        raise DataError(f"{names} has a metrics.json or run.json beside it naming the data it scored; pass --gt "
+                        "with the records file or prepared folder")
+    differing = [side for side in sides if side[1:] != sides[0][1:]]
+    if differing:
+        (pa, fa, sa), (pb, fb, sb) = sides[0], differing[0]
         raise DataError(f"{pa} scored {fa} (split {sa}) but {pb} scored {fb} (split {sb}): different questions; "
                         "compare evaluations of the same split, or pass --gt to score both against one file")
     _, file, split = sides[0]
@@ -117,15 +126,20 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
             "both_wrong": int(((a == 0) & (b == 0)).sum()), "mcnemar_p": float(f"{p:.3g}")}
 
 
+def is_closed(items: list[EvalItem]) -> np.ndarray:
+    return np.array([i.gt.answer_type == CLOSED for i in items], dtype=bool)
+
+
+def scores(run: Run, items: list[EvalItem], closed_metric=closed_substring) -> np.ndarray:
+    """Each question's score in [0, 1]: closed ones by `closed_metric`, open ones by recall."""
+    return np.array([(closed_metric if i.gt.answer_type == CLOSED else open_recall)(run.predictions[i.gt.id],
+                                                                                    i.gt.answer) for i in items])
+
+
 def vqa_rows(items: list[EvalItem], a: Run, b: Run) -> tuple[list[dict], dict | None]:
-    closed = np.array([i.gt.answer_type == CLOSED for i in items], dtype=bool)
-
-    def scores(run: Run, closed_metric) -> np.ndarray:  # closed questions by `closed_metric`, open ones by recall
-        return np.array([(closed_metric if c else open_recall)(run.predictions[i.gt.id], i.gt.answer)
-                         for i, c in zip(items, closed)])
-
-    sa, sb = scores(a, closed_substring), scores(b, closed_substring)
-    strict_a, strict_b = scores(a, closed_strict), scores(b, closed_strict)
+    closed = is_closed(items)
+    sa, sb = scores(a, items), scores(b, items)
+    strict_a, strict_b = scores(a, items, closed_strict), scores(b, items, closed_strict)
     rows = []
     if closed.any():
         rows += [mean_row("closed accuracy", sa[closed], sb[closed]),
@@ -161,7 +175,7 @@ def classification_rows(items: list[EvalItem], a: Run, b: Run) -> list[dict]:
 
 def compare(a_path, b_path, gt: str | None = None, split: str | None = None) -> dict:
     a, b = read_run(a_path), read_run(b_path)
-    file, split, items = ground_truth(a, b, gt, split)
+    file, split, items = ground_truth([a, b], gt, split)
     for run in (a, b):  # the official answer files number their questions
         run.predictions = map_official_ids(run.predictions, [i.gt for i in items])[0]
     ids = {i.gt.id for i in items}
@@ -178,6 +192,95 @@ def compare(a_path, b_path, gt: str | None = None, split: str | None = None) -> 
             "counts": {"compared": len(shared), "only_a": len(in_a - in_b), "only_b": len(in_b - in_a),
                        "not_in_ground_truth": len((a.predictions.keys() | b.predictions.keys()) - ids)},
             "rows": rows, "closed": closed, "resamples": RESAMPLES, "level": LEVEL}
+
+
+def _mean_score(s: np.ndarray) -> float:
+    return 100.0 * float(s.mean())
+
+
+def _class_mean_score(s: np.ndarray, truth: np.ndarray) -> float | None:
+    """Balanced accuracy (percent) from per-question correctness: the mean of each class's mean."""
+    recalls = [float(s[truth == c].mean()) for c in np.unique(truth)]
+    return 100.0 * float(np.mean(recalls)) if recalls else None
+
+
+def draws_row(metric: str, a: np.ndarray, b: np.ndarray, statistic=_mean_score, *columns) -> dict:
+    """a, b [draws, questions] -> each side's statistic over its draws' mean, B - A with the
+    interval over questions and draws, and each draw's own statistic."""
+    stat = lambda s: statistic(s, *columns)
+    out = row(metric, a.shape[1], stat(a.mean(axis=0)), stat(b.mean(axis=0)),
+              bootstrap_ci_draws(statistic, a, b, *columns))
+    out.update(a_draws=[round(stat(d), 4) for d in a], b_draws=[round(stat(d), 4) for d in b])
+    return out
+
+
+def draws_vqa_rows(items: list[EvalItem], a_runs: list[Run], b_runs: list[Run]) -> list[dict]:
+    if not items:
+        return []
+    closed = is_closed(items)
+    sa, sb = np.stack([scores(r, items) for r in a_runs]), np.stack([scores(r, items) for r in b_runs])
+    rows = []
+    if closed.any():
+        rows.append(draws_row("closed accuracy", sa[:, closed], sb[:, closed]))
+    if (~closed).any():
+        rows.append(draws_row("open recall", sa[:, ~closed], sb[:, ~closed]))
+    if closed.any() and (~closed).any():
+        rows.append(draws_row("all (closed acc., open recall)", sa, sb))
+    return rows
+
+
+def draws_classification_rows(items: list[EvalItem], a_runs: list[Run], b_runs: list[Run]) -> list[dict]:
+    rows = []
+    for dataset, (classes, group) in classification_groups(items).items():
+        truth = np.array([classes.index(i.gt.answer) for i in group])
+        by_a = [_predicted(r, group, classes) for r in a_runs]
+        by_b = [_predicted(r, group, classes) for r in b_runs]
+        methods = [m for m in by_a[0] if all(m in p for p in by_a + by_b)]
+        for method in methods:
+            right_a = np.stack([np.array(p[method]) == truth for p in by_a]).astype(np.float64)
+            right_b = np.stack([np.array(p[method]) == truth for p in by_b]).astype(np.float64)
+            rows.append(draws_row(f"{dataset} {method} accuracy", right_a, right_b))
+            rows.append(draws_row(f"{dataset} {method} balanced acc.", right_a, right_b, _class_mean_score, truth))
+    return rows
+
+
+def compare_draws(a_paths: list, b_paths: list, gt: str | None = None, split: str | None = None) -> dict:
+    """Recipe A's draws (evaluations of its trainings) against recipe B's, on the questions every
+    draw answered."""
+    a_runs, b_runs = [read_run(p) for p in a_paths], [read_run(p) for p in b_paths]
+    runs = a_runs + b_runs
+    file, split, items = ground_truth(runs, gt, split)
+    for run in runs:
+        run.predictions = map_official_ids(run.predictions, [i.gt for i in items])[0]
+    answered = [i for i in items if any(i.gt.id in r.predictions for r in runs)]
+    shared = [i for i in answered if all(i.gt.id in r.predictions for r in runs)]
+    if not shared:
+        raise DataError(f"no question of {file} (split {split}) is answered in every one of "
+                        f"{', '.join(str(r.path) for r in runs)}; compare evaluations of the same split")
+    rows = draws_vqa_rows([i for i in shared if not i.choices], a_runs, b_runs)
+    rows += draws_classification_rows(shared, a_runs, b_runs)
+    side = lambda run: {"predictions": str(run.path), "model": run.model, "images_shuffled": run.shuffled}
+    return {"a": [side(r) for r in a_runs], "b": [side(r) for r in b_runs], "ground_truth": str(file),
+            "split": split, "counts": {"compared": len(shared), "not_in_every_draw": len(answered) - len(shared)},
+            "rows": rows, "resamples": RESAMPLES, "level": LEVEL}
+
+
+def compare_draws_text(result: dict) -> str:
+    c = result["counts"]
+    lines = [f"A, {len(result['a'])} draws: " + "; ".join(_side(s) for s in result["a"]),
+             f"B, {len(result['b'])} draws: " + "; ".join(_side(s) for s in result["b"]),
+             f"ground truth: {result['ground_truth']} (split {result['split']}); {c['compared']} questions "
+             f"compared" + (f"; dropped: {c['not_in_every_draw']} not answered in every draw"
+                            if c["not_in_every_draw"] else ""), ""]
+    ci = lambda r: f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r["ci95"] else "-"
+    draws = lambda values: " / ".join(f"{v:.2f}" for v in values)
+    lines.append(text_table([[r["metric"], str(r["n"]), f"{r['a']:.2f}", f"{r['b']:.2f}", f"{r['difference']:+.2f}",
+                              ci(r), r["verdict"], draws(r["a_draws"]), draws(r["b_draws"])] for r in result["rows"]],
+                            header=("metric", "n", "A", "B", "B - A", "95% interval", "verdict", "A by draw",
+                                    "B by draw")))
+    lines.append(f"(percent; A and B are the means over their draws; the intervals resample the questions and "
+                 f"each side's draws {result['resamples']} times)")
+    return "\n".join(lines)
 
 
 def _side(s: dict) -> str:

@@ -6,6 +6,9 @@
 - `balanced_accuracy` and `bootstrap_ci_paired`: the same for statistics of (truth, prediction)
   pairs, such as the mean of the per-class recalls, or of two runs' predictions on the same
   questions (the difference of their balanced accuracies).
+- `bootstrap_ci_draws`: the paired difference of two recipes that were each trained several times
+  (draws): the questions are resampled as above, and each side's draws as well, so the interval
+  carries the spread between trainings of one recipe, which one draw a side cannot show.
 - `calibration`: expected calibration error (ECE, equal-width confidence bins), the reliability
   diagram's bins, and accuracy against coverage when the least confident answers are withheld.
 """
@@ -62,6 +65,31 @@ def bootstrap_ci_paired(statistic: Callable[..., float | None], *columns: Sequen
         value = statistic(*(c[idx] for c in cols))
         if value is not None:
             values.append(value)
+    return _bounds(np.asarray(values), level) if values else None
+
+
+def bootstrap_ci_draws(statistic: Callable[..., float | None], a: np.ndarray, b: np.ndarray, *columns: Sequence,
+                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[float] | None:
+    """[low, high] of statistic(b's scores, *columns) - statistic(a's scores, *columns), where `a`
+    [draws, questions] and `b` hold per-question scores of each draw (a training) of two recipes and
+    a side's scores are the mean over its draws. Each resample takes the questions as
+    `bootstrap_ci_paired` does (the same generator and seed, so one draw a side gives its interval)
+    and, from a second generator, each side's draws with replacement."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    cols = [np.asarray(c) for c in columns]
+    n = a.shape[1]
+    if n < 2:
+        return None
+    rng, draws = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        picked_a, picked_b = draws.integers(0, len(a), len(a)), draws.integers(0, len(b), len(b))
+        rest = [c[idx] for c in cols]
+        va = statistic(a[picked_a][:, idx].mean(axis=0), *rest)
+        vb = statistic(b[picked_b][:, idx].mean(axis=0), *rest)
+        if va is not None and vb is not None:
+            values.append(vb - va)
     return _bounds(np.asarray(values), level) if values else None
 
 
