@@ -187,8 +187,7 @@ def compare(a_path, b_path, gt: str | None = None, split: str | None = None) -> 
                         "they were made for")
     rows, closed = vqa_rows([i for i in shared if not i.choices], a, b)
     rows += classification_rows(shared, a, b)
-    side = lambda run: {"predictions": str(run.path), "model": run.model, "images_shuffled": run.shuffled}
-    return {"a": side(a), "b": side(b), "ground_truth": str(file), "split": split,
+    return {"a": _described(a), "b": _described(b), "ground_truth": str(file), "split": split,
             "counts": {"compared": len(shared), "only_a": len(in_a - in_b), "only_b": len(in_b - in_a),
                        "not_in_ground_truth": len((a.predictions.keys() | b.predictions.keys()) - ids)},
             "rows": rows, "closed": closed, "resamples": RESAMPLES, "level": LEVEL}
@@ -259,8 +258,7 @@ def compare_draws(a_paths: list, b_paths: list, gt: str | None = None, split: st
                         f"{', '.join(str(r.path) for r in runs)}; compare evaluations of the same split")
     rows = draws_vqa_rows([i for i in shared if not i.choices], a_runs, b_runs)
     rows += draws_classification_rows(shared, a_runs, b_runs)
-    side = lambda run: {"predictions": str(run.path), "model": run.model, "images_shuffled": run.shuffled}
-    return {"a": [side(r) for r in a_runs], "b": [side(r) for r in b_runs], "ground_truth": str(file),
+    return {"a": [_described(r) for r in a_runs], "b": [_described(r) for r in b_runs], "ground_truth": str(file),
             "split": split, "counts": {"compared": len(shared), "not_in_every_draw": len(answered) - len(shared)},
             "rows": rows, "resamples": RESAMPLES, "level": LEVEL}
 
@@ -272,15 +270,23 @@ def compare_draws_text(result: dict) -> str:
              f"ground truth: {result['ground_truth']} (split {result['split']}); {c['compared']} questions "
              f"compared" + (f"; dropped: {c['not_in_every_draw']} not answered in every draw"
                             if c["not_in_every_draw"] else ""), ""]
-    ci = lambda r: f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r["ci95"] else "-"
     draws = lambda values: " / ".join(f"{v:.2f}" for v in values)
     lines.append(text_table([[r["metric"], str(r["n"]), f"{r['a']:.2f}", f"{r['b']:.2f}", f"{r['difference']:+.2f}",
-                              ci(r), r["verdict"], draws(r["a_draws"]), draws(r["b_draws"])] for r in result["rows"]],
+                              _ci_text(r), r["verdict"], draws(r["a_draws"]), draws(r["b_draws"])]
+                             for r in result["rows"]],
                             header=("metric", "n", "A", "B", "B - A", "95% interval", "verdict", "A by draw",
                                     "B by draw")))
     lines.append(f"(percent; A and B are the means over their draws; the intervals resample the questions and "
                  f"each side's draws {result['resamples']} times)")
     return "\n".join(lines)
+
+
+def _described(run: Run) -> dict:
+    return {"predictions": str(run.path), "model": run.model, "images_shuffled": run.shuffled}
+
+
+def _ci_text(r: dict) -> str:
+    return f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r["ci95"] else "-"
 
 
 def _side(s: dict) -> str:
@@ -295,9 +301,8 @@ def compare_text(result: dict) -> str:
     lines = [f"A: {_side(result['a'])}", f"B: {_side(result['b'])}",
              f"ground truth: {result['ground_truth']} (split {result['split']}); {c['compared']} questions "
              f"compared" + (f"; dropped: {', '.join(dropped)}" if dropped else ""), ""]
-    ci = lambda r: f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r["ci95"] else "-"
     lines.append(text_table([[r["metric"], str(r["n"]), f"{r['a']:.2f}", f"{r['b']:.2f}", f"{r['difference']:+.2f}",
-                              ci(r), r["verdict"]] for r in result["rows"]],
+                              _ci_text(r), r["verdict"]] for r in result["rows"]],
                             header=("metric", "n", "A", "B", "B - A", "95% interval", "verdict")))
     lines.append(f"(percent; the intervals resample the questions {result['resamples']} times, once for both runs)")
     if result["closed"]:
