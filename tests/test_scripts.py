@@ -129,6 +129,25 @@ def test_gpu_nano_v2_second_start_leaves_the_first_runs_code_and_settings(tmp_pa
     assert "medmoe train --recipe nano --resume output_dir=runs/nano phase2.compile=true" in logs["nano"]
 
 
+def test_gpu_nano_v2_trains_one_recipe_twice_under_two_names(tmp_path):
+    """VARIANTS="NAME=RECIPE": two draws of one recipe side by side, each in its own folder and with its
+    own seed; `wait` takes the names."""
+    stage = prepared_stage(tmp_path)
+    (tmp_path / "out").mkdir()
+    base = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "OUT": str(tmp_path / "out"), "EVALS": "none"}
+    for variants, args in (("mix0=nano-mix", ""), ("mix1=nano-mix", "seed=1")):
+        start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True,
+                               text=True, env={**base, "VARIANTS": variants, "TRAIN_ARGS": args}, timeout=60)
+        assert start.returncode == 0 and f"started {variants.split('=')[0]} in" in start.stdout, start.stderr
+    wait = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "wait", "60"], cwd=ROOT, capture_output=True,
+                          text=True, env={**base, "VARIANTS": "mix0 mix1"}, timeout=90)
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    logs = {name: (tmp_path / "out" / f"{name}.log").read_text() for name in ("mix0", "mix1")}
+    assert "medmoe train --recipe nano-mix --resume output_dir=runs/nano\n" in logs["mix0"]
+    assert "medmoe train --recipe nano-mix --resume output_dir=runs/nano seed=1" in logs["mix1"]
+    assert not (stage / "v2" / "nano-mix").exists()
+
+
 def test_gpu_nano_v2_fetch_brings_back_the_parts_asked_for(tmp_path):
     stage = prepared_stage(tmp_path)
     (stage / "v2" / "x" / "export" / "nano").mkdir(parents=True)
@@ -356,3 +375,30 @@ def test_overlap_bench_prefills_into_staging_slots_beside_the_decode_rows(tmp_pa
     out = tmp_path / "overlap.json"
     report = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == report and report["decode_shape"] == [3, 880]
+
+
+def test_overlap_bench_names_the_stream_that_never_finishes(monkeypatch, capsys):
+    """wait_or_report: GPU work that does not finish in time is reported by name (which of the two
+    streams is stuck) and the process stops, instead of waiting until the call's limit."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("overlap_bench", ROOT / "scripts" / "lab" / "overlap_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    def stop(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(bench.os, "_exit", stop)
+    bench.wait_or_report({"decode steps": Event(True), "prefill": Event(True)}, seconds=0.05)  # returns
+    with pytest.raises(SystemExit) as stopped:
+        bench.wait_or_report({"decode steps": Event(True), "prefill": Event(False)}, seconds=0.05)
+    assert stopped.value.code == 3
+    assert "decode steps done, prefill NOT done" in capsys.readouterr().out

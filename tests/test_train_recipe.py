@@ -139,6 +139,17 @@ def test_a_source_can_repeat_its_records():
             load_records([bad])
 
 
+def test_nano_mix_repeats_the_small_benchmarks_and_changes_nothing_else():
+    """The data-mix lever: VQA-RAD three times and SLAKE twice an epoch in phases 2 and 3, every
+    other setting nano's (the router and the captions see each image once)."""
+    nano, mix = load_recipe("nano").to_dict(), load_recipe("nano-mix").to_dict()
+    for phase in ("phase2", "phase3"):
+        assert mix[phase].pop("data") == ["data/vqa-rad*3", "data/slake*2", "data/pathvqa", "data/pneumoniamnist"]
+        nano[phase].pop("data")
+    drop = ("description", "output_dir")
+    assert {k: v for k, v in mix.items() if k not in drop} == {k: v for k, v in nano.items() if k not in drop}
+
+
 def test_recipe_vision_kind_swaps_in_a_larger_efficientnet(tmp_path):
     """`vision.kind=efficientnet_lite2` (the lever for a stronger tower): ImageNet weights from its
     package, 1280-wide tokens, and a saved model that reloads with the same tower."""

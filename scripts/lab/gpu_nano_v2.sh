@@ -17,8 +17,9 @@
 #                                                            # exported delta as NAME-delta.part?? (cat | tar xf -),
 #                                                            # four 15 MB parts a call (then 5-8, ...)
 #
-# VARIANTS (default "nano nano-balanced nano-tower-labels") are recipe names; each trains in
-# $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
+# VARIANTS (default "nano nano-balanced nano-tower-labels") are recipe names, or NAME=RECIPE to train
+# RECIPE under another name (two draws of one recipe: two starts, the second with TRAIN_ARGS=seed=1,
+# then `wait` with VARIANTS="NAME1 NAME2"); each trains in $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
 # 2400: about 1,000 GPU-seconds of training each beside the others, then export and evaluation).
 # $OUT gets NAME.tgz (metrics, predictions, plots, logs; no weights), NAME.log, and rows.md: one
 # docs/RESULTS.md row per model, the shuffled-image rows beside them. On a machine of several GPUs,
@@ -54,13 +55,14 @@ start() {
   local repo="$V2/repo.$(date +%s%N)"
   mkdir -p "$repo" && tar cf - --exclude=./.git --exclude=./.gpu --exclude=./.venv . | tar xf - -C "$repo"
   local gpus=(${GPUS:-0}) i=0
-  for name in $VARIANTS; do
+  for entry in $VARIANTS; do
+    local name=${entry%%=*} recipe=${entry#*=}
     mkdir -p "$V2/$name" && ln -sfn "$STAGE/work/data" "$V2/$name/data"
     rm -f "$V2/$name.done"
     # The whole subshell writes to the log: a background process that kept this call's output open
     # would hold the call until the run ends.
     (cd "$repo" && CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} PYTHONPATH="$STAGE/site:$repo" \
-       MEDMOE_CACHE="$STAGE/cache" RECIPE=$name \
+       MEDMOE_CACHE="$STAGE/cache" RECIPE=$recipe \
        MEDMOE=${MEDMOE:-python3 -m medmoe} EVAL_ARGS=${EVAL_ARGS:---batch-size 128 --max-new-tokens 32} \
        exec setsid nohup bash -c 'timeout --signal=TERM --kill-after=20 "$0" bash -c "$4" _ "$1" "$2"; echo "rc=$?" > "$3"' \
        "${BUDGET:-2400}" "$STAGE/data" "$V2/$name" "$V2/$name.done" "$STAGES") > "$V2/$name.log" 2>&1 < /dev/null &
@@ -69,9 +71,14 @@ start() {
   done
 }
 
+names() {  # each entry's run name: NAME=RECIPE trains RECIPE as NAME (two draws of one recipe side by side)
+  local entry
+  for entry in $VARIANTS; do echo "${entry%%=*}"; done
+}
+
 running() {
   local name
-  for name in $VARIANTS; do [ -f "$V2/$name.done" ] || return 0; done
+  for name in $(names); do [ -f "$V2/$name.done" ] || return 0; done
   return 1
 }
 
@@ -79,7 +86,7 @@ collect() {
   local name row repo
   repo=$(ls -d "$V2"/repo.* | tail -1)
   : > "$OUT/rows.md"
-  for name in $VARIANTS; do
+  for name in $(names); do
     cp "$V2/$name.log" "$OUT/$name.log" 2>/dev/null
     (cd "$V2/$name" && tar czf "$OUT/$name.tgz" --exclude='*.safetensors' --exclude='checkpoint*' --exclude=data runs evals 2>/dev/null)
     for row in medmoe medmoe-shuffled; do
@@ -96,7 +103,7 @@ wait_runs() {
   local limit=${1:-540} begin name newest
   begin=$(date +%s)
   while running && [ $(( $(date +%s) - begin )) -lt "$limit" ]; do sleep 5; done
-  for name in $VARIANTS; do
+  for name in $(names); do
     newest=$(ls -t "$V2/$name"/runs/nano/*/metrics.jsonl 2>/dev/null | head -1)
     echo "$name: $(cat "$V2/$name.done" 2>/dev/null || echo running) ${newest:+${newest#"$V2"/}: $(tail -1 "$newest")}"
   done

@@ -22,7 +22,9 @@ On the GPU machine: `bash scripts/lab/gpu_engine.sh overlap` (about two minutes,
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,14 +40,15 @@ from medmoe.engine.scheduler import Engine  # noqa: E402
 CONTEXT = 880  # cached tokens of each decoding row (lab run T's mean at 32 clients)
 
 
-def build(device: torch.device, rows: int, prefill_rows: int, prompt: int, smoke: bool):
+def build(device: torch.device, rows: int, prefill_rows: int, prompt: int, smoke: bool,
+          overlap_experts: bool = True):
     if smoke:
         model = phi2_medmoe(device, torch.float32,
                             text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=300))
     else:
         model = phi2_medmoe(device)
-    prepare(model)
+    prepare(model, overlap_experts=overlap_experts)
     engine = Engine(model, None, max_slots=rows, max_len=max(CONTEXT, prompt) + 128,
                     max_prefill_tokens=prefill_rows * prompt, prefix_cache_mb=0, prefill_graphs=True,
                     admit_batch=max(prefill_rows, 1))
@@ -99,6 +102,18 @@ def timed(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def wait_or_report(events: dict, seconds: float = 20.0) -> None:
+    """Wait for every event; a GPU that does not finish them in `seconds` hangs (lab run W: two graphs
+    side by side never finished), so say which stream is stuck and stop the process."""
+    deadline = time.monotonic() + seconds
+    while not all(e.query() for e in events.values()):
+        if time.monotonic() > deadline:
+            state = ", ".join(f"{name} {'done' if e.query() else 'NOT done'}" for name, e in events.items())
+            print(f"hung after {seconds:.0f} s: {state}", flush=True)
+            os._exit(3)  # the stuck GPU work would block any exit path that synchronizes
+        time.sleep(0.001)
+
+
 def side_by_side(decode, prefill, steps: int, priority: bool, repeats: int = 5) -> dict:
     """The prefill on one stream, `steps` decode steps on another, from one start: the time until
     both are done, and until the steps are."""
@@ -119,7 +134,7 @@ def side_by_side(decode, prefill, steps: int, priority: bool, repeats: int = 5) 
             for _ in range(steps):
                 decode()
             decoded.record(high)
-        torch.cuda.synchronize()
+        wait_or_report({"decode steps": decoded, "prefill": prefilled})
         both.append(max(start.elapsed_time(decoded), start.elapsed_time(prefilled)))
         steps_ms.append(start.elapsed_time(decoded) / steps)
     middle = len(both) // 2
@@ -134,14 +149,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", default="4,8,16", help="decode steps beside one prefill forward")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: the steps run, no timing")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-overlap-experts", action="store_true",
+                        help="the routed experts on the main stream (the engine's --no-overlap-experts): whether the "
+                             "experts' own side stream is what the two graphs wait on")
+    parser.add_argument("--stack-after", type=float, default=60.0,
+                        help="print every thread's stack each this many seconds (where a run that hangs waits)")
     args = parser.parse_args(argv)
+    if args.stack_after > 0:
+        faulthandler.dump_traceback_later(args.stack_after, repeat=True)
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     if smoke:
         args.rows, args.prefill_rows, args.prompt = 3, 2, 24
     torch.manual_seed(0)
     clock = time.perf_counter()
-    model, engine = build(device, args.rows, args.prefill_rows, args.prompt, smoke)
+    model, engine = build(device, args.rows, args.prefill_rows, args.prompt, smoke, not args.no_overlap_experts)
     print(f"model and engine built: {time.perf_counter() - clock:.1f} s", flush=True)
     decode, shape = decode_runner(engine, args.rows)
     print(f"decode step at {shape} ready: {time.perf_counter() - clock:.1f} s", flush=True)
@@ -149,7 +171,8 @@ def main(argv=None) -> dict:
     print(f"prefill forward ready: {time.perf_counter() - clock:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name() if not smoke else "cpu", "torch": torch.__version__,
               "rows": args.rows, "decode_shape": list(shape), "prefill_rows": args.prefill_rows,
-              "prompt": args.prompt, "graphs": {"decode": bool(engine.step_fn.graphs),
+              "prompt": args.prompt, "overlap_experts": not args.no_overlap_experts,
+              "graphs": {"decode": bool(engine.step_fn.graphs),
                                                 "prefill": bool(engine.prefill_step.graphs)}}
     if smoke:
         with torch.no_grad():
@@ -159,6 +182,7 @@ def main(argv=None) -> dict:
         print(json.dumps(report))
     else:
         report["cases"] = measure(decode, prefill, [int(s) for s in args.steps.split(",")])
+    faulthandler.cancel_dump_traceback_later()
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return report
@@ -177,13 +201,16 @@ def measure(decode, prefill, step_counts: list[int]) -> list[dict]:
                 prefill()
                 for _ in range(steps):
                     decode()
+            print(f"{steps} steps: sequential", flush=True)
             seq = timed(sequential)
+            print(f"{steps} steps: side by side", flush=True)
             plain, ranked = side_by_side(decode, prefill, steps, False), side_by_side(decode, prefill, steps, True)
             cases.append({"steps": steps, "decode_step_ms": step_ms, "prefill_ms": prefill_ms, "sequential_ms": seq,
                           "concurrent": plain, "concurrent_priority": ranked,
                           "gain": seq / plain["ms"], "gain_priority": seq / ranked["ms"]})
-            print(f"{steps:>5} {seq:>9.2f}ms {plain['ms']:>9.2f}ms {seq / plain['ms']:>6.2f} {plain['steps_ms']:>8.2f}  "
-                  f"{ranked['ms']:>12.2f}ms {seq / ranked['ms']:>6.2f} {ranked['steps_ms']:>8.2f}", flush=True)
+            print(f"{steps:>5} {seq:>9.2f}ms {plain['ms']:>9.2f}ms {seq / plain['ms']:>6.2f} "
+                  f"{plain['steps_ms']:>8.2f}  {ranked['ms']:>12.2f}ms {seq / ranked['ms']:>6.2f} "
+                  f"{ranked['steps_ms']:>8.2f}", flush=True)
     return cases
 
 
