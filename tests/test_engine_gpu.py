@@ -296,3 +296,34 @@ def test_prompts_whose_pixels_are_already_on_the_gpu_answer_as_host_pixels():
     device = Engine(model, processor, max_slots=4).generate([Request(p, cfg) for p in moved])
     assert [r.finish_reason for r in device] == ["length"] * 3
     assert [r.token_ids for r in device] == [r.token_ids for r in host]
+
+
+def test_a_prefill_graph_beside_decode_graphs_on_two_streams_finishes_and_changes_no_logit(monkeypatch):
+    """Each graph owner records on a stream of its own (engine/graph_capture.py), so a prefill graph can
+    replay beside decode steps on a second stream (lab run W: recorded on one stream, they hung): both
+    finish, and the decode rows' logits are those of the steps replayed alone."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "lab" / "overlap_bench.py"
+    spec = importlib.util.spec_from_file_location("overlap_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def stop(code):
+        raise AssertionError("the two streams did not finish")
+
+    monkeypatch.setattr(bench.os, "_exit", stop)
+    torch.manual_seed(0)
+    _, engine = bench.build(torch.device("cuda"), rows=3, prefill_rows=2, prompt=24, smoke=True)
+    decode, shape = bench.decode_runner(engine, rows=3)
+    prefill = bench.prefill_runner(engine, prefill_rows=2, prompt=24)
+    assert engine.step_fn.graphs and engine.prefill_step.graphs
+    assert engine.step_fn.recorder.stream is not engine.prefill_step.recorder.stream
+    logits = engine.step_fn.graphs[shape][1]
+    with torch.no_grad():
+        decode()
+        torch.cuda.synchronize()
+        alone = logits.clone()
+        bench.side_by_side(decode, prefill, steps=4, priority=True, repeats=2)
+    torch.testing.assert_close(logits, alone, rtol=0, atol=0)

@@ -27,6 +27,7 @@ import torch
 from ..errors import is_out_of_memory
 from ..model.modeling import cache_argument
 from .fast_path import graph_safe
+from .graph_capture import GraphRecorder
 from .prefill_kernels import pow2_at_least
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
@@ -80,7 +81,7 @@ class DecodeStep:
         self.forward = torch.compile(self._forward, dynamic=None, mode=self.compile_mode) if compile else self._forward
         self.graphs: dict[tuple, tuple] = {}
         self.warm: dict[tuple, int] = {}
-        self.pool = None
+        self.recorder = GraphRecorder()
         self.version = cache.version
 
     def shape(self, n: int, longest: int) -> tuple[int, int]:
@@ -119,7 +120,7 @@ class DecodeStep:
         self.stats.graphs_dropped += len(self.graphs)
         self.graphs.clear()
         self.warm.clear()
-        self.pool = None  # the last graph of a pool frees it: capturing into its handle again fails
+        self.recorder.release()
 
     def _run(self, rows: int, span: int) -> torch.Tensor:
         self._prepare(rows, span)
@@ -197,10 +198,7 @@ class DecodeStep:
 
     def _capture(self, rows: int, span: int):
         """Record one step (capturing runs nothing, so no state changes)."""
-        torch.cuda.synchronize()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all shapes: they never overlap
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with self.recorder.recording(graph):
             logits = self.forward(rows, span)
         return graph, logits

@@ -52,7 +52,7 @@ MAX_TOKENS = 64
 _BLOCKS: dict[int, weakref.ref] = {}
 _KEYS = itertools.count()
 _DONE: dict[int, torch.cuda.Event] = {}  # key -> the event `start` recorded; `finish` waits for it
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device, main stream) -> side stream
 
 
 def register(block) -> int:
@@ -73,10 +73,13 @@ def _block(key: int):
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    # One side stream per main stream: graphs recorded on different streams (engine/graph_capture.py)
+    # then fork onto different side streams, and keep separate cuBLAS workspaces there too.
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+    key = (index, torch.cuda.current_stream(index).stream_id)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[key]
 
 
 def _routed(block, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 from ..errors import is_out_of_memory
 from ..model.attention_kernels import varying_shape_attention
 from ..model.modeling import cache_argument
+from .graph_capture import GraphRecorder
 from .prefill_kernels import pow2_at_least
 from .slot_cache import PrefillView, SlotCache
 from .stats import EngineStats
@@ -72,7 +73,7 @@ class PrefillStep:
         self.flops_per_token = 2 * sum(p.numel() for p in self.lm.parameters())
         self.graphs: dict[tuple[int, int, int], tuple] = {}
         self.warm: dict[tuple[int, int, int], int] = {}
-        self.pool = None
+        self.recorder = GraphRecorder()
         self.version = cache.version
 
     def shape(self, rows: int, tokens: int, end: int) -> tuple[int, int, int]:
@@ -189,11 +190,8 @@ class PrefillStep:
 
     def _capture(self, span: int, inputs):
         """Record one forward (capturing runs nothing, so no state changes)."""
-        torch.cuda.synchronize()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # one pool for all buckets: their forwards never overlap
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), varying_shape_attention(self.cache.device):
+        with self.recorder.recording(graph), varying_shape_attention(self.cache.device):
             outputs = self._forward(span, *inputs)
         return graph, outputs
 
@@ -201,7 +199,7 @@ class PrefillStep:
         self.stats.graphs_dropped += len(self.graphs)
         self.graphs.clear()
         self.warm.clear()
-        self.pool = None
+        self.recorder.release()
 
     def warm_up(self, seconds: float | None = None) -> int:
         """Capture the buckets of `shapes`, smallest first, for at most `seconds`, ahead of requests;

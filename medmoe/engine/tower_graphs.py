@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..errors import is_out_of_memory
+from .graph_capture import GraphRecorder
 from .prefill_kernels import pow2_at_least
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class TowerGraphs:
         self.model, self.stats = model, stats
         self.max_images = pow2_at_least(max(max_images, 1))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.pool = None
+        self.recorder = GraphRecorder()
         self.enabled = True
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,8 @@ class TowerGraphs:
         return len(self.graphs)
 
     def _capture(self, pixels: torch.Tensor):
-        torch.cuda.synchronize()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # one pool for all batch sizes: they never overlap
         static_in = pixels.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with self.recorder.recording(graph):
             static_out = self.model.encode_images(static_in)
         return graph, static_in, static_out
