@@ -110,21 +110,30 @@ def test_gpu_nano_v2_starts_each_variant_and_collects(tmp_path):
     assert (stage / "v2" / "nano" / "data").is_symlink() and (tmp_path / "out" / "nano.tgz").exists()
 
 
-def test_gpu_nano_v2_second_start_leaves_the_first_runs_code_and_settings(tmp_path):
-    """Two starts (other variants, other TRAIN_ARGS) beside each other: each run trains from its own
-    copy of the repository, with its own start's settings."""
+def start_each_then_wait(tmp_path, starts, names):
+    """Dry: one `gpu_nano_v2.sh start` per (VARIANTS, TRAIN_ARGS) of `starts`, then one `wait` for
+    `names`; returns the stage, each start's output and each name's log."""
     stage = prepared_stage(tmp_path)
     (tmp_path / "out").mkdir()
     base = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "OUT": str(tmp_path / "out"), "EVALS": "none"}
-    for variants, args in (("nano-balanced", ""), ("nano", "phase2.compile=true")):
+    outputs = []
+    for variants, args in starts:
         start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True,
                                text=True, env={**base, "VARIANTS": variants, "TRAIN_ARGS": args}, timeout=60)
         assert start.returncode == 0, start.stdout + start.stderr
+        outputs.append(start.stdout)
     wait = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "wait", "60"], cwd=ROOT, capture_output=True,
-                          text=True, env={**base, "VARIANTS": "nano-balanced nano"}, timeout=90)
+                          text=True, env={**base, "VARIANTS": " ".join(names)}, timeout=90)
     assert wait.returncode == 0, wait.stdout + wait.stderr
+    return stage, outputs, {name: (tmp_path / "out" / f"{name}.log").read_text() for name in names}
+
+
+def test_gpu_nano_v2_second_start_leaves_the_first_runs_code_and_settings(tmp_path):
+    """Two starts (other variants, other TRAIN_ARGS) beside each other: each run trains from its own
+    copy of the repository, with its own start's settings."""
+    stage, _, logs = start_each_then_wait(tmp_path, [("nano-balanced", ""), ("nano", "phase2.compile=true")],
+                                          ["nano-balanced", "nano"])
     assert len(list((stage / "v2").glob("repo.*"))) == 2
-    logs = {name: (tmp_path / "out" / f"{name}.log").read_text() for name in ("nano-balanced", "nano")}
     assert "medmoe train --recipe nano-balanced --resume output_dir=runs/nano\n" in logs["nano-balanced"]
     assert "medmoe train --recipe nano --resume output_dir=runs/nano phase2.compile=true" in logs["nano"]
 
@@ -132,17 +141,9 @@ def test_gpu_nano_v2_second_start_leaves_the_first_runs_code_and_settings(tmp_pa
 def test_gpu_nano_v2_trains_one_recipe_twice_under_two_names(tmp_path):
     """VARIANTS="NAME=RECIPE": two draws of one recipe side by side, each in its own folder and with its
     own seed; `wait` takes the names."""
-    stage = prepared_stage(tmp_path)
-    (tmp_path / "out").mkdir()
-    base = {**os.environ, "STAGE": str(stage), "MEDMOE": "echo medmoe", "OUT": str(tmp_path / "out"), "EVALS": "none"}
-    for variants, args in (("mix0=nano-mix", ""), ("mix1=nano-mix", "seed=1")):
-        start = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "start"], cwd=ROOT, capture_output=True,
-                               text=True, env={**base, "VARIANTS": variants, "TRAIN_ARGS": args}, timeout=60)
-        assert start.returncode == 0 and f"started {variants.split('=')[0]} in" in start.stdout, start.stderr
-    wait = subprocess.run(["bash", "scripts/lab/gpu_nano_v2.sh", "wait", "60"], cwd=ROOT, capture_output=True,
-                          text=True, env={**base, "VARIANTS": "mix0 mix1"}, timeout=90)
-    assert wait.returncode == 0, wait.stdout + wait.stderr
-    logs = {name: (tmp_path / "out" / f"{name}.log").read_text() for name in ("mix0", "mix1")}
+    stage, outputs, logs = start_each_then_wait(tmp_path, [("mix0=nano-mix", ""), ("mix1=nano-mix", "seed=1")],
+                                                ["mix0", "mix1"])
+    assert "started mix0 in" in outputs[0] and "started mix1 in" in outputs[1]
     assert "medmoe train --recipe nano-mix --resume output_dir=runs/nano\n" in logs["mix0"]
     assert "medmoe train --recipe nano-mix --resume output_dir=runs/nano seed=1" in logs["mix1"]
     assert not (stage / "v2" / "nano-mix").exists()
