@@ -201,7 +201,7 @@ def report(s: dict, recipe, out: str) -> str:
         "  router/                   router.safetensors, router_metrics.json",
         "  eval/                     predictions.jsonl, metrics.json, report (eval-bundled/: the bundled model's)",
         "  summary.json              everything above",
-        "Next: medmoe train --recipe nano (real datasets, see docs/training.md)",
+        "Next: medmoe train --recipe nano-mix (the bundled model's recipe, on the real datasets: docs/training.md)",
     ]
     return "\n".join(lines)
 
