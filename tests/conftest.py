@@ -21,6 +21,18 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def load_script(relative: str):
+    """A script of the repository (e.g. "scripts/lab/overlap_bench.py") imported as a module, so that
+    tests call its functions; scripts are not a package."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def require_smollm2():
     from medmoe.model.pretrained import smollm2_available
 

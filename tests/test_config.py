@@ -4,11 +4,12 @@ documented in docs/settings.md (generated; this test fails when it drifts); olde
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 from medmoe.config import LoRAConfig, MedMoEConfig, ModelSettings, MoEConfig, RuntimeOptions, VisionConfig
 from medmoe.errors import ConfigError
@@ -20,9 +21,7 @@ SETTINGS = (VisionConfig, LoRAConfig, MoEConfig, ModelSettings, RuntimeOptions, 
 
 
 def settings_table():
-    spec = importlib.util.spec_from_file_location("settings_table", ROOT / "scripts" / "settings_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/settings_table.py")
     return module
 
 

@@ -302,13 +302,9 @@ def test_a_prefill_graph_beside_decode_graphs_on_two_streams_finishes_and_change
     """Each graph owner records on a stream of its own (engine/graph_capture.py), so a prefill graph can
     replay beside decode steps on a second stream (lab run W: recorded on one stream, they hung): both
     finish, and the decode rows' logits are those of the steps replayed alone."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "lab" / "overlap_bench.py"
-    spec = importlib.util.spec_from_file_location("overlap_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/lab/overlap_bench.py")
 
     def stop(code):
         raise AssertionError("the two streams did not finish")

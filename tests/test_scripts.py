@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,15 +308,12 @@ def test_trace_timeline_charges_device_idle_time_to_the_innermost_host_range(tmp
 def test_serve_profile_runs_lock_step_clients_through_one_engine(capsys):
     """profile_speed.py serve=N: each client sends its next request when its answer ends; the
     engine (stepped by the profiling thread) batches the clients' decode steps together."""
-    import importlib.util
 
     import torch
 
     from medmoe.bench.models import phi2_medmoe
 
-    spec = importlib.util.spec_from_file_location("profile_speed", ROOT / "scripts" / "profile_speed.py")
-    profile_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_speed)
+    profile_speed = load_script("scripts/profile_speed.py")
     torch.manual_seed(0)
     model = phi2_medmoe(torch.device("cpu"), torch.float32,
                         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -331,12 +330,9 @@ def test_attention_bench_checks_each_option_against_the_reference(tmp_path):
     """attention_bench.py --smoke: the engine's masked decode and prefill attention and FlexAttention
     (eager on the CPU) agree with the float32 reference on rows of different lengths; an option
     this machine cannot run says why instead of a time."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "scripts" / "lab" / "attention_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/lab/attention_bench.py")
     out = tmp_path / "attention.json"
     report = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -354,14 +350,11 @@ def test_overlap_bench_prefills_into_staging_slots_beside_the_decode_rows(tmp_pa
     """overlap_bench.py --smoke: the prefill it times writes its prompts' keys into staging slots only,
     so that on a GPU it can run beside the decode steps without touching their rows; the report is
     written as JSON."""
-    import importlib.util
     import json
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("overlap_bench", ROOT / "scripts" / "lab" / "overlap_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/lab/overlap_bench.py")
     torch.manual_seed(0)
     _, engine = bench.build(torch.device("cpu"), rows=3, prefill_rows=2, prompt=24, smoke=True)
     prefill = bench.prefill_runner(engine, prefill_rows=2, prompt=24)
@@ -381,11 +374,8 @@ def test_overlap_bench_prefills_into_staging_slots_beside_the_decode_rows(tmp_pa
 def test_overlap_bench_names_the_stream_that_never_finishes(monkeypatch, capsys):
     """wait_or_report: GPU work that does not finish in time is reported by name (which of the two
     streams is stuck) and the process stops, instead of waiting until the call's limit."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("overlap_bench", ROOT / "scripts" / "lab" / "overlap_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/lab/overlap_bench.py")
 
     class Event:
         def __init__(self, done):

@@ -19,8 +19,9 @@
 #
 # VARIANTS (default "nano nano-balanced nano-tower-labels") are recipe names, or NAME=RECIPE to train
 # RECIPE under another name (two draws of one recipe: two starts, the second with TRAIN_ARGS=seed=1,
-# then `wait` with VARIANTS="NAME1 NAME2"); each trains in $STAGE/v2/NAME (its own work folder, the prepared data/ shared), under BUDGET seconds (default
-# 2400: about 1,000 GPU-seconds of training each beside the others, then export and evaluation).
+# then `wait` with VARIANTS="NAME1 NAME2"); each trains in $STAGE/v2/NAME (its own work folder, the
+# prepared data/ shared), under BUDGET seconds (default 2400: about 1,000 GPU-seconds of training each
+# beside the others, then export and evaluation).
 # $OUT gets NAME.tgz (metrics, predictions, plots, logs; no weights), NAME.log, and rows.md: one
 # docs/RESULTS.md row per model, the shuffled-image rows beside them. On a machine of several GPUs,
 # GPUS="0 1" deals the runs out to them in turn (CUDA_VISIBLE_DEVICES); by default all share GPU 0.
