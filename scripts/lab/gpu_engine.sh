@@ -178,9 +178,8 @@ attention() {  # the engine's decode and prefill attention against FlexAttention
 
 overlap() {  # a prefill forward beside decode steps on two CUDA streams, against one after the other
   step "overlap: Phi-2 size, 32 rows decoding beside a prefill of 3 image prompts, from CUDA graphs"
-  # Lab run W: the two graphs side by side never finished (the bench now stops with which stream is stuck).
-  # Since, each graph owner records on a stream of its own (engine/graph_capture.py): the tiny model's
-  # GPU test first, then the bench, then the bench with the routed experts on the main stream.
+  # Each graph owner records on a stream of its own (engine/graph_capture.py; lab runs W and X): the tiny
+  # model's GPU test first, then the bench, then the bench with the routed experts on the main stream.
   timeout 120 python3 -m pytest -q tests/test_engine_gpu.py -k two_streams 2>&1 | tail -3
   local extra
   for extra in "" --no-overlap-experts; do

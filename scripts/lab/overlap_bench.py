@@ -43,7 +43,8 @@ CONTEXT = 880  # cached tokens of each decoding row (lab run T's mean at 32 clie
 def build(device: torch.device, rows: int, prefill_rows: int, prompt: int, smoke: bool,
           overlap_experts: bool = True):
     if smoke:
-        model = phi2_medmoe(device, torch.float32,
+        # bf16 on a GPU: the grouped experts (and so the step's CUDA graph) need it
+        model = phi2_medmoe(device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                             text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=300))
     else:
