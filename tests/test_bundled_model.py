@@ -4,6 +4,7 @@ no GPU and no network, is the default model, and keeps giving the answers record
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,37 @@ def test_demo_compares_with_the_bundled_model(tmp_path):
                "seconds": {"1": 0, "2": 0, "router": 0, "3": 0, "eval": 0, "bundled": 0}, "router": {},
                "eval": {}, "question": "q", "image": image, "answer": "a", "bundled": result}
     assert "Med-MoE-Nano" in report(summary, None, str(tmp_path))
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+def test_a_yes_no_answer_is_rated_against_the_other_and_an_open_one_by_its_tokens(nano, overlap):
+    """A closed answer's confidence is p(yes) / (p(yes) + p(no)) at its first token, both spellings
+    summed, from the model's own forward; an open answer's is the geometric mean of its tokens'
+    probabilities (engine/confidence.py)."""
+    from medmoe.engine import Engine, Request, encode_question
+    from medmoe.engine.confidence import CLOSED_ANSWERS
+    from medmoe.generation import SamplingConfig
+
+    bot, records, _ = nano
+    processor = bot.processor
+    closed = next(r for r in records if REFERENCE_ANSWERS[r["id"]] == "Yes")
+    open_ = next(r for r in records if REFERENCE_ANSWERS[r["id"]] == "CT")
+    engine = Engine(bot.model, processor, overlap_steps=overlap)
+    cfg = SamplingConfig(max_new_tokens=32, logprobs=True)
+    images = [str(SAMPLE / r["image"]) for r in (closed, open_)]
+    yes, ct = engine.generate([Request(encode_question(processor, r["question"], image), cfg)
+                               for r, image in zip((closed, open_), images)])
+    assert (yes.text, ct.text) == ("Yes", "CT")
+
+    batch = processor([closed["question"]], [images[0]])
+    with torch.no_grad():
+        logits = bot.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False).logits
+    logp = logits[0, -1].float().log_softmax(-1)
+    p = {name: float(logp[processor.answer_start_ids(spellings)].exp().sum()) for name, spellings in CLOSED_ANSWERS.items()}
+    assert yes.confidence == pytest.approx(p["yes"] / (p["yes"] + p["no"]), rel=1e-3)
+    assert yes.confidence > math.exp(yes.logprobs[0].logprob)  # probability on neither answer does not count
+    mean = sum(e.logprob for e in ct.logprobs) / len(ct.logprobs)
+    assert ct.confidence == pytest.approx(math.exp(mean), rel=1e-4)
 
 
 def test_bundled_nano_in_bfloat16_on_the_cpu_answers_as_in_float32(nano):

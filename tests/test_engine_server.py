@@ -83,6 +83,24 @@ def test_logprobs_in_a_plain_response_and_bad_values(served):
     assert plain["confidence"] == pytest.approx(math.exp(mean), rel=1e-3) == r.json()["confidence"]
 
 
+def test_min_confidence_marks_answers_withheld_in_completions_and_streams(served):
+    import httpx
+
+    from medmoe.serving.server import Limits, create_app, serve_in_thread
+
+    model, processor, client = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True}
+    assert "withheld" not in client.post("/v1/chat/completions", json=body).json()  # no threshold set
+    for threshold, expected in ((0.0, False), (1.0, True)):  # a random model is never certain
+        app = create_app(model, processor, Limits(max_tokens=8, max_batch=2, min_confidence=threshold), model_name="tiny")
+        with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=120) as other:
+            answer = other.post("/v1/chat/completions", json=body).json()
+            assert answer["withheld"] is expected and 0 < answer["confidence"] < 1
+            assert answer["choices"][0]["message"]["content"] is not None  # kept: the flag is the verdict
+            last = stream(other, {**body, "stream": True})[-1]
+            assert last["withheld"] is expected and last["confidence"] == pytest.approx(answer["confidence"], rel=1e-3)
+
+
 def test_health_counts_reused_prompt_tokens_and_the_cache_can_be_turned_off(served):
     from medmoe.cli import build_parser
     from medmoe.serving.server import Limits, Worker

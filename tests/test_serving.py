@@ -139,6 +139,23 @@ def test_cli_ask_json_and_text(model_dir, tmp_path, capsys):
     assert "expert handled the image" in capsys.readouterr().err
 
 
+def test_cli_ask_withholds_an_answer_below_min_confidence(model_dir, tmp_path, capsys):
+    from medmoe.cli import main
+
+    path = tmp_path / "x.png"
+    picture().save(path)
+    ask = ["ask", "--model", model_dir, "--image", str(path), "--max-new-tokens", "2", "What?"]
+    assert main(ask + ["--min-confidence", "0"]) == 0
+    kept = capsys.readouterr()
+    assert kept.out.strip() and "confidence:" in kept.err
+    assert main(ask + ["--min-confidence", "1"]) == 0  # a random model is never certain
+    withheld = capsys.readouterr()
+    assert withheld.out == "" and "withheld: the answer" in withheld.err and "below --min-confidence 100%" in withheld.err
+    assert main(ask + ["--json", "--min-confidence", "1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["withheld"] is True and 0 < record["confidence"] < 1
+
+
 def test_cli_ask_dicom_with_window(model_dir, tmp_path, capsys):
     from test_medical_images import hu_phantom, write_dicom
 
@@ -511,6 +528,7 @@ def test_prompt_text_is_capped_in_bytes_before_tokenizing(medmoe, monkeypatch):
     limits = Limits(max_prompt_tokens=64, timeout_s=0.5)
     assert limits.text_bytes == 1024
     c = TestClient(create_app(medmoe.model, medmoe.processor, limits))  # no worker: a queued request would time out
+    tokenized.clear()  # the engine's start-up tokenizes its closed answers (engine/confidence.py), no request
     for text in ["x" * 1025, "€" * 400, "y" * 3_000_000]:  # 400 characters but 1,200 bytes
         messages = [{"role": "user", "content": [{"type": "text", "text": text[:10]}, {"type": "text", "text": text}]}]
         error = openai_error(c.post("/v1/chat/completions", json={"messages": messages}), 413)

@@ -77,3 +77,16 @@ def loading(model: str):
     except (OSError, json.JSONDecodeError) as err:
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise CheckpointError(f"{model}: cannot load the model ({detail}); check the folder's files") from err
+
+
+def confidence_level(text: str) -> float:
+    """argparse type of --min-confidence: a probability."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a probability between 0 and 1, e.g. 0.6")
+    return value

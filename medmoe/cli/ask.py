@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._model_args import add_image_args, add_model_args, load, open_image
+from ._model_args import add_image_args, add_model_args, confidence_level, load, open_image
 
 
 def register(sub) -> None:
@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, routing, finish reason)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); >0 samples")
     p.add_argument("--seed", type=int, default=None, help="random seed when sampling")
+    p.add_argument("--min-confidence", type=confidence_level, default=None, metavar="P",
+                   help="withhold an answer whose confidence is below P (0 to 1; medmoe eval reports the accuracy "
+                        "each threshold keeps): stdout stays empty, stderr says why")
     p.set_defaults(func=run)
 
 
@@ -27,13 +30,20 @@ def run(args) -> int:
     answer = model.ask(image, args.question, **sampling)
     if args.json:
         record = answer.to_dict()
+        if args.min_confidence is not None:
+            record["withheld"] = answer.withheld(args.min_confidence)
         if image is not None and image.info.get("medmoe_reduction"):
             record["image_reduction"] = image.info["medmoe_reduction"]
         print(json.dumps(record, indent=2))
         return 0
-    print(answer.text)
-    if answer.confidence is not None:
-        print(f"confidence: {answer.confidence:.0%} (geometric mean of the answer tokens' probabilities)", file=sys.stderr)
+    if answer.withheld(args.min_confidence):
+        shown = "none" if answer.confidence is None else f"{answer.confidence:.0%}"
+        print(f"withheld: the answer {answer.text!r} has confidence {shown}, below --min-confidence "
+              f"{args.min_confidence:.0%}", file=sys.stderr)
+    else:
+        print(answer.text)
+        if answer.confidence is not None:
+            print(f"confidence: {answer.confidence:.0%}", file=sys.stderr)
     if answer.routing is not None:
         r = answer.routing
         print(f"\nrouting: the {r.expert} expert handled the image ({r.shares[r.expert]:.0%} of "

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import ConfigError
-from ._model_args import add_model_args, loading
+from ._model_args import add_model_args, confidence_level, loading
 
 
 def register(sub) -> None:
@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false", default=None,
                    help="GPU: prefill through the model's own forward, not CUDA graphs written into the KV cache "
                         "(for measuring; bf16 answers can differ where two tokens are near-tied)")
+    p.add_argument("--min-confidence", type=confidence_level, default=None, metavar="P",
+                   help="mark answers whose confidence is below P (0 to 1) \"withheld\" in the response; the web page "
+                        "shows them as withheld (medmoe eval reports the accuracy each threshold keeps)")
     p.set_defaults(func=run)
 
 
@@ -79,7 +82,7 @@ def run(args) -> int:
                     default_max_tokens=min(args.max_new_tokens, args.max_tokens), max_batch=args.max_batch,
                     queue_size=args.queue_size, timeout_s=args.timeout, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk, admit_batch=args.admit_batch,
-                    prefill_graphs=args.prefill_graphs)
+                    prefill_graphs=args.prefill_graphs, min_confidence=args.min_confidence)
     device = pick_device(args.device)
     compile = device.type == "cuda" if args.compile is None else args.compile
     if device.type == "cpu":

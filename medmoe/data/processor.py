@@ -60,6 +60,18 @@ class MedMoEProcessor:
             return f"{IMAGE_TOKEN}\n{question}"
         return question
 
+    def answer_start_ids(self, answers: Sequence[str]) -> list[int]:
+        """The token each answer starts with where the template places an answer (after the
+        assistant's turn opens): the first token of a generated answer that spells it. Distinct ids,
+        in the order of `answers`."""
+        ids: list[int] = []
+        for answer in answers:
+            encoded = self.encode([Turn("?", answer=answer)])
+            first = next(t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)
+            if first not in ids:
+                ids.append(first)
+        return ids
+
     def pad(self, encoded: Sequence[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Dynamic padding to the longest sequence in the batch."""
         longest = max(len(e.input_ids) for e in encoded)

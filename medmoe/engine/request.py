@@ -83,8 +83,8 @@ class Result:
     prompt_ids: list[int]
     prompt_routing: list[LayerRouting] | None = None  # per MoE layer, [1, prompt_tokens, ...], when asked for
     logprobs: list[TokenLogprob] | None = None
-    # The geometric mean of the answer tokens' probabilities under the model (None: no answer token).
-    # A one-token answer ("yes") gets that token's probability; see docs/serving.md.
+    # In [0, 1] (None: no answer token): for "yes" / "no", the chosen answer's probability against the
+    # other; otherwise the geometric mean of the answer tokens' probabilities (engine/confidence.py).
     confidence: float | None = None
 
     @property

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import gc
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from .prefill_step import PrefillStep
 from .prefix_cache import PrefixCache, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .routing_records import Records, forward_records, join_records, row_records
+from .confidence import ClosedCandidates, answer_confidence
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
@@ -129,6 +129,7 @@ class _Running:
     sent: str = ""
     logprobs: list[TokenLogprob] | None = None
     logprob_sum: float = 0.0  # of the answer tokens, for the answer's confidence
+    candidate_logprobs: list[float] | None = None  # at the first token, of each closed answer (confidence.py)
     generated: int = 0
     finish: str | None = None
 
@@ -163,6 +164,7 @@ class _Picked:
     wanted: list[int]
     top: list[int]
     done: torch.cuda.Event | None
+    candidates: torch.Tensor | None = None  # first tokens: [rows, closed answers] log-probabilities
 
 
 class Engine:
@@ -231,6 +233,7 @@ class Engine:
         self.release_when_idle = weight.device.type != "cuda"
         self.eos = eos_ids(model, processor) if processor is not None else _config_eos(model)
         self.pad_id = (processor.tokenizer.pad_token_id or 0) if processor is not None else 0
+        self.candidates = ClosedCandidates.of(processor, weight.device) if processor is not None else None
         self.overlap_steps = weight.device.type == "cuda" if overlap_steps is None else overlap_steps
         self.in_flight: _Picked | None = None
         self.first_tokens: list[_Picked] = []  # prefills' first tokens, picked on the device, not yet handed out
@@ -646,7 +649,7 @@ class Engine:
         lengths = [r.length for r in self.active[first:]]
         self.step_fn.positions[first:first + len(lengths)] = to_device(lengths, self.cache.device)
         rows_done = to_device(finished, logits.device)
-        picked = self._pick(logits.index_select(0, rows_done), self.active[first:], first)
+        picked = self._pick(logits.index_select(0, rows_done), self.active[first:], first, first_tokens=True)
         if self.overlap_steps:  # handed out once the next decode step is launched (_step): no wait here
             self.first_tokens.append(picked)
         else:
@@ -836,25 +839,28 @@ class Engine:
         stats.launch_s += time.perf_counter() - start
         return picked
 
-    def _pick(self, logits: torch.Tensor, runs: list[_Running], first: int) -> _Picked:
+    def _pick(self, logits: torch.Tensor, runs: list[_Running], first: int, first_tokens: bool = False) -> _Picked:
         """The next token of rows first.. (logits [rows, V]) into the step's token buffer, and their
-        log-probabilities where asked for, copied towards the host without waiting."""
+        log-probabilities where asked for, copied towards the host without waiting. `first_tokens`:
+        the answers' first tokens, with the closed answers' log-probabilities (their confidence)."""
         tokens = pick_tokens(logits, [r.cfg for r in runs], [r.generator for r in runs])
         self.step_fn.tokens[first:first + len(runs)].copy_(tokens)
         wanted = [i for i, r in enumerate(runs) if r.cfg.logprobs]
         top = [min(max(r.cfg.top_logprobs, 0), MAX_TOP_LOGPROBS) for r in runs if r.cfg.logprobs]
         scores = token_logprobs(logits, tokens, wanted, top)
         chosen = chosen_logprobs(logits, tokens)
+        candidates = self.candidates.logprobs(logits) if first_tokens and self.candidates is not None else None
         for run in runs:
             run.pending += 1
         done = None
         if tokens.is_cuda:
             tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory, in stream order
             chosen = chosen.to("cpu", non_blocking=True)
+            candidates = candidates.to("cpu", non_blocking=True) if candidates is not None else None
             scores = tuple(t.to("cpu", non_blocking=True) for t in scores) if scores is not None else None
             done = torch.cuda.Event()
             done.record()
-        return _Picked(runs, tokens, chosen, scores, wanted, top, done)
+        return _Picked(runs, tokens, chosen, scores, wanted, top, done, candidates)
 
     def _hand_out(self, picked: _Picked, timed: bool = True) -> None:
         """Give each request its token once it is on the host; release the requests that finished.
@@ -871,6 +877,9 @@ class Engine:
             self.stats.device_wait_s += (synced - start) * timed
             start = synced
         scores = logprobs_by_row(picked.scores, picked.wanted, picked.top)
+        if picked.candidates is not None:
+            for run, row in zip(picked.runs, picked.candidates.tolist()):
+                run.candidate_logprobs = row
         for i, (run, token, logp) in enumerate(zip(picked.runs, picked.tokens.tolist(), picked.chosen.tolist())):
             run.pending -= 1
             if run.finish is None and self._accept(run, token, logp, scores.get(i)):
@@ -936,7 +945,7 @@ class Engine:
             self.active[slot] = moved
         self.active.pop()
         self.step_fn.positions[last].zero_()  # a kernel: `= 0` would copy from pageable memory and wait
-        confidence = math.exp(run.logprob_sum / len(run.tokens)) if run.tokens else None
+        confidence = answer_confidence(run.logprob_sum, run.tokens, run.text, self.candidates, run.candidate_logprobs)
         result = Result(run.text.strip(), run.tokens, run.finish or "cancelled", len(run.prompt_ids), run.prompt_ids,
                         None if run.routing is None else run.routing.as_layers(), run.logprobs, confidence)
         if result.finish_reason == "cancelled":

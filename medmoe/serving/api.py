@@ -90,12 +90,17 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list | None = None  # engine.TokenLogprob per answer token, when asked for (SamplingConfig.logprobs)
-    confidence: float | None = None  # geometric mean of the answer tokens' probabilities (docs/serving.md)
+    confidence: float | None = None  # in [0, 1], how the model rates its answer (docs/serving.md)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["routing"] = self.routing.to_dict() if self.routing else None
         return d
+
+    def withheld(self, min_confidence: float | None) -> bool:
+        """True where a deployment abstains: a threshold is set and the answer's confidence is below it
+        (`medmoe eval` reports the accuracy each threshold keeps; docs/serving.md, "Confidence")."""
+        return min_confidence is not None and (self.confidence is None or self.confidence < min_confidence)
 
     def __str__(self) -> str:
         return self.text

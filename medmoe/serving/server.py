@@ -78,6 +78,7 @@ class Limits:
     prefill_chunk: int | None = None  # prompt tokens prefilled between decode steps; None: config.RuntimeOptions
     admit_batch: int | None = None  # free slots new prompts wait for while others decode; None: config.RuntimeOptions
     prefill_graphs: bool | None = None  # prefill as CUDA graphs into the KV cache; None: config.RuntimeOptions
+    min_confidence: float | None = None  # answers below it are marked "withheld" (the web page hides them)
 
     @property
     def text_bytes(self) -> int:
@@ -474,7 +475,12 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                 "choices": [choice],
                 "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                           "total_tokens": answer.prompt_tokens + answer.completion_tokens},
-                "routing": answer.routing.to_dict() if answer.routing else None, "confidence": answer.confidence}
+                "routing": answer.routing.to_dict() if answer.routing else None, "confidence": answer.confidence,
+                **withheld(answer)}
+
+    def withheld(answer) -> dict:
+        """The deployment's verdict beside the confidence, where `--min-confidence` is set."""
+        return {} if limits.min_confidence is None else {"withheld": answer.withheld(limits.min_confidence)}
 
     def chunk(job: Job, delta: dict, finish: str | None = None, logprobs=None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -514,7 +520,7 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
                              "total_tokens": answer.prompt_tokens + answer.completion_tokens}
                     yield chunk(job, {}, _finish_reason(answer.finish_reason), usage=usage,
                                 routing=answer.routing.to_dict() if answer.routing else None,
-                                confidence=answer.confidence)
+                                confidence=answer.confidence, **withheld(answer))
                     break
             yield "data: [DONE]\n\n"
         finally:
