@@ -88,3 +88,24 @@ def test_batch_calibration_evens_out_a_model_that_leans_toward_one_label():
     assert balanced_accuracy(truth, raw, 2) == 50.0  # always label 1
     assert balanced_accuracy(truth, fixed, 2) == 100.0
     assert torch.allclose(batch_calibrated(logprobs).exp().sum(-1), torch.ones(40))
+
+
+def test_contextual_calibration_divides_out_what_the_question_alone_says():
+    import torch
+
+    from medmoe.evaluation.classification import contextual_calibrated, method_predictions
+
+    # Without its image the question already leans toward label 1 by 2.5; each image adds +/- 1 on
+    # label 0. Divided by the question's own lean, a single image is classified by its evidence.
+    truth = [0, 1] * 5
+    evidence = torch.tensor([[1.0, 0.0] if t == 0 else [-1.0, 0.0] for t in truth])
+    lean = torch.tensor([0.0, 2.5])
+    logprobs = (evidence + lean).log_softmax(-1)
+    prior = lean.log_softmax(-1).expand(10, 2)
+    assert balanced_accuracy(truth, logprobs.argmax(-1).tolist(), 2) == 50.0
+    assert contextual_calibrated(logprobs[:1], prior[:1]).argmax(-1).tolist() == [0]  # one image alone
+    assert torch.allclose(contextual_calibrated(logprobs, prior).exp().sum(-1), torch.ones(10, dtype=torch.float64))
+    methods = method_predictions(logprobs.tolist(), ["b"] * 10, ["a", "b"], prior.tolist())
+    assert list(methods) == ["loglik", "loglik_calibrated", "loglik_contextual", "generate"]
+    assert methods["loglik_contextual"] == truth
+    assert "loglik_contextual" not in method_predictions(logprobs.tolist(), ["b"] * 10, ["a", "b"])

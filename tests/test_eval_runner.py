@@ -72,7 +72,8 @@ def test_cli_eval_outputs(tmp_path, tiny_moe_dir, records, capsys):
     assert m["classification"]["pneumonia"]["loglik"]["calibration"]["n"] == 3
     assert m["vqa"]["counts"] == {**m["vqa"]["counts"], "ground_truth": 5, "missing": 0, "extra": 0}
     assert (m["vqa"]["total"]["closed"]["n"], m["vqa"]["total"]["open"]["n"]) == (2, 3)
-    assert set(m["classification"]["pneumonia"]) == {"loglik", "loglik_calibrated", "generate"}
+    assert set(m["classification"]["pneumonia"]) == {"loglik", "loglik_calibrated", "loglik_contextual", "generate"}
+    assert all(len(p["prior_logprobs"]) == 2 for p in preds if p["id"].startswith("c"))  # the question alone
     assert m["classification"]["pneumonia"]["loglik"]["n"] == 3
     acc = m["routing"]["router_accuracy"]
     assert acc["samples"] == 4 + 3  # every sample with a known modality; "unknown" is left out

@@ -156,6 +156,39 @@ def test_cli_ask_withholds_an_answer_below_min_confidence(model_dir, tmp_path, c
     assert record["withheld"] is True and 0 < record["confidence"] < 1
 
 
+def test_classify_divides_out_the_question_without_the_image(medmoe):
+    from medmoe.evaluation.classification import choice_logprobs
+    from medmoe.errors import DataError
+
+    labels, question = ["normal", "pneumonia"], "Which class? Options: normal, pneumonia."
+    result = medmoe.classify(picture(), labels, question)
+    with_image = choice_logprobs(medmoe.model, medmoe.processor, question, picture(), labels).double()
+    alone = choice_logprobs(medmoe.model, medmoe.processor, question, None, labels).double()
+    expected = (with_image.log_softmax(-1) - alone.log_softmax(-1)).softmax(-1)
+    assert [result.probabilities[label] for label in labels] == pytest.approx(expected.tolist(), rel=1e-4)
+    assert [result.uncalibrated[label] for label in labels] == pytest.approx(with_image.softmax(-1).tolist(), rel=1e-4)
+    assert result.label == labels[int(expected.argmax())] and result.question == question
+    plain = medmoe.classify(picture(), labels, question, calibrate=False)
+    assert plain.probabilities == plain.uncalibrated == pytest.approx(result.uncalibrated)
+    with pytest.raises(DataError, match="two distinct labels"):
+        medmoe.classify(picture(), ["normal", "normal"])
+
+
+def test_cli_ask_choices_prints_the_label_and_its_probabilities(model_dir, tmp_path, capsys):
+    from medmoe.cli import main
+
+    path = tmp_path / "x.png"
+    picture().save(path)
+    ask = ["ask", "--model", model_dir, "--image", str(path), "--choices", "normal, pneumonia", "Which class?"]
+    assert main(ask) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() in ("normal", "pneumonia") and "probabilities: normal" in err and "calibrated by" in err
+    assert main(ask + ["--json", "--no-calibration", "--min-confidence", "1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["probabilities"] == record["uncalibrated"] and record["withheld"] is True
+    assert sum(record["probabilities"].values()) == pytest.approx(1.0)
+
+
 def test_cli_ask_dicom_with_window(model_dir, tmp_path, capsys):
     from test_medical_images import hu_phantom, write_dicom
 

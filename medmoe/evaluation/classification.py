@@ -128,14 +128,26 @@ def batch_calibrated(logprobs: torch.Tensor) -> torch.Tensor:
     return (probs / prior).log().log_softmax(-1)
 
 
-def method_predictions(logprobs: Sequence[Sequence[float]], generated: Sequence[str], classes: Sequence[str]
-                       ) -> dict[str, list[int]]:
+def contextual_calibrated(logprobs: torch.Tensor, prior_logprobs: torch.Tensor) -> torch.Tensor:
+    """Label log-probabilities [N, C] with each question's label distribution without its image
+    divided out (contextual calibration, Zhao et al. 2021, the image as the content): what the
+    model would answer from the question's words alone no longer tips the answer. No data is used,
+    so it applies to a single image as well as to a batch."""
+    return (logprobs.double().log_softmax(-1) - prior_logprobs.double().log_softmax(-1)).log_softmax(-1)
+
+
+def method_predictions(logprobs: Sequence[Sequence[float]], generated: Sequence[str], classes: Sequence[str],
+                       priors: Sequence[Sequence[float]] | None = None) -> dict[str, list[int]]:
     """Each item's predicted class by every method (`report.METHODS`): the best label
-    log-likelihood, the same batch-calibrated over these items, and the label the generated
-    answer names (or UNPARSED)."""
+    log-likelihood, the same batch-calibrated over these items, the same calibrated by each
+    question without its image (where `priors`, those label log-likelihoods, are given), and the
+    label the generated answer names (or UNPARSED)."""
     scores = torch.tensor([list(row) for row in logprobs], dtype=torch.float64)
-    return {"loglik": scores.argmax(-1).tolist(), "loglik_calibrated": batch_calibrated(scores).argmax(-1).tolist(),
-            "generate": [parse_choice(text, classes) for text in generated]}
+    methods = {"loglik": scores.argmax(-1).tolist(), "loglik_calibrated": batch_calibrated(scores).argmax(-1).tolist()}
+    if priors is not None:
+        prior = torch.tensor([list(row) for row in priors], dtype=torch.float64)
+        methods["loglik_contextual"] = contextual_calibrated(scores, prior).argmax(-1).tolist()
+    return {**methods, "generate": [parse_choice(text, classes) for text in generated]}
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:

@@ -45,6 +45,7 @@ class Run:
     path: Path  # the predictions file
     predictions: dict[str, str]
     logprobs: dict[str, list[float]]  # classification items: each choice's log-likelihood
+    priors: dict[str, list[float]]  # the same without the image (contextual calibration), where recorded
     data: str | None  # the records file (or prepared folder) it scored, when its folder says
     split: str | None
     model: str | None
@@ -64,8 +65,10 @@ def read_run(path) -> Run:
     if not pred.is_file():
         raise DataError(f"{pred}: not found; pass a `medmoe eval` output folder or a predictions file")
     run = {**_json(pred.parent / "run.json"), **_json(pred.parent / "metrics.json").get("run", {})}
-    logprobs = {str(d["id"]): d["choice_logprobs"] for _, d in read_json_objects(pred) if "choice_logprobs" in d}
-    return Run(pred, read_predictions(pred), logprobs, run.get("data"), run.get("split"), run.get("model"),
+    rows = [d for _, d in read_json_objects(pred)]
+    logprobs = {str(d["id"]): d["choice_logprobs"] for d in rows if "choice_logprobs" in d}
+    priors = {str(d["id"]): d["prior_logprobs"] for d in rows if "prior_logprobs" in d}
+    return Run(pred, read_predictions(pred), logprobs, priors, run.get("data"), run.get("split"), run.get("model"),
                bool(run.get("shuffle_images") or run.get("images")))
 
 
@@ -153,8 +156,9 @@ def vqa_rows(items: list[EvalItem], a: Run, b: Run) -> tuple[list[dict], dict | 
 
 def _predicted(run: Run, items: list[EvalItem], classes: list[str]) -> dict[str, list[int]]:
     if all(i.gt.id in run.logprobs for i in items):
+        priors = [run.priors[i.gt.id] for i in items] if all(i.gt.id in run.priors for i in items) else None
         return method_predictions([run.logprobs[i.gt.id] for i in items],
-                                  [run.predictions[i.gt.id] for i in items], classes)
+                                  [run.predictions[i.gt.id] for i in items], classes, priors)
     return {"generate": [parse_choice(run.predictions[i.gt.id], classes) for i in items]}  # no log-likelihoods
 
 

@@ -279,9 +279,11 @@ def gpu_slots(per_slot_bytes: int, free_bytes: int) -> int:
     return slots
 
 
-def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True) -> dict[str, torch.Tensor]:
+def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = True
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Log-likelihood of each choice, by item id, for the items that have choices: one forward pass
-    per set of choices in the batch."""
+    per set of choices in the batch; beside it, for an item with an image, the same question's
+    choices without the image (what contextual calibration divides out; once per question)."""
     from ..model.attention_kernels import varying_shape_attention
     from .classification import choice_logprobs_batch
 
@@ -295,7 +297,12 @@ def choice_scores(model, processor, items: list[EvalItem], share_prefix: bool = 
         for choices, group in groups.items():
             values = choice_logprobs_batch(model, processor, [i.gt.question for i in group], [i.image for i in group],
                                            list(choices), max_rows=rows, share_prefix=share_prefix)
-            scores.update((item.gt.id, row) for item, row in zip(group, values))
+            asked = list(dict.fromkeys(i.gt.question for i in group if i.image is not None))
+            alone = choice_logprobs_batch(model, processor, asked, [None] * len(asked), list(choices), max_rows=rows,
+                                          share_prefix=share_prefix) if asked else []
+            prior = dict(zip(asked, alone))
+            scores.update((item.gt.id, (row, prior[item.gt.question] if item.image is not None else None))
+                          for item, row in zip(group, values))
     return scores
 
 
@@ -342,7 +349,10 @@ def collect_batch(model, processor, items: list[EvalItem], handles, settings: Ev
                "finish": result.finish_reason,
                "confidence": None if result.confidence is None else round(result.confidence, 5)}
         if item.choices:
-            row["choice_logprobs"] = [round(float(s), 5) for s in scores[item.gt.id]]
+            logprobs, prior = scores[item.gt.id]
+            row["choice_logprobs"] = [round(float(s), 5) for s in logprobs]
+            if prior is not None:  # the question without its image: contextual calibration's prior
+                row["prior_logprobs"] = [round(float(s), 5) for s in prior]
         if routing is not None:
             row["routing"] = routing
         rows.append(row)
@@ -444,8 +454,10 @@ def classification_results(items: list[EvalItem], rows: dict[str, dict], out: Pa
     results, figures = {}, {}
     for dataset, (classes, keep) in classification_groups(items).items():
         truth = [classes.index(i.gt.answer) for i in keep]
+        priors = [rows[i.gt.id].get("prior_logprobs") for i in keep]
         predicted = method_predictions([rows[i.gt.id]["choice_logprobs"] for i in keep],
-                                       [rows[i.gt.id]["prediction"] for i in keep], classes)
+                                       [rows[i.gt.id]["prediction"] for i in keep], classes,
+                                       priors if all(p is not None for p in priors) else None)
         loglik = predicted["loglik"]
         results[dataset] = {method: classification_metrics(truth, pred, classes) for method, pred in predicted.items()}
         # Confidence of a label-likelihood answer: its probability among the labels.

@@ -15,6 +15,7 @@ COLUMNS = ("group", "n", "open n", "open recall", "closed n", "closed acc", "clo
 
 
 METHODS = {"loglik": "label log-likelihood", "loglik_calibrated": "label log-likelihood, batch-calibrated",
+           "loglik_contextual": "label log-likelihood, calibrated by the question without the image",
            "generate": "free generation"}
 
 

@@ -4,6 +4,7 @@
     m = MedMoE.load("path/to/model")
     answer = m.ask("chest.dcm", "Which organ is abnormal?")   # Answer(text, routing, ...)
     answers = m.ask_batch(["a.png", "b.png"], ["What modality?", "Is there a fracture?"])
+    label = m.classify("xray.png", ["normal", "pneumonia"])   # Classification(label, probabilities, ...)
     chat = m.chat(); chat.ask("What is shown?", image="ct.nii.gz"); chat.ask("Where exactly?")
 
 Every answer carries a routing summary: over the image tokens of the prompt, which domain expert
@@ -106,6 +107,21 @@ class Answer:
         return self.text
 
 
+@dataclass
+class Classification:
+    """The label the model finds likeliest for an image, among the labels offered."""
+    label: str
+    probabilities: dict[str, float]  # label -> probability (summing to 1), calibrated unless asked not to
+    uncalibrated: dict[str, float]  # the label likelihoods as the model gives them
+    question: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.label
+
+
 def _as_list(images) -> list:
     if images is None:
         return []
@@ -198,6 +214,28 @@ class MedMoE:
         return generate_conversations(self.model, self.processor, [[Turn(q)] for q in questions],
                                       [_as_list(i) for i in images], self.config(max_new_tokens, **sampling),
                                       engine=self.engine)
+
+    def classify(self, image, labels: Sequence[str], question: str | None = None,
+                 calibrate: bool = True) -> Classification:
+        """The likeliest of `labels` for the image, by each label's log-likelihood as the answer
+        (every answer is one of the labels). `calibrate`: divide out the label distribution the
+        model gives the same question without the image (contextual calibration), so that a lean
+        the question's words alone give (PneumoniaMNIST: "pneumonia") does not decide; needs no
+        data (docs/evaluation.md, "loglik_contextual")."""
+        from ..evaluation.classification import choice_logprobs, contextual_calibrated
+
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) < len(labels):
+            raise DataError(f"classify needs at least two distinct labels, got {labels}")
+        question = question or f"Which class does this image belong to? Options: {', '.join(labels)}."
+        scores = choice_logprobs(self.model, self.processor, question, image, labels)
+        raw = scores.double().log_softmax(-1)
+        probs = raw
+        if calibrate and image is not None:
+            probs = contextual_calibrated(scores[None], choice_logprobs(self.model, self.processor, question, None,
+                                                                        labels)[None])[0]
+        as_dict = lambda logp: {label: float(p) for label, p in zip(labels, logp.exp())}
+        return Classification(labels[int(probs.argmax())], as_dict(probs), as_dict(raw), question)
 
     def stream(self, image, question: str, max_new_tokens: int | None = None, **sampling) -> Iterator[str]:
         """Yield the answer piece by piece."""
