@@ -73,8 +73,12 @@ def classify(model, image, args) -> int:
               f"{args.min_confidence:.0%}", file=sys.stderr)
     else:
         print(result.label)
-    shown = ", ".join(f"{label} {p:.0%}" for label, p in result.probabilities.items())
+    shown = ", ".join(f"{label} {percent(p)}" for label, p in result.probabilities.items())
     print(f"probabilities: {shown}" + ("" if args.no_calibration or image is None else
                                       " (calibrated by the question without the image)"), file=sys.stderr)
     return 0
 
+
+def percent(p: float) -> str:
+    """A probability as a whole percentage that never rounds a possibility to 0% or 100%."""
+    return "<1%" if 0 < p < 0.005 else ">99%" if 0.995 < p < 1 else f"{p:.0%}"
