@@ -49,6 +49,7 @@ from ..config import RuntimeOptions
 from ..errors import ConfigError, MedMoEError
 from ..generation.generate import SamplingConfig, eos_ids, prefill_shared_prefix, shared_prefix_length
 from ..model.attention_kernels import varying_shape_attention
+from .confidence import ClosedCandidates, answer_confidence
 from .decode_step import WARMUP_STEPS, DecodeStep, bucket_shapes, row_bucket
 from .fast_path import graph_safe
 from .prefill_kernels import tower_batch
@@ -56,7 +57,6 @@ from .prefill_step import PrefillStep
 from .prefix_cache import PrefixCache, prompt_key, reuse_safe, weights_version
 from .request import Delta, Handle, Prompt, Request, Result, TokenLogprob
 from .routing_records import Records, forward_records, join_records, row_records
-from .confidence import ClosedCandidates, answer_confidence
 from .sampling import MAX_TOP_LOGPROBS, chosen_logprobs, logprobs_by_row, pick_tokens, token_logprobs
 from .slot_cache import BUCKET, SlotCache
 from .stats import EngineStats
