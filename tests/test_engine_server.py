@@ -101,6 +101,34 @@ def test_min_confidence_marks_answers_withheld_in_completions_and_streams(served
             assert last["withheld"] is expected and last["confidence"] == pytest.approx(answer["confidence"], rel=1e-3)
 
 
+def test_classify_between_the_steps_of_a_running_stream(served):
+    """A classification takes the model between two engine steps: the stream beside it is the
+    stream alone, token for token."""
+    import base64
+    import io
+    import threading
+
+    from PIL import Image
+
+    _, _, client = served
+    body = {"messages": [{"role": "user", "content": "What is shown here?"}], "max_tokens": 24, "ignore_eos": True}
+    alone = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 10, 10)).save(png, format="PNG")
+    image = {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}
+    labels = []
+    def classify():
+        for _ in range(4):
+            r = client.post("/v1/classify", json={"image_url": image, "labels": ["a", "b"]})
+            labels.append(r.json()["label"] if r.status_code == 200 else r.text)
+    thread = threading.Thread(target=classify)
+    thread.start()
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in stream(client, body))
+    thread.join()
+    assert streamed == alone
+    assert len(labels) == 4 and set(labels) <= {"a", "b"}
+
+
 def test_health_counts_reused_prompt_tokens_and_the_cache_can_be_turned_off(served):
     from medmoe.cli import build_parser
     from medmoe.serving.server import Limits, Worker

@@ -169,7 +169,8 @@ def test_classify_divides_out_the_question_without_the_image(medmoe):
     assert [result.uncalibrated[label] for label in labels] == pytest.approx(with_image.softmax(-1).tolist(), rel=1e-4)
     assert result.label == labels[int(expected.argmax())] and result.question == question
     plain = medmoe.classify(picture(), labels, question, calibrate=False)
-    assert plain.probabilities == plain.uncalibrated == pytest.approx(result.uncalibrated)
+    assert plain.probabilities == plain.uncalibrated
+    assert plain.uncalibrated == pytest.approx(result.uncalibrated)
     with pytest.raises(DataError, match="two distinct labels"):
         medmoe.classify(picture(), ["normal", "normal"])
 
@@ -330,6 +331,27 @@ def test_multi_turn_messages(client):
         {"role": "assistant", "content": "A picture."}, {"role": "user", "content": "Where <image> exactly?"}]
     r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["routing"] is not None  # a typed <image> is plain text
+
+
+def test_classify_endpoint_gives_the_api_label_and_checks_its_fields(client, medmoe):
+    from medmoe.serving.api import classify_image
+
+    labels, question = ["normal", "pneumonia"], "Which class? Options: normal, pneumonia."
+    body = {"image_url": {"url": data_url(picture())}, "labels": labels, "question": question}
+    r = client.post("/v1/classify", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    expected = classify_image(medmoe.model, medmoe.processor, picture(), labels, question)
+    assert got["object"] == "classification" and got["label"] == expected.label and "withheld" not in got
+    assert got["probabilities"] == pytest.approx(expected.probabilities, rel=1e-4)
+    plain = client.post("/v1/classify", json={**body, "calibrate": False}).json()
+    assert plain["probabilities"] == pytest.approx(plain["uncalibrated"])
+    assert plain["uncalibrated"] == pytest.approx(got["uncalibrated"])
+    for change, param in [({"labels": ["one"]}, "labels"), ({"labels": ["a", "a"]}, "labels"),
+                          ({"labels": ["a", 3]}, "labels[1]"), ({"question": 5}, "question"),
+                          ({"image_url": None}, "image_url"), ({"calibrate": "yes"}, "calibrate")]:
+        assert openai_error(client.post("/v1/classify", json={**body, **change}), 400)["param"] == param, change
+    assert openai_error(client.post("/v1/classify", json={**body, "model": "other"}), 404)["code"] == "model_not_found"
 
 
 def test_dicom_upload_and_preview(client, tmp_path):

@@ -35,6 +35,7 @@ what the engine did and where its time went.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
 import threading
@@ -404,6 +405,14 @@ class Engine:
             self.wake.wait(0.05)
             self.wake.clear()
             self.stats.idle_s += time.perf_counter() - waited
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The model to the caller between two of the engine's steps (label scoring beside a serving
+        engine): no step starts meanwhile, and a step still running on the device comes first on
+        its stream. The engine's next step sets up again whatever a plain forward changed."""
+        with self.stepping, torch.no_grad():
+            yield
 
     # ----- one iteration -----------------------------------------------------------------------
     @torch.no_grad()

@@ -122,6 +122,29 @@ class Classification:
         return self.label
 
 
+def classify_image(model, processor, image, labels: Sequence[str], question: str | None = None,
+                   calibrate: bool = True) -> Classification:
+    """The likeliest of `labels` for the image, by each label's log-likelihood as the answer
+    (every answer is one of the labels). `calibrate`: divide out the label distribution the model
+    gives the same question without the image (contextual calibration), so that a lean the
+    question's words alone give (PneumoniaMNIST: "pneumonia") does not decide; needs no data
+    (docs/evaluation.md, "loglik_contextual")."""
+    from ..evaluation.classification import choice_logprobs, contextual_calibrated
+
+    labels = list(labels)
+    if len(labels) < 2 or len(set(labels)) < len(labels):
+        raise DataError(f"classify needs at least two distinct labels, got {labels}")
+    question = question or f"Which class does this image belong to? Options: {', '.join(labels)}."
+    scores = choice_logprobs(model, processor, question, image, labels)
+    raw = scores.double().log_softmax(-1)
+    probs = raw
+    if calibrate and image is not None:
+        alone = choice_logprobs(model, processor, question, None, labels)
+        probs = contextual_calibrated(scores[None], alone[None])[0]
+    as_dict = lambda logp: {label: float(p) for label, p in zip(labels, logp.exp())}
+    return Classification(labels[int(probs.argmax())], as_dict(probs), as_dict(raw), question)
+
+
 def _as_list(images) -> list:
     if images is None:
         return []
@@ -217,25 +240,8 @@ class MedMoE:
 
     def classify(self, image, labels: Sequence[str], question: str | None = None,
                  calibrate: bool = True) -> Classification:
-        """The likeliest of `labels` for the image, by each label's log-likelihood as the answer
-        (every answer is one of the labels). `calibrate`: divide out the label distribution the
-        model gives the same question without the image (contextual calibration), so that a lean
-        the question's words alone give (PneumoniaMNIST: "pneumonia") does not decide; needs no
-        data (docs/evaluation.md, "loglik_contextual")."""
-        from ..evaluation.classification import choice_logprobs, contextual_calibrated
-
-        labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) < len(labels):
-            raise DataError(f"classify needs at least two distinct labels, got {labels}")
-        question = question or f"Which class does this image belong to? Options: {', '.join(labels)}."
-        scores = choice_logprobs(self.model, self.processor, question, image, labels)
-        raw = scores.double().log_softmax(-1)
-        probs = raw
-        if calibrate and image is not None:
-            probs = contextual_calibrated(scores[None], choice_logprobs(self.model, self.processor, question, None,
-                                                                        labels)[None])[0]
-        as_dict = lambda logp: {label: float(p) for label, p in zip(labels, logp.exp())}
-        return Classification(labels[int(probs.argmax())], as_dict(probs), as_dict(raw), question)
+        """The likeliest of `labels` for the image (`classify_image`)."""
+        return classify_image(self.model, self.processor, image, labels, question, calibrate)
 
     def stream(self, image, question: str, max_new_tokens: int | None = None, **sampling) -> Iterator[str]:
         """Yield the answer piece by piece."""

@@ -8,6 +8,8 @@
                                 decode steps by CUDA graph replay or eager, captures, cache growths,
                                 host seconds by phase
     POST /v1/preview            an uploaded image (DICOM/NIfTI too) as the PNG the model sees
+    POST /v1/classify           the likeliest of the given labels for an image, with each label's
+                                probability (calibrated by the question without the image)
     GET  /                      the web page
 
 One worker thread owns the model. Requests are validated and their images decoded in the
@@ -51,7 +53,8 @@ from ..generation import SamplingConfig
 from .auth import BearerAuth
 from .front_end_stats import FrontEndStats
 from .http_errors import HTTPProblem, install_error_handlers
-from .validation import check_content_type, check_model, parse_json, parse_messages, preview_spec, sampling_config
+from .validation import (check_content_type, check_model, classify_spec, parse_json, parse_messages, preview_spec,
+                         sampling_config)
 
 logger = logging.getLogger(__name__)
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
@@ -241,6 +244,13 @@ class Worker:
     def stop(self) -> None:
         self.engine.stop()
 
+    def classify(self, image, labels: list[str], question: str | None, calibrate: bool):
+        """Label scoring (api.classify_image) between two of the engine's steps."""
+        from .api import classify_image
+
+        with self.engine.exclusive():
+            return classify_image(self.model, self.processor, image, labels, question, calibrate)
+
     def submit(self, job: Job) -> None:
         """Encode the job's prompt (in the caller's thread) and queue it; 400, 503 as the case is."""
         from ..engine import EngineBusy, Request, RequestTooLong, encode_conversation
@@ -417,6 +427,17 @@ def create_app(model_or_path, processor=None, limits: Limits | None = None, mode
         return {"data_url": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode(),
                 "width": image.width, "height": image.height,
                 "reduction": image.info.get("medmoe_reduction"), "window": image.info.get("medmoe_window")}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        body = await read_json(request, limits)
+        check_model(body, model_name, accepted)
+        spec, labels, question, calibrate = classify_spec(body, limits)
+        image = (await run_in_threadpool(load_images, [spec], limits))[0]
+        result = await run_in_threadpool(engine.classify, image, labels, question, calibrate)
+        return {"object": "classification", "model": model_name, **result.to_dict(),
+                **({} if limits.min_confidence is None else
+                   {"withheld": result.probabilities[result.label] < limits.min_confidence})}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -334,3 +334,32 @@ def preview_spec(body: dict) -> tuple:
     if isinstance(spec, dict) and "window" not in spec:
         spec = {**spec, "window": body.get("window")}
     return _image_spec(spec if isinstance(spec, dict) else {"url": spec, "window": body.get("window")}, "image_url")
+
+
+MAX_LABELS = 64
+
+
+def classify_spec(body: dict, limits) -> tuple:
+    """((url, window), labels, question or None, calibrate) of a /v1/classify request, checked:
+    `image_url` as /v1/preview takes it, `labels` 2 to 64 distinct non-empty strings, `question`
+    a string, `calibrate` a boolean (default true)."""
+    if body.get("image_url") is None:
+        raise bad("image_url", "is required: the image to classify, as a data: URL or {\"url\": ...}")
+    spec = preview_spec(body)
+    labels = body.get("labels")
+    if not isinstance(labels, list) or not 2 <= len(labels) <= MAX_LABELS:
+        raise bad("labels", f"must be an array of 2 to {MAX_LABELS} labels, not {short(labels)}")
+    budget = PromptBudget(limits)
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip():
+            raise bad(f"labels[{i}]", f"must be a non-empty string, not {short(label)}")
+        budget.take(label, f"labels[{i}]")
+    if len(set(labels)) < len(labels):
+        raise bad("labels", "must be distinct")
+    question = body.get("question")
+    if question is not None and not isinstance(question, str):
+        raise bad("question", f"must be a string, not {short(question)}")
+    if question is not None:
+        budget.take(question, "question")
+    return spec, labels, question or None, boolean(body, "calibrate", True)
+
