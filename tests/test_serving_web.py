@@ -86,6 +86,27 @@ def test_upload_ask_stream_and_routing_bar(browser_page, base_url, tmp_path):
     assert "broken.dcm" in page.inner_text("#status")
 
 
+def test_labels_classify_the_image_instead(browser_page, base_url, tmp_path):
+    from PIL import Image
+
+    page = browser_page
+    page.set_default_timeout(60_000)
+    page.goto(base_url + "/")
+    page.fill("#labels", "normal, pneumonia")
+    page.click("#ask")
+    assert "Choose an image" in page.inner_text("#status")  # nothing to classify yet
+    png = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(png)
+    page.set_input_files("#file", str(png))
+    page.wait_for_function("document.getElementById('previewNote').textContent.startsWith('40x40')")
+    page.fill("#question", "Which class?")
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('status').textContent === 'done'")
+    assert page.inner_text("#answer") in ("normal", "pneumonia")
+    shown = page.inner_text("#confidence")
+    assert shown.startswith("normal ") and "pneumonia " in shown and "calibrated" in shown
+
+
 def test_page_asks_for_the_api_key_once(browser_page, tmp_path):
     from PIL import Image
 
