@@ -393,3 +393,35 @@ def test_overlap_bench_names_the_stream_that_never_finishes(monkeypatch, capsys)
         bench.wait_or_report({"decode steps": Event(True), "prefill": Event(False)}, seconds=0.05)
     assert stopped.value.code == 3
     assert "decode steps done, prefill NOT done" in capsys.readouterr().out
+
+
+def test_label_priors_divides_the_priors_out_of_predictions_and_yes_no_questions(tmp_path):
+    """scripts/lab/label_priors.py, behind docs/lab/nano-v2.md's calibration tables, on a tiny model."""
+    import json
+
+    import torch
+
+    from medmoe.model.pretrained import build_model
+
+    priors = load_script("scripts/lab/label_priors.py")
+    torch.manual_seed(0)
+    model, processor = build_model("tiny")
+    model.eval()
+    rows = [{"answer": a, "choice_logprobs": lp} for a, lp in
+            [("normal", [-0.1, -2.3]), ("pneumonia", [-1.0, -0.5]), ("pneumonia", [-3.0, -0.05])]]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with torch.no_grad():
+        lines = priors.content_free(model, processor, tmp_path / "predictions.jsonl")
+    assert [line.split(":")[0] for line in lines[:4]] == ["prior of black", "prior of grey", "prior of white",
+                                                          "prior of question alone"]
+    assert lines[4].startswith("none") and "accuracy 100.00" in lines[4]  # the raw likelihoods are all right here
+    data = tmp_path / "set"
+    data.mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(data / "a.png")
+    records = [{"question": q, "answer": a, "answer_type": t, "image": "a.png"} for q, a, t in
+               [("Is it green?", "yes", "CLOSED"), ("Is it red?", "no", "CLOSED "), ("Which colour?", "green", "OPEN")]]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (data / "dataset.json").write_text(json.dumps({"image_root": str(data)}))
+    with torch.no_grad():
+        lines = priors.yes_no(model, processor, data, "test")
+    assert lines[0] == "set test: 2 closed yes/no questions" and len(lines) == 2 + len(priors.ALPHAS)
