@@ -150,6 +150,14 @@ def test_nano_mix_repeats_the_small_benchmarks_and_changes_nothing_else():
     assert {k: v for k, v in mix.items() if k not in drop} == {k: v for k, v in nano.items() if k not in drop}
 
 
+def test_nano_mix_320_changes_only_the_image_size():
+    """The resolution lever: the shipped recipe with 320-px images (100 image tokens), nothing else."""
+    mix, big = load_recipe("nano-mix").to_dict(), load_recipe("nano-mix-320").to_dict()
+    assert (mix.pop("vision"), big.pop("vision")) == ({}, {"image_size": 320})
+    drop = ("description", "output_dir")
+    assert {k: v for k, v in big.items() if k not in drop} == {k: v for k, v in mix.items() if k not in drop}
+
+
 def test_recipe_vision_kind_swaps_in_a_larger_efficientnet(tmp_path):
     """`vision.kind=efficientnet_lite2` (the lever for a stronger tower): ImageNet weights from its
     package, 1280-wide tokens, and a saved model that reloads with the same tower."""
