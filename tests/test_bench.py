@@ -100,3 +100,17 @@ def test_cpu_bench_runs_the_bundled_model_in_the_dtype_asked():
         assert result["dtype"] == name
         assert result["first_token_ms"] > 0 and result["answer_ms"] > 0  # times, not their order: one repeat is noisy
         assert "lora_loop" in result and "adapters_unmerged" in result
+
+
+def test_cpu_bench_times_a_model_folder(tmp_path, tiny):
+    """`medmoe bench --what cpu --model DIR` times that model (its image tokens reported), not the
+    bundled one."""
+    from medmoe.bench import cpu
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    result = cpu.run(threads=1, new_tokens=3, repeats=1, dtype="float32", log=lambda *_: None, model_name=str(tmp_path))
+    assert result["model"] == str(tmp_path)
+    assert result["image_tokens"] == processor.num_image_tokens
+    assert result["first_token_ms"] > 0 and "adapters_unmerged" in result

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
                         "every request, a random-noise PNG or this file")
     p.add_argument("--model", default="nano",
                    help="serve, soak: a model folder, the bundled nano, or a preset with random weights (phi2: the "
-                        "Phi-2-size Med-MoE with 576 image tokens; tiny)")
+                        "Phi-2-size Med-MoE with 576 image tokens; tiny); cpu: the bundled nano or a model folder")
     p.add_argument("--server", default="process", choices=["process", "thread"],
                    help="serve, soak: `medmoe serve` in a subprocess, or the app in a thread of this process")
     p.add_argument("--serve-args", default="", help="serve, soak: more `medmoe serve` options, e.g. '--max-batch 16'")
@@ -138,7 +138,7 @@ def run(args) -> int:
                 from ..bench import cpu
 
                 report["cpu"] = cpu.run(threads=args.threads, image=None if args.image == "random" else args.image,
-                                        dtype=args.dtype)
+                                        dtype=args.dtype, model_name=args.model)
         except Exception as err:  # one failed section must not lose the others' numbers
             traceback.print_exc()
             report[f"{section}_error"] = f"{type(err).__name__}: {err}"
