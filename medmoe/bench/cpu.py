@@ -3,12 +3,13 @@
 The model is the bundled Med-MoE-Nano (trained LoRA experts, what `medmoe ask` runs) when its base
 weights are installed; otherwise the nano preset upcycled with untrained experts, with a stand-in
 vision tower if EfficientNet-Lite0 is missing. `model_name` names another model folder to time
-instead (`medmoe bench --what cpu --model DIR`), e.g. one trained at another image size. Decoded
-by the inference engine that `ask`, `serve` and `eval` run (medmoe.engine), with the
-end-of-sequence token ignored so that every run produces the same number of tokens. Measured: time to the first token (prefill, image
-included) and the whole answer (a fixed number of new tokens, so every run does the same work);
-for LoRA experts also with the per-expert loop instead of the fused path (`lora_loop`), and for
-the bundled model also with its LLM LoRA adapters kept apart instead of merged (`adapters_unmerged`).
+instead (`medmoe bench --what cpu --model DIR`), e.g. one trained at another image size. Decoded by
+the inference engine that `ask`, `serve` and `eval` run (medmoe.engine), with the end-of-sequence
+token ignored so that every run produces the same number of tokens. Measured: time to the first
+token (prefill, image included) and the whole answer (a fixed number of new tokens, so every run
+does the same work); for LoRA experts also with the per-expert loop instead of the fused path
+(`lora_loop`), and for the bundled model also with its LLM LoRA adapters kept apart instead of
+merged (`adapters_unmerged`).
 """
 
 from __future__ import annotations
